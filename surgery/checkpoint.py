@@ -1,0 +1,233 @@
+"""Lazy, read-only access to safetensors checkpoints.
+
+    ckpt = Checkpoint.open("path/to/model")         # a directory
+    ckpt = Checkpoint.open("model.safetensors")     # one file
+    ckpt = Checkpoint.open("org/name@main")         # a Hub id, through the HF cache
+    w = ckpt.get("model.layers.0.mlp.up_proj.weight")  # one tensor, read on demand
+
+Nothing is loaded until asked for, and only the asked-for tensor is read (safetensors mmaps
+the file). Pickle ``.bin`` checkpoints are refused unless ``convert_bin=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SurgeryError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+# safetensors dtype strings -> bytes per element (for shapes and sizes without reading data)
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> dict[str, TensorMeta]:
+    """Tensor metadata of one safetensors file, from its JSON header alone."""
+    with open(path, "rb") as f:
+        size_bytes = f.read(8)
+        if len(size_bytes) != 8:
+            raise SurgeryError(f"{path}: not a safetensors file (too short)")
+        n = int.from_bytes(size_bytes, "little")
+        if n > 100_000_000:
+            raise SurgeryError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise SurgeryError(f"{path}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    return {k: TensorMeta(v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+
+
+@dataclass
+class Checkpoint:
+    """A set of safetensors files plus the JSON/tokenizer files beside them."""
+
+    ref: str                      # what the user wrote
+    root: Path                    # directory holding config.json etc.
+    weight_map: dict[str, Path]   # tensor name -> file
+    meta: dict[str, TensorMeta]   # tensor name -> dtype/shape
+    revision: str | None = None
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def open(cls, ref: str | os.PathLike, *, convert_bin: bool = False,
+             base_dir: Path | None = None) -> "Checkpoint":
+        """Open a directory, a .safetensors file, or a Hub id ``org/name[@revision]``.
+
+        Relative paths are resolved against ``base_dir`` (the recipe's folder) first,
+        then the working directory.
+        """
+        text = str(ref)
+        for candidate in _local_candidates(text, base_dir):
+            if candidate.exists():
+                return cls._open_local(text, candidate, convert_bin)
+        if HUB_ID.match(text) and not text.startswith((".", "/")):
+            return cls._open_hub(text, convert_bin)
+        raise SurgeryError(f"checkpoint not found: {text!r} is neither a local path nor a Hub id "
+                           "like 'org/name' or 'org/name@revision'")
+
+    @classmethod
+    def _open_local(cls, ref: str, path: Path, convert_bin: bool, revision=None) -> "Checkpoint":
+        path = path.resolve()
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                return cls._from_files(ref, path.parent, [path], revision)
+            if path.suffix in (".bin", ".pt", ".pth"):
+                return cls._from_bin(ref, path.parent, [path], convert_bin, revision)
+            raise SurgeryError(f"{ref}: not a checkpoint file (expected .safetensors)")
+        index = path / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise SurgeryError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise SurgeryError(f"{ref}: index lists shard(s) that are missing: {', '.join(missing)}")
+            return cls._from_files(ref, path, files, revision)
+        if (path / SINGLE_NAME).exists():
+            return cls._from_files(ref, path, [path / SINGLE_NAME], revision)
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            return cls._from_files(ref, path, files, revision)
+        bins = sorted(path.glob("pytorch_model*.bin"))
+        if bins:
+            return cls._from_bin(ref, path, bins, convert_bin, revision)
+        raise SurgeryError(f"{ref}: no safetensors weights in {path}")
+
+    @classmethod
+    def _from_files(cls, ref, root, files, revision) -> "Checkpoint":
+        weight_map, meta = {}, {}
+        for f in files:
+            for name, m in read_header(f).items():
+                weight_map[name] = f
+                meta[name] = m
+        return cls(ref=ref, root=root, weight_map=weight_map, meta=meta, revision=revision)
+
+    @classmethod
+    def _from_bin(cls, ref, root, files, convert_bin, revision) -> "Checkpoint":
+        if not convert_bin:
+            raise SurgeryError(
+                f"{ref}: only pickle .bin weights found ({files[0].name}). Pickle files can run code "
+                "when loaded, so they are refused. Pass --convert-bin to convert them once with "
+                "torch.load(weights_only=True) into safetensors.")
+        return cls._from_files(ref, root, [_convert_bin(f) for f in files], revision)
+
+    @classmethod
+    def _open_hub(cls, ref: str, convert_bin: bool) -> "Checkpoint":
+        repo_id, _, revision = ref.partition("@")
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        patterns = HUB_PATTERNS + (["*.bin"] if convert_bin else [])
+        try:
+            local = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SurgeryError(f"cannot fetch {ref!r} from the Hub: {first}") from None
+        return cls._open_local(ref, Path(local), convert_bin, revision or None)
+
+    # ---- reading ------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str):
+        """Read one tensor (a torch.Tensor in the file's dtype)."""
+        from safetensors import safe_open
+
+        path = self.weight_map[name]
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = safe_open(str(path), framework="pt")
+        return handle.get_tensor(name)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.weight_map.values()))
+
+    @property
+    def config(self) -> dict:
+        path = self.root / "config.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of each weight file, keyed by file name."""
+        return {f.name: sha256_file(f) for f in self.files}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _local_candidates(text: str, base_dir: Path | None) -> list[Path]:
+    p = Path(text).expanduser()
+    if p.is_absolute() or base_dir is None:
+        return [p]
+    return [base_dir / p, p]
+
+
+def _convert_bin(path: Path) -> Path:
+    """Convert one pickle file to safetensors in the user cache, once; return the new path."""
+    import torch
+    from safetensors.torch import save_file
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "converted" / key
+    out = cache / (path.stem + ".safetensors")
+    if not out.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
+            raise SurgeryError(f"{path}: cannot load with weights_only=True: {e}") from None
+        state = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        _dedupe_shared(state)
+        tmp = out.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.rename(out)
+    return out
+
+
+def _dedupe_shared(state: dict) -> None:
+    """safetensors refuses tensors that share storage (tied weights); give each its own copy."""
+    seen = set()
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            state[k] = v.clone()
+        seen.add(ptr)

@@ -1,0 +1,128 @@
+"""Tensor operations: the nodes of a plan's per-tensor op trees.
+
+A plan gives every output tensor a small tree whose leaves are ``Ref(input, tensor_name)``
+and whose inner nodes are ``Node(op, args, params)``. Each op is registered in ``OPS`` with
+three functions: its output shape, its computation, and a one-line description for
+``surgery plan``. Math happens in float32; ``take`` passes bytes through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import SurgeryError
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One tensor of one input."""
+
+    input: str
+    name: str
+    layer: int | None = None      # source layer index, shown when it differs from the output layer
+    out_layer: int | None = None
+
+    def describe(self) -> str:
+        if self.layer is not None and self.layer != self.out_layer:
+            return f"{self.input}[L{self.layer}]"
+        return self.input
+
+
+@dataclass
+class Node:
+    op: str
+    args: list  # of Ref | Node
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return OPS[self.op].describe([a.describe() for a in self.args], self.params)
+
+
+@dataclass(frozen=True)
+class Op:
+    shape: Callable[[list[tuple], dict], tuple]
+    compute: Callable[[list, dict], Any]
+    describe: Callable[[list[str], dict], str]
+    raw: bool = False  # True: args arrive in their stored dtype, not as float32
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(name: str, op: Op) -> None:
+    if name in OPS:
+        raise ValueError(f"op {name!r} is already registered")
+    OPS[name] = op
+
+
+def refs(node) -> list[Ref]:
+    """All leaves of a tree."""
+    if isinstance(node, Ref):
+        return [node]
+    return [r for a in node.args for r in refs(a)]
+
+
+def infer_shape(node, shape_of: Callable[[Ref], tuple]) -> tuple:
+    if isinstance(node, Ref):
+        return shape_of(node)
+    return OPS[node.op].shape([infer_shape(a, shape_of) for a in node.args], node.params)
+
+
+def evaluate(node, read: Callable[[Ref], Any]):
+    """Compute a tree. ``read`` returns the stored tensor of a Ref."""
+    if isinstance(node, Ref):
+        return read(node)
+    op = OPS[node.op]
+    args = [evaluate(a, read) for a in node.args]
+    if not op.raw:
+        args = [a.float() for a in args]
+    return op.compute(args, node.params)
+
+
+# ---------------------------------------------------------------------------- take
+
+def _same_shapes(shapes: list[tuple], params: dict) -> tuple:
+    first = shapes[0]
+    for s in shapes[1:]:
+        if s != first:
+            raise SurgeryError(f"shapes {list(first)} and {list(s)} don't line up")
+    return first
+
+
+register("take", Op(shape=_same_shapes, compute=lambda ts, p: ts[0], describe=lambda a, p: a[0], raw=True))
+
+
+# ---------------------------------------------------------------------------- linear
+
+def _linear(tensors, params):
+    coeffs = params["coeffs"]
+    out = tensors[0] * coeffs[0]
+    for c, t in zip(coeffs[1:], tensors[1:]):
+        out.add_(t, alpha=c)
+    return out
+
+
+def _fmt_coeff(c: float) -> str:
+    return f"{c:.4g}"
+
+
+def _describe_linear(args: list[str], params) -> str:
+    parts = []
+    for i, (c, a) in enumerate(zip(params["coeffs"], args)):
+        sign = "-" if c < 0 else "+"
+        mag = abs(c)
+        term = a if mag == 1 else f"{_fmt_coeff(mag)}·{a}"
+        parts.append((("-" if sign == "-" else "") if i == 0 else f" {sign} ") + term)
+    return "".join(parts)
+
+
+register("linear", Op(shape=_same_shapes, compute=_linear, describe=_describe_linear))
+
+
+def linear(terms: list[tuple[float, Any]]):
+    """A weighted sum node; a single term of weight 1 is just that ref."""
+    terms = [(c, a) for c, a in terms if c != 0]
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+    return Node("linear", [a for _, a in terms], {"coeffs": [float(c) for c, _ in terms]})

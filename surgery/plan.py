@@ -1,0 +1,340 @@
+"""Recipe -> Plan: for every output tensor, one op tree over input tensor refs.
+
+    plan = build_plan(load_recipe("recipe.yaml"))
+    print(plan.format())          # what `surgery plan` prints
+    plan.entries[0].node          # Ref('math', 'model.embed_tokens.weight')
+
+Every tensor starts as a copy of the recipient's. Operations run in recipe order and replace
+the trees of the tensors they select, so the last operation that selects a tensor wins.
+Layer indices in operations are output layer indices (the recipient's, unless ``stack``
+rebuilds the layer list).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .checkpoint import Checkpoint, TensorMeta
+from .errors import SurgeryError
+from .layout import MODULE_GROUPS, MODULE_KINDS, Layout, TensorInfo
+from .ops import Node, Ref, infer_shape, linear, refs
+from .recipe import (PLANNERS, Arithmetic, Blend, LayerSwap, Recipe, Select, Take, operation, operation_name,
+                     parse_expression, parse_layers)
+
+FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass
+class Entry:
+    """One output tensor."""
+
+    name: str
+    info: TensorInfo          # classification of the output name
+    source_name: str          # the tensor's name in the inputs (differs when stack remaps layers)
+    node: object              # Ref | Node
+    dtype: str = ""           # safetensors dtype string of the output
+    shape: tuple = ()
+    rule: str = "recipient"   # which operation set this tensor, e.g. '#1 layer_swap'
+    note: str = ""            # e.g. 'transition' or a score; shown by `surgery plan`
+
+    @property
+    def description(self) -> str:
+        return self.node.describe()
+
+    @property
+    def nbytes(self) -> int:
+        return TensorMeta(self.dtype, self.shape).nbytes
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    inputs: dict[str, Checkpoint]
+    layout: Layout
+    entries: list[Entry]
+    layer_map: list[int]              # output layer -> source layer
+    n_source_layers: int
+    annotations: list[str] = field(default_factory=list)  # lines shown above the table (selections, scores)
+
+    @property
+    def recipient(self) -> str:
+        return self.recipe.recipient_name
+
+    @property
+    def config_source(self) -> str:
+        return self.recipe.output.config_from or self.recipient
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def layer_summary(self) -> list[dict]:
+        """Per output layer (None = outside layers): which sources, weights and rules built it."""
+        from .report import layer_summary
+
+        return layer_summary(self)
+
+    def format(self, tensors: bool = False) -> str:
+        from .report import format_plan
+
+        return format_plan(self, tensors=tensors)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipient": self.recipient,
+            "num_layers": len(self.layer_map),
+            "layer_map": self.layer_map,
+            "layers": self.layer_summary(),
+            "annotations": self.annotations,
+            "tensors": [{"name": e.name, "from": e.description, "rule": e.rule, "note": e.note,
+                         "dtype": e.dtype, "shape": list(e.shape)} for e in self.entries],
+        }
+
+
+class Context:
+    """What a planner sees: the recipe, the inputs and the current assignment of every tensor."""
+
+    def __init__(self, recipe: Recipe, inputs: dict[str, Checkpoint], layout: Layout, entries: list[Entry],
+                 layer_map: list[int], plan_annotations: list[str]):
+        self.recipe, self.inputs, self.layout = recipe, inputs, layout
+        self.entries, self.layer_map = entries, layer_map
+        self.annotations = plan_annotations
+        self.path: tuple = ()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_map)
+
+    @property
+    def recipient(self) -> str:
+        return self.recipe.recipient_name
+
+    def ref(self, input_name: str, entry: Entry) -> Ref:
+        src_layer = self.layer_map[entry.info.layer] if entry.info.layer is not None else None
+        return Ref(input_name, entry.source_name, src_layer, entry.info.layer)
+
+    def error(self, field_path: tuple, message: str) -> SurgeryError:
+        return self.recipe.error(self.path + field_path, message)
+
+    def layers(self, spec, field_path: tuple) -> list[int]:
+        try:
+            return parse_layers(spec, self.n_layers)
+        except ValueError as e:
+            raise self.error(field_path, str(e)) from None
+
+    def select(self, sel: Select | None, field_path: tuple = ("select",)) -> list[Entry]:
+        if sel is None:
+            return list(self.entries)
+        layers = set(self.layers(sel.layers, field_path + ("layers",))) if sel.layers is not None else None
+        modules = set(sel.modules or [])
+        bad = sorted(modules - set(MODULE_KINDS) - set(MODULE_GROUPS))
+        if bad:
+            import difflib
+
+            hint = difflib.get_close_matches(bad[0], MODULE_KINDS + MODULE_GROUPS, n=1)
+            raise self.error(field_path + ("modules",), f"unknown module kind {bad[0]!r}"
+                             + (f"; did you mean {hint[0]!r}?" if hint else "")
+                             + f" (kinds: {', '.join(MODULE_KINDS)}; groups: {', '.join(MODULE_GROUPS)})")
+        names = [_name_matcher(p) for p in sel.names or []]
+        exclude = [_name_matcher(p) for p in sel.exclude or []]
+        out = []
+        for e in self.entries:
+            i = e.info
+            if layers is not None and i.layer not in layers:
+                continue
+            if modules and i.kind not in modules and i.group not in modules:
+                continue
+            if names and not any(m(e.name) for m in names):
+                continue
+            if any(m(e.name) for m in exclude):
+                continue
+            out.append(e)
+        return out
+
+    def assign(self, entry: Entry, node, note: str = "") -> None:
+        entry.node, entry.note = node, note
+        entry.rule = f"#{self.path[1] + 1} {self.path[2]}"
+
+
+def _name_matcher(pattern: str) -> Callable[[str], bool]:
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return lambda n: rx.search(n) is not None
+    return lambda n: fnmatch.fnmatchcase(n, pattern)
+
+
+# ---------------------------------------------------------------------------- planners
+
+@operation("take", Take)
+def _plan_take(ctx: Context, op: Take) -> None:
+    for e in ctx.select(op.select):
+        ctx.assign(e, ctx.ref(op.from_, e))
+
+
+@operation("blend", Blend)
+def _plan_blend(ctx: Context, op: Blend) -> None:
+    total = sum(op.weights.values())
+    if op.normalize and total == 0:
+        raise ctx.error(("weights",), "weights sum to 0; cannot normalize (set normalize: false)")
+    scale = 1.0 / total if op.normalize else 1.0
+    for e in ctx.select(op.select):
+        ctx.assign(e, linear([(w * scale, ctx.ref(n, e)) for n, w in op.weights.items()]))
+
+
+@operation("arithmetic", Arithmetic)
+def _plan_arithmetic(ctx: Context, op: Arithmetic) -> None:
+    try:
+        coeffs = parse_expression(op.expr)
+    except ValueError as ex:
+        raise ctx.error(("expr",), str(ex)) from None
+    for e in ctx.select(op.select):
+        ctx.assign(e, linear([(c, ctx.ref(n, e)) for n, c in coeffs.items()]))
+
+
+def swap_weights(n_layers: int, swapped: list[int], transition: int) -> dict[int, float]:
+    """Donor weight per layer: 1 inside swapped blocks, ramping 1 - d/(t+1) at distance d <= t."""
+    weights = {i: 1.0 for i in swapped}
+    if swapped and transition:
+        for i in range(n_layers):
+            if i in weights:
+                continue
+            d = min(abs(i - s) for s in swapped)
+            if d <= transition:
+                weights[i] = 1.0 - d / (transition + 1)
+    return weights
+
+
+@operation("layer_swap", LayerSwap)
+def _plan_layer_swap(ctx: Context, op: LayerSwap) -> None:
+    n = ctx.n_layers
+    if op.layers is not None:
+        if op.bottom or op.top:
+            raise ctx.error(("layers",), "give either 'layers' or 'bottom'/'top', not both")
+        swapped = ctx.layers(op.layers, ("layers",))
+    else:
+        if op.bottom + op.top > n:
+            raise ctx.error(("top",), f"layer out of range: bottom {op.bottom} + top {op.top} layers exceed "
+                                      f"the model's {n} layers")
+        if op.bottom + op.top == 0:
+            raise ctx.error((), "nothing to swap: set 'bottom', 'top' or 'layers'")
+        swapped = list(range(op.bottom)) + list(range(n - op.top, n))
+    weights = swap_weights(n, swapped, op.transition)
+    donor, recipient = op.donor, ctx.recipient
+
+    def blend(e: Entry, w: float, note: str):
+        if w == 1.0:
+            ctx.assign(e, ctx.ref(donor, e), note)
+        elif w > 0.0:
+            ctx.assign(e, linear([(w, ctx.ref(donor, e)), (1.0 - w, ctx.ref(recipient, e))]), note)
+
+    outer = {"embed": op.embeddings, "final_norm": op.final_norm, "lm_head": op.lm_head}
+    for e in ctx.entries:
+        layer = e.info.layer
+        if layer is not None:
+            if layer in weights:
+                blend(e, weights[layer], "swapped" if weights[layer] == 1.0 else "transition")
+            continue
+        kind = e.info.kind
+        if kind == "norm" and "embed" in e.name.lower():
+            kind = "embed"  # e.g. BERT's embeddings.LayerNorm travels with the embeddings
+        choice = outer.get(kind, "recipient")
+        if choice == "donor":
+            blend(e, 1.0, "")
+        elif isinstance(choice, float):
+            if not 0.0 <= choice <= 1.0:
+                field = {"embed": "embeddings"}.get(kind, kind)
+                raise ctx.error((field,), f"donor weight must be between 0 and 1, got {choice}")
+            blend(e, choice, "blend")
+
+
+# ---------------------------------------------------------------------------- building
+
+def open_inputs(recipe: Recipe, *, convert_bin: bool = False) -> dict[str, Checkpoint]:
+    out = {}
+    for name, ref in recipe.inputs.items():
+        try:
+            out[name] = Checkpoint.open(ref, convert_bin=convert_bin, base_dir=recipe._base_dir)
+        except SurgeryError as e:
+            raise recipe.error(("inputs", name), str(e)) from None
+    return out
+
+
+def build_plan(recipe: Recipe, *, inputs: dict[str, Checkpoint] | None = None,
+               convert_bin: bool = False) -> Plan:
+    """Resolve inputs, lay out the output tensors, run every planner, then check the result."""
+    inputs = inputs or open_inputs(recipe, convert_bin=convert_bin)
+    base = inputs[recipe.recipient_name]
+    layout = Layout.for_checkpoint(base)
+    names = base.keys()
+    n_src = layout.num_layers(names, base.config)
+    layer_map = list(range(n_src))
+    if recipe.stack:
+        layer_map = []
+        for i, seg in enumerate(recipe.stack):
+            try:
+                layer_map += parse_layers(seg.layers, n_src) if not isinstance(seg.layers, list) else \
+                    [j for item in seg.layers for j in parse_layers(item, n_src)]
+            except ValueError as e:
+                raise recipe.error(("stack", i, "layers"), str(e)) from None
+
+    entries = _output_entries(recipe, base, layout, layer_map)
+    annotations: list[str] = []
+    ctx = Context(recipe, inputs, layout, entries, layer_map, annotations)
+    for i, op in enumerate(recipe.operations):
+        name = operation_name(op)
+        ctx.path = ("operations", i, name)
+        PLANNERS[name](ctx, op)
+    plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations)
+    _check(plan)
+    return plan
+
+
+def _output_entries(recipe, base: Checkpoint, layout: Layout, layer_map: list[int]) -> list[Entry]:
+    by_src_layer: dict[int, list[int]] = {}
+    for out_layer, src in enumerate(layer_map):
+        by_src_layer.setdefault(src, []).append(out_layer)
+    pre, layers, post = [], [], []
+    for idx, name in enumerate(base.keys()):
+        info = layout.info(name)
+        if info.layer is None:
+            entry = Entry(name, info, name, None)
+            (pre if info.kind == "embed" or "embed" in name.lower() else post).append((idx, entry))
+            continue
+        for out_layer in by_src_layer.get(info.layer, []):
+            out_name = layout.layer_name(name, out_layer)
+            layers.append(((out_layer, idx), Entry(out_name, layout.info(out_name), name, None)))
+    entries = [e for _, e in sorted(pre, key=lambda t: t[0])] + \
+              [e for _, e in sorted(layers, key=lambda t: t[0])] + [e for _, e in sorted(post, key=lambda t: t[0])]
+    recipient = recipe.recipient_name
+    for e in entries:
+        src_layer = layer_map[e.info.layer] if e.info.layer is not None else None
+        e.node = Ref(recipient, e.source_name, src_layer, e.info.layer)
+    return entries
+
+
+def _check(plan: Plan) -> None:
+    """Every ref exists with a matching shape; fill in output dtypes and shapes."""
+    recipe, inputs = plan.recipe, plan.inputs
+    want = recipe.output.dtype
+    base = inputs[plan.recipient]
+    for e in plan.entries:
+        for r in refs(e.node):
+            if r.name not in inputs[r.input]:
+                raise recipe.error(("inputs", r.input), f"tensor {r.name!r} is missing in input {r.input!r} "
+                                   f"(needed for output tensor {e.name!r}, set by {e.rule})")
+        try:
+            shape = infer_shape(e.node, lambda r: inputs[r.input].meta[r.name].shape)
+        except SurgeryError as ex:
+            detail = ", ".join(f"{r.input}: {list(inputs[r.input].meta[r.name].shape)}" for r in refs(e.node))
+            raise recipe.error(("inputs",), f"inputs don't line up for tensor {e.source_name!r}: {ex} ({detail})") from None
+        expected = base.meta[e.source_name].shape
+        if shape != expected:
+            raise recipe.error(("inputs",), f"inputs don't line up: tensor {e.source_name!r} would have shape "
+                               f"{list(shape)} but the recipient {plan.recipient!r} has {list(expected)} ({e.rule})")
+        e.shape = shape
+        stored = base.meta[e.source_name].dtype
+        e.dtype = FLOAT_DTYPES[want] if want and stored in FLOATING else stored

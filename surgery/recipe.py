@@ -1,0 +1,441 @@
+"""Recipes: YAML -> validated pydantic objects, with errors that point at the YAML line.
+
+    recipe = load_recipe("recipes/layer_swap.yaml")
+    recipe.inputs["math"]          # 'path/or/hub-id'
+    recipe.operations[0]           # LayerSwap(donor='sw', bottom=2, ...)
+
+A recipe names its inputs, picks a recipient (the default source of every tensor and of the
+config), and lists operations. Operations apply in order; when two select the same tensor,
+the later one wins. Each operation kind is one pydantic model plus one planner function,
+registered together with ``@operation`` (see plan.py for the core four).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from .errors import RecipeError
+
+DTYPES = ("float32", "float16", "bfloat16")
+LayerSpec = Union[int, str, list[Union[int, str]]]
+Source = Union[Literal["recipient", "donor"], float]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Operation(Strict):
+    """Base of every operation model. ``input_refs`` names the inputs it uses, by field."""
+
+    def input_refs(self) -> dict[str, list[str]]:
+        return {}
+
+
+class Select(Strict):
+    """Which tensors an operation applies to. All given criteria must hold; none given = all."""
+
+    layers: LayerSpec | None = Field(None, description="Layer indices: 3, '0-3, 28-31', [0, -1]. Negative counts from the end. Tensors outside layers (embeddings, final norm, lm_head) are never selected by this.")
+    modules: list[str] | None = Field(None, description="Module kinds (attn_q, mlp_down, ...) or groups (attn, mlp, norm, embed, lm_head, other).")
+    names: list[str] | None = Field(None, description="Tensor-name globs ('*.mlp.*') or regexes prefixed 're:'.")
+    exclude: list[str] | None = Field(None, description="Tensor-name globs or 're:' regexes to leave out.")
+
+
+class Output(Strict):
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype of floating tensors. Default: each tensor keeps the recipient's dtype.")
+    shard_size: Union[int, str] = Field("5GB", description="Maximum shard size: bytes, or with a KB/MB/GB suffix.")
+    config_from: str | None = Field(None, description="Input whose config.json, generation_config.json and tokenizer files are copied. Default: the recipient.")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v):
+        parse_size(v)
+        return v
+
+
+class StackSegment(Strict):
+    """Output layers built from a range of source layers (changes the layer count)."""
+
+    layers: LayerSpec = Field(description="Source layer indices, in order: '0-15'.")
+
+
+class LayerSwap(Operation):
+    """Bandarkar et al. 2024: the recipient receives its bottom/top layers from a donor."""
+
+    donor: str = Field(description="Input that gives the swapped layers.")
+    bottom: int = Field(0, ge=0, description="Number of bottom layers taken from the donor.")
+    top: int = Field(0, ge=0, description="Number of top layers taken from the donor.")
+    layers: LayerSpec | None = Field(None, description="Explicit donor layers instead of bottom/top: '0-3, 28-31'.")
+    transition: int = Field(0, ge=0, description="Width of the blend zone next to each swapped block. Layer at distance d gets donor weight 1 - d/(transition+1).")
+    embeddings: Source = Field("recipient", description="Embeddings from recipient, donor, or a float = donor weight in a blend.")
+    final_norm: Source = Field("recipient", description="Final norm: recipient, donor, or donor weight.")
+    lm_head: Source = Field("recipient", description="lm_head: recipient, donor, or donor weight.")
+
+    def input_refs(self):
+        return {"donor": [self.donor]}
+
+
+class Arithmetic(Operation):
+    """A weighted linear combination of inputs: 'math + 1.0*(sw - en)'."""
+
+    expr: str = Field(description="Expression over input names with +, -, scalar * and /, parentheses.")
+    select: Select | None = None
+
+    def input_refs(self):
+        try:
+            return {"expr": list(parse_expression(self.expr))}
+        except ValueError:
+            return {}  # reported with its line by the planner
+
+
+class Take(Operation):
+    """Copy the selected tensors from one input, byte for byte."""
+
+    from_: str = Field(alias="from", description="Input to copy from.")
+    select: Select | None = None
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def input_refs(self):
+        return {"from": [self.from_]}
+
+
+class Blend(Operation):
+    """Weighted average of inputs on the selected tensors."""
+
+    weights: dict[str, float] = Field(description="Input name -> weight.")
+    normalize: bool = Field(True, description="Divide by the sum of weights.")
+    select: Select | None = None
+
+    def input_refs(self):
+        return {"weights": list(self.weights)}
+
+
+# ---------------------------------------------------------------------------- operation registry
+# An operation is a pydantic model (its schema) plus a planner (plan.py's Context -> op trees),
+# registered together with @operation. Modules listed here register theirs when first needed.
+OPERATION_MODULES = ["surgery.plan"]
+OPERATIONS: dict[str, type[Operation]] = {}
+PLANNERS: dict[str, Any] = {}
+
+
+def operation(name: str, model: type[Operation]):
+    """Decorator for a planner function: registers ``name`` with its schema model."""
+    def deco(fn):
+        if name in OPERATIONS:
+            raise ValueError(f"operation {name!r} is already registered")
+        OPERATIONS[name], PLANNERS[name] = model, fn
+        return fn
+    return deco
+
+
+def operations() -> dict[str, type[Operation]]:
+    import importlib
+
+    for module in OPERATION_MODULES:
+        importlib.import_module(module)
+    return OPERATIONS
+
+
+class Recipe(Strict):
+    description: str | None = Field(None, description="Free text, copied to the manifest.")
+    inputs: dict[str, str] = Field(description="Name -> local directory, .safetensors file, or Hub id 'org/name[@revision]'.")
+    recipient: str | None = Field(None, description="Input that gives every tensor no operation selects, and the config. Default: the first input.")
+    output: Output = Field(default_factory=Output)
+    stack: list[StackSegment] | None = Field(None, description="Output layer order as source-layer ranges; default: the recipient's layers.")
+    operations: list[Any] = Field(default_factory=list, description="Operations, applied in order; later ones win.")
+    seed: int | None = Field(None, description="Seed for random methods.")
+
+    # filled by load_recipe, not part of the schema
+    _source: str | None = None
+    _lines: dict = {}
+    _text: str | None = None
+    _base_dir: Path | None = None
+
+    @property
+    def recipient_name(self) -> str:
+        return self.recipient or next(iter(self.inputs))
+
+    def where(self, path: tuple) -> str:
+        return _where(self._source, self._lines, path)
+
+    def error(self, path: tuple, message: str) -> RecipeError:
+        return RecipeError(message, self.where(path))
+
+    def to_yaml(self) -> str:
+        if self._text is not None:
+            return self._text
+        return yaml.safe_dump(self.model_dump(by_alias=True, exclude_none=True), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> Recipe:
+    """Parse and validate a recipe from a YAML file path, a YAML string, or a dict."""
+    text, name, lines = None, None, {}
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+        if path is not None:
+            if not path.exists():
+                raise RecipeError(f"recipe file not found: {path}")
+            text, name, base_dir = path.read_text(), str(path), base_dir or path.resolve().parent
+        else:
+            text, name = str(source), "<recipe>"
+        data, lines = _parse_yaml(text, name)
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
+    recipe = _validate(Recipe, data, (), name, lines)
+    recipe.operations = [_validate_operation(op, i, name, lines) for i, op in enumerate(recipe.operations)]
+    recipe._source, recipe._lines, recipe._text, recipe._base_dir = name, lines, text, base_dir
+    _check_names(recipe)
+    return recipe
+
+
+def _parse_yaml(text: str, name: str):
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        raise RecipeError(f"invalid YAML: {getattr(e, 'problem', e)}", where) from None
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _index_lines(node, (), lines, name)
+    return yaml.safe_load(text), lines
+
+
+def _index_lines(node, path, lines, name):
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            if k.value in seen:
+                raise RecipeError(f"duplicate key {k.value!r}", f"{name}:{k.start_mark.line + 1}")
+            seen.add(k.value)
+            lines[path + (k.value,)] = k.start_mark.line + 1
+            _index_lines(v, path + (k.value,), lines, name)
+            lines[path + (k.value,)] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _index_lines(v, path + (i,), lines, name)
+
+
+def _where(source, lines, path) -> str:
+    path = tuple(path)
+    line = None
+    for n in range(len(path), -1, -1):
+        if path[:n] in lines:
+            line = lines[path[:n]]
+            break
+    loc = ".".join(str(p) for p in path) or "(top level)"
+    head = f"{source}:{line}" if source and line else (source or "recipe")
+    return f"{head}: {loc}"
+
+
+def _validate(model: type[BaseModel], data, prefix, source, lines):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = prefix + tuple(p for p in err["loc"] if not _is_union_tag(p))
+        raise RecipeError(_explain(model, err, loc[len(prefix):]), _where(source, lines, loc)) from None
+
+
+def _is_union_tag(p) -> bool:
+    return isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool", "list", "literal"))
+
+
+def _explain(model, err, loc) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1])
+        key = str(loc[-1])
+        hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        msg = f"unknown key {key!r}"
+        if hint:
+            msg += f"; did you mean {hint[0]!r}?"
+        return msg + f" (valid keys: {', '.join(sorted(valid))})" if valid else msg
+    if kind == "missing":
+        return f"missing required key {str(loc[-1])!r}"
+    got = err.get("input")
+    return f"{err['msg']} (got {got!r})" if not isinstance(got, dict) else err["msg"]
+
+
+def _fields_at(model, loc) -> list[str]:
+    """Valid keys of the (nested) model found by following loc from ``model``."""
+    import typing
+
+    cls = model
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part) or next((f for f in cls.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return []
+        cls = _model_in(field.annotation, typing)
+    if cls is None:
+        return []
+    return [f.alias or n for n, f in cls.model_fields.items()]
+
+
+def _model_in(annotation, typing):
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg, typing)
+        if found:
+            return found
+    return None
+
+
+def _validate_operation(op, index, source, lines):
+    path = ("operations", index)
+    known = operations()
+    if not isinstance(op, dict) or len(op) != 1:
+        raise RecipeError(f"each operation is a mapping with one key, the operation name "
+                          f"({', '.join(known)})", _where(source, lines, path))
+    (name, body), = op.items()
+    if name not in known:
+        hint = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+        msg = f"unknown operation {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        raise RecipeError(msg + f" (valid: {', '.join(known)})", _where(source, lines, path + (name,)))
+    model = known[name]
+    return _validate(model, body if body is not None else {}, path + (name,), source, lines)
+
+
+def operation_name(op: BaseModel) -> str:
+    return next(k for k, v in OPERATIONS.items() if isinstance(op, v))
+
+
+def _check_names(recipe: Recipe) -> None:
+    """Every input a recipe mentions must be declared under inputs."""
+    if not recipe.inputs:
+        raise recipe.error(("inputs",), "at least one input is required")
+
+    def check(name, path):
+        if name not in recipe.inputs:
+            hint = difflib.get_close_matches(name, recipe.inputs, n=1, cutoff=0.5)
+            raise recipe.error(path, f"unknown input {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                               + f" (inputs: {', '.join(recipe.inputs)})")
+
+    if recipe.recipient:
+        check(recipe.recipient, ("recipient",))
+    if recipe.output.config_from:
+        check(recipe.output.config_from, ("output", "config_from"))
+    for i, op in enumerate(recipe.operations):
+        path = ("operations", i, operation_name(op))
+        for field, names in op.input_refs().items():
+            for n in names:
+                check(n, path + (field,))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def parse_size(value: int | str) -> int:
+    """'2GB' -> 2_000_000_000; also KB, MB, GB, TB, KiB, MiB, GiB and plain integers."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("shard size must be positive")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", value, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"expected a size like 500MB or 2GB, got {value!r}")
+    unit = (m[2] or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(float(m[1]) * mult)
+    if size <= 0:
+        raise ValueError("shard size must be positive")
+    return size
+
+
+def parse_layers(spec: LayerSpec, n_layers: int) -> list[int]:
+    """'0-3, 28-31' / 5 / [0, -1, '4-6'] -> sorted-as-written unique indices within [0, n_layers)."""
+    items = spec if isinstance(spec, list) else [spec]
+    out: list[int] = []
+    for item in items:
+        parts = [item] if isinstance(item, int) else [p for p in str(item).replace(" ", "").split(",") if p]
+        for p in parts:
+            if isinstance(p, int) or re.fullmatch(r"-?\d+", p):
+                idx = [int(p)]
+            else:
+                m = re.fullmatch(r"(-?\d+)(?:-|\.\.|:)(-?\d+)", p)
+                if not m:
+                    raise ValueError(f"expected a layer index or range like '4-7', got {p!r}")
+                a, b = int(m[1]), int(m[2])
+                a, b = (a + n_layers if a < 0 else a), (b + n_layers if b < 0 else b)
+                if a > b:
+                    raise ValueError(f"empty layer range {p!r}")
+                idx = list(range(a, b + 1))
+            for i in idx:
+                j = i + n_layers if i < 0 else i
+                if not 0 <= j < n_layers:
+                    raise ValueError(f"layer {i} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+                if j not in out:
+                    out.append(j)
+    return out
+
+
+def parse_expression(expr: str) -> dict[str, float]:
+    """'math + 1.0*(sw - en)' -> {'math': 1.0, 'sw': 1.0, 'en': -1.0}. Only linear forms."""
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse expression {expr!r}: {e.msg}") from None
+
+    def walk(node) -> dict[str, float]:  # returns coefficients; key '' is a plain number
+        if isinstance(node, ast.Name):
+            return {node.id: 1.0}
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return {"": float(node.value)}
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
+            return {k: sign * v for k, v in walk(node.operand).items()}
+        if isinstance(node, ast.BinOp):
+            a, b = walk(node.left), walk(node.right)
+            if isinstance(node.op, (ast.Add, ast.Sub)):
+                s = 1.0 if isinstance(node.op, ast.Add) else -1.0
+                out = dict(a)
+                for k, v in b.items():
+                    out[k] = out.get(k, 0.0) + s * v
+                return out
+            if isinstance(node.op, ast.Mult):
+                if set(a) == {""}:
+                    return {k: a[""] * v for k, v in b.items()}
+                if set(b) == {""}:
+                    return {k: b[""] * v for k, v in a.items()}
+                raise ValueError(f"{expr!r}: two checkpoints multiplied; only scalar * checkpoint is linear")
+            if isinstance(node.op, ast.Div) and set(b) == {""}:
+                if b[""] == 0:
+                    raise ValueError(f"{expr!r}: division by zero")
+                return {k: v / b[""] for k, v in a.items()}
+            raise ValueError(f"{expr!r}: only +, -, scalar * and / by a number are allowed")
+        raise ValueError(f"{expr!r}: unsupported syntax {ast.unparse(node)!r}")
+
+    coeffs = walk(tree)
+    if coeffs.get("", 0.0) != 0.0:
+        raise ValueError(f"{expr!r}: a bare number is added to a checkpoint; multiply it instead")
+    coeffs.pop("", None)
+    if not coeffs:
+        raise ValueError(f"{expr!r} names no input")
+    return {k: v for k, v in coeffs.items() if v != 0.0}
+
+
+def json_schema() -> dict:
+    """JSON Schema of the recipe format (for editor autocompletion)."""
+    rules = [create_model(f"{name}_operation", __config__=ConfigDict(extra="forbid"),
+                          **{name: (model, ...)}) for name, model in operations().items()]
+    full = create_model("SurgeryRecipe", __base__=Recipe,
+                        operations=(list[Union[tuple(rules)]], Field(default_factory=list, description=Recipe.model_fields["operations"].description)))
+    schema = full.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "surgery recipe"
+    return schema

@@ -1,0 +1,92 @@
+"""Tiny checkpoints for tests: transformers configs with random weights, saved as safetensors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=8, num_attention_heads=4, vocab_size=128)
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    import transformers as tf
+
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**TINY, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**TINY, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(**TINY, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                  sliding_window=16)
+    elif arch == "phi3":
+        cfg = tf.Phi3Config(**TINY, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
+                            tie_word_embeddings=False)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=8, n_head=4, vocab_size=128, n_positions=64)
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(**TINY, max_position_embeddings=64)
+    elif arch == "bert":
+        cfg = tf.BertConfig(**TINY, max_position_embeddings=64)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def random_state(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cls = AutoModel if cfg.model_type == "bert" else AutoModelForCausalLM
+    model = cls.from_config(cfg)
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path, state: dict, cfg, dtype=torch.float32, shard_names: list[list[str]] | None = None) -> Path:
+    """Write config.json + model.safetensors (or shards with an index when shard_names is given)."""
+    import json
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(path)
+    state = {k: v.to(dtype).contiguous() if v.is_floating_point() else v for k, v in state.items()}
+    if not shard_names:
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, names in enumerate(shard_names):
+            fname = f"model-{i + 1:05d}-of-{len(shard_names):05d}.safetensors"
+            save_file({n: state[n] for n in names}, str(path / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in names})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def perturb(state: dict, layers=None, scale: float = 0.1, seed: int = 1, names: str | None = None) -> dict:
+    """A copy of state with noise added to tensors of the given layers (None: all tensors)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        m = re.search(r"\.(\d+)\.", k)
+        hit = (layers is None or (m is not None and int(m[1]) in layers)) and (names is None or re.search(names, k))
+        if hit and v.is_floating_point():
+            out[k] = v + scale * torch.randn(v.shape, generator=gen)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def load(path) -> dict[str, torch.Tensor]:
+    """All tensors of an output directory (single file or shards)."""
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
