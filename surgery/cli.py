@@ -163,7 +163,15 @@ def _load_commands() -> None:
         importlib.import_module(module)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main():
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C, so a half-written output's temp dir is removed
+    signal.signal(signal.SIGTERM, _interrupt)
     _load_commands()
     cli(prog_name="surgery")
 

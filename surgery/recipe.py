@@ -426,6 +426,8 @@ def parse_expression(expr: str) -> dict[str, float]:
     coeffs.pop("", None)
     if not coeffs:
         raise ValueError(f"{expr!r} names no input")
+    # round away float residue such as 1 - 0.7 - 0.3 = 5.6e-17
+    coeffs = {k: round(v, 12) for k, v in coeffs.items()}
     return {k: v for k, v in coeffs.items() if v != 0.0}
 
 

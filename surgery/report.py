@@ -15,6 +15,20 @@ def _groups(entries) -> "OrderedDict[tuple[str, str, str], list[str]]":
     return groups
 
 
+def _by_group(kinds: list[str], entries) -> list[str]:
+    """Name a whole module group (attn, mlp, ...) instead of listing every kind in it."""
+    present: dict[str, set] = {}
+    for e in entries:
+        present.setdefault(e.info.group, set()).add(e.info.kind)
+    out = []
+    for k in kinds:
+        group = next(e.info.group for e in entries if e.info.kind == k)
+        label = group if present[group] <= set(kinds) else k
+        if label not in out:
+            out.append(label)
+    return out
+
+
 def layer_summary(plan) -> list[dict]:
     """One row per output layer plus rows for tensors outside layers ('layer': null)."""
     by_layer: OrderedDict = OrderedDict()
@@ -26,6 +40,7 @@ def layer_summary(plan) -> list[dict]:
     rows = []
     for key, entries in by_layer.items():
         groups = _groups(entries)
+        groups = OrderedDict((k, _by_group(kinds, entries)) for k, kinds in groups.items())
         layer = key if isinstance(key, int) else None
         rows.append({
             "layer": layer,

@@ -133,6 +133,7 @@ def atomic_dir(target: str | os.PathLike, force: bool = False):
     target = Path(target).resolve()
     check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     tmp = target.parent / f".{target.name}.surgery-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -149,6 +150,24 @@ def atomic_dir(target: str | os.PathLike, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove temp dirs left beside ``target`` by killed runs (their process is gone)."""
+    for p in target.parent.glob(f".{target.name}.surgery-tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_target(target: Path, force: bool) -> None:
