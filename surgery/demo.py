@@ -102,7 +102,9 @@ def check_loads(path: str | Path) -> str:
     """Load the output with transformers and run one forward pass; describe the result."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         logits = model(torch.arange(8).unsqueeze(0)).logits

@@ -92,3 +92,13 @@ def test_demo_command(tmp_path):
     assert "made demo checkpoints" in r.stdout and "layers 3-4" in r.stdout
     assert "loaded with transformers LlamaForCausalLM" in r.stdout and "all finite" in r.stdout
     assert (tmp_path / "d" / "out" / "math-swahili-swap" / "model.safetensors").exists()
+
+
+def test_progress_bar_and_quiet(demo_dir):
+    recipe = demo_dir / "p.yaml"
+    recipe.write_text("inputs: {math: checkpoints/math, sw: checkpoints/swahili}\n"
+                      "operations:\n  - take: {from: sw, select: {layers: 0}}\n")
+    r = cli("run", recipe, "-o", demo_dir / "p1")
+    assert r.returncode == 0 and "surgery run" in r.stderr and "B/s" in r.stderr  # tqdm bar on stderr
+    r = cli("run", recipe, "-o", demo_dir / "p2", "--quiet")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
