@@ -171,7 +171,11 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         if self._text is not None:
             return self._text
-        return yaml.safe_dump(self.model_dump(by_alias=True, exclude_none=True), sort_keys=False)
+        data = self.model_dump(by_alias=True, exclude_none=True)
+        if self.operations:  # each operation under its name, as recipes write them, so the text loads back
+            data["operations"] = [{operation_name(op): op.model_dump(by_alias=True, exclude_none=True)}
+                                  for op in self.operations]
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------------------- loading
