@@ -47,7 +47,7 @@ def echo_push(result, as_json: bool) -> None:
     from .report import _size
 
     where = f"{result.repo_id} ({'private' if result.private else 'public'}, " \
-            f"{'pull request against ' if result.created_pr else 'branch '}{result.revision}) at {result.endpoint}"
+            f"{'pull request against ' if result.pull_request else 'branch '}{result.revision}) at {result.endpoint}"
     if result.dry_run:
         click.echo(f"dry run: would push {len(result.files)} files ({_size(result.total_bytes)}) to {where}")
         width = max((len(p) for p, _ in result.files), default=0)

@@ -38,7 +38,7 @@ class PushResult:
     commit_url: str | None = None
     commit_oid: str | None = None
     pr_url: str | None = None
-    created_pr: bool = False
+    pull_request: bool = False         # a pull request was asked for instead of a commit on the branch
 
     @property
     def total_bytes(self) -> int:
@@ -68,7 +68,7 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
     summary, description = commit_text(folder, manifest, files)
     result = PushResult(repo_id=repo_id, endpoint=hub_endpoint(), revision=revision or "main", private=private,
                         files=files, commit_message=commit_message or summary, dry_run=dry_run,
-                        created_pr=create_pr)
+                        pull_request=create_pr)
     if dry_run:
         return result
 
@@ -210,7 +210,7 @@ def hub_errors(result: PushResult, token: str):
                 msg = f"branch {result.revision!r} not found in {repo!r} at {endpoint}"
             elif status == 404:
                 msg = f"repository {repo!r} not found at {endpoint} (or this token cannot see it)"
-                if result.created_pr:
+                if result.pull_request:
                     msg += "; --create-pr needs an existing repo"
             else:
                 request = e.response.request if e.response is not None else None
