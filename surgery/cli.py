@@ -63,28 +63,64 @@ convert_opt = click.option("--convert-bin", is_flag=True,
                            help="Accept pickle .bin checkpoints, converting them once with torch.load(weights_only=True).")
 
 
+def push_options(fn):
+    """--public/--revision/--create-pr/--token, shared by `surgery push` and `surgery run --push-to`."""
+    for option in reversed([
+        click.option("--public", is_flag=True, help="Create the repo public (default: private). "
+                                                    "An existing repo keeps its visibility."),
+        click.option("--revision", metavar="BRANCH", help="Commit to this branch, created from main if missing."),
+        click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it."),
+        click.option("--token", metavar="TOKEN", help="Hub token with write access (default: HF_TOKEN, then "
+                                                      "`hf auth login`)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @cli.command(epilog="\b\nExamples:\n  surgery run recipes/layer_swap.yaml -o out/swapped\n"
-                    "  surgery run recipe.yaml -o out/ --force --quiet --json")
+                    "  surgery run recipe.yaml -o out/ --force --quiet --json\n"
+                    "  surgery run recipe.yaml -o out/merged --push-to me/merged-model")
 @recipe_arg
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @convert_opt
-def run(recipe, out, force, quiet, as_json, convert_bin):
+@click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
+                                                   "(see `surgery push --help`).")
+@push_options
+def run(recipe, out, force, quiet, as_json, convert_bin, push_to, public, revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically)."""
     from .execute import run as run_recipe
 
+    if push_to:  # fail on bad push options or a missing token before the run, not after
+        from .hub import check_push_args, resolve_token
+
+        check_push_args(push_to, revision=revision, create_pr=create_pr)
+        token = resolve_token(token)
     result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin)
-    if as_json:
-        click.echo(json.dumps({"output": str(result.output), "seconds": round(result.seconds, 3),
-                               "tensors": len(result.plan.entries), "bytes": result.total_bytes,
-                               "files": result.files}, indent=2))
-    elif not quiet:
+    if not quiet and not as_json:
         from .report import _size
 
         click.echo(f"wrote {len(result.plan.entries)} tensors ({_size(result.total_bytes)}) to {result.output} "
                    f"in {result.seconds:.1f}s")
+    pushed = None
+    if push_to:
+        from .cli_hub import echo_push
+        from .hub import push
+
+        try:
+            pushed = push(result.output, push_to, token=token, private=not public, revision=revision,
+                          create_pr=create_pr)
+        except SurgeryError as e:
+            raise SurgeryError(f"{e} (the output is written; retry with `surgery push {result.output} {push_to}`)")
+        if not quiet and not as_json:
+            echo_push(pushed, False)
+    if as_json:
+        click.echo(json.dumps({"output": str(result.output), "seconds": round(result.seconds, 3),
+                               "tensors": len(result.plan.entries), "bytes": result.total_bytes,
+                               "files": result.files, **({"push": pushed.to_dict()} if pushed else {})},
+                              indent=2))
 
 
 @cli.command(epilog="\b\nExamples:\n  surgery plan recipes/layer_swap.yaml\n  surgery plan recipe.yaml --tensors\n"
@@ -153,7 +189,7 @@ def demo(folder, quiet):
 
 
 # Feature modules that add commands with @cli.command(); each imports only click at the top.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["surgery.cli_hub"]
 
 
 def _load_commands() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .card import write_model_card
 from .checkpoint import TensorMeta, sha256_file
 from .ops import evaluate
 from .plan import Plan, build_plan
@@ -55,6 +56,7 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
             config = patch_config(_read_json(tmp / "config.json"), plan)
             write_json(tmp / "config.json", config)
         (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
+        write_model_card(tmp, plan, recipe.to_yaml(), name=out.name)
         manifest = build_manifest(plan, {n: {f: h.result() for f, h in fs.items()} for n, fs in hashes.items()},
                                   shards)
         write_json(tmp / MANIFEST_NAME, manifest)

@@ -174,7 +174,7 @@ class Recipe(Strict):
         data = self.model_dump(by_alias=True, exclude_none=True, exclude={"operations"})
         data["operations"] = [{operation_name(op): op.model_dump(by_alias=True, exclude_none=True)}
                               for op in self.operations]
-        return yaml.safe_dump(data, sort_keys=False)
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------------------- loading

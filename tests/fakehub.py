@@ -1,0 +1,377 @@
+"""A small fake Hugging Face Hub on 127.0.0.1 for push tests (stdlib http.server in a thread).
+
+    with FakeHub(tokens={"hf_secret": "tester"}) as hub:
+        os.environ["HF_ENDPOINT"] = hub.url
+        ...push...
+        hub.files("tester/model")          # {path: bytes} at the head of main
+        hub.lfs_paths("tester/model")      # paths committed as LFS pointers
+        hub.repos["tester/model"].private
+
+It answers the requests huggingface_hub 2.x makes for create_repo, create_branch, repo_info and
+upload_folder over the legacy LFS protocol (tests set HF_HUB_DISABLE_XET=1):
+
+    POST /api/repos/create                              409 with {"url"} when the repo exists
+    GET  /api/models/{repo}[/revision/{rev}]            repo_info; 404 RepoNotFound / RevisionNotFound
+    POST /api/validate-yaml                             {"errors": [], "warnings": []}
+    POST /api/models/{repo}/preupload/{rev}             uploadMode lfs for *.safetensors and big files
+    POST /{repo}.git/info/lfs/objects/batch             transfer basic, upload + verify actions
+    PUT  /lfs/{oid}                                     stores the bytes (sha256 checked)
+    POST /lfs/{oid}/verify                              confirms the object
+    POST /api/models/{repo}/commit/{rev}                NDJSON header / file (base64) / lfsFile / deletedFile
+    POST /api/models/{repo}/branch/{branch}             creates a branch (409 when it exists)
+    GET  /api/whoami-v2                                 the token's user
+    GET  /api/agent-harnesses                           empty registry (huggingface_hub asks, unauthenticated)
+
+Authorization is ``Bearer <token>``; unknown or missing tokens get the Hub's 401. A user may write
+to its own namespace and to ``orgs``; creating elsewhere gets 403.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+LFS_THRESHOLD = 10 * 1024 * 1024
+INITIAL_FILES = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
+
+
+@dataclass
+class Commit:
+    oid: str
+    parent: str | None
+    summary: str
+    description: str
+    files: dict[str, bytes]          # full snapshot: path -> content
+    lfs: set[str]                    # paths stored through LFS
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    private: bool
+    branches: dict[str, str] = field(default_factory=dict)   # name -> commit oid
+    commits: dict[str, Commit] = field(default_factory=dict)
+    pulls: list[str] = field(default_factory=list)           # refs/pr/N branch names
+
+
+class FakeHub:
+    def __init__(self, tokens: dict[str, str] | None = None, orgs: tuple[str, ...] = ("surgery-org",)):
+        self.tokens = dict(tokens or {})
+        self.orgs = set(orgs)
+        self.repos: dict[str, Repo] = {}
+        self.lfs_objects: dict[str, bytes] = {}    # oid -> bytes, after PUT
+        self.verified: set[str] = set()
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request
+        self.bodies: list[bytes] = []              # every request body, to search for leaked secrets
+        self.headers: list[dict] = []              # every request's headers, lower-case names
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._counter = 0
+
+    # ---- lifecycle -----------------------------------------------------
+    def __enter__(self) -> "FakeHub":
+        hub = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.hub = hub
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # ---- inspection ----------------------------------------------------
+    def head(self, repo_id: str, rev: str = "main") -> Commit:
+        repo = self.repos[repo_id]
+        return repo.commits[repo.branches[rev]]
+
+    def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
+        return dict(self.head(repo_id, rev).files)
+
+    def lfs_paths(self, repo_id: str, rev: str = "main") -> set[str]:
+        return set(self.head(repo_id, rev).lfs)
+
+    def commit_count(self, repo_id: str, rev: str = "main") -> int:
+        repo, n, oid = self.repos[repo_id], 0, self.repos[repo_id].branches[rev]
+        while oid is not None:
+            n, oid = n + 1, repo.commits[oid].parent
+        return n
+
+    # ---- state changes (called by the handler, under the lock) ---------
+    def _new_oid(self) -> str:
+        self._counter += 1
+        return hashlib.sha1(f"commit-{self._counter}".encode()).hexdigest()
+
+    def _create_repo(self, repo_id: str, private: bool) -> Repo:
+        repo = Repo(repo_id, private)
+        oid = self._new_oid()
+        repo.commits[oid] = Commit(oid, None, "initial commit", "", dict(INITIAL_FILES), set())
+        repo.branches["main"] = oid
+        self.repos[repo_id] = repo
+        return repo
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: FakeHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    # ---- plumbing ------------------------------------------------------
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _send(self, status: int, payload=None, headers: dict | None = None):
+        data = json.dumps(payload if payload is not None else {}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, code: str | None = None):
+        headers = {"X-Error-Message": message}
+        if code:
+            headers["X-Error-Code"] = code
+        self._send(status, {"error": message}, headers)
+
+    def _user(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        return self.hub.tokens.get(token) if token else None
+
+    def _handle(self, method: str):
+        split = urlsplit(self.path)
+        path, query = split.path, parse_qs(split.query)
+        body = self._body()
+        hub = self.hub
+        with hub.lock:
+            hub.requests.append((method, path))
+            hub.bodies.append(body)
+            hub.headers.append({k.lower(): v for k, v in self.headers.items()})
+        if (method, path) == ("GET", "/api/agent-harnesses"):  # huggingface_hub's agent detection, no auth
+            return self._send(200, {"standardEnvVars": [], "harnesses": {}})
+        user = self._user()
+        if user is None and not path.startswith("/lfs/"):
+            return self._error(401, "Invalid credentials in Authorization header")
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        for pattern, fn in ROUTES:
+            if method == pattern[0] and _match(pattern[1:], parts):
+                with hub.lock:
+                    return fn(self, user, parts, query, body)
+        return self._error(404, f"no route for {method} {path}")
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def do_PUT(self):
+        self._handle("PUT")
+
+    # ---- helpers -------------------------------------------------------
+    def _repo(self, user, repo_id, write: bool):
+        repo = self.hub.repos.get(repo_id)
+        if repo is None or (repo.private and repo_id.split("/")[0] not in self._namespaces(user)):
+            self._error(404, "Repository not found", "RepoNotFound")
+            return None
+        if write and repo_id.split("/")[0] not in self._namespaces(user):
+            self._error(403, f"You don't have write access to {repo_id}")
+            return None
+        return repo
+
+    def _namespaces(self, user) -> set[str]:
+        return {user} | self.hub.orgs
+
+    # ---- endpoints -----------------------------------------------------
+    def create_repo(self, user, parts, query, body):
+        payload = json.loads(body or b"{}")
+        namespace = payload.get("organization") or user
+        repo_id = f"{namespace}/{payload['name']}"
+        if namespace not in self._namespaces(user):
+            return self._error(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
+        url = f"{self.hub.url}/{repo_id}"
+        if repo_id in self.hub.repos:
+            return self._send(409, {"error": "You already created this model repo", "url": url})
+        private = payload.get("visibility", "private" if payload.get("private") else "public") == "private"
+        self.hub._create_repo(repo_id, private)
+        return self._send(200, {"url": url, "name": repo_id, "id": repo_id})
+
+    def repo_info(self, user, parts, query, body):
+        repo_id = "/".join(parts[2:4])
+        repo = self._repo(user, repo_id, write=False)
+        if repo is None:
+            return
+        rev = parts[5] if len(parts) > 5 else "main"
+        if rev not in repo.branches:
+            return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        head = repo.commits[repo.branches[rev]]
+        return self._send(200, {"id": repo_id, "sha": head.oid, "private": repo.private,
+                                "siblings": [{"rfilename": p} for p in sorted(head.files)]})
+
+    def validate_yaml(self, user, parts, query, body):
+        return self._send(200, {"errors": [], "warnings": []})
+
+    def preupload(self, user, parts, query, body):
+        repo_id, rev = "/".join(parts[2:4]), parts[5]
+        repo = self._repo(user, repo_id, write="create_pr" not in query)
+        if repo is None:
+            return
+        if rev not in repo.branches:
+            return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        files = json.loads(body)["files"]
+        modes = [{"path": f["path"], "shouldIgnore": False,
+                  "uploadMode": "lfs" if f["path"].endswith(".safetensors") or f["size"] > LFS_THRESHOLD
+                  else "regular"} for f in files]
+        return self._send(200, {"files": modes, "commitOid": repo.branches[rev]})
+
+    def lfs_batch(self, user, parts, query, body):
+        repo_id = "/".join(parts[0:2])[: -len(".git")]
+        if self._repo(user, repo_id, write=False) is None:
+            return
+        payload = json.loads(body)
+        objects = []
+        for obj in payload["objects"]:
+            oid, size = obj["oid"], obj["size"]
+            if oid in self.hub.lfs_objects and oid in self.hub.verified:
+                objects.append({"oid": oid, "size": size})  # already there: no actions
+                continue
+            objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
+                "upload": {"href": f"{self.hub.url}/lfs/{oid}", "header": {}},
+                "verify": {"href": f"{self.hub.url}/lfs/{oid}/verify", "header": {}},
+            }})
+        return self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+
+    def lfs_put(self, user, parts, query, body):
+        oid = parts[1]
+        if hashlib.sha256(body).hexdigest() != oid:
+            return self._error(400, "sha256 of the uploaded bytes does not match the oid")
+        self.hub.lfs_objects[oid] = body
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def lfs_verify(self, user, parts, query, body):
+        oid = parts[1]
+        payload = json.loads(body or b"{}")
+        data = self.hub.lfs_objects.get(oid)
+        if data is None or payload.get("oid") != oid or payload.get("size") != len(data):
+            return self._error(400, "object not uploaded")
+        self.hub.verified.add(oid)
+        return self._send(200, {})
+
+    def commit(self, user, parts, query, body):
+        repo_id, rev = "/".join(parts[2:4]), parts[5]
+        create_pr = "create_pr" in query
+        repo = self._repo(user, repo_id, write=not create_pr)
+        if repo is None:
+            return
+        if rev not in repo.branches:
+            return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0]["key"] != "header":
+            return self._error(400, "the first NDJSON line must be the header")
+        parent = repo.commits[repo.branches[rev]]
+        files, lfs = dict(parent.files), set(parent.lfs)
+        for line in lines[1:]:
+            key, value = line["key"], line["value"]
+            if key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+                lfs.discard(value["path"])
+            elif key == "lfsFile":
+                oid = value["oid"]
+                if oid not in self.hub.verified:
+                    return self._error(400, f"LFS object {oid} was never uploaded")
+                files[value["path"]] = self.hub.lfs_objects[oid]
+                lfs.add(value["path"])
+            elif key in ("deletedFile", "deletedFolder"):
+                files = {p: b for p, b in files.items()
+                         if p != value["path"] and not p.startswith(value["path"].rstrip("/") + "/")}
+            else:
+                return self._error(400, f"unknown NDJSON key {key!r}")
+        header = lines[0]["value"]
+        oid = self.hub._new_oid()
+        repo.commits[oid] = Commit(oid, parent.oid, header["summary"], header.get("description", ""), files, lfs)
+        pr_url = None
+        if create_pr:
+            branch = f"refs/pr/{len(repo.pulls) + 1}"
+            repo.pulls.append(branch)
+            pr_url = f"{self.hub.url}/{repo_id}/discussions/{len(repo.pulls)}"
+        else:
+            branch = rev
+        repo.branches[branch] = oid
+        return self._send(200, {"commitUrl": f"{self.hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
+                                "success": True, "pullRequestUrl": pr_url})
+
+    def create_branch(self, user, parts, query, body):
+        repo_id, branch = "/".join(parts[2:4]), parts[5]
+        repo = self._repo(user, repo_id, write=True)
+        if repo is None:
+            return
+        if branch in repo.branches:
+            return self._error(409, f"Reference already exists: refs/heads/{branch}")
+        start = json.loads(body or b"{}").get("startingPoint") or "main"
+        repo.branches[branch] = repo.branches.get(start, start)
+        return self._send(200, {})
+
+    def whoami(self, user, parts, query, body):
+        return self._send(200, {"type": "user", "name": user, "orgs": [{"name": o} for o in sorted(self.hub.orgs)]})
+
+
+def _match(pattern: tuple, parts: list[str]) -> bool:
+    """Pattern items: a literal, '*' (one segment), '*.git' (a segment ending in .git)."""
+    if len(pattern) != len(parts):
+        return False
+    for p, s in zip(pattern, parts):
+        if p == "*.git":
+            if not s.endswith(".git"):
+                return False
+        elif p != "*" and p != s:
+            return False
+    return True
+
+
+# (method, *path segments) -> handler; repo ids are two segments, revisions one (quoted by the client)
+ROUTES = [
+    (("POST", "api", "repos", "create"), _Handler.create_repo),
+    (("POST", "api", "validate-yaml"), _Handler.validate_yaml),
+    (("GET", "api", "whoami-v2"), _Handler.whoami),
+    (("GET", "api", "models", "*", "*"), _Handler.repo_info),
+    (("GET", "api", "models", "*", "*", "revision", "*"), _Handler.repo_info),
+    (("POST", "api", "models", "*", "*", "preupload", "*"), _Handler.preupload),
+    (("POST", "api", "models", "*", "*", "commit", "*"), _Handler.commit),
+    (("POST", "api", "models", "*", "*", "branch", "*"), _Handler.create_branch),
+    (("POST", "*", "*.git", "info", "lfs", "objects", "batch"), _Handler.lfs_batch),
+    (("PUT", "lfs", "*"), _Handler.lfs_put),
+    (("POST", "lfs", "*", "verify"), _Handler.lfs_verify),
+]
