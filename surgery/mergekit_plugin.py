@@ -48,9 +48,11 @@ def register_all() -> list[str]:
     """
     from mergekit import merge_methods
 
-    existing = {m.spec.name: m for m in merge_methods.registered_methods()}
     for method in methods():
-        old = existing.get(method.spec.name)
+        try:
+            old = merge_methods.get(method.spec.name)
+        except RuntimeError:  # mergekit's "Unimplemented merge method"
+            old = None
         if old is None:
             merge_methods.register(method)
         elif not getattr(old, "_surgery_plugin", False):
@@ -126,8 +128,7 @@ def _layer_swap_method():
 
     @merge_method(name="surgery_layer_swap", pretty_name="surgery layer swap (Bandarkar et al. 2024)",
                   reference_url="https://arxiv.org/abs/2410.01335", uses_accelerator=False,
-                  contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
-                                         min_non_base=1, max_non_base=1))
+                  contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1, max_non_base=1))
     def surgery_layer_swap(group: TensorGroup, bottom: Count = 0, top: Count = 0, layers: Optional[str] = None,
                            transition: Count = 0, num_layers: Optional[Annotated[int, Field(gt=0)]] = None,
                            embeddings: Source = "recipient", final_norm: Source = "recipient",
@@ -297,6 +298,7 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> "Path":
         merge_config = MergeConfiguration.model_validate(data)
     except (ValidationError, RuntimeError) as e:
         raise SurgeryError(f"{where}: {_first_line(e)}") from None
+    _check_parameter_names(merge_config, where)
     if not isinstance(options, MergeOptions):
         options = MergeOptions(**(options or {}))
     options.apply_global_options()
@@ -323,6 +325,46 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> "Path":
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _check_parameter_names(merge_config, where: str) -> None:
+    """mergekit ignores parameters its method does not declare (a typo silently does nothing); refuse them."""
+    import difflib
+
+    from mergekit import merge_methods
+
+    try:
+        method = merge_methods.get(merge_config.merge_method)
+    except RuntimeError:
+        known = [m.spec.name for m in merge_methods.registered_methods()]
+        hint = difflib.get_close_matches(merge_config.merge_method, known, n=1)
+        raise SurgeryError(f"{where}: merge_method: unknown merge method {merge_config.merge_method!r}"
+                           + (f"; did you mean {hint[0]!r}?" if hint else "")
+                           + f" (known: {', '.join(sorted(known))})") from None
+    valid = [p.name for p in method.spec.parameters]
+    for path, params in _parameter_blocks(merge_config):
+        for key in params or {}:
+            if key not in valid:
+                hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+                raise SurgeryError(f"{where}: {path}.{key}: {merge_config.merge_method} has no parameter {key!r}"
+                                   + (f"; did you mean {hint[0]!r}?" if hint else "")
+                                   + f" (parameters: {', '.join(valid) or 'none'})")
+
+
+def _parameter_blocks(c):
+    yield "parameters", c.parameters
+    for i, m in enumerate(c.models or []):
+        yield f"models[{i}].parameters", m.parameters
+    slices = [(f"slices[{i}]", s) for i, s in enumerate(c.slices or [])]
+    for name, mod in (c.modules or {}).items():
+        yield f"modules.{name}.parameters", mod.parameters
+        for i, m in enumerate(mod.models or []):
+            yield f"modules.{name}.models[{i}].parameters", m.parameters
+        slices += [(f"modules.{name}.slices[{i}]", s) for i, s in enumerate(mod.slices or [])]
+    for path, s in slices:
+        yield f"{path}.parameters", s.parameters
+        for j, src in enumerate(s.sources):
+            yield f"{path}.sources[{j}].parameters", src.parameters
 
 
 def _first_line(e: Exception) -> str:
