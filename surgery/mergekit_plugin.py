@@ -214,7 +214,9 @@ def _apply(kind: str, op, method: str, group, tensors: dict, layout_source, num_
     layout, model_layers = _model_layout(layout_source)
     n = num_layers or model_layers
     info = layout.info(name)
-    if info.layer is not None:
+    if info.layer is not None and kind != "layer_swap":
+        n = max(n, info.layer + 1)  # the layer count matters only to layer_swap
+    elif info.layer is not None:
         if not n:
             raise MergekitParameterError(f"{method}: cannot tell the number of layers; set parameter 'num_layers'")
         if info.layer >= n:
@@ -314,8 +316,8 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> "Path":
     try:
         try:
             run_merge(merge_config, str(work), options=options, config_source=text)
-        except SurgeryError:
-            raise
+        except SurgeryError as e:
+            raise SurgeryError(f"{where}: {e}") from e
         except (ValueError, TypeError, RuntimeError, KeyError) as e:
             raise SurgeryError(f"{where}: mergekit: {_first_line(e)}") from e
         if target.exists():

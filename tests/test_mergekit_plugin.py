@@ -298,7 +298,40 @@ def test_cli_usage_and_errors(models, tmp_path):
     assert r.exit_code == 2 and "No such option '--no-such-option'" in r.output
     r = runner.invoke(cli, ["mergekit", str(tmp_path / "missing.yml"), str(tmp_path / "o")])
     assert r.exit_code == 1 and "error: mergekit config not found" in r.output
+    cfg.write_text(f"merge_method: surgery_layer_swap\nbase_model: {models['task']}\nmodels:\n"
+                   f"  - model: {models['lang']}\nparameters:\n  bottom: -2\n")
+    r = runner.invoke(cli, ["mergekit", str(cfg), str(tmp_path / "o"), "--no-copy-tokenizer"])
+    assert r.exit_code == 1 and r.output.startswith(f"error: {cfg}: surgery_layer_swap: parameter 'bottom'")
+    assert len(r.output.strip().splitlines()) == 1
     cfg.write_text("merge_method: linear\nmodels: 3\n")
     r = runner.invoke(cli, ["mergekit", str(cfg), str(tmp_path / "o")])
     assert r.exit_code == 1 and f"error: {cfg}: models: Input should be a valid list" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_in_memory_api_outside_the_pipeline():
+    """mergekit's callable API: plain ids, the tensor name in the group's metadata."""
+    from mergekit import merge_methods
+    from mergekit.merge_methods.base import TensorGroup
+
+    from surgery.mergekit_plugin import register_all
+
+    register_all()
+    a = torch.randn(4, 6, dtype=torch.bfloat16)
+    b = torch.randn(4, 6, dtype=torch.bfloat16)
+    name = "model.layers.2.mlp.up_proj.weight"
+    group = TensorGroup.from_tensors([a, b], ids=["r", "d"], base_index=0, name=name)
+    (out,) = merge_methods.get("surgery_arithmetic")((group,), parameters={"weight": {"r": 1.0, "d": -0.5}})
+    want = (a.float() * 1.0).add_(b.float(), alpha=-0.5).to(torch.bfloat16)  # surgery's linear op
+    assert raw_bytes(out) == raw_bytes(want)
+    swap = merge_methods.get("surgery_layer_swap")
+    (out,) = swap((group,), parameters={"bottom": 1, "transition": 1, "num_layers": 4})
+    want = (b.float() * 0.5).add_(a.float(), alpha=0.5).to(torch.bfloat16)  # layer 2: distance 2 > 1 -> recipient
+    assert raw_bytes(out) == raw_bytes(a)
+    (out,) = swap((group,), parameters={"layers": "1", "transition": 1, "num_layers": 4})
+    assert raw_bytes(out) == raw_bytes(want)
+    with pytest.raises(SurgeryError, match="cannot tell the number of layers; set parameter 'num_layers'"):
+        swap((group,), parameters={"bottom": 1})
+    nameless = TensorGroup.from_tensors([a, b], ids=["r", "d"], base_index=0)
+    with pytest.raises(SurgeryError, match="needs the tensor name"):
+        swap((nameless,), parameters={"bottom": 1, "num_layers": 4})
