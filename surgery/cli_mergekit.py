@@ -29,7 +29,8 @@ AdaMergeX-style arithmetic (weights may be negative; no base needed):
     - model: ./english-lang
       parameters: {weight: -1.0}
 \b
-Methods: surgery_layer_swap, surgery_arithmetic, surgery_blend, plus every built-in
+Methods: surgery_layer_swap, surgery_arithmetic, surgery_blend, surgery_transplant
+(MLP neurons: parameters {neurons: "4: 3,17,40"}), plus every built-in
 mergekit method. Any other option is passed to mergekit unchanged (the options of
 mergekit-yaml, e.g. --random-seed 1, --no-copy-tokenizer, --allow-crimes, --cuda,
 --out-shard-size 1B, -v); see them with --mergekit-help.

@@ -1,7 +1,7 @@
 """surgery operations as mergekit merge methods.
 
     import surgery.mergekit_plugin
-    surgery.mergekit_plugin.register_all()      # adds surgery_layer_swap, surgery_arithmetic, surgery_blend
+    surgery.mergekit_plugin.register_all()      # adds the surgery_* methods (METHOD_NAMES)
 
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -16,7 +16,8 @@ Each method runs surgery's own planner for its operation on the one tensor merge
 ``surgery run`` and mergekit compute the same numbers with the same code. Roles come from
 mergekit's usual structure: for ``surgery_layer_swap`` the ``base_model`` is the recipient and
 the one other model the donor; for ``surgery_arithmetic`` / ``surgery_blend`` each model has a
-``weight`` (negative allowed, references need not be a base).
+``weight`` (negative allowed, references need not be a base). ``surgery_transplant`` (MLP neurons)
+has no recipe operation yet, so it carries its own few lines of index math.
 
 mergekit is imported only inside functions; importing this module is cheap.
 """
@@ -29,7 +30,7 @@ from typing import Any, Literal, Optional, Union
 
 from .errors import SurgeryError
 
-METHOD_NAMES = ("surgery_layer_swap", "surgery_arithmetic", "surgery_blend")
+METHOD_NAMES = ("surgery_layer_swap", "surgery_arithmetic", "surgery_blend", "surgery_transplant")
 
 RECIPIENT, DONOR = "recipient", "donor"
 
@@ -64,7 +65,8 @@ def register_all() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def methods() -> tuple:
     """The surgery merge methods, built once (not registered; see register_all)."""
-    return (_layer_swap_method(), _arithmetic_method(normalize=None), _arithmetic_method(normalize=True))
+    return (_layer_swap_method(), _arithmetic_method(normalize=None), _arithmetic_method(normalize=True),
+            _transplant_method())
 
 
 def _finish(method, kind: str):
@@ -182,6 +184,108 @@ def _weighted(group, weight, method: str, normalize: bool):
     else:
         op, kind = _build_op(Blend, method, weights=weights, normalize=normalize), "blend"
     return _apply(kind, op, method, group, tensors, group.entries[0].id, None, roles=roles)
+
+
+def _transplant_method():
+    import torch
+    from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
+    from mergekit.merge_methods.easy_define import merge_method
+    from pydantic import Field
+    from typing_extensions import Annotated
+
+    @merge_method(name="surgery_transplant", pretty_name="surgery neuron transplant / zeroing",
+                  uses_accelerator=False, contract=InputContract(base=BasePolicy.REQUIRED, max_non_base=1))
+    def surgery_transplant(group: TensorGroup, neurons: str, layers: Optional[str] = None,
+                           mode: Literal["transplant", "zero"] = "transplant",
+                           num_layers: Optional[Annotated[int, Field(gt=0)]] = None) -> torch.Tensor:
+        return _transplant(group, neurons, layers, mode, num_layers)
+
+    return _finish(surgery_transplant, "transplant")
+
+
+def _transplant(group, neurons: str, layers, mode: str, num_layers):
+    """MLP neurons of the recipient (base_model) replaced by the donor's, or zeroed.
+
+    Neuron j is row j of gate/up (and of their biases) and column j of down, along the axis
+    surgery.layout reports; a fused gate_up holds neuron j at j and at half + j. Copies bytes.
+    """
+    import torch
+
+    method = "surgery_transplant"
+    name = group.metadata.name
+    if not name:
+        raise MergekitParameterError(f"{method} needs the tensor name (TensorGroup.metadata.name) to place it")
+    recipient = group.base.tensor
+    donors = group.non_base
+    if mode == "transplant" and not donors:
+        raise MergekitParameterError(f"{method}: mode 'transplant' needs a donor: one model besides base_model "
+                                     "(to reset neurons to a base, make that base the donor)")
+    if mode == "zero" and donors:
+        raise MergekitParameterError(f"{method}: mode 'zero' takes no donor; list only base_model")
+    layout, model_layers = _model_layout(group.base.id)
+    sets = _neuron_sets(neurons, layers, num_layers or model_layers)
+    info = layout.info(name)
+    chosen = sets.get(info.layer, sets.get("*"))
+    if info.layer is None or info.neuron_axis is None or chosen is None:
+        return recipient
+    axis, size = info.neuron_axis, recipient.shape[info.neuron_axis]
+    per_half = size // 2 if info.kind == "mlp_gate_up" else size
+    bad = [j for j in chosen if j >= per_half]
+    if bad:
+        raise MergekitParameterError(f"{method}: parameter 'neurons': neuron {bad[0]} is out of range: tensor "
+                                     f"{name!r} has {per_half} MLP neurons (0-{per_half - 1})")
+    idx = list(chosen)
+    if info.kind == "mlp_gate_up":
+        idx += [per_half + j for j in idx]
+    index = torch.tensor(idx, dtype=torch.long, device=recipient.device)
+    out = recipient.clone()
+    if mode == "zero":
+        return out.index_fill_(axis, index, 0)
+    return out.index_copy_(axis, index, donors[0].tensor.index_select(axis, index))
+
+
+@functools.lru_cache(maxsize=256)
+def _neuron_sets(neurons: str, layers: Optional[str], n: int) -> dict:
+    """'3, 17, 40-45' (every layer, or those in ``layers``) or '4: 3,17; 6-7: 0-9' -> {layer: [neurons]}."""
+    import re
+
+    from .recipe import parse_layers
+
+    method = "surgery_transplant"
+
+    def layer_list(spec: str, field: str) -> list:
+        if not n:
+            raise MergekitParameterError(f"{method}: cannot tell the number of layers; set parameter 'num_layers'")
+        try:
+            return parse_layers(spec, n)
+        except ValueError as e:
+            raise MergekitParameterError(f"{method}: parameter {field!r}: {e}") from None
+
+    def neuron_list(spec: str) -> list:
+        out = []
+        for part in (p.strip() for p in spec.split(",")):
+            m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+                raise MergekitParameterError(f"{method}: parameter 'neurons': expected neuron indices like "
+                                             f"'3, 17, 40-45', optionally per layer '4: 3,17; 6: 0-9'; got {part!r}")
+            for j in range(int(m[1]), int(m[2] or m[1]) + 1):
+                if j not in out:
+                    out.append(j)
+        return out
+
+    if ":" not in neurons:
+        if layers is None:
+            return {"*": neuron_list(neurons)}  # every layer
+        return {layer: neuron_list(neurons) for layer in layer_list(layers, "layers")}
+    if layers is not None:
+        raise MergekitParameterError(f"{method}: give either per-layer 'neurons' ('4: 3,17') or 'layers', not both")
+    sets: dict = {}
+    for chunk in (c.strip() for c in neurons.split(";") if c.strip()):
+        where, _, which = chunk.partition(":")
+        for layer in layer_list(where.strip(), "neurons"):
+            sets.setdefault(layer, [])
+            sets[layer] += [j for j in neuron_list(which) if j not in sets[layer]]
+    return sets
 
 
 # ---------------------------------------------------------------------------- one-tensor plans
