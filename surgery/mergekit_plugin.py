@@ -307,9 +307,8 @@ def _apply(kind: str, op, method: str, group, tensors: dict, layout_source, num_
            roles: Optional[list] = None):
     """Plan ``op`` for the group's one tensor with surgery's planner, then evaluate its op tree."""
     from .errors import RecipeError
-    from .ops import evaluate
+    from .ops import Ref, evaluate
     from .plan import Context, Entry
-    from .ops import Ref
     from .recipe import PLANNERS, Recipe, operations
 
     name = group.metadata.name
@@ -337,6 +336,7 @@ def _apply(kind: str, op, method: str, group, tensors: dict, layout_source, num_
         PLANNERS[kind](ctx, op)
     except RecipeError as e:
         field = e.where.rsplit(".", 1)[-1] if e.where and "." in e.where else ""
+        field = {"weights": "weight", "expr": "weight"}.get(field, field)  # recipe field -> mergekit parameter
         msg = str(e)[len(e.where) + 2:] if e.where else str(e)
         where = f"parameter {field!r}" if field and field != kind else "parameters"
         raise MergekitParameterError(f"{method}: {where}: {msg}") from None

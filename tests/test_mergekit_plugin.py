@@ -237,6 +237,9 @@ def test_structural_errors(models, tmp_path):
          "surgery_arithmetic: every weight is 0"),
         ({"merge_method": "surgery_arithmetic", "models": [{"model": task, "parameters": {"weight": "x"}}]},
          "surgery_arithmetic: parameter 'weight': Input should be a valid number"),
+        ({"merge_method": "surgery_blend", "models": [{"model": task, "parameters": {"weight": 1.0}},
+                                                      {"model": lang, "parameters": {"weight": -1.0}}]},
+         "surgery_blend: parameter 'weight': weights sum to 0; cannot normalize (set normalize: false)"),
         ({"merge_method": "surgery_layerswap", "models": [{"model": task}]},
          "unknown merge method 'surgery_layerswap'; did you mean 'surgery_layer_swap'?"),
     ]
