@@ -26,7 +26,7 @@ mergekit is imported only inside functions; importing this module is cheap.
 # typing.get_type_hints, and the kernels are defined inside a function.
 
 import functools
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from .errors import SurgeryError
 
@@ -406,6 +406,9 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> "Path":
         raise SurgeryError(f"{where}: {_first_line(e)}") from None
     _check_parameter_names(merge_config, where)
     if not isinstance(options, MergeOptions):
+        bad = sorted(set(options or {}) - set(MergeOptions.model_fields))
+        if bad:
+            raise SurgeryError(f"unknown mergekit option {bad[0]!r} (options: {', '.join(MergeOptions.model_fields)})")
         options = MergeOptions(**(options or {}))
     options.apply_global_options()
 

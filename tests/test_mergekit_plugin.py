@@ -243,6 +243,8 @@ def test_structural_errors(models, tmp_path):
         ({"merge_method": "surgery_layerswap", "models": [{"model": task}]},
          "unknown merge method 'surgery_layerswap'; did you mean 'surgery_layer_swap'?"),
     ]
+    with pytest.raises(SurgeryError, match="unknown mergekit option 'random_sed'"):
+        mergekit_run(cases[0][0], tmp_path / "out", random_sed=1)
     for config, message in cases:
         with pytest.raises(SurgeryError) as e:
             mergekit_run(config, tmp_path / "out")
