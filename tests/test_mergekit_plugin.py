@@ -417,3 +417,14 @@ def test_transplant_needs_a_donor(models, tmp_path):
     with pytest.raises(SurgeryError, match="mode 'transplant' needs a donor: one model besides base_model"):
         mergekit_run({"merge_method": "surgery_transplant", "base_model": str(models["task"]),
                       "models": [{"model": str(models["task"])}], "parameters": {"neurons": "3"}}, tmp_path / "out")
+
+
+def test_builtin_random_method_is_reproducible_with_seed(models, tmp_path):
+    """`surgery mergekit` runs any mergekit config; --random-seed reaches mergekit's dare_ties."""
+    config = {"merge_method": "dare_ties", "base_model": str(models["base"]), "models": [
+        {"model": str(models["task"]), "parameters": {"weight": 0.5, "density": 0.5}},
+        {"model": str(models["lang"]), "parameters": {"weight": 0.5, "density": 0.5}}]}
+    runs = [load(mergekit_run(config, tmp_path / f"s{i}", random_seed=seed)) for i, seed in enumerate((1, 1, 2))]
+    name = "model.layers.3.mlp.up_proj.weight"
+    assert raw_bytes(runs[0][name]) == raw_bytes(runs[1][name])
+    assert raw_bytes(runs[0][name]) != raw_bytes(runs[2][name])
