@@ -19,6 +19,7 @@ _EXPORTS = {
     "SurgeryError": "errors", "RecipeError": "errors",
     "make_demo": "demo",
     "push": "hub", "PushResult": "hub", "write_model_card": "card",
+    "run_mergekit": "mergekit_plugin",
 }
 
 
