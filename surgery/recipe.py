@@ -32,6 +32,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AdapterInput(Strict):
+    """A PEFT adapter directory (LoRA or (IA)³) applied to a base: reads like the merged checkpoint."""
+
+    adapter: str = Field(description="Directory with adapter_config.json and adapter_model.safetensors.")
+    base: str = Field(description="The base it applies to: an input name, or a path / Hub id.")
+
+
 class Operation(Strict):
     """Base of every operation model. ``input_refs`` names the inputs it uses, by field."""
 
@@ -145,7 +152,7 @@ def operations() -> dict[str, type[Operation]]:
 
 class Recipe(Strict):
     description: str | None = Field(None, description="Free text, copied to the manifest.")
-    inputs: dict[str, str] = Field(description="Name -> local directory, .safetensors file, or Hub id 'org/name[@revision]'.")
+    inputs: dict[str, Union[str, AdapterInput]] = Field(description="Name -> local directory, .safetensors file, or Hub id 'org/name[@revision]'; or {adapter: dir, base: input} for a PEFT adapter.")
     recipient: str | None = Field(None, description="Input that gives every tensor no operation selects, and the config. Default: the first input.")
     output: Output = Field(default_factory=Output)
     stack: list[StackSegment] | None = Field(None, description="Output layer order as source-layer ranges; default: the recipient's layers.")
@@ -326,6 +333,12 @@ def _check_names(recipe: Recipe) -> None:
             raise recipe.error(path, f"unknown input {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                                + f" (inputs: {', '.join(recipe.inputs)})")
 
+    for name, spec in recipe.inputs.items():
+        if isinstance(spec, AdapterInput) and spec.base in recipe.inputs:
+            if spec.base == name or isinstance(recipe.inputs[spec.base], AdapterInput):
+                raise recipe.error(("inputs", name, "base"), f"the base of adapter {name!r} must be a checkpoint, "
+                                   f"not {'itself' if spec.base == name else 'another adapter'} "
+                                   "(stack adapters with apply_adapters)")
     if recipe.recipient:
         check(recipe.recipient, ("recipient",))
     if recipe.output.config_from:

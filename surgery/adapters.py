@@ -1,0 +1,433 @@
+"""PEFT adapters (LoRA, (IA)³) as recipe inputs: a base checkpoint plus the adapter's ΔW.
+
+    base = Checkpoint.open("models/base")
+    sw = open_adapter("adapters/lora_sw", base)      # reads like a merged checkpoint
+    sw.keys(), sw.meta[name], sw.config, sw.root     # the base's names, shapes, dtypes, config
+    w = sw.get("model.layers.0.self_attn.q_proj.weight")   # base + scaling·B·A, in the base's dtype
+    sw.delta(name)                                   # float32 ΔW (zeros where the adapter is silent)
+
+In a recipe an adapter is an input with its base:
+
+    inputs:
+      base: models/base
+      sw:   {adapter: adapters/lora_sw, base: base}
+
+Planners refer to ``sw`` like any checkpoint; ``build_plan`` then rewrites every ``Ref('sw', name)``
+into an op tree over the base tensor and the adapter's raw tensors (``lora``, ``ia3`` ops below),
+so ``surgery plan`` shows it and ``surgery run`` streams it like any other tensor. The raw adapter
+file is a hidden input ``sw:adapter`` (it is hashed in the manifest); a base given as a path rather
+than an input name is a hidden input ``sw:base``.
+
+The merge follows PEFT exactly: LoRA ``W + transpose(B @ A, fan_in_fan_out) * scaling`` with
+``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``; per module from ``rank_pattern`` and
+``alpha_pattern``); embeddings ``W + (B @ A).T * scaling``; (IA)³ ``W * transpose(l, fan_in_fan_out)``
+with ``l`` of shape (out, 1) for attention-like modules (rows; the bias is scaled too) and (1, in)
+for feed-forward modules (columns). ``modules_to_save`` tensors replace the base's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .errors import SurgeryError
+from .ops import Node, Op, Ref, evaluate, linear, register
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+SUPPORTED = ("LORA", "IA3")
+# config fields that change what the weights mean and that this module does not implement
+UNSUPPORTED_FIELDS = {"use_dora": "DoRA", "layer_replication": "layer_replication",
+                      "trainable_token_indices": "trainable_token_indices", "target_parameters": "target_parameters",
+                      "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA"}
+
+
+# ---------------------------------------------------------------------------- tensor ops
+
+def _transpose(t, yes: bool):
+    return t.T if yes else t
+
+
+def _lora_shape(shapes, p):
+    w, a, b = shapes
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        raise SurgeryError(f"LoRA factors A {list(a)} and B {list(b)} don't share a rank")
+    out = (a[1], b[0]) if p.get("fan_in_fan_out") else (b[0], a[1])
+    if tuple(w) != out:
+        raise SurgeryError(f"LoRA B·A has shape {list(out)} but the base tensor has {list(w)}")
+    return w
+
+
+def _lora(ts, p):
+    w, a, b = ts
+    return w + _transpose(b @ a, p.get("fan_in_fan_out", False)) * p["scaling"]
+
+
+def _ia3_shape(shapes, p):
+    w, l_ = shapes
+    if p.get("bias"):
+        if math.prod(l_) != math.prod(w):
+            raise SurgeryError(f"(IA)³ vector {list(l_)} does not fit bias {list(w)}")
+        return w
+    lt = tuple(reversed(l_)) if p.get("fan_in_fan_out") else tuple(l_)
+    if len(w) != 2 or len(lt) != 2 or lt not in ((w[0], 1), (1, w[1])):
+        raise SurgeryError(f"(IA)³ vector {list(l_)} does not scale a row or column of {list(w)}")
+    return w
+
+
+def _ia3(ts, p):
+    w, l_ = ts
+    if p.get("bias"):
+        return w * l_.reshape(w.shape)
+    return w * _transpose(l_, p.get("fan_in_fan_out", False))
+
+
+def _same(shapes, p):
+    if any(s != shapes[0] for s in shapes[1:]):
+        raise SurgeryError(f"(IA)³ vectors {[list(s) for s in shapes]} differ in shape")
+    return shapes[0]
+
+
+def _ia3_adamergex(ts, p):
+    task, tgt, src = ts
+    return task * (p["t"] * (tgt / src - 1.0) + 1.0)
+
+
+register("lora", Op(shape=_lora_shape, compute=_lora,
+                    describe=lambda a, p: f"{a[0]} + {_w(p)}ΔW({p['label']})"))
+register("ia3", Op(shape=_ia3_shape, compute=_ia3, describe=lambda a, p: f"{a[0]} ⊙ l({p['label']})"))
+register("ia3_adamergex", Op(shape=_same, compute=_ia3_adamergex,
+                             describe=lambda a, p: f"{a[0]}⊙({p['t']:.4g}·({a[1]}/{a[2]}−1)+1)"))
+
+
+def _w(p) -> str:
+    w = p.get("weight", 1.0)
+    return "" if w == 1.0 else ("−" if w == -1.0 else f"{w:.4g}·")
+
+
+# ---------------------------------------------------------------------------- adapter files
+
+@dataclass
+class Term:
+    """What an adapter does to one base tensor."""
+
+    kind: str                 # 'lora' | 'ia3' | 'ia3_bias' | 'lora_bias' | 'replace'
+    keys: tuple[str, ...]     # raw adapter tensors: (A, B) | (l,) | (bias,) | (full tensor,)
+    module: str               # PEFT module name, e.g. 'model.layers.0.self_attn.q_proj'
+    scaling: float = 1.0
+    fan_in_fan_out: bool = False
+    rank: int = 0
+
+
+@dataclass
+class PeftAdapter:
+    """An adapter directory: its config, its raw tensors, and (after ``resolve``) per-tensor terms."""
+
+    path: Path
+    config: dict
+    tensors: Checkpoint
+    terms: dict[str, list[Term]] = field(default_factory=dict)   # base tensor name -> terms
+
+    @property
+    def peft_type(self) -> str:
+        return self.config["peft_type"]
+
+    @classmethod
+    def open(cls, path, base_dir: Path | None = None) -> "PeftAdapter":
+        p = Path(path).expanduser()
+        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+            p = base_dir / p
+        if not p.is_dir():
+            raise SurgeryError(f"adapter not found: {str(path)!r} is not a directory")
+        if not (p / CONFIG_NAME).is_file():
+            raise SurgeryError(f"{p}: no {CONFIG_NAME}; not a PEFT adapter directory")
+        if not (p / WEIGHTS_NAME).is_file():
+            extra = " (only adapter_model.bin; convert it to safetensors)" if (p / "adapter_model.bin").exists() else ""
+            raise SurgeryError(f"{p}: no {WEIGHTS_NAME}{extra}")
+        try:
+            config = json.loads((p / CONFIG_NAME).read_text())
+        except ValueError as e:
+            raise SurgeryError(f"{p / CONFIG_NAME}: invalid JSON: {e}") from None
+        kind = str(config.get("peft_type", "")).upper()
+        if kind not in SUPPORTED:
+            raise SurgeryError(f"{p}: unsupported PEFT type {config.get('peft_type')!r} "
+                               f"(supported: {', '.join(SUPPORTED)})")
+        config["peft_type"] = kind
+        for key, what in UNSUPPORTED_FIELDS.items():
+            if config.get(key):
+                raise SurgeryError(f"{p}: {what} adapters ({key}={config[key]!r}) are not supported; "
+                                   "plain LoRA and (IA)³ are")
+        tensors = Checkpoint.open(p / WEIGHTS_NAME)
+        tensors.ref = str(p)
+        return cls(p.resolve(), config, tensors)
+
+    # ---- raw key -> module --------------------------------------------------
+    def modules(self) -> dict[str, dict[str, str]]:
+        """PEFT module name -> {role: raw key}; roles lora_A, lora_B, lora_bias, ia3_l, base_layer, or
+        'full:<param>' for tensors saved whole (modules_to_save, trained biases)."""
+        found: dict[str, dict[str, str]] = {}
+        for key in self.tensors.keys():
+            if not key.startswith(PREFIX):
+                raise SurgeryError(f"{self.path}: tensor {key!r} is not a PEFT key (expected '{PREFIX}...')")
+            rest = key[len(PREFIX):]
+            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.(weight|bias)", rest) or \
+                re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B|ia3_l)", rest) or \
+                re.fullmatch(r"(.+)\.(base_layer)\.weight", rest)
+            if m and "lora_magnitude_vector" not in rest:
+                role = m[2]
+                if m[2] == "lora_B" and m.group(3) == "bias":
+                    role = "lora_bias"
+                elif m[2] == "lora_A" and m.group(3) == "bias":
+                    raise SurgeryError(f"{self.path}: unexpected tensor {key!r}")
+                found.setdefault(m[1], {})[role] = key
+            elif "lora_" in rest or "ia3_" in rest:
+                raise SurgeryError(f"{self.path}: tensor {key!r} is not a plain LoRA/(IA)³ weight; not supported")
+            else:
+                module, _, param = rest.rpartition(".")
+                found.setdefault(module, {})["full:" + param] = key
+        return found
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        c = self.config
+        r = _pattern(c.get("rank_pattern") or {}, module, c.get("r", 8))
+        alpha = _pattern(c.get("alpha_pattern") or {}, module, c.get("lora_alpha", 8))
+        return int(r), float(alpha)
+
+    def scaling(self, module: str) -> float:
+        r, alpha = self.rank_alpha(module)
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    # ---- module -> base tensor ---------------------------------------------
+    def resolve(self, base: Checkpoint) -> "PeftAdapter":
+        """Map every adapter tensor to a base tensor and check ranks and shapes; fills ``terms``."""
+        self.terms = {}
+        fifo = bool(self.config.get("fan_in_fan_out"))
+        meta = self.tensors.meta
+        for module, roles in self.modules().items():
+            def target(param, raw_key):
+                return _base_name(f"{module}.{param}", base, self.path, raw_key)
+
+            def add(name, term):
+                self.terms.setdefault(name, []).append(term)
+
+            for role, key in roles.items():
+                if role.startswith("full:"):
+                    name = target(role[5:], key)
+                    _check_same(meta[key].shape, base.meta[name].shape, key, name, self.path)
+                    add(name, Term("replace", (key,), module))
+            if "base_layer" in roles:
+                key = roles["base_layer"]
+                name = target("weight", key)
+                _check_same(meta[key].shape, base.meta[name].shape, key, name, self.path)
+                add(name, Term("replace", (key,), module))
+            if self.peft_type == "LORA":
+                emb = "lora_embedding_A" in roles or "lora_embedding_B" in roles
+                a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+                if a_role not in roles and b_role not in roles:
+                    if "ia3_l" in roles:
+                        raise SurgeryError(f"{self.path}: (IA)³ tensor {roles['ia3_l']!r} in a LoRA adapter")
+                    continue
+                for want in (a_role, b_role):
+                    if want not in roles:
+                        raise SurgeryError(f"{self.path}: module {module!r} has no {want} tensor")
+                a_key, b_key = roles[a_role], roles[b_role]
+                name = target("weight", a_key)
+                r, _ = self.rank_alpha(module)
+                a, b = meta[a_key].shape, meta[b_key].shape
+                if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+                    raise SurgeryError(f"{self.path}: rank mismatch for module {module!r}: {CONFIG_NAME} says r={r} "
+                                       f"but {a_role} has shape {list(a)} and {b_role} {list(b)}")
+                t_fifo = True if emb else fifo
+                out = (a[1], b[0]) if t_fifo else (b[0], a[1])
+                if out != tuple(base.meta[name].shape):
+                    raise SurgeryError(f"{self.path}: shape mismatch for module {module!r}: B·A is {list(out)} "
+                                       f"but base tensor {name!r} is {list(base.meta[name].shape)}")
+                add(name, Term("lora", (a_key, b_key), module, self.scaling(module), t_fifo, r))
+                if "lora_bias" in roles:
+                    bname = target("bias", roles["lora_bias"])
+                    add(bname, Term("lora_bias", (roles["lora_bias"],), module, self.scaling(module)))
+            else:
+                if "ia3_l" not in roles:
+                    if any(k.startswith("lora") for k in roles):
+                        raise SurgeryError(f"{self.path}: LoRA tensors in an (IA)³ adapter (module {module!r})")
+                    continue
+                key = roles["ia3_l"]
+                name = target("weight", key)
+                try:
+                    _ia3_shape([base.meta[name].shape, meta[key].shape], {"fan_in_fan_out": fifo})
+                except SurgeryError as e:
+                    raise SurgeryError(f"{self.path}: shape mismatch for module {module!r}: {e}") from None
+                add(name, Term("ia3", (key,), module, fan_in_fan_out=fifo))
+                lt = tuple(reversed(meta[key].shape)) if fifo else tuple(meta[key].shape)
+                bias = f"{module}.bias"
+                bname = _find_name(bias, base)
+                if bname and lt[1] == 1:  # attention-like: PEFT scales the bias as well
+                    add(bname, Term("ia3_bias", (key,), module))
+        return self
+
+
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: the first key that matches the end of the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def _find_name(name: str, base: Checkpoint) -> str | None:
+    """The base tensor for a PEFT parameter name: as is, under 'model.', or without the first part."""
+    for cand in (name, "model." + name, name.split(".", 1)[-1]):
+        if cand in base.meta:
+            return cand
+    return None
+
+
+def _base_name(name: str, base: Checkpoint, path: Path, raw_key: str) -> str:
+    found = _find_name(name, base)
+    if found is None:
+        raise SurgeryError(f"{path}: adapter tensor {raw_key!r} targets {name!r}, which the base "
+                           f"{base.ref!r} does not have (missing base module)")
+    return found
+
+
+def _check_same(a, b, key, name, path):
+    if tuple(a) != tuple(b):
+        raise SurgeryError(f"{path}: shape mismatch: {key!r} is {list(a)} but base tensor {name!r} is {list(b)}")
+
+
+# ---------------------------------------------------------------------------- trees
+
+def apply_terms(terms: list[Term], under, raw_input: str, base_ref: Ref, label: str, weight: float = 1.0):
+    """The op tree of one tensor after an adapter's terms act on ``under`` (a node or ref).
+
+    ``weight`` scales ΔW (LoRA, replaced tensors); (IA)³ accepts only weight 1."""
+    node = under
+    for t in terms:
+        raw = [Ref(raw_input, k, base_ref.layer, base_ref.out_layer) for k in t.keys]
+        if weight != 1.0 and t.kind.startswith("ia3"):
+            raise SurgeryError(f"adapter {label!r}: an (IA)³ adapter cannot be weighted (weight {weight}); "
+                               "its scaling is multiplicative")
+        if t.kind == "lora":
+            node = Node("lora", [node] + raw, {"scaling": t.scaling * weight, "fan_in_fan_out": t.fan_in_fan_out,
+                                               "label": label, "weight": weight})
+        elif t.kind == "lora_bias":
+            node = linear([(1.0, node), (t.scaling * weight, raw[0])])
+        elif t.kind == "replace":
+            # a saved-whole tensor replaces the base; on top of something else it adds its difference
+            node = raw[0] if weight == 1.0 and node == base_ref else \
+                linear([(1.0, node), (weight, raw[0]), (-weight, base_ref)])
+        elif t.kind in ("ia3", "ia3_bias"):
+            node = Node("ia3", [node, raw[0]], {"fan_in_fan_out": t.fan_in_fan_out, "bias": t.kind == "ia3_bias",
+                                                "label": label})
+    return node
+
+
+class AdapterCheckpoint:
+    """A base checkpoint with an adapter applied, readable through Checkpoint's interface."""
+
+    def __init__(self, name: str, adapter: PeftAdapter, base: Checkpoint, base_input: str, raw_input: str):
+        self.name, self.adapter, self.base = name, adapter, base
+        self.base_input, self.raw_input = base_input, raw_input
+        self.ref = str(adapter.path)
+        self.revision = None
+        self._readers = {base_input: base, raw_input: adapter.tensors}
+
+    # Checkpoint's interface: the base's names, shapes, dtypes and config
+    @property
+    def root(self) -> Path:
+        return self.base.root
+
+    @property
+    def meta(self):
+        return self.base.meta
+
+    @property
+    def config(self) -> dict:
+        return self.base.config
+
+    @property
+    def peft_type(self) -> str:
+        return self.adapter.peft_type
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    @property
+    def files(self) -> list[Path]:
+        return []   # the hidden inputs (adapter file, base) carry the hashes
+
+    def file_hashes(self) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        self.base.close()
+        self.adapter.tensors.close()
+
+    # trees
+    def touched(self, name: str) -> bool:
+        return name in self.adapter.terms
+
+    def tree(self, name: str, under=None, weight: float = 1.0, ref: Ref | None = None):
+        """Op tree for tensor ``name`` with this adapter applied on ``under`` (default: the base tensor)."""
+        base_ref = Ref(self.base_input, name, ref.layer if ref else None, ref.out_layer if ref else None)
+        under = base_ref if under is None else under
+        return apply_terms(self.adapter.terms.get(name, []), under, self.raw_input, base_ref, self.name, weight)
+
+    def expand(self, ref: Ref):
+        """What build_plan calls for every Ref to this input."""
+        return self.tree(ref.name, ref=ref)
+
+    def _read(self, ref: Ref):
+        return self._readers[ref.input].get(ref.name)
+
+    def get_float(self, name: str):
+        """The merged tensor in float32 (no rounding to the base's dtype)."""
+        if name not in self.base:
+            raise KeyError(name)
+        return evaluate(self.tree(name), self._read).float()
+
+    def get(self, name: str):
+        """The merged tensor in the base's dtype, as a merged checkpoint would store it."""
+        from .writer import torch_dtype
+
+        return self.get_float(name).to(torch_dtype(self.meta[name].dtype))
+
+    def delta(self, name: str):
+        """float32 ΔW = merged − base (zeros for tensors the adapter does not touch)."""
+        return self.get_float(name) - self.base.get(name).float()
+
+
+def open_adapter(path, base: Checkpoint | str, *, name: str = "adapter", base_dir: Path | None = None
+                 ) -> AdapterCheckpoint:
+    """Open an adapter directory on a base (a Checkpoint or anything Checkpoint.open takes)."""
+    if not isinstance(base, Checkpoint):
+        base = Checkpoint.open(base, base_dir=base_dir)
+    adapter = PeftAdapter.open(path, base_dir).resolve(base)
+    return AdapterCheckpoint(name, adapter, base, f"{name}:base", f"{name}:adapter")
+
+
+def open_adapter_input(name: str, spec, opened: dict, *, base_dir: Path | None = None,
+                       convert_bin: bool = False) -> dict:
+    """The inputs one recipe adapter entry adds: the view ``name`` and its hidden raw inputs."""
+    out = {}
+    if spec.base in opened:
+        base, base_input = opened[spec.base], spec.base
+        if isinstance(base, AdapterCheckpoint):
+            raise SurgeryError(f"base {spec.base!r} is itself an adapter; stack adapters with the "
+                               "apply_adapters operation instead")
+    else:
+        base_input = f"{name}:base"
+        base = out[base_input] = Checkpoint.open(spec.base, convert_bin=convert_bin, base_dir=base_dir)
+    adapter = PeftAdapter.open(spec.adapter, base_dir).resolve(base)
+    raw_input = f"{name}:adapter"
+    out[raw_input] = adapter.tensors
+    out[name] = AdapterCheckpoint(name, adapter, base, base_input, raw_input)
+    return out
