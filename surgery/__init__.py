@@ -18,6 +18,7 @@ _EXPORTS = {
     "Checkpoint": "checkpoint", "Layout": "layout",
     "SurgeryError": "errors", "RecipeError": "errors",
     "make_demo": "demo",
+    "open_adapter": "adapters", "extract_lora": "lora_extract", "adamergex_adapter": "adapter_merge",
 }
 
 

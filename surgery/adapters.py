@@ -263,10 +263,11 @@ class PeftAdapter:
                 except SurgeryError as e:
                     raise SurgeryError(f"{self.path}: shape mismatch for module {module!r}: {e}") from None
                 add(name, Term("ia3", (key,), module, fan_in_fan_out=fifo))
-                lt = tuple(reversed(meta[key].shape)) if fifo else tuple(meta[key].shape)
-                bias = f"{module}.bias"
-                bname = _find_name(bias, base)
-                if bname and lt[1] == 1:  # attention-like: PEFT scales the bias as well
+                # PEFT stores (out, 1) for attention-like modules, whose bias it scales too, and
+                # (1, in) for feed-forward ones, whatever fan_in_fan_out says
+                shape = tuple(meta[key].shape)
+                bname = _find_name(f"{module}.bias", base)
+                if bname and shape[1] == 1 and shape[0] == math.prod(base.meta[bname].shape):
                     add(bname, Term("ia3_bias", (key,), module))
         return self
 
