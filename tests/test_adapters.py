@@ -448,3 +448,33 @@ def test_cli_reports_bad_adapter_in_one_line(ad, tmp_path):
                        cwd=Path(__file__).parent.parent)
     assert p.returncode == 1 and p.stderr.count("\n") == 1
     assert p.stderr.startswith(f"error: {y}:3: inputs.sw: ") and "rank mismatch" in p.stderr
+
+
+def test_adapter_of_a_bare_model_maps_to_causal_lm_names(ad, tmp_path):
+    """An adapter trained on LlamaModel (keys without 'model.') applies to a LlamaForCausalLM checkpoint."""
+    bare = _copy(ad["lora_task"], tmp_path / "bare", tensors=lambda t: {
+        k.replace("base_model.model.model.", "base_model.model."): v for k, v in t.items()})
+    from surgery.adapters import open_adapter
+
+    view = open_adapter(bare, ad["base"])
+    assert torch.equal(view.get(Q0), peft_merged(ad["base"], ad["lora_task"])[Q0])
+
+
+@pytest.mark.parametrize("recipe", ["madx_adapters.yaml", "adamergex_adapters.yaml"])
+def test_example_recipes_run(ad, tmp_path, recipe):
+    from surgery.execute import run
+
+    src = Path(__file__).parent.parent / "recipes" / recipe
+    shutil.copy(src, tmp_path / recipe)
+    shutil.copytree(ad["base"], tmp_path / "models" / "base")
+    names = {"lang-en": "lora_src", "lang-sw": "lora_tgt", "ner-en": "lora_task", "lm-sw": "lora_tgt", "lm-en": "lora_src"}
+    for dst, name in names.items():
+        shutil.copytree(ad[name], tmp_path / "adapters" / dst)
+    out = load(run(tmp_path / recipe, tmp_path / "out").output)
+    w = load(ad["base"])
+    if recipe.startswith("madx"):
+        ref = peft_merged(ad["base"], ad["lora_tgt"], ad["lora_task"])
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
+    else:
+        d = {n: peft_merged(ad["base"], ad[f"lora_{n}"])[Q0] - w[Q0] for n in ("task", "tgt", "src")}
+        assert torch.allclose(out[Q0] - w[Q0], d["task"] + d["tgt"] - d["src"], atol=1e-6)
