@@ -120,7 +120,7 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
                     tensors[f"{PREFIX}{module}.lora_B.bias"] = sum(
                         get(i, r["lora_bias"]) * (weights[i] * ads[i].scaling(module)) for i, r in bias_parts).to(dt)
                     config["lora_bias"] = True
-            whole = sorted({role for _, r in parts for role in r if role.startswith("full:") or role == "base_layer"})
+            whole = sorted({role for _, r in parts for role in r if role.startswith("full:")})
             for role in whole:
                 have = [i for i, r in parts if role in r]
                 key = mods[have[0]][module][role]

@@ -168,7 +168,8 @@ class PeftAdapter:
 
     # ---- raw key -> module --------------------------------------------------
     def modules(self) -> dict[str, dict[str, str]]:
-        """PEFT module name -> {role: raw key}; roles lora_A, lora_B, lora_bias, ia3_l, base_layer, or
+        """PEFT module name -> {role: raw key}; roles lora_A, lora_B, lora_bias, ia3_l,
+        lora_embedding_A/B, or
         'full:<param>' for tensors saved whole (modules_to_save, trained biases)."""
         found: dict[str, dict[str, str]] = {}
         for key in self.tensors.keys():
@@ -176,8 +177,7 @@ class PeftAdapter:
                 raise SurgeryError(f"{self.path}: tensor {key!r} is not a PEFT key (expected '{PREFIX}...')")
             rest = key[len(PREFIX):]
             m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.(weight|bias)", rest) or \
-                re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B|ia3_l)", rest) or \
-                re.fullmatch(r"(.+)\.(base_layer)\.weight", rest)
+                re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B|ia3_l)", rest)
             if m and "lora_magnitude_vector" not in rest:
                 role = m[2]
                 if m[2] == "lora_B" and m.group(3) == "bias":
@@ -187,8 +187,8 @@ class PeftAdapter:
                 found.setdefault(m[1], {})[role] = key
             elif "lora_" in rest or "ia3_" in rest:
                 raise SurgeryError(f"{self.path}: tensor {key!r} is not a plain LoRA/(IA)³ weight; not supported")
-            else:
-                module, _, param = rest.rpartition(".")
+            else:  # saved whole; 'x.base_layer.weight' is the wrapped layer's own weight
+                module, _, param = rest.replace(".base_layer.", ".").rpartition(".")
                 found.setdefault(module, {})["full:" + param] = key
         return found
 
@@ -220,11 +220,6 @@ class PeftAdapter:
                     name = target(role[5:], key)
                     _check_same(meta[key].shape, base.meta[name].shape, key, name, self.path)
                     add(name, Term("replace", (key,), module))
-            if "base_layer" in roles:
-                key = roles["base_layer"]
-                name = target("weight", key)
-                _check_same(meta[key].shape, base.meta[name].shape, key, name, self.path)
-                add(name, Term("replace", (key,), module))
             if self.peft_type == "LORA":
                 emb = "lora_embedding_A" in roles or "lora_embedding_B" in roles
                 a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")

@@ -77,6 +77,8 @@ def ad(tmp_path_factory):
     p["gbase"] = save_checkpoint(root / "gbase", random_state(g, 0), g)
     p["g_lora"] = make_adapter(p["gbase"], root / "g_lora", lora(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                                                                  fan_in_fan_out=True), 40)
+    p["g_bias"] = make_adapter(p["gbase"], root / "g_bias", lora(r=2, lora_alpha=4, target_modules=["c_proj"],
+                                                                 fan_in_fan_out=True, bias="all", lora_bias=True), 42)
     p["g_ia3"] = make_adapter(p["gbase"], root / "g_ia3", IA3Config(target_modules=["c_attn", "c_fc"],
                               feedforward_modules=["c_fc"], fan_in_fan_out=True, init_ia3_weights=False), 41)
     return p
@@ -96,7 +98,7 @@ def raw(adapter) -> dict:
 # ---------------------------------------------------------------------------- adapters as inputs
 
 @pytest.mark.parametrize("base,name", [("base", "lora_full"), ("base", "lora_rs"), ("base", "ia3_task"),
-                                       ("gbase", "g_lora"), ("gbase", "g_ia3")])
+                                       ("gbase", "g_lora"), ("gbase", "g_ia3"), ("gbase", "g_bias")])
 def test_adapter_input_equals_peft_merge_and_unload(ad, tmp_path, base, name):
     out = run_recipe({"inputs": {"base": str(ad[base]), "sw": {"adapter": str(ad[name]), "base": "base"}},
                       "recipient": "sw"}, tmp_path / "out")
