@@ -26,9 +26,11 @@ Examples:
 @click.option("--modules", default="attn,mlp", show_default=True,
               help="Module kinds or groups to extract, comma-separated (attn, mlp, attn_q, lm_head, embed, ...).")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="dtype of the LoRA factors.")
+@click.option("--svd", type=click.Choice(["full", "lowrank"]), default="full", show_default=True,
+              help="'lowrank': randomized SVD, much faster on large matrices (needs --rank); the error is still measured.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer and per-tensor report as JSON.")
-def extract_lora(base, tuned, out, rank, energy, modules, dtype, force, as_json):
+def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_json):
     """Extract TUNED − BASE as a PEFT LoRA adapter by truncated SVD.
 
     TUNED is a checkpoint (local dir, file or Hub id) or a recipe .yaml whose result is used
@@ -40,7 +42,8 @@ def extract_lora(base, tuned, out, rank, energy, modules, dtype, force, as_json)
     if rank is None and energy is None:
         raise SurgeryError("give --rank R or --energy F")
     result = extract(base, tuned, out, rank=rank, energy=energy,
-                     modules=tuple(m.strip() for m in modules.split(",") if m.strip()), dtype=dtype, force=force)
+                     modules=tuple(m.strip() for m in modules.split(",") if m.strip()), dtype=dtype, svd=svd,
+                     force=force)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -307,10 +307,11 @@ def _rel(a, b):
     return float((a - b).norm() / a.norm())
 
 
-def test_extract_lora_loads_in_peft_and_matches_reported_error(ad, tuned, tmp_path):
+@pytest.mark.parametrize("svd", ["full", "lowrank"])
+def test_extract_lora_loads_in_peft_and_matches_reported_error(ad, tuned, tmp_path, svd):
     from surgery.lora_extract import extract_lora
 
-    res = extract_lora(ad["base"], tuned, tmp_path / "x", rank=6)
+    res = extract_lora(ad["base"], tuned, tmp_path / "x", rank=6, svd=svd)
     assert len(res.rows) == 8 * 7 and all(r.rank == 6 for r in res.rows)
     assert any(s["name"].endswith("norm.weight") for s in res.skipped)  # norms changed but are not LoRA-able
     merged, w, tw = peft_merged(ad["base"], tmp_path / "x"), load(ad["base"]), load(tuned)
@@ -334,13 +335,14 @@ def test_extract_lora_full_rank_is_exact_and_energy_picks_ranks(ad, tuned, tmp_p
     assert abs(_rel(tw[r.name] - w[r.name], merged[r.name] - w[r.name]) - r.rel_error) < 1e-4
 
 
-def test_extract_lora_from_an_adapter_recovers_it(ad, tmp_path):
+@pytest.mark.parametrize("svd", ["full", "lowrank"])
+def test_extract_lora_from_an_adapter_recovers_it(ad, tmp_path, svd):
     """A rank-4 adapter's delta is rank 4: extracting at rank 4 reproduces it."""
     from surgery.lora_extract import extract_lora
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"inputs:\n  base: {ad['base']}\n  t: {{adapter: {ad['lora_task']}, base: base}}\nrecipient: t\n")
-    res = extract_lora(ad["base"], recipe, tmp_path / "x", rank=4)
+    res = extract_lora(ad["base"], recipe, tmp_path / "x", rank=4, svd=svd)
     assert len(res.rows) == 8 * 4 and max(r.rel_error for r in res.rows) < 1e-5
     merged, ref = peft_merged(ad["base"], tmp_path / "x"), peft_merged(ad["base"], ad["lora_task"])
     assert torch.allclose(merged[Q0], ref[Q0], atol=1e-5)
@@ -360,6 +362,9 @@ def test_extract_lora_cli(ad, tuned, tmp_path):
     res = CliRunner().invoke(cli, ["extract-lora", str(ad["base"]), str(tuned), "-o", str(tmp_path / "d"),
                                    "--energy", "1.5"])
     assert "error: energy must be in (0, 1], got 1.5" in res.output
+    res = CliRunner().invoke(cli, ["extract-lora", str(ad["base"]), str(tuned), "-o", str(tmp_path / "d"),
+                                   "--energy", "0.5", "--svd", "lowrank"])
+    assert "error: svd 'lowrank' needs a rank (--rank)" in res.output
 
 
 # ---------------------------------------------------------------------------- bad adapters
