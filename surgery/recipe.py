@@ -199,6 +199,9 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
         data, lines = _parse_yaml(text, name)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
+    for key, spec in (data.get("inputs") or {}).items() if isinstance(data.get("inputs"), dict) else ():
+        if isinstance(spec, dict):  # an adapter: report its own errors, not the union's
+            _validate(AdapterInput, spec, ("inputs", key), name, lines)
     recipe = _validate(Recipe, data, (), name, lines)
     recipe.operations = [_validate_operation(op, i, name, lines) for i, op in enumerate(recipe.operations)]
     recipe._source, recipe._lines, recipe._text, recipe._base_dir = name, lines, text, base_dir
@@ -251,7 +254,10 @@ def _validate(model: type[BaseModel], data, prefix, source, lines):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        errs = e.errors()
+        err = errs[0]
+        if err["type"] == "missing":  # a misspelt key gives 'missing' + 'unknown key': the latter has the hint
+            err = next((x for x in errs if x["type"] == "extra_forbidden" and x["loc"][:-1] == err["loc"][:-1]), err)
         loc = prefix + tuple(p for p in err["loc"] if not _is_union_tag(p))
         raise RecipeError(_explain(model, err, loc[len(prefix):]), _where(source, lines, loc)) from None
 

@@ -485,3 +485,37 @@ def test_example_recipes_run(ad, tmp_path, recipe):
     else:
         d = {n: peft_merged(ad["base"], ad[f"lora_{n}"])[Q0] - w[Q0] for n in ("task", "tgt", "src")}
         assert torch.allclose(out[Q0] - w[Q0], d["task"] + d["tgt"] - d["src"], atol=1e-6)
+
+
+def test_adapter_input_schema_errors(tmp_path):
+    from surgery.errors import RecipeError
+    from surgery.recipe import load_recipe
+
+    y = tmp_path / "r.yaml"
+    y.write_text("inputs:\n  base: models/base\n  sw: {adapter: a/sw, bse: base}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(y)
+    assert str(e.value) == f"{y}:3: inputs.sw.bse: unknown key 'bse'; did you mean 'base'? (valid keys: adapter, base)"
+    y.write_text("inputs:\n  base: models/base\n  sw: {adapter: a/sw}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:3: inputs.sw.base: missing required key 'base'"):
+        load_recipe(y)
+
+
+def test_per_layer_change_through_checkpoint_interface(ad):
+    """What an analysis module does with (base, expert) works with (base, adapter)."""
+    from surgery.adapters import open_adapter
+    from surgery.checkpoint import Checkpoint
+    from surgery.layout import Layout
+
+    base = Checkpoint.open(ad["base"])
+    for view in (open_adapter(ad["lora_lang2"], base), open_adapter(ad["ia3_task"], base)):
+        layout = Layout.for_checkpoint(view)
+        change: dict = {}
+        for name in view.keys():
+            info = layout.info(name)
+            d = float((view.get(name).float() - base.get(name).float()).norm())
+            change.setdefault((info.layer, info.kind), 0.0)
+            change[(info.layer, info.kind)] += d
+        touched = {k for k, v in change.items() if v > 0}
+        want = {"attn_q", "mlp_up"} if view.peft_type == "LORA" else {"attn_k", "attn_v", "mlp_down"}
+        assert touched == {(layer, kind) for layer in range(8) for kind in want}
