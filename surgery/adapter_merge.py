@@ -133,7 +133,9 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
                     raise SurgeryError(f"tensor {key!r} is saved whole by only some of the adapters "
                                        f"({', '.join(ads[i].path.name for i in have)}); cannot combine it")
         config.update(rank_config(ranks))
-        config["target_modules"] = sorted(ranks)
+        # explicit module names; layer filters of the task adapter would drop the references' modules
+        config.update(target_modules=sorted(ranks), layers_to_transform=None, layers_pattern=None,
+                      exclude_modules=None)
     config["base_model_name_or_path"] = ads[0].config.get("base_model_name_or_path")
     write_adapter(out, tensors, config, force=force, extra={"surgery_adapter.json": {
         "method": "adamergex", "mode": mode if kind == "LORA" else "multiplicative", "t": t,

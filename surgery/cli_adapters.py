@@ -16,6 +16,7 @@ Examples:
   surgery extract-lora models/base models/sw-expert -o out/sw-lora --rank 16
   surgery extract-lora models/base models/sw-expert -o out/sw-lora --energy 0.9 --modules attn,mlp
   surgery extract-lora models/base recipes/adamergex.yaml -o out/lora --rank 8   # a recipe's result
+  surgery extract-lora models/base out/ner-sw-adapter -o out/ner-sw-r8 --rank 8   # shrink an adapter
   surgery extract-lora models/base models/sw-expert -o out/sw-lora --rank 16 --json | jq '.layers'
 """)
 @click.argument("base")
@@ -33,8 +34,8 @@ Examples:
 def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_json):
     """Extract TUNED − BASE as a PEFT LoRA adapter by truncated SVD.
 
-    TUNED is a checkpoint (local dir, file or Hub id) or a recipe .yaml whose result is used
-    without writing it. Prints the relative reconstruction error ‖ΔW − B·A‖/‖ΔW‖ per layer.
+    TUNED is a checkpoint (local dir, file or Hub id), a recipe .yaml whose result is used
+    without writing it, or an adapter directory on BASE (to re-rank an adapter). Prints the relative reconstruction error ‖ΔW − B·A‖/‖ΔW‖ per layer.
     """
     from .errors import SurgeryError
     from .lora_extract import extract_lora as extract

@@ -2,6 +2,7 @@
 
     result = extract_lora("models/base", "models/sw_expert", "out/sw_lora", rank=16)
     result = extract_lora("models/base", "recipes/adamergex.yaml", "out/lora", energy=0.9)  # a recipe's result
+    result = extract_lora("models/base", "adapters/big-lora", "out/small-lora", rank=8)      # re-rank an adapter
     for row in result.rows: row.name, row.rank, row.rel_error
 
 For each selected 2-D weight, ΔW = U S Vᵀ is cut to the top k singular values (k = ``rank``, or the
@@ -84,11 +85,16 @@ class _PlanReader:
         return evaluate(self.entries[name].node, lambda r: inputs[r.input].get(r.name)).float()
 
 
-def _open(ref):
+def _open(ref, base=None):
+    """A checkpoint, a recipe (its result), or with ``base`` also an adapter directory (base + ΔW)."""
     if not isinstance(ref, (str, Path)):
         return ref
     if str(ref).endswith((".yaml", ".yml")):
         return _PlanReader(ref)
+    if isinstance(base, Checkpoint) and (Path(ref) / "adapter_config.json").is_file():
+        from .adapters import open_adapter
+
+        return open_adapter(ref, base)
     return Checkpoint.open(ref)
 
 
@@ -122,19 +128,21 @@ def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | N
         raise SurgeryError(f"unknown module kind {bad[0]!r} (kinds: {', '.join(MODULE_KINDS)}; "
                            f"groups: {', '.join(MODULE_GROUPS)})")
     check_target(Path(out).resolve(), force)
-    base_ck, tuned_ck = _open(base), _open(tuned)
+    base_ck = _open(base)
+    tuned_ck = _open(tuned, base_ck)
     layout = Layout.for_checkpoint(base_ck)
     missing = [n for n in base_ck.keys() if n not in set(tuned_ck.keys())]
     if missing:
         raise SurgeryError(f"{tuned_ck.ref}: tensor {missing[0]!r} of the base is missing "
                            f"({len(missing)} missing); is it a fine-tune of {base_ck.ref}?")
     out_dt = torch_dtype(FLOAT_DTYPES[dtype])
+    read_tuned = getattr(tuned_ck, "get_float", tuned_ck.get)  # an adapter: exact, not rounded to the base dtype
     tensors, ranks, rows, skipped, unchanged = {}, {}, [], [], 0
     names = base_ck.keys()
     for idx, name in enumerate(names):
         if progress:
             progress(idx, len(names), name)
-        w0, w1 = base_ck.get(name), tuned_ck.get(name)
+        w0, w1 = base_ck.get(name), read_tuned(name)
         if tuple(w0.shape) != tuple(w1.shape):
             raise SurgeryError(f"{tuned_ck.ref}: tensor {name!r} has shape {list(w1.shape)}, base {list(w0.shape)}")
         if not w0.is_floating_point():

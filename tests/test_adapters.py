@@ -519,3 +519,18 @@ def test_per_layer_change_through_checkpoint_interface(ad):
         touched = {k for k, v in change.items() if v > 0}
         want = {"attn_q", "mlp_up"} if view.peft_type == "LORA" else {"attn_k", "attn_v", "mlp_down"}
         assert touched == {(layer, kind) for layer in range(8) for kind in want}
+
+
+def test_extract_lora_shrinks_an_adamergex_adapter(ad, tmp_path):
+    """The exact AdaMergeX adapter has rank 12; extracting it at 12 is lossless, at 4 it reports the loss."""
+    from surgery.adapter_merge import adamergex_adapter
+    from surgery.lora_extract import extract_lora
+
+    adamergex_adapter(ad["lora_task"], ad["lora_tgt"], ad["lora_src"], tmp_path / "big", t=1.0)
+    exact = extract_lora(ad["base"], tmp_path / "big", tmp_path / "r12", rank=12, modules=("attn_q",))
+    assert max(r.rel_error for r in exact.rows) < 1e-5
+    small = extract_lora(ad["base"], tmp_path / "big", tmp_path / "r4", rank=4, modules=("attn_q",))
+    merged, w, big = peft_merged(ad["base"], tmp_path / "r4"), load(ad["base"]), peft_merged(ad["base"], tmp_path / "big")
+    r = small.rows[0]
+    assert r.rel_error > 0.1
+    assert abs(_rel(big[r.name] - w[r.name], merged[r.name] - w[r.name]) - r.rel_error) < 1e-4
