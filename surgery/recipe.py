@@ -199,7 +199,8 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
         data, lines = _parse_yaml(text, name)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
-    for key, spec in (data.get("inputs") or {}).items() if isinstance(data.get("inputs"), dict) else ():
+    declared = data.get("inputs")
+    for key, spec in (declared.items() if isinstance(declared, dict) else []):
         if isinstance(spec, dict):  # an adapter: report its own errors, not the union's
             _validate(AdapterInput, spec, ("inputs", key), name, lines)
     recipe = _validate(Recipe, data, (), name, lines)
