@@ -98,16 +98,16 @@ def _ia3_adamergex(ts, p):
     return task * (p["t"] * (tgt / src - 1.0) + 1.0)
 
 
-register("lora", Op(shape=_lora_shape, compute=_lora,
-                    describe=lambda a, p: f"{a[0]} + {_w(p)}ΔW({p['label']})"))
+register("lora", Op(shape=_lora_shape, compute=_lora, describe=lambda a, p: f"{a[0]} {_w(p)}ΔW({p['label']})"))
 register("ia3", Op(shape=_ia3_shape, compute=_ia3, describe=lambda a, p: f"{a[0]} ⊙ l({p['label']})"))
 register("ia3_adamergex", Op(shape=_same, compute=_ia3_adamergex,
                              describe=lambda a, p: f"{a[0]}⊙({p['t']:.4g}·({a[1]}/{a[2]}−1)+1)"))
 
 
 def _w(p) -> str:
+    """'+ ', '− ', '+ 0.5·', '− 0.7·' for the weight on ΔW."""
     w = p.get("weight", 1.0)
-    return "" if w == 1.0 else ("−" if w == -1.0 else f"{w:.4g}·")
+    return ("− " if w < 0 else "+ ") + ("" if abs(w) == 1.0 else f"{abs(w):.4g}·")
 
 
 # ---------------------------------------------------------------------------- adapter files
@@ -163,7 +163,7 @@ class PeftAdapter:
                 raise SurgeryError(f"{p}: {what} adapters ({key}={config[key]!r}) are not supported; "
                                    "plain LoRA and (IA)³ are")
         tensors = Checkpoint.open(p / WEIGHTS_NAME)
-        tensors.ref = str(p)
+        tensors.ref = str(path)  # as the user wrote it, like a checkpoint input's ref
         return cls(p.resolve(), config, tensors)
 
     # ---- raw key -> module --------------------------------------------------
@@ -329,7 +329,7 @@ class AdapterCheckpoint:
     def __init__(self, name: str, adapter: PeftAdapter, base: Checkpoint, base_input: str, raw_input: str):
         self.name, self.adapter, self.base = name, adapter, base
         self.base_input, self.raw_input = base_input, raw_input
-        self.ref = str(adapter.path)
+        self.ref = adapter.tensors.ref
         self.revision = None
         self._readers = {base_input: base, raw_input: adapter.tensors}
 
