@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PeftAdapter
+from .adapter_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PeftAdapter
 from .errors import SurgeryError
 
 

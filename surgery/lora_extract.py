@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .adapters import PREFIX
+from .adapter_format import PREFIX
 from .adapter_merge import rank_config, write_adapter
 from .checkpoint import Checkpoint
 from .errors import SurgeryError
