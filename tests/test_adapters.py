@@ -562,3 +562,14 @@ def test_extract_lora_shrinks_an_adamergex_adapter(ad, tmp_path):
     r = small.rows[0]
     assert r.rel_error > 0.1
     assert abs(_rel(big[r.name] - w[r.name], merged[r.name] - w[r.name]) - r.rel_error) < 1e-4
+
+
+def test_adapter_recipient_with_stack_follows_source_layers(ad, tmp_path):
+    """stack repeats source layers 6-7 as output layers 8-9: they get the adapter's layer-6/7 ΔW."""
+    out = run_recipe({"inputs": {"base": str(ad["base"]), "sw": {"adapter": str(ad["lora_task"]), "base": "base"}},
+                      "recipient": "sw", "stack": [{"layers": "0-7"}, {"layers": "6-7"}]}, tmp_path / "s")
+    ref = peft_merged(ad["base"], ad["lora_task"])
+    for out_layer, src in ((8, 6), (9, 7), (3, 3)):
+        n = f"model.layers.{out_layer}.self_attn.q_proj.weight"
+        assert torch.equal(out[n], ref[f"model.layers.{src}.self_attn.q_proj.weight"]), n
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 10
