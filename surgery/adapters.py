@@ -225,7 +225,14 @@ def open_adapter_input(name: str, spec, opened: dict, *, base_dir: Path | None =
                                "apply_adapters operation instead")
     else:
         base_input = f"{name}:base"
-        base = out[base_input] = Checkpoint.open(spec.base, convert_bin=convert_bin, base_dir=base_dir)
+        try:
+            base = out[base_input] = Checkpoint.open(spec.base, convert_bin=convert_bin, base_dir=base_dir)
+        except SurgeryError as e:
+            import difflib
+
+            hint = difflib.get_close_matches(spec.base, [n for n in opened if ":" not in n], n=1, cutoff=0.5)
+            raise SurgeryError(f"base {spec.base!r} is not an input name, and as a path: {e}"
+                               + (f"; did you mean input {hint[0]!r}?" if hint else "")) from None
     adapter = PeftAdapter.open(spec.adapter, base_dir).resolve(base)
     raw_input = f"{name}:adapter"
     out[raw_input] = adapter.tensors

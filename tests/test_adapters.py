@@ -438,6 +438,10 @@ def test_recipe_errors_for_adapters(ad, tmp_path):
                  f"  b: {{adapter: {ad['lora_tgt']}, base: a}}\n")
     with pytest.raises(SurgeryError, match=r"r.yaml:4: inputs.b.base: the base of adapter 'b' must be a checkpoint"):
         load_recipe(y)
+    with pytest.raises(SurgeryError, match=r"inputs.a: base 'bse' is not an input name, and as a path: checkpoint "
+                                           r"not found: .*; did you mean input 'base'\?"):
+        build_plan(load_recipe({"inputs": {"base": str(ad["base"]), "a": {"adapter": str(ad["lora_task"]),
+                                                                          "base": "bse"}}}))
     inputs = {"base": str(ad["base"]), "i": {"adapter": str(ad["ia3_task"]), "base": "base"}}
     with pytest.raises(SurgeryError, match="input 'base' is a checkpoint, not an adapter"):
         build_plan(load_recipe({"inputs": inputs, "operations": [{"apply_adapters": {"adapters": ["base"]}}]}))
