@@ -20,6 +20,7 @@ _EXPORTS = {
     "make_demo": "demo",
     "push": "hub", "PushResult": "hub", "write_model_card": "card",
     "run_mergekit": "mergekit_plugin",
+    "open_adapter": "adapters", "extract_lora": "lora_extract", "adamergex_adapter": "adapter_merge",
 }
 
 

@@ -8,6 +8,8 @@ more than others:
   - swahili, english: language experts, changed mostly in the outer layers (0, 1, 6, 7) and in
     the embeddings; english less than swahili;
   - math: a task expert, changed mostly in the middle layers (3, 4), less in 2 and 5.
+Beside them, lora-swahili, lora-english and lora-math are PEFT LoRA adapters (rank 4) of the
+experts' attention and MLP updates, extracted from the checkpoints.
 Every other layer moves by a small amount, so nothing is exactly zero. The same seed gives
 the same bytes.
 """
@@ -57,7 +59,20 @@ def make_demo(folder: str | Path, seed: int = 0, dtype: str = "bfloat16") -> dic
         (path / "README.md").write_text(f"surgery demo checkpoint '{name}' (seed {seed}); see surgery/demo.py\n")
         out[name] = path
     (folder / "profiles.json").write_text(json.dumps(PROFILES, indent=2))
+    make_demo_adapters(folder, out)
     return out
+
+
+def make_demo_adapters(folder: Path, paths: dict[str, Path]) -> dict[str, Path]:
+    """LoRA adapters lora-<expert> beside the checkpoints: each expert's rank-4 updates to the
+    attention and MLP projections, extracted by SVD (recipes/madx_adapters.yaml uses them)."""
+    from .lora_extract import extract_lora
+
+    made = {}
+    for name in PROFILES:
+        made[f"lora-{name}"] = extract_lora(paths["base"], paths[name], folder / f"lora-{name}", rank=4,
+                                            force=True).output
+    return made
 
 
 def _expert(base: dict, profile: list[float], embed_scale: float, gen) -> dict:

@@ -256,11 +256,31 @@ def _plan_layer_swap(ctx: Context, op: LayerSwap) -> None:
 def open_inputs(recipe: Recipe, *, convert_bin: bool = False) -> dict[str, Checkpoint]:
     out = {}
     for name, ref in recipe.inputs.items():
+        if not isinstance(ref, str):
+            continue
         try:
             out[name] = Checkpoint.open(ref, convert_bin=convert_bin, base_dir=recipe._base_dir)
         except SurgeryError as e:
             raise recipe.error(("inputs", name), str(e)) from None
+    for name, spec in recipe.inputs.items():  # adapters, after the checkpoints they apply to
+        if isinstance(spec, str):
+            continue
+        from .adapters import open_adapter_input
+
+        try:
+            out.update(open_adapter_input(name, spec, out, base_dir=recipe._base_dir, convert_bin=convert_bin))
+        except SurgeryError as e:
+            raise recipe.error(("inputs", name), str(e)) from None
     return out
+
+
+def expand_virtual(node, inputs: dict):
+    """Replace refs to virtual inputs (objects with ``expand``, e.g. adapters) by their op trees."""
+    if isinstance(node, Ref):
+        ck = inputs.get(node.input)
+        return ck.expand(node) if hasattr(ck, "expand") else node
+    args = [expand_virtual(a, inputs) for a in node.args]
+    return node if all(a is b for a, b in zip(args, node.args)) else Node(node.op, args, node.params)
 
 
 def build_plan(recipe: Recipe, *, inputs: dict[str, Checkpoint] | None = None,
@@ -288,6 +308,9 @@ def build_plan(recipe: Recipe, *, inputs: dict[str, Checkpoint] | None = None,
         name = operation_name(op)
         ctx.path = ("operations", i, name)
         PLANNERS[name](ctx, op)
+    if any(hasattr(ck, "expand") for ck in inputs.values()):
+        for e in entries:
+            e.node = expand_virtual(e.node, inputs)
     plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations)
     _check(plan)
     return plan

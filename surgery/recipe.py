@@ -32,6 +32,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AdapterInput(Strict):
+    """A PEFT adapter directory (LoRA or (IA)³) applied to a base: reads like the merged checkpoint."""
+
+    adapter: str = Field(description="Directory with adapter_config.json and adapter_model.safetensors.")
+    base: str = Field(description="The base it applies to: an input name, or a path / Hub id.")
+
+
 class Operation(Strict):
     """Base of every operation model. ``input_refs`` names the inputs it uses, by field."""
 
@@ -120,7 +127,7 @@ class Blend(Operation):
 # ---------------------------------------------------------------------------- operation registry
 # An operation is a pydantic model (its schema) plus a planner (plan.py's Context -> op trees),
 # registered together with @operation. Modules listed here register theirs when first needed.
-OPERATION_MODULES = ["surgery.plan"]
+OPERATION_MODULES = ["surgery.plan", "surgery.adapter_ops"]
 OPERATIONS: dict[str, type[Operation]] = {}
 PLANNERS: dict[str, Any] = {}
 
@@ -145,7 +152,7 @@ def operations() -> dict[str, type[Operation]]:
 
 class Recipe(Strict):
     description: str | None = Field(None, description="Free text, copied to the manifest.")
-    inputs: dict[str, str] = Field(description="Name -> local directory, .safetensors file, or Hub id 'org/name[@revision]'.")
+    inputs: dict[str, Union[str, AdapterInput]] = Field(description="Name -> local directory, .safetensors file, or Hub id 'org/name[@revision]'; or {adapter: dir, base: input} for a PEFT adapter.")
     recipient: str | None = Field(None, description="Input that gives every tensor no operation selects, and the config. Default: the first input.")
     output: Output = Field(default_factory=Output)
     stack: list[StackSegment] | None = Field(None, description="Output layer order as source-layer ranges; default: the recipient's layers.")
@@ -195,6 +202,10 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
         data, lines = _parse_yaml(text, name)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
+    declared = data.get("inputs")
+    for key, spec in (declared.items() if isinstance(declared, dict) else []):
+        if isinstance(spec, dict):  # an adapter: report its own errors, not the union's
+            _validate(AdapterInput, spec, ("inputs", key), name, lines)
     recipe = _validate(Recipe, data, (), name, lines)
     recipe.operations = [_validate_operation(op, i, name, lines) for i, op in enumerate(recipe.operations)]
     recipe._source, recipe._lines, recipe._text, recipe._base_dir = name, lines, text, base_dir
@@ -247,7 +258,10 @@ def _validate(model: type[BaseModel], data, prefix, source, lines):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        errs = e.errors()
+        err = errs[0]
+        if err["type"] == "missing":  # a misspelt key gives 'missing' + 'unknown key': the latter has the hint
+            err = next((x for x in errs if x["type"] == "extra_forbidden" and x["loc"][:-1] == err["loc"][:-1]), err)
         loc = prefix + tuple(p for p in err["loc"] if not _is_union_tag(p))
         raise RecipeError(_explain(model, err, loc[len(prefix):]), _where(source, lines, loc)) from None
 
@@ -329,6 +343,12 @@ def _check_names(recipe: Recipe) -> None:
             raise recipe.error(path, f"unknown input {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                                + f" (inputs: {', '.join(recipe.inputs)})")
 
+    for name, spec in recipe.inputs.items():
+        if isinstance(spec, AdapterInput) and spec.base in recipe.inputs:
+            if spec.base == name or isinstance(recipe.inputs[spec.base], AdapterInput):
+                raise recipe.error(("inputs", name, "base"), f"the base of adapter {name!r} must be a checkpoint, "
+                                   f"not {'itself' if spec.base == name else 'another adapter'} "
+                                   "(stack adapters with apply_adapters)")
     if recipe.recipient:
         check(recipe.recipient, ("recipient",))
     if recipe.output.config_from:
