@@ -18,6 +18,7 @@ _EXPORTS = {
     "Checkpoint": "checkpoint", "Layout": "layout",
     "SurgeryError": "errors", "RecipeError": "errors",
     "make_demo": "demo",
+    "diff": "analysis", "DiffResult": "analysis",
 }
 
 

@@ -153,7 +153,7 @@ def demo(folder, quiet):
 
 
 # Feature modules that add commands with @cli.command(); each imports only click at the top.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["surgery.cli_analysis"]
 
 
 def _load_commands() -> None:

@@ -120,7 +120,7 @@ class Blend(Operation):
 # ---------------------------------------------------------------------------- operation registry
 # An operation is a pydantic model (its schema) plus a planner (plan.py's Context -> op trees),
 # registered together with @operation. Modules listed here register theirs when first needed.
-OPERATION_MODULES = ["surgery.plan"]
+OPERATION_MODULES = ["surgery.plan", "surgery.analysis_ops"]
 OPERATIONS: dict[str, type[Operation]] = {}
 PLANNERS: dict[str, Any] = {}
 
