@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .analysis_stream import head_spec, head_vec, neuron_vec, read_ahead, tensor_sums, vec_axis
 from .errors import SurgeryError
 
 FLOATING = {"F64", "F32", "F16", "BF16"}
@@ -319,7 +320,7 @@ def diff(base, experts, *, tol: float = 0.0, neurons: bool = True, heads: bool =
         names = [n for n in names if include(infos[n])]
     for en, ck in cks.items():
         _check_compatible(base_ck, ck, en, names)
-    heads_spec, heads_note = (_head_spec(base_ck.config, layout) if heads else (None, "not requested"))
+    heads_spec, heads_note = (head_spec(base_ck.config, layout) if heads else (None, "not requested"))
 
     tensor_stats = {n: [] for n in cks}
     layer_accs = {n: {} for n in cks}
@@ -331,36 +332,49 @@ def diff(base, experts, *, tol: float = 0.0, neurons: bool = True, heads: bool =
     pair_layer = {p: {} for p in pair_keys}
     pair_outer = {p: _PairAcc() for p in pair_keys}
 
+    import torch
     from tqdm.auto import tqdm
 
+    from .analysis_stream import Scratch
+
+    # chunks are cache-sized: one thread computes them best (the read-ahead thread reads meanwhile);
+    # torch's thread pool on such small ops mostly waits at barriers, badly so on a busy machine
+    threads, scratch = torch.get_num_threads(), Scratch()
+    torch.set_num_threads(1)
     total_bytes = sum(base_ck.meta[n].nbytes for n in names) * (1 + len(cks))
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="surgery diff", disable=not progress,
-              leave=False) as bar:
-        for name, b, ts in _read_ahead(names, base_ck, cks):
+              leave=False) as bar, _restore_threads(threads):
+        for name, b_raw, e_raws in read_ahead(names, base_ck, cks):
             info = infos[name]
+            axis, target = vec_axis(info, layout, heads_spec)
+            if target == "neurons" and not neurons:
+                axis = target = None
+            bsq, sums, psums = tensor_sums(b_raw, e_raws, tol, axis, pair_keys, scratch)
+            del b_raw, e_raws
             bar.update(base_ck.meta[name].nbytes * (1 + len(cks)))
-            bsq = _dot(b, b)
-            deltas = {}
-            for en, t in ts.items():
-                t, owned = t
-                d = t.sub_(b) if owned else t - b
-                deltas[en] = d
-                acc, rows = _tensor_acc(d, b, bsq, tol, info, layout, heads_spec)
+            for en, s in sums.items():
+                acc = _Acc()
+                acc.numel, acc.sq, acc.bsq, acc.bd = math.prod(base_ck.meta[name].shape), s.sq, bsq, s.bd
+                acc.abs_sum, acc.max_abs, acc.changed = s.abs_sum, s.max_abs, s.changed
                 tensor_stats[en].append(acc.stats(TensorStats, name=name, layer=info.layer, kind=info.kind,
                                                   group=info.group))
                 if info.layer is None:
                     outer_accs[en].setdefault(_outer_group(info), _Acc()).add(acc)
-                else:
-                    layer_accs[en].setdefault(info.layer, _Acc()).add(acc)
-                    group_accs[en].setdefault(info.layer, {}).setdefault(_layer_group(info), _Acc()).add(acc)
-                    if rows is not None:
-                        target, vec = rows
-                        store = (neuron_sq if target == "neurons" else head_sq)[en]
-                        store[info.layer] = vec if info.layer not in store else store[info.layer] + vec
-            for a, bn in pair_keys:
-                pacc = _pair_acc(deltas[a], deltas[bn])
-                (pair_layer[(a, bn)].setdefault(info.layer, _PairAcc()) if info.layer is not None
-                 else pair_outer[(a, bn)]).add(pacc)
+                    continue
+                layer_accs[en].setdefault(info.layer, _Acc()).add(acc)
+                group_accs[en].setdefault(info.layer, {}).setdefault(_layer_group(info), _Acc()).add(acc)
+                vec = None
+                if target == "neurons":
+                    vec, store = neuron_vec(s.vec, info), neuron_sq[en]
+                elif target == "heads":
+                    vec, store = head_vec(s.vec, info, heads_spec), head_sq[en]
+                if vec is not None:
+                    store[info.layer] = vec if info.layer not in store else store[info.layer] + vec
+            for p, (dot, agree, both) in psums.items():
+                pacc = _PairAcc()
+                pacc.dot, pacc.sqa, pacc.sqb, pacc.agree, pacc.both = dot, sums[p[0]].sq, sums[p[1]].sq, agree, both
+                (pair_layer[p].setdefault(info.layer, _PairAcc()) if info.layer is not None
+                 else pair_outer[p]).add(pacc)
 
     n_layers = layout.num_layers(base_ck.keys(), base_ck.config)
     out = {}
@@ -409,142 +423,20 @@ def _check_compatible(base, ck, name: str, names: list[str]) -> None:
                                f"the base has {list(base.meta[n].shape)}")
 
 
-def _read_ahead(names, base, cks):
-    """Yield (name, base fp32, {expert: fp32}) while the next tensor is read on another thread."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def load(name):
-        b = base.get(name).float()
-        return name, b, {en: _as_float(ck.get(name)) for en, ck in cks.items()}
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, names[0]) if names else None
-        for i in range(len(names)):
-            item = pending.result()
-            pending = pool.submit(load, names[i + 1]) if i + 1 < len(names) else None
-            yield item
-
-
-def _as_float(t):
-    """(float32 tensor, whether it is a fresh copy that may be changed in place)."""
-    import torch
-
-    return (t, False) if t.dtype == torch.float32 else (t.float(), True)
-
-
-def _dot(a, b) -> float:
-    import torch
-
-    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
-
-
 def _sqrt(v):
     import numpy as np
 
     return np.sqrt(np.maximum(v.double().numpy(), 0.0))
 
 
-def _tensor_acc(d, b, bsq, tol, info, layout, heads_spec):
-    """Sums for one tensor's delta; plus per-neuron or per-head squared sums when it has them."""
-    acc = _Acc()
-    acc.numel = d.numel()
-    acc.bsq = bsq
-    acc.bd = _dot(b, d)
-    a = d.abs()
-    acc.abs_sum = float(a.sum())
-    acc.max_abs = float(a.max()) if acc.numel else 0.0
-    acc.changed = int((a > tol).sum()) if acc.numel else 0
-    rows = None
-    if info.layer is not None and info.neuron_axis is not None and d.dim() <= 2:
-        vec = _axis_sq(d, info.neuron_axis)
-        if info.kind == "mlp_gate_up":
-            vec = vec.view(2, -1).sum(0)
-        rows = ("neurons", vec.double())
-    elif info.layer is not None and heads_spec is not None and info.group == "attn":
-        vec = _head_sq(d, info, layout, heads_spec)
-        if vec is not None:
-            rows = ("heads", vec.double())
-    # neuron and head squared sums add up to the whole tensor's (docs/analysis.md)
-    acc.sq = float(rows[1].sum()) if rows is not None else _dot(d, d)
-    return acc, rows
+class _restore_threads:
+    def __init__(self, n):
+        self.n = n
 
+    def __enter__(self):
+        return self
 
-def _axis_sq(d, axis: int):
-    """Squared sums over every axis but ``axis``."""
-    if d.dim() == 1:
-        return d.square()
-    return d.square().sum(dim=1 - axis)
+    def __exit__(self, *exc):
+        import torch
 
-
-def _pair_acc(da, db) -> _PairAcc:
-    p = _PairAcc()
-    prod = da * db
-    p.dot = float(prod.sum())
-    p.sqa, p.sqb = _dot(da, da), _dot(db, db)
-    p.agree = int((prod > 0).sum())
-    p.both = int((prod != 0).sum())
-    return p
-
-
-# ---------------------------------------------------------------------------- attention heads
-
-@dataclass(frozen=True)
-class _Heads:
-    n_heads: int
-    n_kv: int
-    head_dim: int
-    interleaved: bool   # fused qkv stored per head as [q, k, v] blocks (GPT-NeoX)
-
-
-def _head_spec(config: dict, layout) -> tuple[_Heads | None, str]:
-    cfg = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
-    nh = cfg.get("num_attention_heads") or cfg.get("n_head")
-    hidden = cfg.get("hidden_size") or cfg.get("n_embd")
-    if not nh:
-        return None, "the config has no num_attention_heads"
-    nkv = cfg.get("num_key_value_heads") or nh
-    hd = cfg.get("head_dim") or (hidden // nh if hidden else None)
-    if not hd or nh % nkv:
-        return None, f"cannot derive the head layout from the config (heads {nh}, kv heads {nkv}, head_dim {hd})"
-    return _Heads(nh, nkv, hd, layout.model_type == "gpt_neox"), ""
-
-
-def _head_sq(d, info, layout, h: _Heads):
-    """Squared delta per query head: q_h + o_h + (k_g + v_g)/G, with g the kv head of h and G = heads per kv head.
-
-    Summed over heads this equals the squared delta of q, k, v and o together.
-    """
-    import torch
-
-    kind, bias = info.kind, info.name.endswith("bias")
-    out_axis, in_axis = (1, 0) if layout.transposed else (0, 1)
-    G = h.n_heads // h.n_kv
-    if kind == "attn_o":
-        if bias or d.dim() != 2:
-            return None  # o's bias is shared by all heads
-        vec = _axis_sq(d, in_axis)
-        return vec.view(h.n_heads, -1).sum(1) if vec.numel() == h.n_heads * h.head_dim else _bad_heads(info, vec)
-    vec = d.square() if (bias or d.dim() == 1) else _axis_sq(d, out_axis)
-    if kind == "attn_q":
-        return vec.view(h.n_heads, -1).sum(1) if vec.numel() == h.n_heads * h.head_dim else _bad_heads(info, vec)
-    if kind in ("attn_k", "attn_v"):
-        if vec.numel() != h.n_kv * h.head_dim:
-            return _bad_heads(info, vec)
-        return (vec.view(h.n_kv, -1).sum(1) / G).repeat_interleave(G)
-    if kind == "attn_qkv":
-        if h.interleaved:
-            if vec.numel() != 3 * h.n_heads * h.head_dim:
-                return _bad_heads(info, vec)
-            return vec.view(h.n_heads, -1).sum(1)
-        nq, nk = h.n_heads * h.head_dim, h.n_kv * h.head_dim
-        if vec.numel() != nq + 2 * nk:
-            return _bad_heads(info, vec)
-        q, k, v = torch.split(vec, [nq, nk, nk])
-        return q.view(h.n_heads, -1).sum(1) + ((k + v).view(h.n_kv, -1).sum(1) / G).repeat_interleave(G)
-    return None
-
-
-def _bad_heads(info, vec):
-    warnings.warn(f"{info.name}: {vec.numel()} output rows don't match the config's head layout; "
-                  "left out of the head scores", stacklevel=3)
-    return None
+        torch.set_num_threads(self.n)
