@@ -5,8 +5,9 @@
 Each measurement runs in its own process; wall time and peak RSS (ru_maxrss of that process) are reported.
 Baselines measured in the same run:
   - read floor, file: the three files read sequentially with readinto (page cache warm, as for every row)
-  - read floor, tensors: every tensor of the three checkpoints read with the same Checkpoint.get and
-    materialised (clone), in the same order as the analysis
+  - read floor, tensors: every tensor of the three checkpoints read, in the analysis' order, with the
+    reader `surgery diff` uses (plain file reads into fresh buffers); for comparison also through
+    Checkpoint.get (safetensors mmap) + clone
   - mergelens compare (pip install mergelens) on the same files with --base
 All runs happen with the files in the page cache (the first, untimed pass warms it), so the ratios measure
 the computation, not the disk.
@@ -78,6 +79,18 @@ print(time.perf_counter() - t)
 FLOOR_TENSORS = """
 import sys, time
 t = time.perf_counter()
+from surgery.analysis_stream import Reader
+from surgery.checkpoint import Checkpoint
+readers = [Reader(Checkpoint.open(p)) for p in sys.argv[1:]]
+for name in readers[0].ck.keys():
+    for r in readers:
+        r.read(name, 0)
+print(time.perf_counter() - t)
+"""
+
+FLOOR_MMAP = """
+import sys, time
+t = time.perf_counter()
 from surgery.checkpoint import Checkpoint
 cks = [Checkpoint.open(p) for p in sys.argv[1:]]
 for name in cks[0].keys():
@@ -116,7 +129,8 @@ def main():
     py = sys.executable
     runs = {
         "read floor: files (readinto)": [py, "-c", FLOOR_FILE] + files,
-        "read floor: tensors (Checkpoint.get)": [py, "-c", FLOOR_TENSORS] + [str(p) for p in paths.values()],
+        "read floor: tensors (the reader surgery diff uses)": [py, "-c", FLOOR_TENSORS] + [str(p) for p in paths.values()],
+        "read: tensors via Checkpoint.get (safetensors mmap) + clone": [py, "-c", FLOOR_MMAP] + [str(p) for p in paths.values()],
         "surgery diff (CLI, neurons+heads+pairs, --json)": [py, "-m", "surgery", "diff", str(paths["base"]),
                                                             str(paths["lang"]), str(paths["task"]), "--json", "-q"],
         "surgery diff (CLI, layer stats only)": [py, "-m", "surgery", "diff", str(paths["base"]), str(paths["lang"]),
@@ -143,7 +157,7 @@ def main():
         else:
             print("  mergelens is not installed (pip install mergelens)", file=sys.stderr)
 
-    floor = results["read floor: tensors (Checkpoint.get)"][0]
+    floor = results["read floor: tensors (the reader surgery diff uses)"][0]
     full = results["surgery diff (CLI, neurons+heads+pairs, --json)"][0]
     print(f"\n3 checkpoints, {size / 1e9:.2f} GB in all (bf16, {CFG['num_hidden_layers']} layers, hidden "
           f"{CFG['hidden_size']}), page cache warm, {os.cpu_count()} CPUs, best of {args.repeat}\n")

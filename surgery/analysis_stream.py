@@ -23,32 +23,40 @@ def read_ahead(names, base, cks):
 
     readers = {n: Reader(ck) for n, ck in [("", base)] + list(cks.items())}
 
-    def load(name):
-        return name, readers[""].read(name), {en: readers[en].read(name) for en in cks}
+    def load(i):
+        name, slot = names[i], i % 2
+        return name, readers[""].read(name, slot), {en: readers[en].read(name, slot) for en in cks}
 
+    # Two buffer slots per checkpoint: item i is read into slot i % 2 while item i - 1 (the other slot)
+    # is being reduced; item i + 1 reuses this slot only once the consumer has asked for it, i.e. is
+    # done with item i - 1. Callers must not keep the yielded tensors past the next iteration.
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(load, names[0]) if names else None
+            pending = pool.submit(load, 0) if names else None
             for i in range(len(names)):
                 item = pending.result()
-                pending = pool.submit(load, names[i + 1]) if i + 1 < len(names) else None
+                pending = pool.submit(load, i + 1) if i + 1 < len(names) else None
                 yield item
+                item = None
     finally:
         for r in readers.values():
             r.close()
 
 
 class Reader:
-    """Reads one tensor at a time with plain file reads into a fresh buffer (which the caller owns).
+    """Reads one tensor at a time with plain file reads into reused buffers.
 
     Unlike safetensors' mmap, the pages read don't stay mapped into the process, so resident memory
-    stays at a few tensors however large the checkpoint is.
+    stays at a few tensors however large the checkpoint is. ``read(name, slot)`` reuses the buffer of
+    ``slot`` (grown to the largest tensor seen), so the data is valid until that slot is read again;
+    ``slot=None`` returns a fresh buffer.
     """
 
     def __init__(self, ck):
         self.ck = ck
         self.files: dict = {}
         self.offsets: dict = {}
+        self.slots: dict = {}
 
     def _index(self, path):
         import json
@@ -61,7 +69,7 @@ class Reader:
         for k, v in header.items():
             self.offsets[(path, k)] = (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
 
-    def read(self, name):
+    def read(self, name, slot=None):
         import torch
 
         from .writer import torch_dtype
@@ -73,7 +81,14 @@ class Reader:
             self._index(path)
         start, end = self.offsets[(path, name)]
         meta = self.ck.meta[name]
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        size = end - start
+        if slot is None:
+            buf = torch.empty(size, dtype=torch.uint8)
+        else:
+            buf = self.slots.get(slot)
+            if buf is None or buf.numel() < size:
+                buf = self.slots[slot] = torch.empty(size, dtype=torch.uint8)
+            buf = buf[:size]
         f = self.files[path]
         f.seek(start)
         view, got = memoryview(buf.numpy()), 0
