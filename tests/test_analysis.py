@@ -260,3 +260,30 @@ def test_bad_inputs(ckpts, tmp_path, result):
         result.top_neurons("neu", 1.5)
     with pytest.raises(SurgeryError, match="top-k must be at least 1"):
         result.top_neurons("neu", 0)
+
+
+def test_gpt2_transposed_conv1d_neurons_and_fused_heads(tmp_path):
+    cfg = tiny_config("gpt2")  # Conv1D weights are [in, out]; c_attn fuses q, k, v along its columns
+    base = random_state(cfg, seed=0)
+    ex = {k: v.clone() for k, v in base.items()}
+    for j in NEURONS[:2]:
+        ex["transformer.h.3.mlp.c_fc.weight"][:, j] += 0.05     # neuron j: column j of c_fc
+        ex["transformer.h.3.mlp.c_proj.weight"][j, :] += 0.05   # and row j of c_proj
+    ex["transformer.h.5.attn.c_attn.weight"][:, 40:48] += 0.05  # k columns of head 1 (q is 0-31)
+    b = save_checkpoint(tmp_path / "b", base, cfg)
+    e = save_checkpoint(tmp_path / "e", ex, cfg)
+    r = diff(b, {"e": e})
+    assert {(n.layer, n.index) for n in r.top_neurons("e", 5)} == {(3, j) for j in NEURONS[:2]}
+    assert [(x.layer, x.index) for x in r.top_heads("e", 5)] == [(5, 1)]
+
+
+def test_sharded_expert_gives_the_same_numbers(ckpts, tmp_path):
+    cfg = tiny_config("llama", intermediate_size=I)
+    state = load(ckpts["lang"])
+    names = list(state)
+    sharded = save_checkpoint(tmp_path / "sh", state, cfg, dtype=torch.bfloat16,
+                              shard_names=[names[:7], names[7:30], names[30:]])
+    a = diff(ckpts["base"], {"x": ckpts["lang"]})
+    b = diff(ckpts["base"], [sharded])
+    assert list(b.experts) == ["sh"]
+    assert a.experts["x"].layers == b.experts["sh"].layers and a.experts["x"].total == b.experts["sh"].total
