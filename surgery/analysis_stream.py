@@ -213,7 +213,7 @@ class Heads:
     n_heads: int
     n_kv: int
     head_dim: int
-    interleaved: bool   # fused qkv stored per head as [q, k, v] blocks (GPT-NeoX)
+    interleaved: bool   # fused qkv stored per head as [q, k, v] blocks (GPT-NeoX, BLOOM)
 
 
 def head_spec(config: dict, layout) -> tuple[Heads | None, str]:
@@ -226,7 +226,7 @@ def head_spec(config: dict, layout) -> tuple[Heads | None, str]:
     hd = cfg.get("head_dim") or (hidden // nh if hidden else None)
     if not hd or nh % nkv:
         return None, f"cannot derive the head layout from the config (heads {nh}, kv heads {nkv}, head_dim {hd})"
-    return Heads(nh, nkv, hd, layout.model_type == "gpt_neox"), ""
+    return Heads(nh, nkv, hd, layout.model_type in ("gpt_neox", "bloom")), ""
 
 
 def vec_axis(info, layout, heads: Heads | None) -> tuple[int | None, str | None]:
