@@ -18,7 +18,7 @@ _EXPORTS = {
     "Checkpoint": "checkpoint", "Layout": "layout",
     "SurgeryError": "errors", "RecipeError": "errors",
     "make_demo": "demo",
-    "diff": "analysis", "DiffResult": "analysis",
+    "diff": "analysis", "DiffResult": "analysis", "save_neuron_set": "analysis_ops", "load_neuron_set": "analysis_ops",
 }
 
 

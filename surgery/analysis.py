@@ -15,7 +15,6 @@ Formulas and the JSON schema: docs/analysis.md.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,7 +296,7 @@ def open_checkpoint(ref):
 
 
 def diff(base, experts, *, tol: float = 0.0, neurons: bool = True, heads: bool = True, pairs: bool = True,
-         include=None, layout=None, progress: bool = False, base_name: str = "base") -> DiffResult:
+         include=None, layout=None, progress: bool = False) -> DiffResult:
     """Compare experts to a base, streaming tensor by tensor.
 
     ``base``: a Checkpoint or anything Checkpoint.open takes. ``experts``: {name: checkpoint} or a list
@@ -396,7 +395,7 @@ def diff(base, experts, *, tol: float = 0.0, neurons: bool = True, heads: bool =
             tot.add(a)
         pair_out[p] = {"layers": {i: a.stats() for i, a in sorted(pair_layer[p].items())},
                        "outer": pair_outer[p].stats(), "total": tot.stats()}
-    return DiffResult(str(getattr(base_ck, "ref", base_name)), out, pair_out, n_layers, tol,
+    return DiffResult(str(base_ck.ref), out, pair_out, n_layers, tol,
                       "" if heads_spec else heads_note)
 
 

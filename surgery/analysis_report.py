@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 SCHEMA = "surgery.diff/1"
