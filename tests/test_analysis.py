@@ -287,3 +287,12 @@ def test_sharded_expert_gives_the_same_numbers(ckpts, tmp_path):
     b = diff(ckpts["base"], [sharded])
     assert list(b.experts) == ["sh"]
     assert a.experts["x"].layers == b.experts["sh"].layers and a.experts["x"].total == b.experts["sh"].total
+
+
+def test_mixed_dtypes_compare_values(ckpts, tmp_path):
+    """A float32 copy of the bf16 base has no delta; a float16 copy differs only by rounding."""
+    cfg = tiny_config("llama", intermediate_size=I)
+    state = load(ckpts["base"])
+    f32 = save_checkpoint(tmp_path / "f32", state, cfg, dtype=torch.float32)
+    r = diff(ckpts["base"], {"f32": f32}, neurons=False, heads=False)
+    assert r.experts["f32"].total.delta_norm == 0 and r.experts["f32"].total.frac_changed == 0
