@@ -36,7 +36,7 @@ def _parse_k(text: str):
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write per-tensor, per-layer and total statistics as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a heatmap PNG here and a per-layer line plot next to it (<name>_layers.png).")
-@click.option("-k", "--top-k", "top_k", default="10", show_default=True,
+@click.option("-k", "--top-k", "top_k", default="10", show_default=True, metavar="K",
               help="Neurons/heads to rank per layer: a count (50) or a fraction (0.01).")
 @click.option("--global", "global_k", is_flag=True, help="Rank top-k over all layers together, not per layer.")
 @click.option("--metric", type=click.Choice(["relative", "delta_norm", "mean_abs", "max_abs", "frac_changed"]),
