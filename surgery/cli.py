@@ -189,7 +189,7 @@ def demo(folder, quiet):
 
 
 # Feature modules that add commands with @cli.command(); each imports only click at the top.
-COMMAND_MODULES: list[str] = ["surgery.cli_hub", "surgery.cli_mergekit", "surgery.cli_adapters"]
+COMMAND_MODULES: list[str] = ["surgery.cli_hub", "surgery.cli_mergekit", "surgery.cli_adapters", "surgery.cli_analysis"]
 
 
 def _load_commands() -> None:

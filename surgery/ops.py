@@ -126,3 +126,46 @@ def linear(terms: list[tuple[float, Any]]):
     if len(terms) == 1 and terms[0][0] == 1.0:
         return terms[0][1]
     return Node("linear", [a for _, a in terms], {"coeffs": [float(c) for c, _ in terms]})
+
+
+# ---------------------------------------------------------------------------- splice (rows/columns)
+
+def _splice_shape(shapes: list[tuple], params: dict) -> tuple:
+    first = _same_shapes(shapes, params)
+    axis, index = params["axis"], params["index"]
+    if axis >= len(first):
+        raise SurgeryError(f"splice axis {axis} is out of range for a tensor of shape {list(first)}")
+    bad = [i for i in index if not 0 <= i < first[axis]]
+    if bad:
+        raise SurgeryError(f"index {bad[0]} is out of range: axis {axis} has size {first[axis]}")
+    return first
+
+
+def _splice(tensors, params):
+    """A copy of the first tensor whose slices ``index`` along ``axis`` come from the second (or are zero)."""
+    import torch
+
+    out = tensors[0].clone()
+    index = torch.tensor(params["index"], dtype=torch.long)
+    if len(tensors) > 1:
+        src = tensors[1] if tensors[1].dtype == out.dtype else tensors[1].to(out.dtype)
+        out.index_copy_(params["axis"], index, src.index_select(params["axis"], index))
+    else:
+        out.index_fill_(params["axis"], index, 0)
+    return out
+
+
+def _describe_splice(args: list[str], params) -> str:
+    unit, index = ("rows" if params["axis"] == 0 else "cols"), params["index"]
+    what = f"{unit} {','.join(map(str, index))}" if len(index) <= 6 else f"{len(index)} {unit}"
+    return f"{args[0]} with {what} from {args[1]}" if len(args) > 1 else f"{args[0]} with {what} zeroed"
+
+
+# raw: the untouched entries keep their stored bytes; spliced slices are the donor's bytes when dtypes match
+register("splice", Op(shape=_splice_shape, compute=_splice, describe=_describe_splice, raw=True))
+
+
+def splice(recipient, donor, axis: int, index: list[int]):
+    """Node: ``recipient`` with slices ``index`` along ``axis`` taken from ``donor`` (None: zeroed)."""
+    return Node("splice", [recipient] + ([donor] if donor is not None else []),
+                {"axis": int(axis), "index": sorted({int(i) for i in index})})

@@ -127,7 +127,7 @@ class Blend(Operation):
 # ---------------------------------------------------------------------------- operation registry
 # An operation is a pydantic model (its schema) plus a planner (plan.py's Context -> op trees),
 # registered together with @operation. Modules listed here register theirs when first needed.
-OPERATION_MODULES = ["surgery.plan", "surgery.adapter_ops"]
+OPERATION_MODULES = ["surgery.plan", "surgery.adapter_ops", "surgery.analysis_ops"]
 OPERATIONS: dict[str, type[Operation]] = {}
 PLANNERS: dict[str, Any] = {}
 
