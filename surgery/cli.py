@@ -64,18 +64,25 @@ convert_opt = click.option("--convert-bin", is_flag=True,
 
 
 @cli.command(epilog="\b\nExamples:\n  surgery run recipes/layer_swap.yaml -o out/swapped\n"
-                    "  surgery run recipe.yaml -o out/ --force --quiet --json")
+                    "  surgery run recipe.yaml -o out/ --force --quiet --json\n"
+                    "  surgery run mergekit-config.yml -o out/ --random-seed 42")
 @recipe_arg
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--random-seed", type=int, default=None,
+              help="Seed for random merge methods (DARE, DELLA); overrides the recipe's 'seed'.")
 @convert_opt
-def run(recipe, out, force, quiet, as_json, convert_bin):
-    """Execute RECIPE and write a checkpoint to OUTPUT (atomically)."""
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed):
+    """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
+
+    RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
+    """
     from .execute import run as run_recipe
 
-    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin)
+    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin,
+                        random_seed=random_seed)
     if as_json:
         click.echo(json.dumps({"output": str(result.output), "seconds": round(result.seconds, 3),
                                "tensors": len(result.plan.entries), "bytes": result.total_bytes,
