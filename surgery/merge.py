@@ -149,6 +149,27 @@ def _compute(tensors, p):
         return call()
 
 
+def _result_dtype(params: dict, stored: tuple[str, ...]) -> str | None:
+    """The safetensors dtype mergekit's method returns for these input dtypes (run on 4x4 tensors).
+
+    mergekit writes a method's result in the dtype it comes out in (arcee_fusion returns float32
+    for bfloat16 inputs), so the plan does the same unless an output dtype is set.
+    """
+    import torch
+
+    from .writer import TORCH_DTYPES
+
+    to_st = {getattr(torch, v): k for k, v in TORCH_DTYPES.items()}
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 4, generator=gen).to(getattr(torch, TORCH_DTYPES[d])) for d in stored]
+    if not all(t.is_floating_point() for t in tensors):
+        return None
+    try:
+        return to_st.get(_compute(tensors, {**params, "name": "probe", "seed": 0}).dtype)
+    except Exception:  # noqa: BLE001 - the real tensors will report the problem with their name
+        return None
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -240,6 +261,7 @@ def _plan_merge(ctx, op: Merge) -> None:
 
     entries = ctx.select(op.select)
     positions = layer_positions(entries)
+    result_dtypes: dict = {}
     for e in entries:
         t = positions.get(e.info.layer, 0.0) if e.info.layer is not None else 0.0
         refs = [ctx.ref(m, e) for m in names]
@@ -263,4 +285,11 @@ def _plan_merge(ctx, op: Merge) -> None:
         params = {"method": op.method, "ids": names, "base_index": base_index, "shared": values,
                   "per_input": per_input, "dtype": op.dtype, "name": e.name, "defaults": defaults,
                   "seed": tensor_seed(seed, e.name) if seed is not None else None}
+        stored = tuple(ctx.inputs[r.input].meta[r.name].dtype if r.name in ctx.inputs[r.input] else None
+                       for r in refs)
+        if None not in stored:
+            key = (stored, op.dtype)
+            if key not in result_dtypes:
+                result_dtypes[key] = _result_dtype(params, stored)
+            params["out_dtype"] = result_dtypes[key]
         ctx.assign(e, Node("mergekit", refs, params))

@@ -378,4 +378,6 @@ def _check(plan: Plan) -> None:
                                f"{e.source_input or plan.recipient!r} has {list(expected)} ({e.rule})")
         e.shape = shape
         stored = base.meta[e.source_name].dtype
-        e.dtype = FLOAT_DTYPES[want] if want and stored in FLOATING else stored
+        # an op may fix the output dtype of its result (e.g. a mergekit method that returns float32)
+        natural = e.node.params.get("out_dtype") if isinstance(e.node, Node) else None
+        e.dtype = FLOAT_DTYPES[want] if want and stored in FLOATING else (natural or stored)
