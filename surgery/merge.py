@@ -180,11 +180,12 @@ def _describe(args: list[str], p) -> str:
     parts = []
     for arg, i in zip(args, p["ids"]):
         values = p["per_input"].get(i, {})
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items() if v is not None)
+        defaults = p.get("defaults", {})
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()
+                          if v is not None and (k not in defaults or defaults[k] != v))
         tag = " [base]" if p["base_index"] is not None and p["ids"][p["base_index"]] == i else ""
         parts.append(f"{arg}{tag}" + (f"({shown})" if shown else ""))
-    shared = ", ".join(f"{k}={_fmt(v)}" for k, v in p["shared"].items() if k not in p.get("defaults", {})
-                       or p["defaults"][k] != v)
+    shared = ", ".join(f"{k}={_fmt(v)}" for k, v in p["shared"].items() if k not in defaults or defaults[k] != v)
     return f"{p['method']}: " + " + ".join(parts) + (f"; {shared}" if shared else "")
 
 
@@ -252,7 +253,7 @@ def _plan_merge(ctx, op: Merge) -> None:
                                     ("models", m), op.method, {p.name for p in shared_specs})
                  for m in op.model_names()}
     base_index = names.index(op.base) if op.base and spec.contract.base.value != "ignored" else None
-    defaults = {p.name: p.default for p in shared_specs if not p.required}
+    defaults = {p.name: p.default for p in spec.parameters if not p.required}
     seed = ctx.recipe.seed
     random = op.method in RANDOM_METHODS
     if random and seed is None:

@@ -1,0 +1,212 @@
+"""The `merge` operation: mergekit methods on any selection of tensors, in ordinary recipes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import load, raw_bytes
+
+ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+
+
+def recipe_file(tmp_path, family, body: str, name="r.yaml") -> Path:
+    inputs = "\n".join(f"  {n}: {p}" for n, p in family.items())
+    path = tmp_path / name
+    path.write_text(f"inputs:\n{inputs}\nrecipient: base\n{body}")
+    return path
+
+
+def merged(method, tensors, base_index=None, **parameters):
+    from mergekit.merge_methods.api import merge_tensors
+
+    return merge_tensors(tensors, method, parameters=parameters, base_index=base_index)
+
+
+def test_ties_middle_layers_and_layer_swap_outer(family, tmp_path):
+    from safetensors import safe_open
+
+    from surgery import run
+
+    path = recipe_file(tmp_path, family, """
+operations:
+  - layer_swap: {donor: lang, bottom: 2, top: 2}
+  - merge:
+      method: ties
+      base: base
+      models:
+        lang: {weight: 0.5, density: 0.5}
+        task: {weight: 0.8, density: 0.3}
+      select: {layers: "2-5"}
+""")
+    run(path, tmp_path / "out")
+    out = load(tmp_path / "out")
+    src = {n: safe_open(str(p / "model.safetensors"), "pt") for n, p in family.items()}
+    for name, t in out.items():
+        if ".layers.0." in name or ".layers.7." in name:
+            assert raw_bytes(t) == raw_bytes(src["lang"].get_tensor(name)), name
+        elif ".layers.3." in name:
+            want = merged("ties", [src[n].get_tensor(name) for n in ("lang", "task", "base")], base_index=2,
+                          weight={0: 0.5, 1: 0.8}, density={0: 0.5, 1: 0.3})
+            assert torch.equal(t, want), name
+        elif ".layers." not in name:
+            assert raw_bytes(t) == raw_bytes(src["base"].get_tensor(name)), name
+
+
+def test_gradient_spreads_over_the_selected_layers(family, tmp_path):
+    from safetensors import safe_open
+
+    from surgery import build_plan, load_recipe, run
+
+    path = recipe_file(tmp_path, family, """
+operations:
+  - merge:
+      method: linear
+      models:
+        lang: {weight: [0.0, 1.0]}
+        task: {weight: 1.0}
+      parameters: {normalize: false}
+      select: {layers: "2-5", modules: [mlp]}
+""")
+    plan_text = build_plan(load_recipe(path)).format()
+    assert "linear: lang(weight=0.3333) + task(weight=1)" in plan_text
+    run(path, tmp_path / "out")
+    out = load(tmp_path / "out")
+    src = {n: safe_open(str(p / "model.safetensors"), "pt") for n, p in family.items()}
+    for layer, w in zip(range(2, 6), (0.0, 1 / 3, 2 / 3, 1.0)):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        want = merged("linear", [src["lang"].get_tensor(name), src["task"].get_tensor(name)],
+                      weight=[w, 1.0], normalize=False)
+        assert torch.equal(out[name], want), layer
+    attn = "model.layers.3.self_attn.q_proj.weight"
+    assert raw_bytes(out[attn]) == raw_bytes(src["base"].get_tensor(attn))
+
+
+def test_plan_shows_method_and_weights(family, tmp_path):
+    path = recipe_file(tmp_path, family, """
+operations:
+  - merge:
+      method: task_arithmetic
+      base: base
+      models: {lang: {weight: 0.7}, task: {weight: 0.25}}
+""")
+    r = subprocess.run([sys.executable, "-m", "surgery", "plan", str(path)], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "task_arithmetic: lang(weight=0.7) + task(weight=0.25) + base [base]" in r.stdout
+
+
+@pytest.mark.parametrize("body, message", [
+    ("merge: {method: tie, base: base, models: [lang]}", "r.yaml:8: operations.0.merge.method: unknown merge method 'tie'; did you mean 'ties'?"),
+    ("merge: {method: ties, base: base, models: {lang: {weight: 1, densty: 0.5}}}",
+     "r.yaml:8: operations.0.merge.models.lang.densty: unknown parameter 'densty' for merge method 'ties'; did you mean 'density'?"),
+    ("merge: {method: ties, base: base, models: {lang: {weight: 1}}, parameters: {lamda: 2}}",
+     "unknown parameter 'lamda' for merge method 'ties'; did you mean 'lambda'?"),
+    ("merge: {method: ties, base: base, models: {lang: {weight: 1, normalize: false}}}",
+     "'normalize' is a shared parameter of ties; set it under 'parameters', not per model"),
+    ("merge: {method: linear, models: [lang, task]}",
+     "merge method 'linear' needs parameter 'weight' for every model"),
+    ("merge: {method: linear, models: {lang: {weight: abc}, task: {weight: 1}}}", "bad parameter value for tensor"),
+    ("merge: {method: linear, models: {lang: {weight: {filter: mlp}}}}", "bad value for 'weight'"),
+    ("merge: {method: slerp, base: base, models: {lang: null, task: null}, parameters: {t: 0.5}}",
+     "merge method 'slerp' requires exactly 2 inputs; got 3"),
+    ("merge: {method: ties, models: {lang: {weight: 1}}}", "merge method 'ties' requires a base input"),
+    ("merge: {method: linear, models: {lnag: {weight: 1}}}", "unknown input 'lnag'; did you mean 'lang'?"),
+])
+def test_bad_merge_operations(family, tmp_path, body, message):
+    from surgery import SurgeryError, build_plan, load_recipe
+
+    path = recipe_file(tmp_path, family, f"operations:\n  - {body}\n")
+    with pytest.raises(SurgeryError) as e:
+        build_plan(load_recipe(path))
+    assert message in str(e.value)
+
+
+def test_bad_merge_operation_cli_is_one_line(family, tmp_path):
+    path = recipe_file(tmp_path, family, "operations:\n  - merge: {method: dare_tie, base: base, models: [lang]}\n")
+    r = subprocess.run([sys.executable, "-m", "surgery", "run", str(path), "-o", str(tmp_path / "o")], env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"error: {path}:8: operations.0.merge.method: unknown merge method 'dare_tie'; did you mean 'dare_ties'? "
+        "(mergekit methods: " + r.stderr.split("(mergekit methods: ")[1].strip()]
+    assert not (tmp_path / "o").exists()
+
+
+DARE = """
+operations:
+  - merge:
+      method: dare_linear
+      base: base
+      models: {{en: {{weight: 1.0, density: 0.3}}}}
+      select: {{layers: "{layers}"}}
+"""
+
+
+@pytest.mark.slow
+def test_random_seed_reproducible_and_order_independent(family, tmp_path):
+    full = recipe_file(tmp_path, family, DARE.format(layers="0-7"), "full.yaml")
+    part = recipe_file(tmp_path, family, DARE.format(layers="3") + "seed: 11\n", "part.yaml")
+
+    def cli(recipe, out, *args):
+        r = subprocess.run([sys.executable, "-m", "surgery", "run", str(recipe), "-o", str(tmp_path / out), "-q",
+                            *args], env=ENV, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return load(tmp_path / out)
+
+    a, b, c = cli(full, "a", "--random-seed", "11"), cli(full, "b", "--random-seed", "11"), cli(full, "c", "--random-seed", "12")
+    d = cli(part, "d")  # seed from the recipe; only layer 3 merged
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    name = "model.layers.3.mlp.down_proj.weight"
+    assert not torch.equal(a[name], c[name])
+    for n in a:  # each tensor has its own seed: the same draws whatever else is merged
+        if ".layers.3." in n:
+            assert torch.equal(a[n], d[n]), n
+    import json
+
+    assert json.loads((tmp_path / "a" / "surgery_manifest.json").read_text())["seed"] == 11
+
+
+def test_stack_from_other_inputs(family, tmp_path):
+    from safetensors import safe_open
+
+    from surgery import build_plan, load_recipe, run
+
+    path = recipe_file(tmp_path, family, """
+stack:
+  - {layers: "0-5"}
+  - {layers: "2-7", from: lang}
+  - {layers: "7", from: task}
+""")
+    plan = build_plan(load_recipe(path))
+    assert len(plan.layer_map) == 13
+    run(path, tmp_path / "out")
+    out = load(tmp_path / "out")
+    src = {n: safe_open(str(p / "model.safetensors"), "pt") for n, p in family.items()}
+    for out_layer, (donor, layer) in {0: ("base", 0), 5: ("base", 5), 6: ("lang", 2), 11: ("lang", 7),
+                                      12: ("task", 7)}.items():
+        want = src[donor].get_tensor(f"model.layers.{layer}.mlp.down_proj.weight")
+        assert raw_bytes(out[f"model.layers.{out_layer}.mlp.down_proj.weight"]) == raw_bytes(want)
+    import json
+
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 13
+
+
+@pytest.mark.parametrize("body, message", [
+    ("stack:\n  - {layers: '0-3', from: lagn}\n", "r.yaml:8: stack.0.from: unknown input 'lagn'; did you mean 'lang'?"),
+    ("stack:\n  - {layers: '0-3', sources: {lang: '0-2'}}\n",
+     "stack.0.sources.lang: 3 layers, but 'layers' has 4; each output layer needs one source layer per input"),
+    ("stack:\n  - {layers: '0-3', from: lang, form: task}\n", "unknown key 'form'; did you mean 'from'?"),
+    ("stack:\n  - {layers: '0-9', from: lang}\n", "layer 8 is out of range: the model has 8 layers (0-7) (input 'lang')"),
+])
+def test_bad_stacks(family, tmp_path, body, message):
+    from surgery import SurgeryError, build_plan, load_recipe
+
+    path = recipe_file(tmp_path, family, body)
+    with pytest.raises(SurgeryError) as e:
+        build_plan(load_recipe(path))
+    assert message in str(e.value)
