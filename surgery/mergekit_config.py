@@ -220,6 +220,9 @@ class _Translator:
             if len(names) > 1:
                 seg["sources"] = {nm: f"{lr[0]}-{lr[1] - 1}" for nm, lr in zip(names[1:], ranges[1:])}
             stack.append(seg)
+            self.path_map[("stack", i, "layers")] = path + ("sources", 0, "layer_range")
+            for j, nm in enumerate(names[1:], 1):
+                self.path_map[("stack", i, "sources", nm)] = path + ("sources", j, "layer_range")
             slice_base = self.model(sl["base_model"], path + ("base_model",)) if sl.get("base_model") else base
             if slice_base and slice_base not in names:
                 if base_policy in ("required", "optional", "forbidden"):

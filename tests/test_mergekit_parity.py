@@ -291,6 +291,46 @@ CONFIGS = {
     """,
 }
 
+# random methods: compared statistically (mergekit draws from one global RNG in its own order)
+RANDOM_CONFIGS = {
+    "dare_linear": """
+        models:
+          - model: {a}
+            parameters: {{weight: 1.0, density: 0.3}}
+        merge_method: dare_linear
+        base_model: {base}
+        dtype: float32
+    """,
+    "della_linear": """
+        models:
+          - model: {a}
+            parameters: {{weight: 1.0, density: 0.4, epsilon: 0.1}}
+        merge_method: della_linear
+        base_model: {base}
+        dtype: float32
+    """,
+    "dare_ties": """
+        models:
+          - model: {a}
+            parameters: {{weight: 0.5, density: 0.5}}
+          - model: {b}
+            parameters: {{weight: 0.5, density: 0.5}}
+        merge_method: dare_ties
+        base_model: {base}
+        dtype: float32
+    """,
+    "della": """
+        models:
+          - model: {a}
+            parameters: {{weight: 0.5, density: 0.5}}
+          - model: {b}
+            parameters: {{weight: 0.5, density: 0.6}}
+        merge_method: della
+        base_model: {base}
+        dtype: float32
+    """,
+}
+
 # every merge method mergekit registers must have a parity config above
 COVERED = {"linear", "slerp", "nuslerp", "multislerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
            "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "karcher",
@@ -344,6 +384,10 @@ def mergekit_outputs(models, tmp_path_factory):
         config = write_config(root, name, text, models)
         out[name] = (config, root / f"mk_{name}")
         jobs.append((config, root / f"mk_{name}", []))
+    for name, text in RANDOM_CONFIGS.items():
+        config = write_config(root, f"random_{name}", text, models)
+        out[f"random_{name}"] = (config, root / f"mk_random_{name}")
+        jobs.append((config, root / f"mk_random_{name}", ["--random-seed", "5"]))
     run_mergekit(jobs)
     return out
 
@@ -395,3 +439,53 @@ def test_mergekit_yaml_script_vs_surgery_cli(models, tmp_path):
     assert r.returncode == 0, r.stderr
     assert_same_checkpoint(tmp_path / "mk", tmp_path / "ours")
     assert (tmp_path / "ours" / "surgery_manifest.json").exists()
+
+
+def kept_fraction_and_scale(out: dict, base: dict, model: dict) -> tuple[float, float]:
+    """Over the big tensors: the fraction of the model's delta that survives, and the median scale."""
+    kept = total = 0
+    scales = []
+    for name, t in out.items():
+        if t.numel() < 1000:
+            continue
+        delta = model[name].float() - base[name].float()
+        got = t.float() - base[name].float()
+        nz = delta != 0
+        k = (got != 0) & nz
+        kept += int(k.sum())
+        total += int(nz.sum())
+        scales.append((got[k] / delta[k]).median())
+    return kept / total, float(torch.stack(scales).median())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, density", [("dare_linear", 0.3), ("della_linear", 0.4)])
+def test_random_methods_keep_density_and_rescale(name, density, models, mergekit_outputs, tmp_path):
+    from surgery import run
+
+    config, mk_out = mergekit_outputs[f"random_{name}"]
+    run(config, tmp_path / "out", random_seed=5)
+    base, a = load(models["base"]), load(models["a"])
+    for out in (load(mk_out), load(tmp_path / "out")):
+        kept, scale = kept_fraction_and_scale(out, base, a)
+        assert abs(kept - density) < 0.02, kept
+        assert abs(scale - 1 / density) / (1 / density) < 0.1, scale  # rescaled to keep the L1 norm
+    ours = load(tmp_path / "out")
+    assert not all(torch.equal(ours[n], load(mk_out)[n]) for n in ours)  # really random, really seeded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dare_ties", "della"])
+def test_random_ties_methods_match_mergekit_statistically(name, models, mergekit_outputs, tmp_path):
+    from surgery import run
+
+    config, mk_out = mergekit_outputs[f"random_{name}"]
+    run(config, tmp_path / "out", random_seed=5)
+    base, mk, ours = load(models["base"]), load(mk_out), load(tmp_path / "out")
+    assert sorted(mk) == sorted(ours)
+    changed = lambda out: sum(int((out[n] != base[n]).sum()) for n in out) / sum(t.numel() for t in out.values())  # noqa: E731
+    norm = lambda out: sum(float((out[n].float() - base[n].float()).abs().sum()) for n in out)  # noqa: E731
+    assert abs(changed(mk) - changed(ours)) < 0.01
+    assert abs(norm(mk) - norm(ours)) / norm(mk) < 0.03
+    for n in ours:
+        assert ours[n].dtype == mk[n].dtype and ours[n].shape == mk[n].shape
