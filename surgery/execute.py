@@ -82,12 +82,20 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
     def read(ref):
         return inputs[ref.input].get(ref.name)
 
-    with ShardedWriter(folder, specs, max_bytes) as writer, \
+    # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
+    with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
             tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
                  leave=False) as bar:
+        pending = None
         for e in plan.entries:
-            writer.write(e.name, evaluate(e.node, read))
+            tensor = evaluate(e.node, read)
+            if pending is not None:
+                pending.result()
+            pending = io.submit(writer.write, e.name, tensor)
+            del tensor
             bar.update(e.nbytes)
+        if pending is not None:
+            pending.result()
         return list(writer.files)
 
 

@@ -22,7 +22,7 @@ import difflib
 import hashlib
 from typing import Any, Literal, Union
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .ops import Node, Op, _same_shapes, register
 from .recipe import Operation, Select, operation
@@ -88,18 +88,56 @@ def get_method(name: str):
     return merge_methods.get(name)
 
 
+# mergekit's parameter settings (mergekit/config.py), mirrored here because importing
+# mergekit.config pulls in peft and transformers (~4 s). Same types and the same resolution;
+# the only difference is that a misspelt key in a {value, filter} condition is an error.
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: ScalarOrGradient
+    filter: str | None = None
+
+
+Setting = Union[Condition, list[Condition], ScalarOrGradient]
+
+
 def parse_setting(value):
-    """A YAML parameter value -> mergekit's ParameterSetting (scalar, gradient, or filter list)."""
-    from mergekit.config import ParameterSetting
+    """A YAML parameter value -> a setting: scalar, gradient (list), or list of {value, filter}."""
     from pydantic import TypeAdapter
 
-    return TypeAdapter(ParameterSetting).validate_python(value)
+    return TypeAdapter(Setting).validate_python(value)
+
+
+def evaluate_setting(tensor_name: str, setting, t: float, *, validate):
+    """mergekit.config.evaluate_setting: filters match by substring; gradients interpolate at t."""
+    if isinstance(setting, Condition):
+        setting = [setting]
+    if isinstance(setting, (float, int, bool, str)):
+        return validate(setting)
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (float, int, bool, str)) for e in setting):
+            values = [validate(e) for e in setting]
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+                return values[int(t * (len(values) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return validate((1 - frac) * values[i0] + frac * values[i1])
+        for cond in setting:
+            if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+                return evaluate_setting(tensor_name, cond.value, t, validate=validate)
+        return None
+    raise ValueError(f"unexpected setting value: {setting!r}")
 
 
 def resolve(parameter, settings: list, tensor_name: str, t: float):
     """mergekit's precedence: the first scope holding the parameter whose filters match wins."""
-    from mergekit.config import evaluate_setting
-
     for setting in settings:
         if setting is not None:
             value = evaluate_setting(tensor_name, setting, t, validate=parameter.validate)
@@ -139,7 +177,7 @@ def _compute(tensors, p):
 
     kernel = fast_kernel(p["method"], parameters)
     if kernel is not None:
-        return kernel(tensors, ids, p["base_index"], parameters)
+        return kernel(p["method"], tensors, ids, p["base_index"], parameters)
     call = lambda: merge_tensors(tensors, p["method"], parameters=parameters, ids=ids,  # noqa: E731
                                  base_index=p["base_index"], name=p["name"])
     if p.get("seed") is None:

@@ -210,3 +210,46 @@ def test_bad_stacks(family, tmp_path, body, message):
     with pytest.raises(SurgeryError) as e:
         build_plan(load_recipe(path))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"weight": [0.5, 0.3, 0.9], "density": [0.3, 0.5, 0.7]}),
+    ("ties", {"weight": [1.0, 1.0, 1.0], "density": [0.5, 0.5, 0.5], "int8_mask": True, "lambda": 1.3}),
+    ("task_arithmetic", {"weight": [0.5, -0.3, 0.9], "normalize": True}),
+    ("breadcrumbs_ties", {"weight": [0.5, 0.3, 0.9], "density": [0.8, 0.9, 0.7], "gamma": [0.01, 0.05, 0.1]}),
+])
+def test_parallel_kernel_is_bitwise_mergekit(method, params):
+    """The parallel driver used for these methods gives exactly mergekit's result (bf16, many ties)."""
+    from surgery.merge_kernels import fast_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(300, 257, generator=gen) * 0.02).bfloat16()
+    tensors = [(base.float() + torch.randn(base.shape, generator=gen) * 0.003).bfloat16() for _ in range(3)] + [base]
+    ids = ["a", "b", "c", "base"]
+    kernel = fast_kernel(method, {})
+    assert kernel is not None
+    per_input = {k: dict(zip(ids[:3], v)) for k, v in params.items() if isinstance(v, list)}
+    shared = {k: v for k, v in params.items() if not isinstance(v, list)}
+    want = merged(method, tensors, base_index=3, **{k: list(v.values()) for k, v in per_input.items()}, **shared)
+    got = kernel(method, tensors, ids, 3, {**shared, **per_input})
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_mirrored_setting_resolution_matches_mergekit():
+    from mergekit.config import ConditionalParameter, evaluate_setting as mk_evaluate
+
+    from surgery.merge import evaluate_setting, parse_setting
+
+    def validate(v):
+        return float(v)
+
+    cases = [0.5, [0.0, 1.0], [0.1, 0.9, 0.3], [{"filter": "mlp", "value": [1, 0]}, {"value": 0.25}],
+             {"filter": "self_attn", "value": 0.7}, [{"filter": "nothing", "value": 1}]]
+    for case in cases:
+        mk_case = (ConditionalParameter(**case) if isinstance(case, dict) else
+                   [ConditionalParameter(**c) for c in case] if isinstance(case, list) and isinstance(case[0], dict)
+                   else case)
+        for name in ("model.layers.1.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+            for t in (0.0, 0.3, 1 / 3, 0.5, 0.99, 1.0):
+                assert evaluate_setting(name, parse_setting(case), t, validate=validate) == \
+                    mk_evaluate(name, mk_case, t, validate=validate), (case, name, t)
