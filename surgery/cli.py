@@ -73,14 +73,21 @@ convert_opt = click.option("--convert-bin", is_flag=True,
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--random-seed", type=int, default=None,
               help="Seed for random merge methods (DARE, DELLA); overrides the recipe's 'seed'.")
+@click.option("--fast-kernels", is_flag=True,
+              help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
 @convert_opt
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
     """
     from .execute import run as run_recipe
 
+    if fast_kernels:
+        from .merge import use_fast_kernels
+        from .recipe import load_recipe
+
+        recipe = use_fast_kernels(load_recipe(recipe))
     result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin,
                         random_seed=random_seed)
     if as_json:

@@ -48,6 +48,9 @@ class Merge(Operation):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = Field(
         None, description="dtype the inputs are converted to before merging (mergekit's `dtype`). "
                           "Default: the inputs' own dtype.")
+    kernel: Literal["exact", "fast"] = Field("exact", description="'fast': TIES keeps its top-density entries by "
+                                            "selection instead of a full sort (several times faster); entries whose "
+                                            "magnitude equals the threshold may be picked differently from mergekit.")
     select: Select | None = None
 
     def model_names(self) -> list[str]:
@@ -177,7 +180,7 @@ def _compute(tensors, p):
 
     kernel = fast_kernel(p["method"], parameters)
     if kernel is not None:
-        return kernel(p["method"], tensors, ids, p["base_index"], parameters)
+        return kernel(p["method"], tensors, ids, p["base_index"], parameters, fast=p.get("kernel") == "fast")
     call = lambda: merge_tensors(tensors, p["method"], parameters=parameters, ids=ids,  # noqa: E731
                                  base_index=p["base_index"], name=p["name"])
     if p.get("seed") is None:
@@ -323,7 +326,7 @@ def _plan_merge(ctx, op: Merge) -> None:
             continue
         params = {"method": op.method, "ids": names, "base_index": base_index, "shared": values,
                   "per_input": per_input, "dtype": op.dtype, "name": e.name, "defaults": defaults,
-                  "seed": tensor_seed(seed, e.name) if seed is not None else None}
+                  "seed": tensor_seed(seed, e.name) if seed is not None else None, "kernel": op.kernel}
         stored = tuple(ctx.inputs[r.input].meta[r.name].dtype if r.name in ctx.inputs[r.input] else None
                        for r in refs)
         if None not in stored:
@@ -332,3 +335,11 @@ def _plan_merge(ctx, op: Merge) -> None:
                 result_dtypes[key] = _result_dtype(params, stored)
             params["out_dtype"] = result_dtypes[key]
         ctx.assign(e, Node("mergekit", refs, params))
+
+
+def use_fast_kernels(recipe):
+    """Set ``kernel: fast`` on every merge operation of a recipe (what --fast-kernels does)."""
+    for op in recipe.operations:
+        if isinstance(op, Merge):
+            op.kernel = "fast"
+    return recipe

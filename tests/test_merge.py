@@ -253,3 +253,45 @@ def test_mirrored_setting_resolution_matches_mergekit():
             for t in (0.0, 0.3, 1 / 3, 0.5, 0.99, 1.0):
                 assert evaluate_setting(name, parse_setting(case), t, validate=validate) == \
                     mk_evaluate(name, mk_case, t, validate=validate), (case, name, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fast_ties_kernel_differs_only_at_threshold_ties(dtype):
+    from surgery.merge_kernels import gta_parallel, magnitude_select
+    from mergekit.sparsify import magnitude
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(400, 301, generator=gen) * 0.01).to(dtype)
+    for density in (0.2, 0.5, 0.9):
+        want, got = magnitude(x, density), magnitude_select(x, density)
+        assert int((want != 0).sum()) == int((got != 0).sum())
+        threshold = x.abs().float().reshape(-1).kthvalue(x.numel() - max(1, int(density * x.numel())) + 1).values
+        differ = want != got
+        assert torch.all(x.abs().float()[differ] == threshold)  # only entries at the threshold magnitude
+        if dtype == torch.float32:
+            assert not differ.any()
+    base = (torch.randn(50, 40, generator=gen) * 0.02).to(dtype)
+    tensors = [base + (torch.randn(base.shape, generator=gen) * 0.003).to(dtype) for _ in range(2)] + [base]
+    params = {"weight": {"a": 0.6, "b": 0.4}, "density": {"a": 0.5, "b": 0.5}}
+    exact = gta_parallel("ties", tensors, ["a", "b", "base"], 2, dict(params))
+    fast = gta_parallel("ties", tensors, ["a", "b", "base"], 2, dict(params), fast=True)
+    if dtype == torch.float32:
+        assert torch.equal(exact, fast)
+    else:
+        assert 0 < (exact != fast).float().mean() < 0.03  # small bf16 tensors: many equal magnitudes
+
+
+def test_fast_kernels_cli_option(family, tmp_path):
+    from surgery.merge import use_fast_kernels
+    from surgery import load_recipe
+
+    path = recipe_file(tmp_path, family, "operations:\n  - merge: {method: ties, base: base, models: {en: {weight: 1, density: 0.5}}}\n")
+    recipe = use_fast_kernels(load_recipe(path))
+    assert recipe.operations[0].kernel == "fast"
+    r = subprocess.run([sys.executable, "-m", "surgery", "run", str(path), "-o", str(tmp_path / "o"), "-q",
+                        "--fast-kernels"], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out, base, en = load(tmp_path / "o"), load(family["base"]), load(family["en"])
+    name = "model.layers.2.mlp.up_proj.weight"
+    kept = ((out[name] != base[name]) & (en[name] != base[name])).float().sum() / (en[name] != base[name]).float().sum()
+    assert abs(float(kept) - 0.5) < 0.02
