@@ -99,7 +99,6 @@ def measure(cmd: list[str]) -> tuple[float, int]:
 
 
 def same_output(a: Path, b: Path) -> str:
-    import torch
     from safetensors import safe_open
 
     fa = sorted(a.glob("*.safetensors"))
@@ -108,13 +107,14 @@ def same_output(a: Path, b: Path) -> str:
     tb = {k: f for f in fb for k in safe_open(str(f), "pt").keys()}
     if sorted(ta) != sorted(tb):
         return "different tensor names"
-    diff = 0
+    diff = total = 0
     for k in ta:
         x, y = safe_open(str(ta[k]), "pt").get_tensor(k), safe_open(str(tb[k]), "pt").get_tensor(k)
         if x.dtype != y.dtype or x.shape != y.shape:
             return f"{k}: dtype/shape differ"
         diff += int((x != y).sum())
-    return "bitwise equal" if diff == 0 else f"{diff} values differ"
+        total += x.numel()
+    return "bitwise equal" if diff == 0 else f"{diff / total:.3%} of values differ"
 
 
 def main():
@@ -134,21 +134,25 @@ def main():
         config = args.dir / f"{name}.yml"
         config.write_text(CONFIGS[name].format(**{k: str(v) for k, v in paths.items()}))
         best = {}
-        for tool in ("mergekit", "surgery"):
+        tools = ["mergekit", "surgery"] + (["surgery --fast-kernels"] if name == "ties" else [])
+        for tool in tools:
             for _ in range(args.repeat):
-                out = args.dir / f"out_{name}_{tool}"
+                out = args.dir / f"out_{name}_{tool.replace(' --', '_')}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = ([str(mergekit_yaml), str(config), str(out), "--quiet"] if tool == "mergekit" else
-                       [sys.executable, "-m", "surgery", "run", str(config), "-o", str(out), "-q"])
+                       [sys.executable, "-m", "surgery", "run", str(config), "-o", str(out), "-q", *tool.split()[1:]])
                 wall, rss = measure(cmd)
                 if tool not in best or wall < best[tool][0]:
                     best[tool] = (wall, rss)
-        check = same_output(args.dir / f"out_{name}_mergekit", args.dir / f"out_{name}_surgery")
-        (mk_t, mk_m), (s_t, s_m) = best["mergekit"], best["surgery"]
-        rows.append((name, mk_t, s_t, mk_t / s_t, mk_m / 1e9, s_m / 1e9, mk_m / s_m, check))
-        print(f"  {name}: mergekit {mk_t:.1f}s, surgery {s_t:.1f}s ({check})", flush=True)
+        mk_t, mk_m = best["mergekit"]
+        for tool in tools[1:]:
+            check = same_output(args.dir / f"out_{name}_mergekit", args.dir / f"out_{name}_{tool.replace(' --', '_')}")
+            s_t, s_m = best[tool]
+            label = name + (" (--fast-kernels)" if "fast" in tool else "")
+            rows.append((label, mk_t, s_t, mk_t / s_t, mk_m / 1e9, s_m / 1e9, mk_m / s_m, check))
+            print(f"  {label}: mergekit {mk_t:.1f}s, surgery {s_t:.1f}s ({check})", flush=True)
     print()
-    print(f"| config | mergekit s | surgery s | speed-up | mergekit peak RSS GB | surgery peak RSS GB | RSS ratio | output |")
+    print("| config | mergekit s | surgery s | speed-up | mergekit peak RSS GB | surgery peak RSS GB | RSS ratio | output |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.2f}x | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f}x | {r[7]} |")

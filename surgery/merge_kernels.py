@@ -54,12 +54,23 @@ def magnitude_select(tensor, density: float, rescale_norm=None):
         return torch.zeros_like(tensor)
     n = tensor.numel()
     k = max(1, int(density * n))
-    w = tensor.abs().reshape(-1)
-    if w.device.type == "cpu":
-        w = w.float()
-    threshold = torch.kthvalue(w, n - k + 1).values
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        # 16-bit floats without their sign bit order like their magnitudes, as integers: one
+        # histogram over the 32768 bit patterns finds the threshold (no float copy, no sort).
+        w = tensor.reshape(-1).view(torch.int16) & 0x7FFF
+        counts = torch.bincount(w, minlength=32768)
+        from_top = counts.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, k))          # first pattern (from the top) reaching k
+        threshold = 32767 - j
+        above = int(from_top[j - 1]) if j > 0 else 0
+    else:
+        w = tensor.abs().reshape(-1)
+        if w.device.type == "cpu":
+            w = w.float()
+        threshold = torch.kthvalue(w, n - k + 1).values
+        above = None
     keep = w > threshold
-    need = k - int(keep.sum())
+    need = k - (int(keep.sum()) if above is None else above)
     if need > 0:
         keep[torch.nonzero(w == threshold).squeeze(1)[:need]] = True
     del w
