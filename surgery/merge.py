@@ -227,7 +227,8 @@ def _describe(args: list[str], p) -> str:
         tag = " [base]" if p["base_index"] is not None and p["ids"][p["base_index"]] == i else ""
         parts.append(f"{arg}{tag}" + (f"({shown})" if shown else ""))
     shared = ", ".join(f"{k}={_fmt(v)}" for k, v in p["shared"].items() if k not in defaults or defaults[k] != v)
-    return f"{p['method']}: " + " + ".join(parts) + (f"; {shared}" if shared else "")
+    label = p["method"] + (" [fast kernel]" if p.get("kernel") == "fast" else "")
+    return f"{label}: " + " + ".join(parts) + (f"; {shared}" if shared else "")
 
 
 register("mergekit", Op(shape=_same_shapes, compute=_compute, describe=_describe, raw=True))

@@ -34,10 +34,53 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def fast_kernel(method: str, parameters: dict):
-    """A drop-in for merge_tensors(method) on these parameters, or None to use mergekit's."""
-    if method not in PARALLEL or os.environ.get("SURGERY_MERGEKIT_KERNELS") == "1":
+    """A drop-in for merge_tensors(method) on these parameters, or None to use mergekit's.
+
+    SURGERY_MERGEKIT_KERNELS=1 in the environment turns these drivers off (for comparisons).
+    """
+    if os.environ.get("SURGERY_MERGEKIT_KERNELS") == "1":
         return None
-    return gta_parallel
+    if method == "linear":
+        return linear_chunked
+    return gta_parallel if method in PARALLEL else None
+
+
+def linear_chunked(method_name: str, tensors: list, ids: list, base_index, parameters: dict, fast: bool = False):
+    """mergekit's linear kernel (linear.py), the same operations on cache-sized chunks.
+
+    mergekit: result = zeros(float32); result.addcmul_(tensor, weight) per input; result /= sum
+    of weights; cast back. ``add_(x, alpha=w)`` is the same fused multiply-add as ``addcmul_``
+    with a broadcast weight, and every step is elementwise, so chunking changes no bit; it only
+    keeps the float32 accumulator in cache instead of streaming the whole tensor per input.
+    """
+    import torch
+    from mergekit.merge_methods.api import merge_tensors
+
+    first = tensors[0]
+    if not first.is_floating_point() or any(t.dtype != first.dtype for t in tensors):
+        return merge_tensors(tensors, "linear", parameters=parameters, ids=ids)
+    acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weight = parameters["weight"]
+    weights = torch.tensor([float(weight[i]) for i in ids], dtype=torch.float64).to(acc_dtype)
+    normalize = parameters.get("normalize", True)
+    denominator = weights.sum()
+    coeffs = [float(w) for w in weights]  # exactly the float32 weights, as Python floats
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty(first.shape, dtype=first.dtype)
+    out_flat = out.reshape(-1)
+    n = first.numel()
+    chunk = 1 << 20
+    acc = torch.empty(min(chunk, n), dtype=acc_dtype)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        a = acc[: end - start]
+        a.zero_()
+        for x, c in zip(flat, coeffs):
+            a.add_(x[start:end], alpha=c)
+        if normalize:
+            a.div_(denominator)
+        out_flat[start:end] = a
+    return out
 
 
 def magnitude_select(tensor, density: float, rescale_norm=None):

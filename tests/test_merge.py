@@ -295,3 +295,17 @@ def test_fast_kernels_cli_option(family, tmp_path):
     name = "model.layers.2.mlp.up_proj.weight"
     kept = ((out[name] != base[name]) & (en[name] != base[name])).float().sum() / (en[name] != base[name]).float().sum()
     assert abs(float(kept) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chunked_linear_kernel_is_bitwise_mergekit(dtype, normalize):
+    from surgery.merge_kernels import fast_kernel
+
+    gen = torch.Generator().manual_seed(2)
+    tensors = [(torch.randn(1100, 1000, generator=gen) * 0.02).to(dtype) for _ in range(3)]  # > one chunk
+    weights = [0.4, -0.35, 1.7]
+    want = merged("linear", tensors, weight=weights, normalize=normalize)
+    got = fast_kernel("linear", {})("linear", tensors, [0, 1, 2], None, {"weight": dict(enumerate(weights)),
+                                                                         "normalize": normalize})
+    assert got.dtype == want.dtype and torch.equal(got, want)

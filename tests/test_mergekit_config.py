@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
 
 from helpers import load, raw_bytes
-from test_mergekit_parity import MK_ARGS, ENV, make_models, run_mergekit, write_config  # noqa: F401
+from test_mergekit_parity import ENV, make_models, run_mergekit, write_config
 
 
 @pytest.fixture(scope="module")
@@ -227,4 +226,3 @@ def test_module_docstring_example_is_valid():
     recipe, _ = translate(data)
     assert recipe["inputs"] == {"a": "x/a"} and recipe["recipient"] == "a"
     assert not is_mergekit_config({"inputs": {"a": "x"}, "operations": []})
-    textwrap.dedent("")
