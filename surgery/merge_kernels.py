@@ -121,7 +121,7 @@ def magnitude_select(tensor, density: float, rescale_norm=None):
 
 
 def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | None, parameters: dict,
-                 fast: bool = False):
+                 fast: bool = False, chunk: int = 1 << 18):
     """GeneralizedTaskArithmeticMerge.merge_group, with the per-model sparsification in parallel.
 
     ``fast``: TIES-style magnitude sparsification by selection instead of argsort (see above).
@@ -160,31 +160,43 @@ def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | N
                                 and any(p.name == key for p in spec.parameters)})
         return delta
 
-    if method.sparsification_method and len(entries) > 1:
-        computed = list(_pool().map(delta_of, entries))
+    if method.sparsification_method:
+        if len(entries) > 1:
+            deltas = list(_pool().map(delta_of, entries))
+        else:
+            deltas = [delta_of(e) for e in entries]
+        deltas = [d.reshape(-1) for d in deltas]
     else:
-        computed = [delta_of(e) for e in entries]
-    deltas = base.new_empty((len(entries), *base.shape))
-    for index, delta in enumerate(computed):
-        deltas[index] = delta
-    del computed
-
-    weights = torch.tensor([parameters["weight"][i] for i, _ in entries], dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > weights.dim():
-        weights.unsqueeze_(-1)
-    deltas.mul_(weights)
-    if method.consensus_method:
-        mask_dtype = torch.int8 if parameters["int8_mask"] else base.dtype
-        mask = get_mask(deltas, method=method.consensus_method, mask_dtype=mask_dtype)
-        mixed_delta = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed_delta = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if parameters["normalize"]:
-        mixed_delta /= divisor
-    if parameters["lambda"] != 1:
-        mixed_delta *= parameters["lambda"]
-    return (base + mixed_delta).to(base.dtype)
+        deltas = None  # computed per chunk
+    weights = torch.tensor([parameters["weight"][i] for i, _ in entries], dtype=base.dtype).unsqueeze(-1)
+    flat_base = base.reshape(-1)
+    flat_inputs = [t.reshape(-1) for _, t in entries]
+    out = torch.empty_like(base)
+    flat_out = out.reshape(-1)
+    n = base.numel()
+    # Every step below is elementwise across the models' axis (merge_group's order of operations,
+    # on [models, chunk] slices instead of [models, *shape]), so chunking changes no bit.
+    for start in range(0, max(n, 1), chunk):
+        end = min(n, start + chunk)
+        b = flat_base[start:end]
+        if deltas is None:
+            d = torch.stack([x[start:end] - b for x in flat_inputs])
+        else:
+            d = torch.stack([x[start:end] for x in deltas]).to(base.dtype)
+        d.mul_(weights)
+        if method.consensus_method:
+            mask_dtype = torch.int8 if parameters["int8_mask"] else base.dtype
+            mask = get_mask(d, method=method.consensus_method, mask_dtype=mask_dtype)
+            mixed_delta = (d * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed_delta = d.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if parameters["normalize"]:
+            mixed_delta /= divisor
+        if parameters["lambda"] != 1:
+            mixed_delta *= parameters["lambda"]
+        flat_out[start:end] = (b + mixed_delta).to(base.dtype)
+    return out

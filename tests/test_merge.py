@@ -216,6 +216,8 @@ def test_bad_stacks(family, tmp_path, body, message):
     ("ties", {"weight": [0.5, 0.3, 0.9], "density": [0.3, 0.5, 0.7]}),
     ("ties", {"weight": [1.0, 1.0, 1.0], "density": [0.5, 0.5, 0.5], "int8_mask": True, "lambda": 1.3}),
     ("task_arithmetic", {"weight": [0.5, -0.3, 0.9], "normalize": True}),
+    ("task_arithmetic", {"weight": [0.5, 0.3, 0.9], "lambda": 0.7}),
+    ("breadcrumbs", {"weight": [0.5, 0.3, 0.9], "density": [0.8, 0.9, 0.7]}),
     ("breadcrumbs_ties", {"weight": [0.5, 0.3, 0.9], "density": [0.8, 0.9, 0.7], "gamma": [0.01, 0.05, 0.1]}),
 ])
 def test_parallel_kernel_is_bitwise_mergekit(method, params):
@@ -231,8 +233,9 @@ def test_parallel_kernel_is_bitwise_mergekit(method, params):
     per_input = {k: dict(zip(ids[:3], v)) for k, v in params.items() if isinstance(v, list)}
     shared = {k: v for k, v in params.items() if not isinstance(v, list)}
     want = merged(method, tensors, base_index=3, **{k: list(v.values()) for k, v in per_input.items()}, **shared)
-    got = kernel(method, tensors, ids, 3, {**shared, **per_input})
-    assert got.dtype == want.dtype and torch.equal(got, want)
+    for chunk in (1000, 1 << 18):  # several chunks, one chunk
+        got = kernel(method, tensors, ids, 3, {**shared, **per_input}, chunk=chunk)
+        assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_mirrored_setting_resolution_matches_mergekit():
