@@ -121,7 +121,7 @@ def magnitude_select(tensor, density: float, rescale_norm=None):
 
 
 def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | None, parameters: dict,
-                 fast: bool = False, chunk: int = 1 << 18):
+                 fast: bool = False, chunk: int = 1 << 22):
     """GeneralizedTaskArithmeticMerge.merge_group, with the per-model sparsification in parallel.
 
     ``fast``: TIES-style magnitude sparsification by selection instead of argsort (see above).
@@ -175,7 +175,8 @@ def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | N
     flat_out = out.reshape(-1)
     n = base.numel()
     # Every step below is elementwise across the models' axis (merge_group's order of operations,
-    # on [models, chunk] slices instead of [models, *shape]), so chunking changes no bit.
+    # on [models, chunk] slices instead of [models, *shape]), so chunking changes no bit. It bounds
+    # the scratch memory (masks, products) to a few chunks; it is not faster on its own.
     for start in range(0, max(n, 1), chunk):
         end = min(n, start + chunk)
         b = flat_base[start:end]
