@@ -220,11 +220,38 @@ def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) in the user cache.
+
+    Hashing runs at ~0.5 GB/s, so re-running a recipe on the same multi-GB inputs would
+    otherwise spend most of its time re-hashing them.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    cached = _cache_dir() / "sha256" / key
+    try:
+        digest = cached.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        tmp.rename(cached)
+    except OSError:
+        pass  # a read-only cache only costs the re-hash
+    return digest
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
 def _local_candidates(text: str, base_dir: Path | None) -> list[Path]:
@@ -241,7 +268,7 @@ def _convert_bin(path: Path) -> Path:
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "converted" / key
+    cache = _cache_dir() / "converted" / key
     out = cache / (path.stem + ".safetensors")
     if not out.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -312,3 +312,20 @@ def test_chunked_linear_kernel_is_bitwise_mergekit(dtype, normalize):
     got = fast_kernel("linear", {})("linear", tensors, [0, 1, 2], None, {"weight": dict(enumerate(weights)),
                                                                          "normalize": normalize})
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_input_hashes_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+
+    from surgery.checkpoint import sha256_file
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc" * 1000)
+    want = hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert sha256_file(f) == want
+    assert len(list((tmp_path / "cache" / "sha256").iterdir())) == 1
+    assert sha256_file(f) == want  # from the cache
+    f.write_bytes(b"abd" * 1000)  # new content: new mtime
+    os.utime(f, ns=(1, 2))
+    assert sha256_file(f) == hashlib.sha256(b"abd" * 1000).hexdigest()
