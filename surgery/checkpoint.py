@@ -159,14 +159,37 @@ class Checkpoint:
         return name in self.weight_map
 
     def get(self, name: str):
-        """Read one tensor (a torch.Tensor in the file's dtype)."""
-        from safetensors import safe_open
+        """Read one tensor (a torch.Tensor in the file's dtype, in its own memory).
+
+        Plain positioned reads rather than mmap: mapped pages count toward the process's
+        memory and pile up to the size of the model; read buffers are freed with the tensor.
+        """
+        import torch
+
+        from .writer import TORCH_DTYPES, torch_dtype
 
         path = self.weight_map[name]
+        meta = self.meta[name]
+        if meta.dtype not in TORCH_DTYPES:  # rare dtypes (unsigned ints): let safetensors map them
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as st:
+                return st.get_tensor(name)
         handle = self._handles.get(path)
         if handle is None:
-            handle = self._handles[path] = safe_open(str(path), framework="pt")
-        return handle.get_tensor(name)
+            handle = self._handles[path] = (open(path, "rb", buffering=0), _data_offsets(path))
+        f, offsets = handle
+        start, end = offsets[name]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < len(view):
+                n = os.preadv(f.fileno(), [view[got:]], start + got)
+                if n <= 0:
+                    raise SurgeryError(f"{path}: file ends inside tensor {name!r}")
+                got += n
+        return buf.view(torch_dtype(meta.dtype)).reshape(meta.shape)
 
     @property
     def files(self) -> list[Path]:
@@ -182,15 +205,53 @@ class Checkpoint:
         return {f.name: sha256_file(f) for f in self.files}
 
     def close(self) -> None:
+        for f, _ in self._handles.values():
+            f.close()
         self._handles.clear()
 
 
+def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name -> absolute [start, end) byte offsets in a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()}
+
+
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) in the user cache.
+
+    Hashing runs at ~0.5 GB/s, so re-running a recipe on the same multi-GB inputs would
+    otherwise spend most of its time re-hashing them.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    cached = _cache_dir() / "sha256" / key
+    try:
+        digest = cached.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        tmp.rename(cached)
+    except OSError:
+        pass  # a read-only cache only costs the re-hash
+    return digest
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
 def _local_candidates(text: str, base_dir: Path | None) -> list[Path]:
@@ -207,7 +268,7 @@ def _convert_bin(path: Path) -> Path:
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "converted" / key
+    cache = _cache_dir() / "converted" / key
     out = cache / (path.stem + ".safetensors")
     if not out.exists():
         cache.mkdir(parents=True, exist_ok=True)

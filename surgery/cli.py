@@ -79,18 +79,27 @@ def push_options(fn):
 
 @cli.command(epilog="\b\nExamples:\n  surgery run recipes/layer_swap.yaml -o out/swapped\n"
                     "  surgery run recipe.yaml -o out/ --force --quiet --json\n"
-                    "  surgery run recipe.yaml -o out/merged --push-to me/merged-model")
+                    "  surgery run recipe.yaml -o out/merged --push-to me/merged-model\n"
+                    "  surgery run mergekit-config.yml -o out/ --random-seed 42")
 @recipe_arg
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--random-seed", type=int, default=None,
+              help="Seed for random merge methods (DARE, DELLA); overrides the recipe's 'seed'.")
+@click.option("--fast-kernels", is_flag=True,
+              help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
 @convert_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, push_to, public, revision, create_pr, token):
-    """Execute RECIPE and write a checkpoint to OUTPUT (atomically)."""
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, push_to, public, revision,
+        create_pr, token):
+    """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
+
+    RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
+    """
     from .execute import run as run_recipe
 
     if push_to:  # fail on bad push options or a missing token before the run, not after
@@ -98,7 +107,13 @@ def run(recipe, out, force, quiet, as_json, convert_bin, push_to, public, revisi
 
         check_push_args(push_to, revision=revision, create_pr=create_pr)
         token = resolve_token(token)
-    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin)
+    if fast_kernels:
+        from .merge import use_fast_kernels
+        from .recipe import load_recipe
+
+        recipe = use_fast_kernels(load_recipe(recipe))
+    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin,
+                        random_seed=random_seed)
     if not quiet and not as_json:
         from .report import _size
 

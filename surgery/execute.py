@@ -21,7 +21,7 @@ from .checkpoint import TensorMeta, sha256_file
 from .ops import evaluate
 from .plan import Plan, build_plan
 from .recipe import Recipe, load_recipe, parse_size
-from .writer import ShardedWriter, atomic_dir, check_target, copy_support_files, write_json
+from .writer import ShardedWriter, atomic_dir, check_target, copy_support_files, copy_tokenizer_files, write_json
 
 MANIFEST_NAME = "surgery_manifest.json"
 RECIPE_NAME = "surgery_recipe.yaml"
@@ -40,10 +40,15 @@ class RunResult:
 
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
-        convert_bin: bool = False) -> RunResult:
-    """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically."""
+        convert_bin: bool = False, random_seed: int | None = None) -> RunResult:
+    """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
+
+    ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods).
+    """
     start = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if random_seed is not None:
+        recipe.seed = random_seed
     out = Path(out)
     check_target(out.resolve(), force)
     plan = build_plan(recipe, convert_bin=convert_bin)
@@ -52,6 +57,8 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         hashes = {name: {f.name: pool.submit(sha256_file, f) for f in ck.files} for name, ck in plan.inputs.items()}
         shards = execute(plan, tmp, quiet=quiet)
         support = copy_support_files(plan.inputs[plan.config_source].root, tmp)
+        if recipe.output.tokenizer_from:
+            support += copy_tokenizer_files(plan.inputs[recipe.output.tokenizer_from].root, tmp)
         if "config.json" in support:
             config = patch_config(_read_json(tmp / "config.json"), plan)
             write_json(tmp / "config.json", config)
@@ -77,12 +84,20 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
     def read(ref):
         return inputs[ref.input].get(ref.name)
 
-    with ShardedWriter(folder, specs, max_bytes) as writer, \
+    # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
+    with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
             tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
                  leave=False) as bar:
+        pending = None
         for e in plan.entries:
-            writer.write(e.name, evaluate(e.node, read))
+            tensor = evaluate(e.node, read)
+            if pending is not None:
+                pending.result()
+            pending = io.submit(writer.write, e.name, tensor)
+            del tensor
             bar.update(e.nbytes)
+        if pending is not None:
+            pending.result()
         return list(writer.files)
 
 
@@ -118,6 +133,7 @@ def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
         "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "description": plan.recipe.description,
+        "seed": plan.recipe.seed,
         "recipe": RECIPE_NAME,
         "inputs": inputs,
         "config_from": plan.config_source,

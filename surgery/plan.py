@@ -40,6 +40,7 @@ class Entry:
     shape: tuple = ()
     rule: str = "recipient"   # which operation set this tensor, e.g. '#1 layer_swap'
     note: str = ""            # e.g. 'transition' or a score; shown by `surgery plan`
+    source_input: str = ""    # input that gives the tensor by default ('' = the recipient; see stack 'from')
 
     @property
     def description(self) -> str:
@@ -59,6 +60,7 @@ class Plan:
     layer_map: list[int]              # output layer -> source layer
     n_source_layers: int
     annotations: list[str] = field(default_factory=list)  # lines shown above the table (selections, scores)
+    layer_from: list[str] = field(default_factory=list)      # output layer -> input giving it by default
 
     @property
     def recipient(self) -> str:
@@ -99,9 +101,11 @@ class Context:
     """What a planner sees: the recipe, the inputs and the current assignment of every tensor."""
 
     def __init__(self, recipe: Recipe, inputs: dict[str, Checkpoint], layout: Layout, entries: list[Entry],
-                 layer_map: list[int], plan_annotations: list[str]):
+                 layer_map: list[int], plan_annotations: list[str], layer_sources: list[dict] | None = None):
         self.recipe, self.inputs, self.layout = recipe, inputs, layout
         self.entries, self.layer_map = entries, layer_map
+        # output layer -> {input: source layer} where a stack segment gives an input other layers
+        self.layer_sources = layer_sources or [{} for _ in layer_map]
         self.annotations = plan_annotations
         self.path: tuple = ()
 
@@ -114,8 +118,13 @@ class Context:
         return self.recipe.recipient_name
 
     def ref(self, input_name: str, entry: Entry) -> Ref:
-        src_layer = self.layer_map[entry.info.layer] if entry.info.layer is not None else None
-        return Ref(input_name, entry.source_name, src_layer, entry.info.layer)
+        out_layer = entry.info.layer
+        if out_layer is None:
+            return Ref(input_name, entry.source_name, None, None)
+        default = self.layer_map[out_layer]
+        src_layer = self.layer_sources[out_layer].get(input_name, default)
+        name = entry.source_name if src_layer == default else self.layout.layer_name(entry.source_name, src_layer)
+        return Ref(input_name, name, src_layer, out_layer)
 
     def error(self, field_path: tuple, message: str) -> SurgeryError:
         return self.recipe.error(self.path + field_path, message)
@@ -291,19 +300,10 @@ def build_plan(recipe: Recipe, *, inputs: dict[str, Checkpoint] | None = None,
     layout = Layout.for_checkpoint(base)
     names = base.keys()
     n_src = layout.num_layers(names, base.config)
-    layer_map = list(range(n_src))
-    if recipe.stack:
-        layer_map = []
-        for i, seg in enumerate(recipe.stack):
-            try:
-                layer_map += parse_layers(seg.layers, n_src) if not isinstance(seg.layers, list) else \
-                    [j for item in seg.layers for j in parse_layers(item, n_src)]
-            except ValueError as e:
-                raise recipe.error(("stack", i, "layers"), str(e)) from None
-
-    entries = _output_entries(recipe, base, layout, layer_map)
+    layer_map, layer_from, layer_sources = _stack(recipe, inputs, layout, n_src)
+    entries = _output_entries(recipe, inputs, layout, layer_map, layer_from)
     annotations: list[str] = []
-    ctx = Context(recipe, inputs, layout, entries, layer_map, annotations)
+    ctx = Context(recipe, inputs, layout, entries, layer_map, annotations, layer_sources)
     for i, op in enumerate(recipe.operations):
         name = operation_name(op)
         ctx.path = ("operations", i, name)
@@ -311,40 +311,80 @@ def build_plan(recipe: Recipe, *, inputs: dict[str, Checkpoint] | None = None,
     if any(hasattr(ck, "expand") for ck in inputs.values()):
         for e in entries:
             e.node = expand_virtual(e.node, inputs)
-    plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations)
+    plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations, layer_from)
     _check(plan)
     return plan
 
 
-def _output_entries(recipe, base: Checkpoint, layout: Layout, layer_map: list[int]) -> list[Entry]:
-    by_src_layer: dict[int, list[int]] = {}
-    for out_layer, src in enumerate(layer_map):
-        by_src_layer.setdefault(src, []).append(out_layer)
+def _stack(recipe: Recipe, inputs: dict[str, Checkpoint], layout: Layout, n_src: int):
+    """Output layer -> (source layer, input giving it, {other input: its source layer})."""
+    recipient = recipe.recipient_name
+    if not recipe.stack:
+        return list(range(n_src)), [recipient] * n_src, [{} for _ in range(n_src)]
+
+    def indices(spec, name, path):
+        ck = inputs[name]
+        n = n_src if name == recipient else layout.num_layers(ck.keys(), ck.config)
+        try:
+            return parse_layers(spec, n) if not isinstance(spec, list) else \
+                [j for item in spec for j in parse_layers(item, n)]
+        except ValueError as e:
+            raise recipe.error(path, f"{e} (input {name!r})" if name != recipient else str(e)) from None
+
+    layer_map, layer_from, layer_sources = [], [], []
+    for i, seg in enumerate(recipe.stack):
+        src = seg.from_ or recipient
+        own = indices(seg.layers, src, ("stack", i, "layers"))
+        others = {}
+        for name, spec in (seg.sources or {}).items():
+            others[name] = indices(spec, name, ("stack", i, "sources", name))
+            if len(others[name]) != len(own):
+                raise recipe.error(("stack", i, "sources", name), f"{len(others[name])} layers, but 'layers' "
+                                   f"has {len(own)}; each output layer needs one source layer per input")
+        for k, j in enumerate(own):
+            layer_map.append(j)
+            layer_from.append(src)
+            layer_sources.append({n: o[k] for n, o in others.items() if n != src})
+    return layer_map, layer_from, layer_sources
+
+
+def _output_entries(recipe, inputs: dict[str, Checkpoint], layout: Layout, layer_map: list[int],
+                    layer_from: list[str]) -> list[Entry]:
+    """Tensors outside layers come from the recipient; each output layer from its stack input."""
+    recipient = recipe.recipient_name
+    by_layer: dict[str, dict[int, list[tuple[int, str]]]] = {}
+
+    def layer_names(name: str) -> dict[int, list[tuple[int, str]]]:
+        if name not in by_layer:
+            found: dict[int, list[tuple[int, str]]] = {}
+            for idx, n in enumerate(inputs[name].keys()):
+                info = layout.info(n)
+                if info.layer is not None:
+                    found.setdefault(info.layer, []).append((idx, n))
+            by_layer[name] = found
+        return by_layer[name]
+
     pre, layers, post = [], [], []
-    for idx, name in enumerate(base.keys()):
+    for idx, name in enumerate(inputs[recipient].keys()):
         info = layout.info(name)
         if info.layer is None:
-            entry = Entry(name, info, name, None)
+            entry = Entry(name, info, name, Ref(recipient, name), source_input=recipient)
             (pre if info.kind == "embed" or "embed" in name.lower() else post).append((idx, entry))
-            continue
-        for out_layer in by_src_layer.get(info.layer, []):
+    for out_layer, (src, frm) in enumerate(zip(layer_map, layer_from)):
+        for idx, name in layer_names(frm).get(src, []):
             out_name = layout.layer_name(name, out_layer)
-            layers.append(((out_layer, idx), Entry(out_name, layout.info(out_name), name, None)))
-    entries = [e for _, e in sorted(pre, key=lambda t: t[0])] + \
-              [e for _, e in sorted(layers, key=lambda t: t[0])] + [e for _, e in sorted(post, key=lambda t: t[0])]
-    recipient = recipe.recipient_name
-    for e in entries:
-        src_layer = layer_map[e.info.layer] if e.info.layer is not None else None
-        e.node = Ref(recipient, e.source_name, src_layer, e.info.layer)
-    return entries
+            layers.append(((out_layer, idx), Entry(out_name, layout.info(out_name), name,
+                                                   Ref(frm, name, src, out_layer), source_input=frm)))
+    return [e for _, e in sorted(pre, key=lambda t: t[0])] + \
+        [e for _, e in sorted(layers, key=lambda t: t[0])] + [e for _, e in sorted(post, key=lambda t: t[0])]
 
 
 def _check(plan: Plan) -> None:
     """Every ref exists with a matching shape; fill in output dtypes and shapes."""
     recipe, inputs = plan.recipe, plan.inputs
     want = recipe.output.dtype
-    base = inputs[plan.recipient]
     for e in plan.entries:
+        base = inputs[e.source_input or plan.recipient]
         for r in refs(e.node):
             if r.name not in inputs[r.input]:
                 raise recipe.error(("inputs", r.input), f"tensor {r.name!r} is missing in input {r.input!r} "
@@ -357,7 +397,10 @@ def _check(plan: Plan) -> None:
         expected = base.meta[e.source_name].shape
         if shape != expected:
             raise recipe.error(("inputs",), f"inputs don't line up: tensor {e.source_name!r} would have shape "
-                               f"{list(shape)} but the recipient {plan.recipient!r} has {list(expected)} ({e.rule})")
+                               f"{list(shape)} but the {'recipient' if base is inputs[plan.recipient] else 'input'} "
+                               f"{e.source_input or plan.recipient!r} has {list(expected)} ({e.rule})")
         e.shape = shape
         stored = base.meta[e.source_name].dtype
-        e.dtype = FLOAT_DTYPES[want] if want and stored in FLOATING else stored
+        # an op may fix the output dtype of its result (e.g. a mergekit method that returns float32)
+        natural = e.node.params.get("out_dtype") if isinstance(e.node, Node) else None
+        e.dtype = FLOAT_DTYPES[want] if want and stored in FLOATING else (natural or stored)

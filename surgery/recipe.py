@@ -59,6 +59,7 @@ class Output(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype of floating tensors. Default: each tensor keeps the recipient's dtype.")
     shard_size: Union[int, str] = Field("5GB", description="Maximum shard size: bytes, or with a KB/MB/GB suffix.")
     config_from: str | None = Field(None, description="Input whose config.json, generation_config.json and tokenizer files are copied. Default: the recipient.")
+    tokenizer_from: str | None = Field(None, description="Input whose tokenizer files are copied instead of config_from's.")
 
     @field_validator("shard_size")
     @classmethod
@@ -68,9 +69,18 @@ class Output(Strict):
 
 
 class StackSegment(Strict):
-    """Output layers built from a range of source layers (changes the layer count)."""
+    """Output layers built from a range of source layers (changes the layer count).
+
+    ``from`` picks the input whose layers these are (default: the recipient), so a stack can
+    build a frankenmerge from several models. ``sources`` gives, for other inputs, the layers
+    that line up with these output layers when an operation reads them (e.g. a slerp of
+    a's layers 0-3 with b's layers 4-7); inputs not listed use the same indices as ``layers``.
+    """
 
     layers: LayerSpec = Field(description="Source layer indices, in order: '0-15'.")
+    from_: str | None = Field(None, alias="from", description="Input these layers come from. Default: the recipient.")
+    sources: dict[str, LayerSpec] | None = Field(None, description="Other inputs' source layers for the same output layers: {b: '4-7'}.")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class LayerSwap(Operation):
@@ -127,7 +137,7 @@ class Blend(Operation):
 # ---------------------------------------------------------------------------- operation registry
 # An operation is a pydantic model (its schema) plus a planner (plan.py's Context -> op trees),
 # registered together with @operation. Modules listed here register theirs when first needed.
-OPERATION_MODULES = ["surgery.plan", "surgery.adapter_ops", "surgery.analysis_ops"]
+OPERATION_MODULES = ["surgery.plan", "surgery.adapter_ops", "surgery.analysis_ops", "surgery.merge"]
 OPERATIONS: dict[str, type[Operation]] = {}
 PLANNERS: dict[str, Any] = {}
 
@@ -164,12 +174,18 @@ class Recipe(Strict):
     _lines: dict = {}
     _text: str | None = None
     _base_dir: Path | None = None
+    _path_map: dict = {}  # recipe path prefix -> path in the source file (translated mergekit configs)
 
     @property
     def recipient_name(self) -> str:
         return self.recipient or next(iter(self.inputs))
 
     def where(self, path: tuple) -> str:
+        path = tuple(path)
+        for n in range(len(path), 0, -1):
+            if path[:n] in self._path_map:
+                path = self._path_map[path[:n]] + path[n:]
+                break
         return _where(self._source, self._lines, path)
 
     def error(self, path: tuple, message: str) -> RecipeError:
@@ -202,6 +218,18 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
         data, lines = _parse_yaml(text, name)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
+    from .mergekit_config import is_mergekit_config
+
+    if is_mergekit_config(data):  # a mergekit config runs unchanged (see mergekit_config.py)
+        from .mergekit_config import translate
+
+        data, path_map = translate(data, name, lines)
+        recipe = Recipe.model_validate(data)
+        recipe.operations = [_validate_operation(op, i, name, {}) for i, op in enumerate(recipe.operations)]
+        recipe._source, recipe._lines, recipe._text, recipe._path_map = name, lines, text, path_map
+        recipe._base_dir = None  # mergekit resolves model paths against the working directory
+        _check_names(recipe)
+        return recipe
     declared = data.get("inputs")
     for key, spec in (declared.items() if isinstance(declared, dict) else []):
         if isinstance(spec, dict):  # an adapter: report its own errors, not the union's
@@ -353,6 +381,11 @@ def _check_names(recipe: Recipe) -> None:
         check(recipe.recipient, ("recipient",))
     if recipe.output.config_from:
         check(recipe.output.config_from, ("output", "config_from"))
+    if recipe.output.tokenizer_from:
+        check(recipe.output.tokenizer_from, ("output", "tokenizer_from"))
+    for i, seg in enumerate(recipe.stack or []):
+        for n, field in ([(seg.from_, "from")] if seg.from_ else []) + [(n, "sources") for n in seg.sources or {}]:
+            check(n, ("stack", i, field) + ((n,) if field == "sources" else ()))
     for i, op in enumerate(recipe.operations):
         path = ("operations", i, operation_name(op))
         for field, names in op.input_refs().items():

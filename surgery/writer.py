@@ -184,3 +184,16 @@ def copy_support_files(src: Path, dst: Path) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of ``src``, replacing any already in ``dst``."""
+    for name in TOKENIZER_FILES:
+        if (dst / name).is_file():
+            (dst / name).unlink()
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
