@@ -212,8 +212,8 @@ NOHASH = ("import sys, surgery.execute as ex; ex.sha256_file = lambda path: 'not
 
 # ---------------------------------------------------------------------------- measuring
 
-def measure(cmd: list[str], env: dict) -> tuple[float, int]:
-    """Run a child; return (wall seconds, peak RSS bytes) from its own rusage."""
+def measure(cmd: list[str], env: dict) -> tuple[float, int, float]:
+    """Run a child; return (wall seconds, peak RSS bytes, CPU seconds) from its own rusage."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(p.pid, 0)
@@ -223,7 +223,7 @@ def measure(cmd: list[str], env: dict) -> tuple[float, int]:
     p.stdout.close(), p.stderr.close()
     if p.returncode != 0:
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss * 1024  # KiB on Linux
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss is KiB on Linux
 
 
 def warm(files: list[str]) -> None:
@@ -279,8 +279,8 @@ def main() -> None:
     results = {"machine": machine(), "cases": []}
     try:
         imp = [measure([py, "-c", "import torch, safetensors, surgery.execute"], env) for _ in range(args.repeats)]
-        base_wall = statistics.median(w for w, _ in imp)
-        base_rss = statistics.median(r for _, r in imp)
+        base_wall = statistics.median(m[0] for m in imp)
+        base_rss = statistics.median(m[1] for m in imp)
         results["import_baseline"] = {"wall": base_wall, "rss": base_rss}
         print(f"import baseline (python -c 'import torch, safetensors, surgery.execute'): "
               f"peak RSS {fmt_mb(base_rss)} MB, {base_wall:.2f} s", flush=True)
@@ -330,8 +330,9 @@ def main() -> None:
                        "read_bytes": spec["read_bytes"], "write_bytes": spec["write_bytes"],
                        "largest": spec["largest"], "same_bytes": same}
                 for k, rs in runs.items():
-                    row[k] = {"wall": statistics.median(w for w, _ in rs), "rss": statistics.median(r for _, r in rs),
-                              "walls": [w for w, _ in rs], "rsss": [r for _, r in rs]}
+                    row[k] = {"wall": statistics.median(m[0] for m in rs), "rss": statistics.median(m[1] for m in rs),
+                              "cpu": statistics.median(m[2] for m in rs),
+                              "walls": [m[0] for m in rs], "rsss": [m[1] for m in rs], "cpus": [m[2] for m in rs]}
                 results["cases"].append(row)
                 print_row(row, base_rss)
                 clean(out_s), clean(out_f)
@@ -353,7 +354,8 @@ def print_row(row: dict, base_rss: float) -> None:
     extra = f", nohash {row['nohash']['wall']:.2f} s" if "nohash" in row else ""
     print(f"  {row['case']:7s} read {row['read_bytes'] / 1e9:.2f} GB, write {row['write_bytes'] / 1e9:.2f} GB: "
           f"surgery {s['wall']:.2f} s (runs {', '.join(f'{w:.2f}' for w in s['walls'])}){extra}, "
-          f"floor {f['wall']:.2f} s -> {s['wall'] / f['wall']:.2f}x; "
+          f"floor {f['wall']:.2f} s (runs {', '.join(f'{w:.2f}' for w in f['walls'])}) -> {s['wall'] / f['wall']:.2f}x; "
+          f"CPU s: surgery {s['cpu']:.2f}, floor {f['cpu']:.2f} -> {s['cpu'] / f['cpu']:.2f}x; "
           f"peak RSS {fmt_mb(s['rss'])} MB ({fmt_mb(s['rss'] - base_rss)} over imports), "
           f"floor peak RSS {fmt_mb(f['rss'])} MB, largest tensor {fmt_mb(row['largest'])} MB; "
           f"output == floor output: {row['same_bytes']}", flush=True)
@@ -361,19 +363,17 @@ def print_row(row: dict, base_rss: float) -> None:
 
 def table(results: dict) -> str:
     base = results["import_baseline"]["rss"]
-    head = ("| size | case | read GB | write GB | largest tensor MB | surgery peak RSS MB | over imports MB "
-            "| surgery s | no-hash s | floor s | surgery/floor | no-hash/floor | bytes = floor |")
+    head = ("| size | case | read GB | write GB | largest tensor MB | peak RSS MB | RSS over imports MB "
+            "| surgery s | no-hash s | floor s | surgery/floor | no-hash/floor | CPU surgery/floor | bytes = floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results["cases"]:
         s, f, n = r["surgery"], r["floor"], r.get("nohash")
+        nw, nr = (f"{n['wall']:.2f}", f"{n['wall'] / f['wall']:.2f}x") if n else ("-", "-")
         lines.append(
             f"| {r['size_gb']:g} GB | {r['case']} | {r['read_bytes'] / 1e9:.2f} | {r['write_bytes'] / 1e9:.2f} "
-            f"| {fmt_mb(r['largest'])} | {fmt_mb(s['rss'])} | {fmt_mb(s['rss'] - base)} | {s['wall']:.2f} "
-            f"| {n['wall']:.2f} | {f['wall']:.2f} | {s['wall'] / f['wall']:.2f}x | {n['wall'] / f['wall']:.2f}x "
-            f"| {'yes' if r['same_bytes'] else 'NO'} |" if n else
-            f"| {r['size_gb']:g} GB | {r['case']} | {r['read_bytes'] / 1e9:.2f} | {r['write_bytes'] / 1e9:.2f} "
-            f"| {fmt_mb(r['largest'])} | {fmt_mb(s['rss'])} | {fmt_mb(s['rss'] - base)} | {s['wall']:.2f} "
-            f"| - | {f['wall']:.2f} | {s['wall'] / f['wall']:.2f}x | - | {'yes' if r['same_bytes'] else 'NO'} |")
+            f"| {fmt_mb(r['largest'])} | {fmt_mb(s['rss'])} | {fmt_mb(s['rss'] - base)} | {s['wall']:.2f} | {nw} "
+            f"| {f['wall']:.2f} | {s['wall'] / f['wall']:.2f}x | {nr} | {s['cpu'] / f['cpu']:.2f}x "
+            f"| {'yes' if r['same_bytes'] else 'NO'} |")
     imp = results["import_baseline"]
     lines.append(f"\nimport baseline: {fmt_mb(imp['rss'])} MB peak RSS, {imp['wall']:.2f} s; machine: "
                  f"{results['machine']}")

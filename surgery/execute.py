@@ -81,6 +81,11 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
         for e in plan.entries:
             writer.write(e.name, evaluate(e.node, read))
             bar.update(e.nbytes)
+            # safetensors returns tensors backed by its mmap of the file, and every page read stays
+            # resident (and in our RSS) until the file is closed; closing after each tensor keeps
+            # memory at one tensor's inputs instead of all the bytes read so far. Reopening is cheap.
+            for ck in inputs.values():
+                ck.close()
         return list(writer.files)
 
 
