@@ -109,18 +109,21 @@ def generate(folder: Path, cfg: dict, seed: int) -> Path:
 # ---------------------------------------------------------------------------- cases
 
 def recipes(family: dict[str, Path], n_layers: int) -> dict[str, str]:
-    inputs = "\n".join(f"  {k}: {v}" for k, v in family.items())
-    common = f"inputs:\n{inputs}\noutput:\n  shard_size: {SHARD_BYTES}\n"
+    def common(*names):  # surgery hashes every listed input, so list only the ones used
+        inputs = "\n".join(f"  {k}: {family[k]}" for k in names)
+        return f"inputs:\n{inputs}\noutput:\n  shard_size: {SHARD_BYTES}\n"
+
     k, t = max(1, n_layers // 6), 1 if n_layers < 12 else 2
     return {
         # bottom/top n/6 layers from the donor, ramps next to them, embeddings blended 50/50
-        "swap": common + f"recipient: a\noperations:\n  - layer_swap:\n      donor: b\n      bottom: {k}\n"
+        "swap": common("a", "b") + f"recipient: a\noperations:\n  - layer_swap:\n      donor: b\n      bottom: {k}\n"
                          f"      top: {k}\n      transition: {t}\n      embeddings: 0.5\n",
         # three inputs really read: base keeps weight 0.2
-        "arith3": common + "recipient: base\noperations:\n"
+        "arith3": common("base", "a", "b") + "recipient: base\noperations:\n"
                            "  - arithmetic:\n      expr: base + 0.5*(a - base) + 0.3*(b - base)\n",
-        # the expression; base cancels (1 - 0.7 - 0.3 = 0), so the plan reads two inputs
-        "arith": common + "recipient: base\noperations:\n"
+        # the expression: base cancels (1 - 0.7 - 0.3 = 0) if the parser drops the float residue
+        # (5.6e-17); "read GB" in the table shows whether the plan still reads it
+        "arith": common("base", "a", "b") + "recipient: base\noperations:\n"
                           "  - arithmetic:\n      expr: base + 0.7*(a - base) + 0.3*(b - base)\n",
     }
 

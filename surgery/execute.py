@@ -73,7 +73,14 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
     inputs = plan.inputs
 
     def read(ref):
-        return inputs[ref.input].get(ref.name)
+        # safetensors returns tensors backed by its mmap of the file, and every page read stays
+        # resident (and in our RSS) while the file is open. Closing right away ties the pages to the
+        # tensor's life instead (the tensor keeps the map alive), so memory holds the tensors in use,
+        # not all the bytes read so far. Reopening costs a header parse.
+        ck = inputs[ref.input]
+        tensor = ck.get(ref.name)
+        ck.close()
+        return tensor
 
     with ShardedWriter(folder, specs, max_bytes) as writer, \
             tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
@@ -81,11 +88,6 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
         for e in plan.entries:
             writer.write(e.name, evaluate(e.node, read))
             bar.update(e.nbytes)
-            # safetensors returns tensors backed by its mmap of the file, and every page read stays
-            # resident (and in our RSS) until the file is closed; closing after each tensor keeps
-            # memory at one tensor's inputs instead of all the bytes read so far. Reopening is cheap.
-            for ck in inputs.values():
-                ck.close()
         return list(writer.files)
 
 
