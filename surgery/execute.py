@@ -82,7 +82,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
     inputs = plan.inputs
 
     def read(ref):
-        return inputs[ref.input].get(ref.name)
+        return inputs[ref.input].get(ref.name)  # positioned reads: memory holds only tensors in use
 
     # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \

@@ -45,6 +45,9 @@ class Op:
     compute: Callable[[list, dict], Any]
     describe: Callable[[list[str], dict], str]
     raw: bool = False  # True: args arrive in their stored dtype, not as float32
+    # optional: fold(acc, arg, i, params) combines args one at a time (acc is None for i=0), so memory
+    # holds the result and one argument instead of every argument at once; used instead of compute
+    fold: Callable[[Any, Any, int, dict], Any] | None = None
 
 
 OPS: dict[str, Op] = {}
@@ -74,6 +77,13 @@ def evaluate(node, read: Callable[[Ref], Any]):
     if isinstance(node, Ref):
         return read(node)
     op = OPS[node.op]
+    if op.fold is not None:
+        acc = None
+        for i, a in enumerate(node.args):
+            t = evaluate(a, read)
+            acc = op.fold(acc, t if op.raw else t.float(), i, node.params)
+            del t
+        return acc
     args = [evaluate(a, read) for a in node.args]
     if not op.raw:
         args = [a.float() for a in args]
@@ -117,7 +127,12 @@ def _describe_linear(args: list[str], params) -> str:
     return "".join(parts)
 
 
-register("linear", Op(shape=_same_shapes, compute=_linear, describe=_describe_linear))
+def _linear_fold(acc, t, i, params):
+    c = params["coeffs"][i]
+    return t * c if acc is None else acc.add_(t, alpha=c)  # the same steps as _linear, one arg at a time
+
+
+register("linear", Op(shape=_same_shapes, compute=_linear, describe=_describe_linear, fold=_linear_fold))
 
 
 def linear(terms: list[tuple[float, Any]]):
