@@ -16,11 +16,9 @@ the computation, not the disk.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,8 +161,8 @@ def main():
     full = results["surgery diff (CLI, neurons+heads+pairs, --json)"][0]
     print(f"\n3 checkpoints, {size / 1e9:.2f} GB in all (bf16, {CFG['num_hidden_layers']} layers, hidden "
           f"{CFG['hidden_size']}), page cache warm, {os.cpu_count()} CPUs, best of {args.repeat}\n")
-    print(f"| run | wall s | × tensor read floor | peak RSS MB |")
-    print(f"|---|---:|---:|---:|")
+    print("| run | wall s | × tensor read floor | peak RSS MB |")
+    print("|---|---:|---:|---:|")
     for label, (wall, rss, _) in results.items():
         print(f"| {label} | {wall:.2f} | {wall / floor:.2f} | {rss:.0f} |")
     if ml:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from .errors import SurgeryError
 
 CHUNK = 1 << 17  # float32 entries per chunk: 512 KB, so a chunk's buffers stay in cache (measured best)
 
@@ -44,64 +43,32 @@ def read_ahead(names, base, cks):
 
 
 class Reader:
-    """Reads one tensor at a time with plain file reads into reused buffers.
+    """Reads one tensor at a time into reused buffers, through Checkpoint.get's positioned reads.
 
-    Unlike safetensors' mmap, the pages read don't stay mapped into the process, so resident memory
-    stays at a few tensors however large the checkpoint is. ``read(name, slot)`` reuses the buffer of
-    ``slot`` (grown to the largest tensor seen), so the data is valid until that slot is read again;
-    ``slot=None`` returns a fresh buffer.
+    ``read(name, slot)`` reuses the buffer of ``slot`` (grown to the largest tensor seen), so the
+    data is valid until that slot is read again; ``slot=None`` returns a fresh buffer. Inputs that
+    are not files (adapters: base + ΔW) are computed by their own ``get``.
     """
 
     def __init__(self, ck):
         self.ck = ck
-        self.files: dict = {}
-        self.offsets: dict = {}
         self.slots: dict = {}
-
-    def _index(self, path):
-        import json
-
-        f = open(path, "rb", buffering=0)
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        self.files[path] = f
-        for k, v in header.items():
-            self.offsets[(path, k)] = (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
 
     def read(self, name, slot=None):
         import torch
 
-        from .writer import torch_dtype
-
-        path = getattr(self.ck, "weight_map", {}).get(name)
-        if path is None:
+        if name not in getattr(self.ck, "weight_map", {}):
             return self.ck.get(name).clone()
-        if path not in self.files:
-            self._index(path)
-        start, end = self.offsets[(path, name)]
-        meta = self.ck.meta[name]
-        size = end - start
         if slot is None:
-            buf = torch.empty(size, dtype=torch.uint8)
-        else:
-            buf = self.slots.get(slot)
-            if buf is None or buf.numel() < size:
-                buf = self.slots[slot] = torch.empty(size, dtype=torch.uint8)
-            buf = buf[:size]
-        f = self.files[path]
-        f.seek(start)
-        view, got = memoryview(buf.numpy()), 0
-        while got < len(view):
-            k = f.readinto(view[got:])
-            if not k:
-                raise SurgeryError(f"{path}: file ends inside tensor {name!r} (truncated download?)")
-            got += k
-        return buf.view(torch_dtype(meta.dtype)).reshape(meta.shape)
+            return self.ck.get(name)
+        size = self.ck.meta[name].nbytes
+        buf = self.slots.get(slot)
+        if buf is None or buf.numel() < size:
+            buf = self.slots[slot] = torch.empty(size, dtype=torch.uint8)
+        return self.ck.get(name, out=buf)
 
     def close(self):
-        for f in self.files.values():
-            f.close()
+        self.ck.close()
 
 
 # ---------------------------------------------------------------------------- reducing

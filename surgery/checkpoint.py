@@ -158,11 +158,13 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str):
+    def get(self, name: str, out=None):
         """Read one tensor (a torch.Tensor in the file's dtype, in its own memory).
 
         Plain positioned reads rather than mmap: mapped pages count toward the process's
         memory and pile up to the size of the model; read buffers are freed with the tensor.
+        ``out``, a uint8 tensor of at least the tensor's byte size, is filled and viewed
+        instead of a new buffer (for readers that reuse buffers).
         """
         import torch
 
@@ -180,14 +182,14 @@ class Checkpoint:
             handle = self._handles[path] = (open(path, "rb", buffering=0), _data_offsets(path))
         f, offsets = handle
         start, end = offsets[name]
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        buf = torch.empty(end - start, dtype=torch.uint8) if out is None else out[:end - start]
         if end > start:
             view = memoryview(buf.numpy())
             got = 0
             while got < len(view):
                 n = os.preadv(f.fileno(), [view[got:]], start + got)
                 if n <= 0:
-                    raise SurgeryError(f"{path}: file ends inside tensor {name!r}")
+                    raise SurgeryError(f"{path}: file ends inside tensor {name!r} (truncated download?)")
                 got += n
         return buf.view(torch_dtype(meta.dtype)).reshape(meta.shape)
 

@@ -6,7 +6,6 @@ Only click is imported at start-up; torch, transformers and mergekit load inside
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 
 import click

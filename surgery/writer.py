@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import DTYPE_SIZES, INDEX_NAME, SINGLE_NAME, TensorMeta
+from .checkpoint import INDEX_NAME, SINGLE_NAME, TensorMeta
 from .errors import SurgeryError
 
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
