@@ -5,8 +5,8 @@
     ckpt = Checkpoint.open("org/name@main")         # a Hub id, through the HF cache
     w = ckpt.get("model.layers.0.mlp.up_proj.weight")  # one tensor, read on demand
 
-Nothing is loaded until asked for, and only the asked-for tensor is read (safetensors mmaps
-the file). Pickle ``.bin`` checkpoints are refused unless ``convert_bin=True``.
+Nothing is loaded until asked for, and only the asked-for tensor is read, with positioned
+reads at its offsets from the safetensors header (see ``get``). Pickle ``.bin`` checkpoints are refused unless ``convert_bin=True``.
 """
 
 from __future__ import annotations

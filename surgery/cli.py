@@ -19,6 +19,9 @@ Examples:
   surgery plan recipes/layer_swap.yaml           # where every tensor comes from
   surgery run recipes/layer_swap.yaml -o out/swapped
   surgery schema > recipe.schema.json            # for editor autocompletion
+  surgery diff demo/checkpoints/base sw=demo/checkpoints/swahili --plot diff.png
+  surgery run mergekit-config.yml -o out/merged  # mergekit configs run unchanged
+  surgery push out/swapped me/math-sw            # upload with a model card
 """
 
 
