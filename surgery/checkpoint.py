@@ -6,7 +6,8 @@
     w = ckpt.get("model.layers.0.mlp.up_proj.weight")  # one tensor, read on demand
 
 Nothing is loaded until asked for, and only the asked-for tensor is read, with positioned
-reads at its offsets from the safetensors header (see ``get``). Pickle ``.bin`` checkpoints are refused unless ``convert_bin=True``.
+reads at its offsets from the safetensors header (see ``get``). Pickle ``.bin`` checkpoints
+are refused unless ``convert_bin=True``.
 """
 
 from __future__ import annotations
