@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator
 
@@ -39,8 +39,11 @@ def _check_top(v):
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
+NeuronIndex = Annotated[int, Field(ge=0)]
+
+
 class NeuronSet(Strict):
-    """MLP neurons: the top-ranked by change of `expert` relative to `base`, or a set read from `file`."""
+    """MLP neurons: the top-ranked by change of `expert` relative to `base`, a set read from `file`, or explicit `indices`."""
 
     expert: str | None = Field(None, description="Input whose change ranks the neurons. Default: the donor (transplant_neurons) or the recipient (reset_neurons).")
     base: str | None = Field(None, description="Input the change is measured against. Default: the recipient (transplant_neurons) or `to` (reset_neurons).")
@@ -48,6 +51,7 @@ class NeuronSet(Strict):
     per_layer: bool = Field(True, description="Top-k within each layer (true) or over all layers together (false).")
     layers: LayerSpec | None = Field(None, description="Only these (source) layers.")
     file: str | None = Field(None, description="Neuron-set JSON file (format surgery.neurons/1) instead of a ranking; relative to the recipe.")
+    indices: Union[list[NeuronIndex], dict[int, list[NeuronIndex]], None] = Field(None, description="Explicit neurons instead of a ranking: a list for every layer (or those in `layers`), or {layer: [indices]}.")
 
     @field_validator("top")
     @classmethod
@@ -198,7 +202,16 @@ def _tag(ctx) -> str:
 
 def _select_neurons(ctx, ns: NeuronSet, default_expert: str | None, default_base: str | None):
     """{source layer: [(index, score)]} and a description of where it came from."""
-    if ns.file:
+    if ns.indices is not None:
+        if ns.file or ns.top is not None or ns.expert or ns.base:
+            raise ctx.error(("neurons", "indices"), "give either 'indices', 'file' or a ranking "
+                                                    "('expert'/'base'/'top'), not two of them")
+        if isinstance(ns.indices, dict):
+            sel = {i: [(j, None) for j in dict.fromkeys(v)] for i, v in ns.indices.items()}
+        else:
+            sel = {i: [(j, None) for j in dict.fromkeys(ns.indices)] for i in range(ctx.n_layers)}
+        src = "explicit indices"
+    elif ns.file:
         if ns.top is not None or ns.expert or ns.base:
             raise ctx.error(("neurons", "file"), "give either 'file' or a ranking ('expert'/'base'/'top'), not both")
         base_dir = ctx.recipe._base_dir or Path.cwd()
@@ -211,7 +224,8 @@ def _select_neurons(ctx, ns: NeuronSet, default_expert: str | None, default_base
     else:
         expert, base = ns.expert or default_expert, ns.base or default_base
         if ns.top is None:
-            raise ctx.error(("neurons",), "say which neurons: 'top' (a count or fraction) or 'file'")
+            raise ctx.error(("neurons",), "say which neurons: 'top' (a count or fraction) or 'file' "
+                                          "(or explicit 'indices')")
         if not expert or not base:
             raise ctx.error(("neurons",), "say whose change ranks the neurons: 'expert' and 'base'")
         if expert == base:
@@ -251,7 +265,7 @@ def _apply_neurons(ctx, sel, src_name: str | None, what: str, src_desc: str) -> 
         idx = [j for j, _ in picked]
         if max(idx) >= n_neurons:
             raise ctx.error(("neurons",), f"neuron {max(idx)} is out of range in layer {ctx.layer_map[i.layer]}: "
-                                          f"{e.source_name!r} has {n_neurons} neurons")
+                                          f"{e.source_name!r} has {n_neurons} neurons (0-{n_neurons - 1})")
         if i.kind == "mlp_gate_up":
             idx = idx + [j + n_neurons for j in idx]
         donor = ctx.ref(src_name, e) if src_name else None

@@ -16,8 +16,8 @@ Each method runs surgery's own planner for its operation on the one tensor merge
 ``surgery run`` and mergekit compute the same numbers with the same code. Roles come from
 mergekit's usual structure: for ``surgery_layer_swap`` the ``base_model`` is the recipient and
 the one other model the donor; for ``surgery_arithmetic`` / ``surgery_blend`` each model has a
-``weight`` (negative allowed, references need not be a base). ``surgery_transplant`` (MLP neurons)
-has no recipe operation yet, so it carries its own few lines of index math.
+``weight`` (negative allowed, references need not be a base). ``surgery_transplant`` (MLP neurons) is
+the recipe's ``transplant_neurons`` (or ``reset_neurons`` with ``to: zero``) with explicit indices.
 
 mergekit is imported only inside functions; importing this module is cheap.
 """
@@ -204,12 +204,9 @@ def _transplant_method():
 
 
 def _transplant(group, neurons: str, layers, mode: str, num_layers):
-    """MLP neurons of the recipient (base_model) replaced by the donor's, or zeroed.
-
-    Neuron j is row j of gate/up (and of their biases) and column j of down, along the axis
-    surgery.layout reports; a fused gate_up holds neuron j at j and at half + j. Copies bytes.
-    """
-    import torch
+    """The recipe's ``transplant_neurons`` (donor -> recipient) or ``reset_neurons`` (to: zero) with
+    explicit neuron indices, planned and evaluated like the other methods (the ``splice`` op)."""
+    from .analysis_ops import MLP_KINDS
 
     method = "surgery_transplant"
     name = group.metadata.name
@@ -225,23 +222,26 @@ def _transplant(group, neurons: str, layers, mode: str, num_layers):
     layout, model_layers = _model_layout(group.base.id)
     sets = _neuron_sets(neurons, layers, num_layers or model_layers)
     info = layout.info(name)
-    chosen = sets.get(info.layer, sets.get("*"))
-    if info.layer is None or info.neuron_axis is None or chosen is None:
+    # a one-tensor plan: tensors the neuron set leaves alone are the recipient's (the planner would
+    # refuse a plan in which no MLP tensor changes)
+    if info.layer is None or info.kind not in MLP_KINDS or (info.layer not in sets and "*" not in sets):
         return recipient
-    axis, size = info.neuron_axis, recipient.shape[info.neuron_axis]
-    per_half = size // 2 if info.kind == "mlp_gate_up" else size
-    bad = [j for j in chosen if j >= per_half]
-    if bad:
-        raise MergekitParameterError(f"{method}: parameter 'neurons': neuron {bad[0]} is out of range: tensor "
-                                     f"{name!r} has {per_half} MLP neurons (0-{per_half - 1})")
-    idx = list(chosen)
-    if info.kind == "mlp_gate_up":
-        idx += [per_half + j for j in idx]
-    index = torch.tensor(idx, dtype=torch.long, device=recipient.device)
-    out = recipient.clone()
+    kind, op = _transplant_op(neurons, layers, num_layers or model_layers, mode)
+    tensors = {RECIPIENT: recipient, **({DONOR: donors[0].tensor} if donors else {})}
+    return _apply(kind, op, method, group, tensors, group.base.id, num_layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _transplant_op(neurons: str, layers: Optional[str], n: int, mode: str) -> tuple:
+    """(planner name, TransplantNeurons / ResetNeurons) with the parameters' neurons as explicit indices."""
+    from .analysis_ops import ResetNeurons, TransplantNeurons
+
+    sets = _neuron_sets(neurons, layers, n)
+    indices = sets["*"] if "*" in sets else sets
     if mode == "zero":
-        return out.index_fill_(axis, index, 0)
-    return out.index_copy_(axis, index, donors[0].tensor.index_select(axis, index))
+        return "reset_neurons", _build_op(ResetNeurons, "surgery_transplant", to="zero", neurons={"indices": indices})
+    return "transplant_neurons", _build_op(TransplantNeurons, "surgery_transplant", donor=DONOR,
+                                           neurons={"indices": indices})
 
 
 @functools.lru_cache(maxsize=256)
@@ -330,7 +330,9 @@ def _apply(kind: str, op, method: str, group, tensors: dict, layout_source, num_
     recipe = Recipe.model_validate({"inputs": inputs, "recipient": recipient})
     entry = Entry(name, info, name, Ref(recipient, name, info.layer, info.layer))
     operations()
-    ctx = Context(recipe, {}, layout, [entry], list(range(n or 0)), [])
+    # the inputs as planners see them: each role's one tensor, metadata only
+    inputs = {role: _OneTensor(name, t) for role, t in tensors.items()}
+    ctx = Context(recipe, inputs, layout, [entry], list(range(n or 0)), [])
     ctx.path = ("operations", 0, kind)
     try:
         PLANNERS[kind](ctx, op)
@@ -343,6 +345,18 @@ def _apply(kind: str, op, method: str, group, tensors: dict, layout_source, num_
     dtype = group.entries[0].tensor.dtype
     out = evaluate(entry.node, lambda ref: tensors[ref.input])
     return out if out.dtype == dtype else out.to(dtype)
+
+
+class _OneTensor:
+    """Stands in for a Checkpoint in a one-tensor plan: ``meta[name].shape`` of the tensor."""
+
+    def __init__(self, name: str, tensor):
+        from types import SimpleNamespace
+
+        self.meta = {name: SimpleNamespace(shape=tuple(tensor.shape))}
+
+    def __contains__(self, name) -> bool:
+        return name in self.meta
 
 
 @functools.lru_cache(maxsize=64)

@@ -108,6 +108,29 @@ def test_ranked_layer_swap(ckpts, tmp_path):
     assert "outer split bottom 2 + top 2" in build_plan(outer).format()
 
 
+def test_explicit_neuron_indices(ckpts, tmp_path):
+    """neurons.indices: a list for every layer (or those in `layers`), or {layer: [indices]}."""
+    per_layer = recipe(ckpts, "lang", [{"transplant_neurons": {"donor": "neu", "neurons": {"indices": {4: [17, 3], 6: [0]}}}}])
+    assert "3 neurons in 2 layers from neu (explicit indices)" in build_plan(per_layer).format()
+    out = load(run(per_layer, tmp_path / "a").output)
+    flat = recipe(ckpts, "lang", [{"reset_neurons": {"to": "zero", "neurons": {"indices": [3, 17], "layers": "4"}}}])
+    zeroed = load(run(flat, tmp_path / "b").output)
+    donor, recip = load(ckpts["neu"]), load(ckpts["lang"])
+    want = {4: [3, 17], 6: [0]}  # neu differs from lang in layer 4's neurons 3, 17 and in all of layer 6
+    for name, t in out.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        idx = want.get(layer) if ".mlp." in name else None
+        expect, expect_zero = recip[name].clone(), recip[name].clone()
+        if idx:
+            sl = (slice(None), idx) if rows_of(name) else (idx, slice(None))
+            expect[sl] = donor[name][sl]
+            assert not torch.equal(expect, recip[name]), name
+            if layer == 4:
+                expect_zero[sl] = 0
+        assert raw_bytes(t) == raw_bytes(expect), name
+        assert raw_bytes(zeroed[name]) == raw_bytes(expect_zero), name
+
+
 def test_fused_gate_up_transplant(tmp_path):
     cfg = tiny_config("phi3", intermediate_size=I)
     base = random_state(cfg, seed=0)
@@ -132,6 +155,11 @@ def test_fused_gate_up_transplant(tmp_path):
     ({"reset_neurons": {"to": "zero", "neurons": {"top": 3}}}, "say whose change ranks the neurons: 'expert' and 'base'"),
     ({"reset_neurons": {"to": "base", "neurons": {"top": 3, "expert": "base"}}}, "expert and base are both 'base'"),
     ({"transplant_neurons": {"donor": "neu", "neurons": {"base": "base", "top": 3, "layers": "0-3"}}}, "the neuron set is empty"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": [1], "top": 3}}}, "give either 'indices', 'file' or a ranking"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": [1, -2]}}}, "Input should be greater than or equal to 0"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": {9: [1]}}}}, "neuron set names layer 9, but the model has 8 layers"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": [64]}}}, "neuron 64 is out of range in layer 0"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": {3: []}}}}, "the neuron set is empty (explicit indices)"),
     ({"ranked_layer_swap": {"donor": "neu", "k": 9}}, "k = 9 exceeds the model's 8 layers"),
     ({"ranked_layer_swap": {"donor": "neu", "k": 0}}, "Input should be greater than or equal to 1"),
     ({"ranked_layer_swap": {"donor": "neu", "reference": "neu", "k": 2}}, "the donor 'neu' is also the reference"),

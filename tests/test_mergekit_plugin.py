@@ -354,7 +354,7 @@ def neuron_slices(name, neurons):
 
 
 def test_transplant_moves_exactly_the_neuron_rows_and_columns(models, tmp_path):
-    """No recipe op to compare with yet (analysis-driven transplant is issue 3), so: by hand."""
+    """By hand (the parity tests below compare with the recipe's transplant_neurons)."""
     neurons = {4: [3, 17, 40], 6: [0, 1, 2, 47]}
     out = load(mergekit_run({"merge_method": "surgery_transplant", "base_model": str(models["task"]),
                              "models": [{"model": str(models["lang"])}],
@@ -392,9 +392,36 @@ def test_transplant_zero_and_reset(models, tmp_path):
         assert raw_bytes(reset[name]) == raw_bytes(want_reset), name
 
 
+def test_transplant_matches_surgery_run_of_transplant_neurons(models, tmp_path):
+    """`surgery mergekit` (a real process) == surgery.run of transplant_neurons with the same indices."""
+    cfg = tmp_path / "t.yml"
+    cfg.write_text(f"merge_method: surgery_transplant\nbase_model: {models['task']}\nmodels:\n"
+                   f"  - model: {models['lang']}\nparameters:\n  neurons: '4: 3, 17, 40; 6-7: 0-2, 47'\n"
+                   "dtype: bfloat16\n")
+    r = subprocess.run([sys.executable, "-m", "surgery", "mergekit", str(cfg), str(tmp_path / "mk"),
+                        "--no-copy-tokenizer", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    neurons = {"indices": {4: [3, 17, 40], 6: [0, 1, 2, 47], 7: [0, 1, 2, 47]}}
+    sg = surgery_run({"task": models["task"], "lang": models["lang"]},
+                     [{"transplant_neurons": {"donor": "lang", "neurons": neurons}}], tmp_path / "sg")
+    out = assert_same_tensors(tmp_path / "mk", sg)
+    recipient = load(models["task"])
+    assert sum(raw_bytes(t) != raw_bytes(recipient[n]) for n, t in out.items()) == 9  # gate/up/down x 3 layers
+
+
+def test_transplant_zero_matches_surgery_run_of_reset_neurons(models, tmp_path):
+    mk = mergekit_run({"merge_method": "surgery_transplant", "base_model": str(models["lang"]),
+                       "models": [{"model": str(models["lang"])}],
+                       "parameters": {"neurons": "5, 9-10", "layers": "0-1, 7", "mode": "zero"}}, tmp_path / "mk")
+    sg = surgery_run({"lang": models["lang"]},
+                     [{"reset_neurons": {"to": "zero", "neurons": {"indices": [5, 9, 10], "layers": "0-1, 7"}}}],
+                     tmp_path / "sg")
+    assert_same_tensors(mk, sg)
+
+
 TRANSPLANT_ERRORS = [
-    ({"neurons": "3, 48"}, "parameter 'neurons': neuron 48 is out of range: tensor 'model.layers.0.mlp.down_proj.weight' "
-                           "has 48 MLP neurons (0-47)"),
+    ({"neurons": "3, 48"}, "parameter 'neurons': neuron 48 is out of range in layer 0: 'model.layers.0.mlp.down_proj.weight' "
+                           "has 48 neurons (0-47)"),
     ({"neurons": "3; x"}, "parameter 'neurons': expected neuron indices like '3, 17, 40-45'"),
     ({"neurons": "9: 3"}, "parameter 'neurons': layer 9 is out of range: the model has 8 layers (0-7)"),
     ({"neurons": "4: 3", "layers": "4"}, "give either per-layer 'neurons' ('4: 3,17') or 'layers', not both"),
