@@ -26,6 +26,7 @@ mergekit is imported only inside functions; importing this module is cheap.
 # typing.get_type_hints, and the kernels are defined inside a function.
 
 import functools
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from .errors import SurgeryError
@@ -378,7 +379,7 @@ def _model_layout(source) -> tuple:
 
 # ---------------------------------------------------------------------------- running mergekit
 
-def run_mergekit(config, out, *, options=None, force: bool = False) -> "Path":
+def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
     """Run mergekit's own merge (what ``mergekit-yaml CONFIG OUT`` does) with surgery's methods registered.
 
     ``config``: a path to a mergekit YAML file, a YAML string or a dict. ``options``: a
