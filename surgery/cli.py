@@ -193,6 +193,9 @@ def demo(folder, quiet):
     click.echo(f"made demo checkpoints in {folder / 'checkpoints'}: {', '.join(paths)}")
     click.echo("  swahili/english: language experts, changed mostly in layers 0-1 and 6-7; "
                "math: task expert, changed mostly in layers 3-4")
+    adapters = sorted(p.name for p in (folder / "checkpoints").glob("lora-*"))
+    if adapters:
+        click.echo(f"  PEFT LoRA adapters of the experts: {', '.join(adapters)}")
     recipe_path = folder / "layer_swap.yaml"
     recipe_path.write_text(DEMO_RECIPE)
     recipe = load_recipe(recipe_path)

@@ -90,6 +90,7 @@ def test_demo_command(tmp_path):
     r = cli("demo", "--dir", tmp_path / "d", "-q")
     assert r.returncode == 0, r.stderr
     assert "made demo checkpoints" in r.stdout and "layers 3-4" in r.stdout
+    assert "lora-english, lora-math, lora-swahili" in r.stdout
     assert "loaded with transformers LlamaForCausalLM" in r.stdout and "all finite" in r.stdout
     assert (tmp_path / "d" / "out" / "math-swahili-swap" / "model.safetensors").exists()
 
