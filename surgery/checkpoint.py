@@ -159,13 +159,14 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str, out=None):
+    def get(self, name: str, out=None, rows: tuple[int, int] | None = None):
         """Read one tensor (a torch.Tensor in the file's dtype, in its own memory).
 
         Plain positioned reads rather than mmap: mapped pages count toward the process's
         memory and pile up to the size of the model; read buffers are freed with the tensor.
         ``out``, a uint8 tensor of at least the tensor's byte size, is filled and viewed
-        instead of a new buffer (for readers that reuse buffers).
+        instead of a new buffer (for readers that reuse buffers). ``rows=(a, b)`` reads only
+        ``tensor[a:b]`` (rows along the first axis are contiguous in the file).
         """
         import torch
 
@@ -183,6 +184,12 @@ class Checkpoint:
             handle = self._handles[path] = (open(path, "rb", buffering=0), _data_offsets(path))
         f, offsets = handle
         start, end = offsets[name]
+        shape = meta.shape
+        if rows is not None:
+            a, b = rows
+            row_bytes = (end - start) // shape[0]
+            start, end = start + a * row_bytes, start + b * row_bytes
+            shape = (b - a, *shape[1:])
         buf = torch.empty(end - start, dtype=torch.uint8) if out is None else out[:end - start]
         if end > start:
             view = memoryview(buf.numpy())
@@ -192,7 +199,7 @@ class Checkpoint:
                 if n <= 0:
                     raise SurgeryError(f"{path}: file ends inside tensor {name!r} (truncated download?)")
                 got += n
-        return buf.view(torch_dtype(meta.dtype)).reshape(meta.shape)
+        return buf.view(torch_dtype(meta.dtype)).reshape(shape)
 
     @property
     def files(self) -> list[Path]:

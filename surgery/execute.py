@@ -10,6 +10,7 @@ memory holds the output tensor and its inputs, never the model.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .card import write_model_card
 from .checkpoint import TensorMeta, sha256_file
-from .ops import evaluate
+from .ops import Node, elementwise, evaluate, refs
 from .plan import Plan, build_plan
 from .recipe import Recipe, load_recipe, parse_size
 from .writer import ShardedWriter, atomic_dir, check_target, copy_support_files, copy_tokenizer_files, write_json
@@ -90,7 +91,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
                  leave=False) as bar:
         pending = None
         for e in plan.entries:
-            tensor = evaluate(e.node, read)
+            tensor = compute_in_blocks(e, inputs) if _in_blocks(e, inputs) else evaluate(e.node, read)
             if pending is not None:
                 pending.result()
             pending = io.submit(writer.write, e.name, tensor)
@@ -99,6 +100,32 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
         if pending is not None:
             pending.result()
         return list(writer.files)
+
+
+BLOCK_BYTES = 32 << 20  # float32 bytes per row block when a large tensor is computed in blocks
+
+
+def _in_blocks(e, inputs) -> bool:
+    """Compute in row blocks: a large tensor whose tree is elementwise math over file-backed inputs."""
+    return (isinstance(e.node, Node) and len(e.shape) >= 1 and e.shape[0] > 1
+            and 4 * math.prod(e.shape) > BLOCK_BYTES and elementwise(e.node)
+            and all(hasattr(inputs[r.input], "weight_map") for r in refs(e.node)))
+
+
+def compute_in_blocks(e, inputs):
+    """One output tensor, row block by row block: memory holds the output and one block of each input
+    instead of whole float32 copies of every input (the same float32 steps per element, so the same bytes)."""
+    import torch
+
+    from .writer import torch_dtype
+
+    out = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
+    row_floats = max(1, out[0].numel())
+    step = max(1, BLOCK_BYTES // (4 * row_floats))
+    for a in range(0, e.shape[0], step):
+        b = min(e.shape[0], a + step)
+        out[a:b] = evaluate(e.node, lambda ref: inputs[ref.input].get(ref.name, rows=(a, b)))
+    return out
 
 
 def patch_config(config: dict, plan: Plan) -> dict:

@@ -48,6 +48,9 @@ class Op:
     # optional: fold(acc, arg, i, params) combines args one at a time (acc is None for i=0), so memory
     # holds the result and one argument instead of every argument at once; used instead of compute
     fold: Callable[[Any, Any, int, dict], Any] | None = None
+    # True when output element i depends only on element i of each argument, so the executor may compute
+    # a large tensor in row blocks (bitwise the same: the float32 steps per element don't change)
+    elementwise: bool = False
 
 
 OPS: dict[str, Op] = {}
@@ -64,6 +67,11 @@ def refs(node) -> list[Ref]:
     if isinstance(node, Ref):
         return [node]
     return [r for a in node.args for r in refs(a)]
+
+
+def elementwise(node) -> bool:
+    """True if every op in the tree is elementwise (see Op.elementwise)."""
+    return isinstance(node, Ref) or (OPS[node.op].elementwise and all(elementwise(a) for a in node.args))
 
 
 def infer_shape(node, shape_of: Callable[[Ref], tuple]) -> tuple:
@@ -100,7 +108,8 @@ def _same_shapes(shapes: list[tuple], params: dict) -> tuple:
     return first
 
 
-register("take", Op(shape=_same_shapes, compute=lambda ts, p: ts[0], describe=lambda a, p: a[0], raw=True))
+register("take", Op(shape=_same_shapes, compute=lambda ts, p: ts[0], describe=lambda a, p: a[0], raw=True,
+                    elementwise=True))
 
 
 # ---------------------------------------------------------------------------- linear
@@ -132,7 +141,8 @@ def _linear_fold(acc, t, i, params):
     return t * c if acc is None else acc.add_(t, alpha=c)  # the same steps as _linear, one arg at a time
 
 
-register("linear", Op(shape=_same_shapes, compute=_linear, describe=_describe_linear, fold=_linear_fold))
+register("linear", Op(shape=_same_shapes, compute=_linear, describe=_describe_linear, fold=_linear_fold,
+                      elementwise=True))
 
 
 def linear(terms: list[tuple[float, Any]]):

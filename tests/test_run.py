@@ -275,3 +275,29 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path):
     subprocess.run([sys.executable, "-m", "surgery", "run", str(r), "-o", str(killed), "-q"], check=True)
     assert (killed / "model.safetensors.index.json").exists()
     assert list(tmp_path.glob(".out*.surgery-tmp-*")) == []
+
+
+def test_large_tensors_computed_in_row_blocks_give_the_same_bytes(family, tmp_path, monkeypatch):
+    import surgery.execute as ex
+
+    r = recipe(family, [{"arithmetic": {"expr": "task + 0.3*(lang - en)"}},
+                        {"layer_swap": {"donor": "lang", "bottom": 1, "top": 1, "transition": 2, "lm_head": 0.3}}])
+    surgery.run(r, tmp_path / "whole")
+    calls = []
+    real = ex.compute_in_blocks
+    monkeypatch.setattr(ex, "BLOCK_BYTES", 1000)  # blocks of a few rows even on the tiny model
+    monkeypatch.setattr(ex, "compute_in_blocks", lambda e, inputs: calls.append(e.name) or real(e, inputs))
+    surgery.run(r, tmp_path / "blocks")
+    assert "lm_head.weight" in calls and "model.layers.3.mlp.down_proj.weight" in calls
+    whole, blocks = load(tmp_path / "whole"), load(tmp_path / "blocks")
+    assert whole.keys() == blocks.keys()
+    for n in whole:
+        assert raw_bytes(whole[n]) == raw_bytes(blocks[n]), n
+
+
+def test_checkpoint_reads_row_ranges(family):
+    from surgery.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(family["lang"])
+    n = "model.layers.2.mlp.up_proj.weight"
+    assert torch.equal(ck.get(n, rows=(5, 17)), ck.get(n)[5:17])
