@@ -22,7 +22,7 @@ from .checkpoint import TensorMeta, sha256_file
 from .ops import Node, elementwise, evaluate, refs
 from .plan import Plan, build_plan
 from .recipe import Recipe, load_recipe, parse_size
-from .writer import ShardedWriter, atomic_dir, check_target, copy_support_files, copy_tokenizer_files, write_json
+from .writer import ShardedWriter, atomic_dir, check_target, copy_support_files, write_json
 
 MANIFEST_NAME = "surgery_manifest.json"
 RECIPE_NAME = "surgery_recipe.yaml"
@@ -57,14 +57,14 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         # hashing the inputs runs beside the tensor stream, on the other core
         hashes = {name: {f.name: pool.submit(sha256_file, f) for f in ck.files} for name, ck in plan.inputs.items()}
         shards = execute(plan, tmp, quiet=quiet)
-        support = copy_support_files(plan.inputs[plan.config_source].root, tmp)
-        if recipe.output.tokenizer_from:
-            support += copy_tokenizer_files(plan.inputs[recipe.output.tokenizer_from].root, tmp)
+        tokenizer_from = recipe.output.tokenizer_from or plan.config_source
+        support = copy_support_files(plan.inputs[plan.config_source].root, tmp, plan.inputs[tokenizer_from].root)
         if "config.json" in support:
             config = patch_config(_read_json(tmp / "config.json"), plan)
             write_json(tmp / "config.json", config)
-        (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
-        write_model_card(tmp, plan, recipe.to_yaml(), name=out.name)
+        recipe_text = recipe.to_yaml()
+        (tmp / RECIPE_NAME).write_text(recipe_text)
+        write_model_card(tmp, plan, recipe_text, name=out.name)
         manifest = build_manifest(plan, {n: {f: h.result() for f, h in fs.items()} for n, fs in hashes.items()},
                                   shards)
         write_json(tmp / MANIFEST_NAME, manifest)

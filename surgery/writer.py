@@ -176,24 +176,13 @@ def check_target(target: Path, force: bool) -> None:
         raise SurgeryError(f"output {what} {target} already exists; pass --force to replace it")
 
 
-def copy_support_files(src: Path, dst: Path) -> list[str]:
-    """Copy config, generation config and tokenizer files; return the names copied."""
+def copy_support_files(src: Path, dst: Path, tokenizer_src: Path | None = None) -> list[str]:
+    """Copy config and generation config from ``src`` and tokenizer files from ``tokenizer_src``
+    (default ``src``); return the names copied."""
     copied = []
-    for name in CONFIG_FILES + TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer files of ``src``, replacing any already in ``dst``."""
-    for name in TOKENIZER_FILES:
-        if (dst / name).is_file():
-            (dst / name).unlink()
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
+    for folder, names in ((src, CONFIG_FILES), (tokenizer_src or src, TOKENIZER_FILES)):
+        for name in names:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, dst / name)
+                copied.append(name)
     return copied
