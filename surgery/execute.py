@@ -74,24 +74,32 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
     return RunResult(out.resolve(), plan, time.perf_counter() - start, files)
 
 
+def iter_tensors(plan: Plan):
+    """Yield ``(entry, tensor)`` for every output tensor, in output order, computed as `surgery run`
+    computes it. The tensor may still be float32: cast it to ``torch_dtype(entry.dtype)`` (the writer
+    does) to get the bytes `surgery run` writes. Memory holds one output tensor and its inputs."""
+    inputs = plan.inputs
+
+    def read(ref):
+        return inputs[ref.input].get(ref.name)  # positioned reads: memory holds only tensors in use
+
+    for e in plan.entries:
+        yield e, (compute_in_blocks(e, inputs) if _in_blocks(e, inputs) else evaluate(e.node, read))
+
+
 def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
     """Stream every planned tensor into shards in ``folder``; return the shard file names."""
     from tqdm.auto import tqdm
 
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
     max_bytes = parse_size(plan.recipe.output.shard_size)
-    inputs = plan.inputs
-
-    def read(ref):
-        return inputs[ref.input].get(ref.name)  # positioned reads: memory holds only tensors in use
 
     # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
             tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
                  leave=False) as bar:
         pending = None
-        for e in plan.entries:
-            tensor = compute_in_blocks(e, inputs) if _in_blocks(e, inputs) else evaluate(e.node, read)
+        for e, tensor in iter_tensors(plan):
             if pending is not None:
                 pending.result()
             pending = io.submit(writer.write, e.name, tensor)
