@@ -16,7 +16,7 @@ def cli(*args, cwd=None):
 
 
 def test_help_is_fast_and_imports_no_heavy_modules():
-    code = ("import sys, time; t=time.perf_counter(); from surgery.cli import cli, _load_commands; _load_commands()\n"
+    code = ("import sys, time; t=time.perf_counter(); from surgery.cli import cli\n"
             "try:\n    cli(['--help'], prog_name='surgery')\nexcept SystemExit: pass\n"
             "heavy=[m for m in ('torch','transformers','mergekit','safetensors','pydantic','huggingface_hub','numpy') "
             "if m in sys.modules]\nprint('HEAVY', heavy, time.perf_counter()-t)")

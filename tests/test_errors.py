@@ -8,7 +8,7 @@ import pytest
 from helpers import random_state, save_checkpoint, tiny_config
 
 import surgery
-from surgery.recipe import parse_expression, parse_layers, parse_size
+from surgery.recipe.parsing import parse_expression, parse_layers, parse_size
 
 
 def write(tmp_path, family, body, name="r.yaml"):

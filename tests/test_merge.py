@@ -222,7 +222,7 @@ def test_bad_stacks(family, tmp_path, body, message):
 ])
 def test_parallel_kernel_is_bitwise_mergekit(method, params):
     """The parallel driver used for these methods gives exactly mergekit's result (bf16, many ties)."""
-    from surgery.merge_kernels import fast_kernel
+    from surgery.operations.merge_kernels import fast_kernel
 
     gen = torch.Generator().manual_seed(0)
     base = (torch.randn(300, 257, generator=gen) * 0.02).bfloat16()
@@ -241,7 +241,7 @@ def test_parallel_kernel_is_bitwise_mergekit(method, params):
 def test_mirrored_setting_resolution_matches_mergekit():
     from mergekit.config import ConditionalParameter, evaluate_setting as mk_evaluate
 
-    from surgery.merge import evaluate_setting, parse_setting
+    from surgery.operations.merge import evaluate_setting, parse_setting
 
     def validate(v):
         return float(v)
@@ -260,7 +260,7 @@ def test_mirrored_setting_resolution_matches_mergekit():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fast_ties_kernel_differs_only_at_threshold_ties(dtype):
-    from surgery.merge_kernels import gta_parallel, magnitude_select
+    from surgery.operations.merge_kernels import gta_parallel, magnitude_select
     from mergekit.sparsify import magnitude
 
     gen = torch.Generator().manual_seed(1)
@@ -285,7 +285,7 @@ def test_fast_ties_kernel_differs_only_at_threshold_ties(dtype):
 
 
 def test_fast_kernels_cli_option(family, tmp_path):
-    from surgery.merge import use_fast_kernels
+    from surgery.operations.merge import use_fast_kernels
     from surgery import load_recipe
 
     path = recipe_file(tmp_path, family, "operations:\n  - merge: {method: ties, base: base, models: {en: {weight: 1, density: 0.5}}}\n")
@@ -303,7 +303,7 @@ def test_fast_kernels_cli_option(family, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_chunked_linear_kernel_is_bitwise_mergekit(dtype, normalize):
-    from surgery.merge_kernels import fast_kernel
+    from surgery.operations.merge_kernels import fast_kernel
 
     gen = torch.Generator().manual_seed(2)
     tensors = [(torch.randn(1100, 1000, generator=gen) * 0.02).to(dtype) for _ in range(3)]  # > one chunk
@@ -317,7 +317,7 @@ def test_chunked_linear_kernel_is_bitwise_mergekit(dtype, normalize):
 def test_input_hashes_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     import hashlib
 
-    from surgery.checkpoint import sha256_file
+    from surgery.io.checkpoint import sha256_file
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "w.bin"

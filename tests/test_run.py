@@ -10,8 +10,8 @@ import torch
 from helpers import load, perturb, random_state, raw_bytes, save_checkpoint, tiny_config
 
 import surgery
-from surgery.checkpoint import sha256_file
-from surgery.layout import Layout
+from surgery.io.checkpoint import sha256_file
+from surgery.core.layout import Layout
 
 
 def recipe(family, ops, recipient="task", **extra):
@@ -278,7 +278,7 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path):
 
 
 def test_large_tensors_computed_in_row_blocks_give_the_same_bytes(family, tmp_path, monkeypatch):
-    import surgery.execute as ex
+    import surgery.core.execute as ex
 
     r = recipe(family, [{"arithmetic": {"expr": "task + 0.3*(lang - en)"}},
                         {"layer_swap": {"donor": "lang", "bottom": 1, "top": 1, "transition": 2, "lm_head": 0.3}}])
@@ -296,7 +296,7 @@ def test_large_tensors_computed_in_row_blocks_give_the_same_bytes(family, tmp_pa
 
 
 def test_checkpoint_reads_row_ranges(family):
-    from surgery.checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     ck = Checkpoint.open(family["lang"])
     n = "model.layers.2.mlp.up_proj.weight"
