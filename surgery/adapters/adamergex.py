@@ -30,13 +30,16 @@ class AdapterResult:
     ranks: dict[str, int]   # module -> rank (LoRA)
 
 
-def write_adapter(out, tensors: dict, config: dict, *, force: bool = False, extra: dict | None = None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (+ extra JSON files) atomically."""
+def write_adapter(out, tensors: dict, config: dict, *, force: bool = False, extra: dict | None = None,
+                  inputs=()) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json (+ extra JSON files) atomically; ``out`` must not
+    overlap ``inputs``."""
     from safetensors.torch import save_file
 
     from surgery.io.output import atomic_dir, write_json
 
-    with atomic_dir(out, force=force) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_dir(out, force=force, inputs=inputs, size=size, command="adapter") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra or {}).items():
@@ -56,10 +59,12 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
     """AdaMergeX on adapter directories, written as a new adapter directory."""
     import torch
 
+    from surgery.io.output import check_target
     from surgery.io.safetensors import FLOAT_DTYPES
     from surgery.io.safetensors import torch_dtype
 
     ads = [PeftAdapter.open(p) for p in (task, target_ref, source_ref)]
+    check_target(out, force, inputs=[a.path for a in ads])
     kinds = {a.peft_type for a in ads}
     if len(kinds) != 1:
         raise SurgeryError("AdaMergeX needs adapters of one type; got "
@@ -137,7 +142,7 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
         config.update(target_modules=sorted(ranks), layers_to_transform=None, layers_pattern=None,
                       exclude_modules=None)
     config["base_model_name_or_path"] = ads[0].config.get("base_model_name_or_path")
-    write_adapter(out, tensors, config, force=force, extra={"surgery_adapter.json": {
+    write_adapter(out, tensors, config, force=force, inputs=[a.path for a in ads], extra={"surgery_adapter.json": {
         "method": "adamergex", "mode": mode if kind == "LORA" else "multiplicative", "t": t,
         "task": str(ads[0].path), "target_ref": str(ads[1].path), "source_ref": str(ads[2].path)}})
     return AdapterResult(Path(out).resolve(), kind, len(set().union(*mods)), ranks)

@@ -55,19 +55,59 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
         options = MergeOptions(**(options or {}))
     options.apply_global_options()
 
-    target = Path(out).resolve()
-    with atomic_dir(target, force=force) as tmp:
+    inputs = _open_models(merge_config, where)
+    _check_tokenizer(merge_config, options, inputs, where)
+    protect = [ck.source or ck.root for ck in inputs] + ([Path(source_name)] if source_name else [])
+    size = sum(ck.offsets[n][1] - ck.offsets[n][0] for ck in inputs[:1] for n in ck.keys())
+    target = Path(out).absolute()
+    with atomic_dir(target, force=force, inputs=protect, size=size, command="mergekit") as tmp:
         work = tmp / target.name  # the folder keeps the target's name: mergekit writes it into the model card
         try:
             run_merge(merge_config, str(work), options=options, config_source=text)
         except SurgeryError as e:
             raise SurgeryError(f"{where}: {e}") from e
-        except (ValueError, TypeError, RuntimeError, KeyError) as e:
-            raise SurgeryError(f"{where}: mergekit: {_first_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - mergekit's own failures (network, tokenizer, config): one line
+            raise SurgeryError(f"{where}: mergekit: {type(e).__name__}: {_first_line(e)}") from e
         for item in work.iterdir():
             item.rename(tmp / item.name)
         work.rmdir()
     return target
+
+
+def _open_models(merge_config, where: str) -> list:
+    """Open every model the config names as `surgery run` opens inputs: safetensors headers validated,
+    pickle-only models refused (mergekit's own loader would unpickle them)."""
+    from surgery.io.checkpoint import Checkpoint
+
+    opened = []
+    for ref in merge_config.referenced_models():
+        model = ref.model
+        name = f"{model.path}@{model.revision}" if getattr(model, "revision", None) else str(model.path)
+        try:
+            opened.append(Checkpoint.open(name))
+        except SurgeryError as e:
+            raise SurgeryError(f"{where}: model {name!r}: {e}") from None
+        if getattr(ref, "lora", None) is not None:
+            raise SurgeryError(f"{where}: model {name!r}: LoRA references ('model+lora') are not supported here; "
+                               "use an adapter input in a surgery recipe")
+    for ck in opened:
+        ck.close()
+    return opened
+
+
+def _check_tokenizer(merge_config, options, opened, where: str) -> None:
+    """mergekit copies the base model's tokenizer and fails with a traceback when it has none."""
+    if getattr(merge_config, "tokenizer_source", None) or getattr(merge_config, "tokenizer", None):
+        return
+    if not options.copy_tokenizer or not opened:
+        return
+    from surgery.io.output import TOKENIZER_FILES
+
+    base_path = str(merge_config.base_model.model.path) if merge_config.base_model else None
+    base = next((ck for ck in opened if ck.ref == base_path), opened[0])
+    if not any((base.root / f).is_file() for f in TOKENIZER_FILES):
+        raise SurgeryError(f"{where}: model {base.ref!r} has no tokenizer files to copy; add them, or pass "
+                           "--no-copy-tokenizer")
 
 
 def _check_parameter_names(merge_config, where: str) -> None:
