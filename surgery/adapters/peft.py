@@ -15,8 +15,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgery.io.checkpoint import Checkpoint
+from surgery.adapters.peft_config import check_config, targeted
 from surgery.errors import SurgeryError
+from surgery.io.checkpoint import Checkpoint
 
 
 CONFIG_NAME = "adapter_config.json"
@@ -71,9 +72,10 @@ class PeftAdapter:
             extra = " (only adapter_model.bin; convert it to safetensors)" if (p / "adapter_model.bin").exists() else ""
             raise SurgeryError(f"{p}: no {WEIGHTS_NAME}{extra}")
         try:
-            config = json.loads((p / CONFIG_NAME).read_text())
-        except ValueError as e:
-            raise SurgeryError(f"{p / CONFIG_NAME}: invalid JSON: {e}") from None
+            config = json.loads((p / CONFIG_NAME).read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SurgeryError(f"{p / CONFIG_NAME}: invalid JSON: {str(e).splitlines()[0]}") from None
+        check_config(config, str(p / CONFIG_NAME))
         kind = str(config.get("peft_type", "")).upper()
         if kind not in SUPPORTED:
             raise SurgeryError(f"{p}: unsupported PEFT type {config.get('peft_type')!r} "
@@ -129,7 +131,12 @@ class PeftAdapter:
         self.terms = {}
         fifo = bool(self.config.get("fan_in_fan_out"))
         meta = self.tensors.meta
+        ignored = []
         for module, roles in self.modules().items():
+            if not targeted(self.config, module) and any(not r.startswith("full:") for r in roles):
+                # PEFT creates adapter layers only for target_modules and drops other saved tensors
+                ignored.append(module)
+                roles = {r: k for r, k in roles.items() if r.startswith("full:")}
             def target(param, raw_key):
                 return _base_name(f"{module}.{param}", base, self.path, raw_key)
 
@@ -185,6 +192,11 @@ class PeftAdapter:
                 bname = _find_name(f"{module}.bias", base)
                 if bname and shape[1] == 1 and shape[0] == math.prod(base.meta[bname].shape):
                     add(bname, Term("ia3_bias", (key,), module))
+        if ignored:
+            import warnings
+
+            warnings.warn(f"{self.path}: ignoring the tensors of {len(ignored)} module(s) not in target_modules, "
+                          f"as PEFT does (first: {ignored[0]!r})", stacklevel=2)
         return self
 
 

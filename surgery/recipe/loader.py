@@ -94,7 +94,8 @@ def _explain(model, err, loc) -> str:
     if kind == "missing":
         return f"missing required key {str(loc[-1])!r}"
     got = err.get("input")
-    return f"{err['msg']} (got {got!r})" if not isinstance(got, dict) else err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{msg} (got {got!r})" if not isinstance(got, dict) else msg
 
 
 def _fields_at(model, loc) -> list[str]:
