@@ -106,8 +106,8 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         recipe.seed = random_seed
     out = Path(out)
     recipe_paths = [recipe._source] if recipe._text is not None and Path(str(recipe._source)).exists() else []
-    check_target(out, force, inputs=recipe_paths)
     plan = build_plan(recipe, convert_bin=convert_bin)
+    check_target(out, force, inputs=recipe_paths + input_paths(plan.inputs.values()))
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1)
     try:

@@ -46,7 +46,11 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         from surgery.recipe.loader import load_recipe
 
         recipe = use_fast_kernels(load_recipe(recipe))
-    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin,
+    import sys
+
+    # a progress bar only for a person at a terminal: logs and scripts get the result or one error line
+    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json or not sys.stderr.isatty(),
+                        convert_bin=convert_bin,
                         random_seed=random_seed, allow_nonfinite=allow_nonfinite)
     if not quiet and not as_json:
         from surgery.io.output import format_size

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.integrations.mergekit_methods import register_all
-from surgery.io.output import atomic_dir
+from surgery.io.output import atomic_dir, check_target
 
 
 def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
@@ -56,8 +56,9 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
     options.apply_global_options()
 
     inputs = _open_models(merge_config, where)
-    _check_tokenizer(merge_config, options, inputs, where)
     protect = [ck.source or ck.root for ck in inputs] + ([Path(source_name)] if source_name else [])
+    check_target(out, force, inputs=protect)
+    _check_tokenizer(merge_config, options, inputs, where)
     size = sum(ck.offsets[n][1] - ck.offsets[n][0] for ck in inputs[:1] for n in ck.keys())
     target = Path(out).absolute()
     with atomic_dir(target, force=force, inputs=protect, size=size, command="mergekit") as tmp:

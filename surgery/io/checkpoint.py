@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -340,12 +341,11 @@ def _convert_bin(path: Path) -> Path:
     out = cache / (path.stem + ".safetensors")
     if not out.exists():
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: the error line says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if "Weights only load failed" in first or "Unsupported global" in str(e):
-                first = "it holds objects other than tensors (refused: unpickling them could run code)"
-            raise SurgeryError(f"{path}: cannot load with weights_only=True: {first}") from None
+            raise SurgeryError(f"{path}: cannot load with weights_only=True: {_unpickle_reason(e)}") from None
         if not isinstance(state, dict):
             raise SurgeryError(f"{path}: not a state dict (a pickled {type(state).__name__})")
         cache.mkdir(parents=True, exist_ok=True)
@@ -355,6 +355,21 @@ def _convert_bin(path: Path) -> Path:
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.rename(out)
     return out
+
+
+def _unpickle_reason(e: Exception) -> str:
+    """One line from torch's multi-line weights_only refusal: what in the file was refused."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    if "Weights only load failed" not in lines[0]:
+        return lines[0]
+    m = re.search(r"GLOBAL (\S+)", str(e))
+    if m:
+        return f"it holds objects other than tensors ({m[1]}); refused: unpickling them could run code"
+    after = [x for i, x in enumerate(lines) if i and "WeightsUnpickler error" in lines[i - 1]]
+    detail = after[0] if after else lines[1] if len(lines) > 1 else "refused"
+    return f"not a file the safe loader can read ({detail})"
 
 
 def _dedupe_shared(state: dict) -> None:

@@ -27,13 +27,21 @@ def quiet_hub_logs():
     """huggingface_hub logs one warning line per retry; the error that ends the retries is what matters."""
     import logging
 
+    import sys
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
     log = logging.getLogger("huggingface_hub")
-    level = log.level
+    level, bars_off = log.level, are_progress_bars_disabled()
     log.setLevel(logging.ERROR)
+    if not sys.stderr.isatty():  # progress bars only for a person watching; scripts get the one error line
+        disable_progress_bars()
     try:
         yield
     finally:
         log.setLevel(level)
+        if not bars_off:
+            enable_progress_bars()
 
 
 def hub_message(e: BaseException) -> str:
