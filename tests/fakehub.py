@@ -24,6 +24,7 @@ upload_folder over the legacy LFS protocol (tests set HF_HUB_DISABLE_XET=1):
     HEAD /{repo}/resolve/{rev}/{file}                   file metadata for snapshot_download: X-Repo-Commit, ETag,
                                                         and for LFS files X-Linked-Etag (sha256) / X-Linked-Size
     GET  /{repo}/resolve/{rev}/{file}                   the file's bytes
+    GET  /api/models/{repo}/tree/{rev}                  the file list (with LFS sha256) snapshot_download reads
 
 Downloads: ``hub.add_repo("org/model", {"model.safetensors": b"..."}, private=False)`` makes a repo with one
 commit (``branch=`` adds a branch). Public repos answer without a token; a private one answers 401 to
@@ -284,6 +285,21 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, {"id": repo_id, "sha": head.oid, "private": repo.private,
                                 "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(head.files.items())]})
 
+    def tree(self, user, parts, query, body):
+        repo = self._repo(user, "/".join(parts[2:4]), write=False)
+        if repo is None:
+            return
+        commit = _commit(repo, parts[5])
+        if commit is None:
+            return self._error(404, f"Invalid rev id: {parts[5]}", "RevisionNotFound")
+        entries = []
+        for path, data in sorted(commit.files.items()):
+            entry = {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            if path in commit.lfs:
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        return self._send(200, entries)
+
     def resolve(self, user, parts, query, body):
         repo_id, rev, path = "/".join(parts[0:2]), parts[3], "/".join(parts[4:])
         repo = self._repo(user, repo_id, write=False)
@@ -445,6 +461,7 @@ ROUTES = [
     (("POST", "api", "models", "*", "*", "branch", "*"), _Handler.create_branch),
     (("POST", "*", "*.git", "info", "lfs", "objects", "batch"), _Handler.lfs_batch),
     (("PUT", "lfs", "*"), _Handler.lfs_put),
+    (("GET", "api", "models", "*", "*", "tree", "*"), _Handler.tree),
     (("HEAD", "*", "*", "resolve", "*", "*"), _Handler.resolve),
     (("GET", "*", "*", "resolve", "*", "*"), _Handler.resolve),
     (("POST", "lfs", "*", "verify"), _Handler.lfs_verify),

@@ -11,8 +11,6 @@ import os
 import pickle
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -308,7 +306,6 @@ def adapter_config(change):
 
 def nan_input(value, tensor="model.embed_tokens.weight"):
     def setup(w):
-        import torch
         from safetensors.torch import load_file, save_file
 
         copy_ckpt(w / "good", w / "bad")

@@ -46,6 +46,16 @@ def quiet_hub_logs():
 
 def hub_message(e: BaseException) -> str:
     """One line for a failed download: the server's message, not a JSON decoder's complaint about HTML."""
+    from huggingface_hub import errors
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, errors.GatedRepoError):
+        return f"{status}: the repository is gated; accept its terms on the Hub, then pass a token (HF_TOKEN)"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return (f"{status}: repository not found, or private and the token (HF_TOKEN or `hf auth login`) "
+                "does not grant access")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"{status}: revision not found in the repository"
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
     if isinstance(e, ValueError) and ("Expecting value" in first or "JSON" in first):
