@@ -80,7 +80,3 @@ def main():
     # SIGTERM unwinds like Ctrl-C, so a half-written output's temp dir is removed
     signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="surgery")
-
-
-if __name__ == "__main__":
-    main()
