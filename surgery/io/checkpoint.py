@@ -16,13 +16,13 @@ import hashlib
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from surgery.errors import SurgeryError
-from surgery.io.files import existing_path, file_stamp, stamp_of
+from surgery.io.convert_bin import convert_bin_file
+from surgery.io.files import cache_dir, existing_path, file_stamp, stamp_of
 from surgery.io.hub_fetch import hub_blob_sha256, hub_message, quiet_hub_logs
 from surgery.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorMeta, has_torch_dtype, read_header, torch_dtype
 
@@ -147,7 +147,7 @@ class Checkpoint:
                 f"{ref}: only pickle .bin weights found ({files[0].name}). Pickle files can run code "
                 "when loaded, so they are refused. Pass --convert-bin to convert them once with "
                 "torch.load(weights_only=True) into safetensors.")
-        return cls._from_files(ref, root, [_convert_bin(f) for f in files], revision)
+        return cls._from_files(ref, root, [convert_bin_file(f) for f in files], revision)
 
     @classmethod
     def _open_hub(cls, ref: str, convert_bin: bool) -> "Checkpoint":
@@ -294,7 +294,7 @@ def sha256_file(path: Path, chunk: int = 4 << 20, cancel=None) -> str:
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    cached = _cache_dir() / "sha256" / key
+    cached = cache_dir() / "sha256" / key
     try:
         digest = cached.read_text().strip()
         if len(digest) == 64:
@@ -320,64 +320,8 @@ def sha256_file(path: Path, chunk: int = 4 << 20, cancel=None) -> str:
     return digest
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
-
-
 def local_candidates(text: str, base_dir: Path | None) -> list[Path]:
     p = Path(text).expanduser()
     if p.is_absolute() or base_dir is None:
         return [p]
     return [base_dir / p, p]
-
-
-def _convert_bin(path: Path) -> Path:
-    """Convert one pickle file to safetensors in the user cache, once; return the new path."""
-    import torch
-    from safetensors.torch import save_file
-
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = _cache_dir() / "converted" / key
-    out = cache / (path.stem + ".safetensors")
-    if not out.exists():
-        try:
-            with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: the error line says it all
-                warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
-            raise SurgeryError(f"{path}: cannot load with weights_only=True: {_unpickle_reason(e)}") from None
-        if not isinstance(state, dict):
-            raise SurgeryError(f"{path}: not a state dict (a pickled {type(state).__name__})")
-        cache.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        _dedupe_shared(state)
-        tmp = out.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.rename(out)
-    return out
-
-
-def _unpickle_reason(e: Exception) -> str:
-    """One line from torch's multi-line weights_only refusal: what in the file was refused."""
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    if not lines:
-        return type(e).__name__
-    if "Weights only load failed" not in lines[0]:
-        return lines[0]
-    m = re.search(r"GLOBAL (\S+)", str(e))
-    if m:
-        return f"it holds objects other than tensors ({m[1]}); refused: unpickling them could run code"
-    after = [x for i, x in enumerate(lines) if i and "WeightsUnpickler error" in lines[i - 1]]
-    detail = after[0] if after else lines[1] if len(lines) > 1 else "refused"
-    return f"not a file the safe loader can read ({detail})"
-
-
-def _dedupe_shared(state: dict) -> None:
-    """safetensors refuses tensors that share storage (tied weights); give each its own copy."""
-    seen = set()
-    for k, v in state.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen:
-            state[k] = v.clone()
-        seen.add(ptr)

@@ -15,6 +15,11 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 
 
+def cache_dir() -> Path:
+    """surgery's user cache (hashes, converted pickles): $SURGERY_CACHE or ~/.cache/surgery."""
+    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
+
+
 def file_stamp(path: Path) -> tuple:
     try:
         return stamp_of(os.stat(path))
