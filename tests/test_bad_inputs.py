@@ -310,7 +310,7 @@ def nan_input(value, tensor="model.embed_tokens.weight"):
 
         copy_ckpt(w / "good", w / "bad")
         state = load_file(str(w / "bad" / ST))
-        state[tensor][0, 0] = value
+        state[tensor].view(-1)[0] = value
         save_file(state, str(w / "bad" / ST), metadata={"format": "pt"})
     return setup
 
@@ -475,6 +475,11 @@ CASES = [
      ["extract-lora", "good", "bad", "-o", "new/lora", "--rank", "2"],
      "bad: tensor 'model.layers.0.self_attn.q_proj.weight' holds 1 non-finite values (NaN/Inf); a LoRA cannot be "
      "extracted from it"),
+    ("nan-diff-expert", nan_input(float("nan"), "model.layers.0.mlp.up_proj.weight"), ["diff", "good", "bad"],
+     "bad: tensor 'model.layers.0.mlp.up_proj.weight' holds 1 non-finite values (NaN/Inf); statistics over it "
+     "would be meaningless"),
+    ("inf-diff-base", nan_input(float("-inf"), "model.norm.weight"), ["diff", "bad", "good"],
+     "bad: tensor 'model.norm.weight' holds 1 non-finite values (NaN/Inf); statistics over it would be meaningless"),
     # ---- mergekit
     ("mergekit-pickle", both(recipe(MK, "mk.yml"), lambda w: make_pickle(w, {})),
      ["mergekit", "mk.yml", "out", "--no-copy-tokenizer"],
@@ -561,3 +566,29 @@ def test_allow_nonfinite_writes_them(work):
 
 def test_count_of_corpus_cases():
     assert len(INPUT_CASES) + len(CASES) + 3 >= 100
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs sysfs, where creating files is denied even to root")
+def test_permission_denied_on_the_output_folder(work):
+    (work / "recipe.yaml").write_text(RECIPE.replace("bad", "good2"))
+    check(work, ["run", "recipe.yaml", "-o", "/sys/surgery-out"],
+          "/sys/surgery-out: cannot create the output: Permission denied")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["validate", "recipe.yaml"], PRE + "{w}/bad/model.safetensors: invalid safetensors header: a JSON list, not an object"),
+    (["run", "recipe.yaml", "-o", "new/out"], PRE + "{w}/bad/model.safetensors: invalid safetensors header: a JSON "
+                                                    "list, not an object"),
+])
+def test_real_process_prints_one_line(work, args, message):
+    """The same promise from `python -m surgery` in a real process (warnings, logging and all)."""
+    import subprocess
+    import sys
+
+    (work / "recipe.yaml").write_text(RECIPE)
+    raw_header(b"[]")(work)
+    before = snapshot(work)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "surgery", *args], capture_output=True, text=True, cwd=work, env=env)
+    assert (p.returncode, p.stdout, p.stderr) == (1, "", f"error: {message.format(w=work)}\n")
+    assert snapshot(work) == before

@@ -77,7 +77,10 @@ def diff(base, experts, as_json, csv_path, plot_path, top_k, global_k, metric, n
         raise SurgeryError("--save-neurons needs exactly one expert")
     if save_neurons and not neurons:
         raise SurgeryError("--save-neurons needs neuron scores; drop --no-neurons")
-    result = run_diff(base, named, tol=tol, neurons=neurons, heads=heads, progress=not (quiet or as_json))
+    import sys
+
+    result = run_diff(base, named, tol=tol, neurons=neurons, heads=heads,
+                      progress=not (quiet or as_json) and sys.stderr.isatty())  # bars for a person at a terminal
     if csv_path:
         result.to_csv(csv_path)
     if plot_path:

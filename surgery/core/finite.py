@@ -42,3 +42,18 @@ def check_finite(entry, tensor, inputs: dict) -> None:
         "; the inputs are finite, so the operation produced them (overflow?)"
     raise SurgeryError(f"tensor {entry.name!r}: {n} non-finite values (NaN/Inf) in the output{origin}; "
                        "pass --allow-nonfinite to write them anyway")
+
+
+def check_sums_finite(name: str, sums: dict[str, float], sources: dict) -> None:
+    """Refuse a tensor whose reductions (``sums``: source label -> Σx²) are not finite, naming the source
+    that holds NaN/Inf (``sources``: label -> TensorSource, re-read only on this error path)."""
+    import math
+
+    if all(math.isfinite(v) for v in sums.values()):
+        return
+    for label, src in sources.items():
+        n = count_nonfinite(src.get(name))
+        if n:
+            raise SurgeryError(f"{src.ref}: tensor {name!r} holds {n} non-finite values (NaN/Inf); "
+                               "statistics over it would be meaningless")
+    raise SurgeryError(f"tensor {name!r}: its differences overflow float32")
