@@ -45,17 +45,12 @@ def assets(tmp_path_factory):
     save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}, str(good2 / ST),
               metadata={"format": "pt"})
     surgery.extract_lora(str(good), str(good2), root / "lora", rank=2)
-    sharded = root / "sharded"
-    sharded.mkdir()
-    shutil.copy(good / "config.json", sharded / "config.json")
+    from helpers import save_checkpoint
+    from transformers import AutoConfig
+
     names = sorted(state)
-    halves = [names[: len(names) // 2], names[len(names) // 2:]]
-    weight_map = {}
-    for i, part in enumerate(halves):
-        fname = f"model-0000{i + 1}-of-00002.safetensors"
-        save_file({n: state[n] for n in part}, str(sharded / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_checkpoint(root / "sharded", state, AutoConfig.from_pretrained(good),
+                    shard_names=[names[: len(names) // 2], names[len(names) // 2:]])
     return root
 
 
