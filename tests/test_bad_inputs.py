@@ -478,9 +478,8 @@ CASES = [
     # ---- mergekit
     ("mergekit-pickle", both(recipe(MK, "mk.yml"), lambda w: make_pickle(w, {})),
      ["mergekit", "mk.yml", "out", "--no-copy-tokenizer"],
-     "mk.yml: model 'bad': bad: only pickle .bin weights found (pytorch_model.bin). Pickle files can run code when "
-     "loaded, so they are refused. Pass --convert-bin to convert them once with torch.load(weights_only=True) into "
-     "safetensors."),
+     "mk.yml: model 'bad': only pickle .bin weights found; `surgery mergekit` never loads pickles (they can run "
+     "code): run the config with `surgery run CONFIG -o OUT --convert-bin`, or convert the model to safetensors first"),
     ("mergekit-no-tokenizer", recipe(MK.replace("bad", "good2"), "mk.yml"), ["mergekit", "mk.yml", "out"],
      "mk.yml: model 'good' has no tokenizer files to copy; add them, or pass --no-copy-tokenizer"),
     ("mergekit-bad-header", both(recipe(MK, "mk.yml"), raw_header(b"[]")),

@@ -78,7 +78,7 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
 def _open_models(merge_config, where: str) -> list:
     """Open every model the config names as `surgery run` opens inputs: safetensors headers validated,
     pickle-only models refused (mergekit's own loader would unpickle them)."""
-    from surgery.io.checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint, PickleRefusedError
 
     opened = []
     for ref in merge_config.referenced_models():
@@ -86,6 +86,10 @@ def _open_models(merge_config, where: str) -> list:
         name = f"{model.path}@{model.revision}" if getattr(model, "revision", None) else str(model.path)
         try:
             opened.append(Checkpoint.open(name))
+        except PickleRefusedError:
+            raise SurgeryError(f"{where}: model {name!r}: only pickle .bin weights found; `surgery mergekit` never "
+                               "loads pickles (they can run code): run the config with `surgery run CONFIG -o OUT "
+                               "--convert-bin`, or convert the model to safetensors first") from None
         except SurgeryError as e:
             raise SurgeryError(f"{where}: model {name!r}: {e}") from None
         if getattr(ref, "lora", None) is not None:

@@ -30,6 +30,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
+class PickleRefusedError(SurgeryError):
+    """Only pickle weights were found and ``convert_bin`` was not given."""
+
+
 @runtime_checkable
 class TensorSource(Protocol):
     """What planners, the executor and the analysis read tensors from: a ``Checkpoint``, an adapter over
@@ -143,7 +147,7 @@ class Checkpoint:
     @classmethod
     def _from_bin(cls, ref, root, files, convert_bin, revision) -> "Checkpoint":
         if not convert_bin:
-            raise SurgeryError(
+            raise PickleRefusedError(
                 f"{ref}: only pickle .bin weights found ({files[0].name}). Pickle files can run code "
                 "when loaded, so they are refused. Pass --convert-bin to convert them once with "
                 "torch.load(weights_only=True) into safetensors.")
