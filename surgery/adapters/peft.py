@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from surgery.adapters.peft_config import check_config, targeted
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import Checkpoint
+from surgery.io.files import existing_path
 
 
 CONFIG_NAME = "adapter_config.json"
@@ -60,8 +62,10 @@ class PeftAdapter:
     @classmethod
     def open(cls, path, base_dir: Path | None = None) -> "PeftAdapter":
         p = Path(path).expanduser()
-        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+        if not p.is_absolute() and base_dir is not None and os.path.lexists(base_dir / p):
             p = base_dir / p
+        if os.path.lexists(p):
+            existing_path(p, str(path))  # a symlink loop or a dangling link: say so
         if not p.is_dir():
             raise SurgeryError(f"adapter not found: {str(path)!r} is not a directory")
         if not (p / CONFIG_NAME).is_file():

@@ -6,11 +6,15 @@ input checks and atomic output around it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.integrations.mergekit_methods import register_all
+from surgery.io.files import read_text
 from surgery.io.output import atomic_dir, check_target
+from surgery.recipe.loader import MAX_RECIPE_BYTES
+from surgery.recipe.locations import parse_yaml
 
 
 def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
@@ -20,7 +24,6 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
     ``mergekit.options.MergeOptions``, a dict of its fields, or None. The output appears at ``out``
     only when the merge succeeded (built in a temp dir beside it, then renamed).
     """
-    import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -33,15 +36,12 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
     else:
         path = Path(config) if not (isinstance(config, str) and "\n" in config) else None
         if path is not None:
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise SurgeryError(f"mergekit config not found: {path}")
-            text, source_name = path.read_text(encoding="utf-8"), str(path)
+            text, source_name = read_text(path, max_bytes=MAX_RECIPE_BYTES), str(path)
         else:
             text = str(config)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SurgeryError(f"{source_name or 'config'}: invalid YAML: {e}") from None
+        data, _ = parse_yaml(text, source_name or "config")  # plain YAML: no tags, bounded aliases and depth
     where = source_name or "mergekit config"
     try:
         merge_config = MergeConfiguration.model_validate(data)

@@ -11,6 +11,7 @@ import yaml
 from surgery.errors import RecipeError
 
 
+MAX_DEPTH = 50  # a recipe nests a few levels; deeper input would only exhaust the recursion limit
 MAX_ALIAS_NODES = 100_000  # nodes reached through aliases; a 1 KB "billion laughs" reaches billions
 SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in
              ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "binary", "merge", "set", "omap",
@@ -24,6 +25,8 @@ def parse_yaml(text: str, name: str):
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise RecipeError(f"invalid YAML: {_problem(e)}", _mark(e, name)) from None
+    except RecursionError:
+        raise RecipeError(f"YAML nested deeper than {MAX_DEPTH} levels", name) from None
     lines: dict[tuple, int] = {}
     if node is None:
         return None, lines
@@ -49,6 +52,8 @@ def index_lines(node, path, lines, name, budget=None):
             raise RecipeError(f"YAML aliases expand to more than {MAX_ALIAS_NODES} nodes; "
                               "refused (an alias bomb?)", f"{name}:{node.start_mark.line + 1}")
     budget.seen.add(id(node))
+    if len(path) > MAX_DEPTH:
+        raise RecipeError(f"YAML nested deeper than {MAX_DEPTH} levels", f"{name}:{node.start_mark.line + 1}")
     if node.tag not in SAFE_TAGS:
         raise RecipeError(f"unsupported YAML tag {_short_tag(node.tag)!r}; recipes are plain YAML",
                           f"{name}:{node.start_mark.line + 1}")
