@@ -18,33 +18,15 @@ model files in the page cache (a warm-up pass first). Wall and CPU time (process
 from __future__ import annotations
 
 import argparse
-import gettext
-import glob
 import json
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def english_msgids(n: int) -> list[str]:
-    found = set()
-    for path in sorted(glob.glob("/usr/share/locale/*/LC_MESSAGES/*.mo")):
-        try:
-            with open(path, "rb") as fh:
-                catalog = gettext.GNUTranslations(fh)._catalog
-        except (OSError, ValueError):
-            continue
-        found.update(k for k in catalog if isinstance(k, str) and 30 <= len(k) <= 200 and len(k.split()) >= 5
-                     and re.fullmatch(r"[A-Z][a-z]+( [a-z]+[,.]?)+", k))
-        if len(found) >= 20 * n:
-            break
-    docs = sorted(found)
-    return [docs[i * len(docs) // n] for i in range(n)]
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def wchar() -> int:
@@ -164,6 +146,8 @@ def main():
     logging.disable_progress_bar()
     logging.set_verbosity_error()
     smol = smollm2_checkpoint()
+    from eval_fixtures import english_msgids  # tests/: real English sentences from gettext catalogs
+
     docs = english_msgids(args.docs)
     tok = AutoTokenizer.from_pretrained(smol)
     model = AutoModelForCausalLM.from_pretrained(smol, dtype=getattr(torch, args.dtype)).eval()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gettext
+import glob
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -45,3 +48,18 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def write_text(path: Path, docs: list[str]) -> Path:
     path.write_text("\n".join(docs) + "\n")
     return path
+
+
+def english_msgids(n: int, locale: str = "de") -> list[str]:
+    """Up to ``n`` real English sentences: msgids of the system's gettext catalogs for ``locale``
+    (plain words only, 5+ words), sorted and deduplicated."""
+    found = set()
+    for path in sorted(glob.glob(f"/usr/share/locale/{locale}/LC_MESSAGES/*.mo")):
+        try:
+            with open(path, "rb") as fh:
+                catalog = gettext.GNUTranslations(fh)._catalog
+        except (OSError, ValueError):  # unreadable, or not UTF-8
+            continue
+        found.update(k for k in catalog if isinstance(k, str) and 30 <= len(k) <= 120 and len(k.split()) >= 5
+                     and re.fullmatch(r"[A-Z][a-z]+( [a-z]+[,.]?)+", k))
+    return sorted(found)[:n]
