@@ -131,7 +131,8 @@ def test_evaluate_recipe_reuses_loaded_data(lms, data):
     datasets = load_datasets({"t": data["text"], "g": data["gen"]})
     first = evaluate_recipe(load_recipe(recipe(lms)), datasets, device="cpu", max_new_tokens=4)
     again = evaluate_recipe(load_recipe(recipe(lms)), datasets, device="cpu", max_new_tokens=4)
-    assert first == again and set(first) == {"t", "g"} and set(first["g"]) == {"exact_match", "numeric_match"}
+    specs = evaluate_recipe(recipe(lms), {"t": data["text"], "g": data["gen"]}, device="cpu", max_new_tokens=4)
+    assert first == again == specs and set(first) == {"t", "g"} and set(first["g"]) == {"exact_match", "numeric_match"}
     assert first != evaluate_checkpoint(lms["a"], datasets, device="cpu", max_new_tokens=4)
 
 
