@@ -4,7 +4,7 @@
     model, tokenizer = recipe_model(load_recipe("recipe.yaml"))   # nothing written to disk
 
 ``recipe_model`` builds the model from the output config on the meta device and assigns the
-plan's tensors one by one as ``surgery.execute.iter_tensors`` computes them, each cast to its
+plan's tensors one by one as ``surgery.core.execute.iter_tensors`` computes them, each cast to its
 planned dtype exactly as the writer casts it: the weights are bitwise those `surgery run` writes,
 and memory holds one model plus the tensors in flight.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                      "spiece.model")
@@ -72,7 +72,7 @@ def build_config(config: dict, where: str):
 
 def empty_model(config, where: str, dtype=None):
     """A causal LM with its parameters on the meta device (buffers real, as ``__init__`` computes them)."""
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # accelerate comes with mergekit (and peft, lm-eval)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -112,10 +112,11 @@ def recipe_model(recipe, *, device: str = "cpu", dtype: str | None = None, token
     ``recipe``: a ``Recipe`` (or a path/dict for ``load_recipe``). ``plan``: reuse an already built plan."""
     import torch
 
-    from ..execute import iter_tensors, patch_config
-    from ..plan import build_plan
-    from ..recipe import Recipe, load_recipe
-    from ..writer import torch_dtype
+    from surgery.core.execute import iter_tensors
+    from surgery.io.safetensors import torch_dtype
+    from surgery.pipeline import build_plan, patch_config
+    from surgery.recipe.loader import load_recipe
+    from surgery.recipe.schema import Recipe
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     plan = plan or build_plan(recipe)
