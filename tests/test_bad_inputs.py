@@ -486,7 +486,8 @@ CASES = [
      ["mergekit", "mk.yml", "out", "--no-copy-tokenizer"],
      "mk.yml: model 'bad': only pickle .bin weights found; `surgery mergekit` never loads pickles (they can run "
      "code): run the config with `surgery run CONFIG -o OUT --convert-bin`, or convert the model to safetensors first"),
-    ("mergekit-no-tokenizer", recipe(MK.replace("bad", "good2"), "mk.yml"), ["mergekit", "mk.yml", "out"],
+    ("mergekit-no-tokenizer", recipe("base_model: good\n" + MK.replace("bad", "good2"), "mk.yml"),
+     ["mergekit", "mk.yml", "out"],
      "mk.yml: model 'good' has no tokenizer files to copy; add them, or pass --no-copy-tokenizer"),
     ("mergekit-bad-header", both(recipe(MK, "mk.yml"), raw_header(b"[]")),
      ["mergekit", "mk.yml", "out", "--no-copy-tokenizer"],

@@ -56,7 +56,7 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
     options.apply_global_options()
 
     inputs = _open_models(merge_config, where)
-    protect = [ck.source or ck.root for ck in inputs] + ([Path(source_name)] if source_name else [])
+    protect = sorted({ck.source or ck.root for ck in inputs} | ({Path(source_name)} if source_name else set()))
     check_target(out, force, inputs=protect)
     _check_tokenizer(merge_config, options, inputs, where)
     size = sum(ck.offsets[n][1] - ck.offsets[n][0] for ck in inputs[:1] for n in ck.keys())
