@@ -61,6 +61,7 @@ class Plan:
     n_source_layers: int
     annotations: list[str] = field(default_factory=list)  # lines shown above the table (selections, scores)
     layer_from: list[str] = field(default_factory=list)      # output layer -> input giving it by default
+    selections: list[dict] = field(default_factory=list)     # what operations selected, in full (neuron indices)
 
     @property
     def recipient(self) -> str:
@@ -92,6 +93,7 @@ class Plan:
             "layer_map": self.layer_map,
             "layers": self.layer_summary(),
             "annotations": self.annotations,
+            "selections": self.selections,
             "tensors": [{"name": e.name, "from": e.description, "rule": e.rule, "note": e.note,
                          "dtype": e.dtype, "shape": list(e.shape)} for e in self.entries],
         }
@@ -107,6 +109,7 @@ class Context:
         # output layer -> {input: source layer} where a stack segment gives an input other layers
         self.layer_sources = layer_sources or [{} for _ in layer_map]
         self.annotations = plan_annotations
+        self.selections: list[dict] = []  # full records of what operations selected (Plan.selections)
         self.path: tuple = ()
 
     @property
@@ -129,6 +132,26 @@ class Context:
     def error(self, field_path: tuple, message: str) -> SurgeryError:
         return self.recipe.error(self.path + field_path, message)
 
+    @property
+    def tag(self) -> str:
+        """The current operation as plans show it: '#2 take'."""
+        return f"#{self.path[1] + 1} {self.path[2]}"
+
+    def tied_lm_head(self) -> bool:
+        """The recipient has no lm_head tensor because its output layer is tied to the embeddings."""
+        if any(e.info.kind == "lm_head" for e in self.entries):
+            return False
+        config = self.inputs[self.recipient].config
+        return bool(config.get("tie_word_embeddings", True)) and any(e.info.kind == "embed" for e in self.entries)
+
+    def nothing_selected(self, field_path: tuple, what: str) -> SurgeryError:
+        """The error for a selection that matches no tensor (it would be a silent no-op)."""
+        message = f"{self.tag} selects no tensor: {what}"
+        if "lm_head" in what and self.tied_lm_head():
+            message += ("; this model ties lm_head to the embeddings (tie_word_embeddings), so it has no "
+                        "lm_head tensor: select the embeddings (modules: [embed]) to change both")
+        return self.error(field_path, message)
+
     def layers(self, spec, field_path: tuple) -> list[int]:
         try:
             return parse_layers(spec, self.n_layers)
@@ -150,6 +173,12 @@ class Context:
                              + f" (kinds: {', '.join(MODULE_KINDS)}; groups: {', '.join(MODULE_GROUPS)})")
         names = [_name_matcher(p) for p in sel.names or []]
         exclude = [_name_matcher(p) for p in sel.exclude or []]
+        for i, (pattern, m) in enumerate(zip(sel.names or [], names)):
+            if not any(m(e.name) for e in self.entries):
+                raise self.nothing_selected(field_path + ("names", i), f"no tensor name matches {pattern!r}")
+        for kind in sorted(modules):
+            if not any(e.info.kind == kind or e.info.group == kind for e in self.entries):
+                raise self.nothing_selected(field_path + ("modules",), f"the model has no {kind!r} tensor")
         out = []
         for e in self.entries:
             i = e.info
@@ -162,11 +191,14 @@ class Context:
             if any(m(e.name) for m in exclude):
                 continue
             out.append(e)
+        if not out:
+            given = ", ".join(f"{k}: {v}" for k, v in sel.model_dump(exclude_none=True).items())
+            raise self.nothing_selected(field_path, f"no tensor matches all of {{{given}}}")
         return out
 
     def assign(self, entry: Entry, node, note: str = "") -> None:
         entry.node, entry.note = node, note
-        entry.rule = f"#{self.path[1] + 1} {self.path[2]}"
+        entry.rule = self.tag
 
 
 def _name_matcher(pattern: str) -> Callable[[str], bool]:
@@ -203,6 +235,8 @@ def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
     layout = Layout.for_checkpoint(base)
     names = base.keys()
     n_src = layout.num_layers(names, base.config)
+    if not recipe.stack:
+        _check_depths(recipe, inputs, layout, n_src)
     layer_map, layer_from, layer_sources = _stack(recipe, inputs, layout, n_src)
     entries = _output_entries(recipe, inputs, layout, layer_map, layer_from)
     annotations: list[str] = []
@@ -210,12 +244,29 @@ def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
     for i, op in enumerate(recipe.operations):
         ctx.path = ("operations", i, op.op_name)
         op.plan(ctx)
+        if not any(e.rule == ctx.tag for e in entries):
+            raise ctx.error((), f"{ctx.tag} changes no tensor: nothing it selects is affected by it")
     if any(isinstance(ck, VirtualInput) for ck in inputs.values()):
         for e in entries:
             e.node = expand_virtual(e.node, inputs)
-    plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations, layer_from)
+    plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations, layer_from, ctx.selections)
     _check(plan)
     return plan
+
+
+def _check_depths(recipe: Recipe, inputs: dict[str, TensorSource], layout: Layout, n_src: int) -> None:
+    """Operations pair layers by index: an input of another depth needs a ``stack`` that maps its layers."""
+    used = dict.fromkeys(n for op in recipe.operations for names in op.input_refs().values() for n in names)
+    for name in used:
+        ck = inputs.get(name)
+        if ck is None or name == recipe.recipient_name:
+            continue
+        n = layout.num_layers(ck.keys(), ck.config)
+        if n != n_src:
+            raise recipe.error(("inputs", name), f"input {name!r} has {n} layers but the recipient "
+                               f"{recipe.recipient_name!r} has {n_src}; operations pair layers by index, so map "
+                               f"them explicitly with a 'stack' (e.g. stack: [{{layers: '0-{n_src - 1}', "
+                               f"sources: {{{name}: '{max(0, n - n_src)}-{n - 1}'}}}}])")
 
 
 def _stack(recipe: Recipe, inputs: dict[str, TensorSource], layout: Layout, n_src: int):
@@ -276,7 +327,8 @@ def _output_entries(recipe, inputs: dict[str, TensorSource], layout: Layout, lay
         for idx, name in layer_names(frm).get(src, []):
             out_name = layout.layer_name(name, out_layer)
             layers.append(((out_layer, idx), Entry(out_name, layout.info(out_name), name,
-                                                   Ref(frm, name, src, out_layer), source_input=frm)))
+                                                   Ref(frm, name, src, out_layer), source_input=frm,
+                                                   rule="recipient" if frm == recipient else f"stack from {frm}")))
     return [e for _, e in sorted(pre, key=lambda t: t[0])] + \
         [e for _, e in sorted(layers, key=lambda t: t[0])] + [e for _, e in sorted(post, key=lambda t: t[0])]
 

@@ -68,6 +68,7 @@ class LayerSwap(Operation):
                 ctx.assign(e, linear([(w, ctx.ref(donor, e)), (1.0 - w, ctx.ref(recipient, e))]), note)
 
         outer = {"embed": self.embeddings, "final_norm": self.final_norm, "lm_head": self.lm_head}
+        present = set()
         for e in ctx.entries:
             layer = e.info.layer
             if layer is not None:
@@ -77,6 +78,7 @@ class LayerSwap(Operation):
             kind = e.info.kind
             if kind == "norm" and "embed" in e.name.lower():
                 kind = "embed"  # e.g. BERT's embeddings.LayerNorm travels with the embeddings
+            present.add(kind)
             choice = outer.get(kind, "recipient")
             if choice == "donor":
                 blend(e, 1.0, "")
@@ -85,6 +87,14 @@ class LayerSwap(Operation):
                     field = {"embed": "embeddings"}.get(kind, kind)
                     raise ctx.error((field,), f"donor weight must be between 0 and 1, got {choice}")
                 blend(e, choice, "blend")
+        for kind, choice in outer.items():
+            if choice != "recipient" and choice != 0.0 and kind not in present:
+                field = {"embed": "embeddings"}.get(kind, kind)
+                if kind == "lm_head" and ctx.tied_lm_head():
+                    raise ctx.error((field,), f"{field}: {choice} changes nothing: this model ties lm_head to the "
+                                              "embeddings (tie_word_embeddings), so it has no lm_head tensor; "
+                                              f"use embeddings: {choice} to change both")
+                raise ctx.error((field,), f"{field}: {choice} changes nothing: the model has no {kind} tensor")
 
 
 class Arithmetic(Operation):

@@ -91,7 +91,9 @@ def _explain(model, err, loc) -> str:
     if kind == "missing":
         return f"missing required key {str(loc[-1])!r}"
     got = err.get("input")
-    return f"{err['msg']} (got {got!r})" if not isinstance(got, dict) else err["msg"]
+    if isinstance(got, dict) or repr(got) in err["msg"]:  # our validators already name the value
+        return err["msg"]
+    return f"{err['msg']} (got {got!r})"
 
 
 def _fields_at(model, loc) -> list[str]:
