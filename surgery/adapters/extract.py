@@ -145,6 +145,8 @@ def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | N
         ranks[module] = k
         rows.append(ExtractedTensor(name, module, info.layer, info.kind, k, err, norm,
                                     float((s[:k] * s[:k]).sum()) / total))
+    if progress:
+        progress(len(names), len(names), "")
     if not rows:
         raise SurgeryError(f"nothing to extract: no {'/'.join(modules)} weight differs between "
                            f"{base_ck.ref} and {tuned_ck.ref}")

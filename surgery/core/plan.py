@@ -146,11 +146,10 @@ class Context:
 
     def nothing_selected(self, field_path: tuple, what: str) -> SurgeryError:
         """The error for a selection that matches no tensor (it would be a silent no-op)."""
-        message = f"{self.tag} selects no tensor: {what}"
         if "lm_head" in what and self.tied_lm_head():
-            message += ("; this model ties lm_head to the embeddings (tie_word_embeddings), so it has no "
-                        "lm_head tensor: select the embeddings (modules: [embed]) to change both")
-        return self.error(field_path, message)
+            what = ("this model ties lm_head to the embeddings (tie_word_embeddings), so it has no lm_head "
+                    "tensor; select the embeddings (modules: [embed]) to change both")
+        return self.error(field_path, f"{self.tag} selects no tensor: {what}")
 
     def layers(self, spec, field_path: tuple) -> list[int]:
         try:
