@@ -12,24 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import load, perturb, random_state, raw_bytes, save_checkpoint, tiny_config
+from helpers import load, perturb, raw_bytes, save_checkpoint, tied_config as tied, tied_state as saved_state
 
 import surgery
 from surgery.cli import cli
 from surgery.errors import SurgeryError
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-def tied(arch: str = "llama", **overrides):
-    cfg = tiny_config(arch, tie_word_embeddings=True, **overrides)
-    assert cfg.num_key_value_heads < cfg.num_attention_heads  # GQA
-    return cfg
-
-
-def saved_state(cfg, seed: int = 0) -> dict:
-    """random weights as save_pretrained writes a tied model: without lm_head.weight."""
-    return {k: v for k, v in random_state(cfg, seed).items() if k != "lm_head.weight"}
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,12 @@ def task_type(config: dict) -> str | None:
         for suffix, kind in TASK_TYPES:
             if arch.endswith(suffix):
                 return kind
+    if config.get("model_type") and not config.get("architectures"):
+        # a config without architectures (made by hand): a causal LM when transformers has one of its type
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if config["model_type"] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return "CAUSAL_LM"
     return None
 
 
