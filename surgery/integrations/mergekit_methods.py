@@ -26,7 +26,6 @@ mergekit is imported only inside functions; importing this module is cheap.
 # typing.get_type_hints, and the kernels are defined inside a function.
 
 import functools
-from pathlib import Path
 from typing import Literal, Optional, Union
 
 from surgery.errors import SurgeryError

@@ -69,7 +69,7 @@ class Checkpoint:
         then the working directory.
         """
         text = str(ref)
-        for candidate in _local_candidates(text, base_dir):
+        for candidate in local_candidates(text, base_dir):
             if candidate.exists():
                 return cls._open_local(text, candidate, convert_bin)
         if HUB_ID.match(text) and not text.startswith((".", "/")):
@@ -246,7 +246,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
-def _local_candidates(text: str, base_dir: Path | None) -> list[Path]:
+def local_candidates(text: str, base_dir: Path | None) -> list[Path]:
     p = Path(text).expanduser()
     if p.is_absolute() or base_dir is None:
         return [p]

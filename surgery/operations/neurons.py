@@ -182,7 +182,7 @@ def _select_neurons(ctx, ns: NeuronSet, default_expert: str | None, default_base
     elif ns.file:
         if ns.top is not None or ns.expert or ns.base:
             raise ctx.error(("neurons", "file"), "give either 'file' or a ranking ('expert'/'base'/'top'), not both")
-        base_dir = ctx.recipe._base_dir or Path.cwd()
+        base_dir = ctx.recipe.base_dir or Path.cwd()
         path = Path(ns.file) if Path(ns.file).is_absolute() else base_dir / ns.file
         try:
             sel = load_neuron_set(path)
