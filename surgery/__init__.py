@@ -23,6 +23,7 @@ _EXPORTS = {
     "open_adapter": "adapters.view", "adamergex_adapter": "adapters.adamergex",
     "diff": "analysis.diff", "DiffResult": "analysis.diff",
     "save_neuron_set": "analysis.neuron_set", "load_neuron_set": "analysis.neuron_set",
+    "set_threads": "core.threads",
 }
 
 

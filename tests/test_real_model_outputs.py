@@ -78,7 +78,7 @@ def test_thread_policy(monkeypatch):
     from surgery.core import threads
 
     monkeypatch.setenv("SURGERY_THREADS", "3")
-    assert threads.default_threads() == 3 and threads.set_threads() == 3 == torch.get_num_threads()
+    assert threads.default_threads() == 3 and surgery.set_threads() == 3 == torch.get_num_threads()
     monkeypatch.delenv("SURGERY_THREADS")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert threads.default_threads() is None  # the user's torch setting stands

@@ -103,8 +103,12 @@ class Context:
     """What a planner sees: the recipe, the inputs and the current assignment of every tensor."""
 
     def __init__(self, recipe: Recipe, inputs: dict[str, TensorSource], layout: Layout, entries: list[Entry],
-                 layer_map: list[int], plan_annotations: list[str], layer_sources: list[dict] | None = None):
+                 layer_map: list[int], plan_annotations: list[str], layer_sources: list[dict] | None = None,
+                 partial: bool = False):
         self.recipe, self.inputs, self.layout = recipe, inputs, layout
+        # partial: the entries are some of the model's tensors (mergekit's per-tensor plugin methods), so a
+        # selection that matches none of them is not a user error
+        self.partial = partial
         self.entries, self.layer_map = entries, layer_map
         # output layer -> {input: source layer} where a stack segment gives an input other layers
         self.layer_sources = layer_sources or [{} for _ in layer_map]
@@ -169,10 +173,10 @@ class Context:
                              + f" (kinds: {', '.join(MODULE_KINDS)}; groups: {', '.join(MODULE_GROUPS)})")
         names = [_name_matcher(p) for p in sel.names or []]
         exclude = [_name_matcher(p) for p in sel.exclude or []]
-        for i, (pattern, m) in enumerate(zip(sel.names or [], names)):
+        for i, (pattern, m) in enumerate(zip(sel.names or [], names) if not self.partial else ()):
             if not any(m(e.name) for e in self.entries):
                 raise self.nothing_selected(field_path + ("names", i), f"no tensor name matches {pattern!r}")
-        for kind in sorted(modules):
+        for kind in sorted(modules) if not self.partial else ():
             if not any(e.info.kind == kind or e.info.group == kind for e in self.entries):
                 raise self.nothing_selected(field_path + ("modules",), f"the model has no {kind!r} tensor")
         out = []
@@ -187,7 +191,7 @@ class Context:
             if any(m(e.name) for m in exclude):
                 continue
             out.append(e)
-        if not out:
+        if not out and not self.partial:
             given = ", ".join(f"{k}: {v}" for k, v in sel.model_dump(exclude_none=True).items())
             raise self.nothing_selected(field_path, f"no tensor matches all of {{{given}}}")
         return out

@@ -88,7 +88,7 @@ class LayerSwap(Operation):
                     raise ctx.error((field,), f"donor weight must be between 0 and 1, got {choice}")
                 blend(e, choice, "blend")
         for kind, choice in outer.items():
-            if choice != "recipient" and choice != 0.0 and kind not in present:
+            if choice != "recipient" and choice != 0.0 and kind not in present and not ctx.partial:
                 field = {"embed": "embeddings"}.get(kind, kind)
                 if kind == "lm_head" and ctx.tied_lm_head():
                     raise ctx.error((field,), f"{field}: {choice} changes nothing: this model ties lm_head to the "
