@@ -102,7 +102,7 @@ def test_extract_lora_shows_progress(fam, tmp_path):
                                    "--rank", "2", "--threads", "1"])
     assert res.exit_code == 0, res.output
     n = len(load(fam["base"]))
-    assert f"extract-lora: 100%" in res.stderr and f"{n}/{n}" in res.stderr
+    assert "extract-lora: 100%" in res.stderr and f"{n}/{n}" in res.stderr
     quiet = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "y"),
                                      "--rank", "2", "-q"])
     assert quiet.exit_code == 0 and "extract-lora:" not in quiet.stderr

@@ -6,7 +6,6 @@ grouped-query attention (2 key/value heads for 4 query heads); 'deep' has more l
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

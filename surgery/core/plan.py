@@ -23,6 +23,7 @@ from surgery.io.safetensors import FLOAT_DTYPES, FLOATING, TensorMeta
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.core.layout import MODULE_GROUPS, MODULE_KINDS, Layout, TensorInfo
 from surgery.core.graph import Node, Ref, infer_shape, refs
+from surgery.core.layer_map import check_depths, stack_layers
 from surgery.recipe.parsing import parse_layers
 from surgery.recipe.schema import Recipe, Select
 
@@ -236,8 +237,8 @@ def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
     names = base.keys()
     n_src = layout.num_layers(names, base.config)
     if not recipe.stack:
-        _check_depths(recipe, inputs, layout, n_src)
-    layer_map, layer_from, layer_sources = _stack(recipe, inputs, layout, n_src)
+        check_depths(recipe, inputs, layout, n_src)
+    layer_map, layer_from, layer_sources = stack_layers(recipe, inputs, layout, n_src)
     entries = _output_entries(recipe, inputs, layout, layer_map, layer_from)
     annotations: list[str] = []
     ctx = Context(recipe, inputs, layout, entries, layer_map, annotations, layer_sources)
@@ -252,53 +253,6 @@ def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
     plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations, layer_from, ctx.selections)
     _check(plan)
     return plan
-
-
-def _check_depths(recipe: Recipe, inputs: dict[str, TensorSource], layout: Layout, n_src: int) -> None:
-    """Operations pair layers by index: an input of another depth needs a ``stack`` that maps its layers."""
-    used = dict.fromkeys(n for op in recipe.operations for names in op.input_refs().values() for n in names)
-    for name in used:
-        ck = inputs.get(name)
-        if ck is None or name == recipe.recipient_name:
-            continue
-        n = layout.num_layers(ck.keys(), ck.config)
-        if n != n_src:
-            raise recipe.error(("inputs", name), f"input {name!r} has {n} layers but the recipient "
-                               f"{recipe.recipient_name!r} has {n_src}; operations pair layers by index, so map "
-                               f"them explicitly with a 'stack' (e.g. stack: [{{layers: '0-{n_src - 1}', "
-                               f"sources: {{{name}: '{max(0, n - n_src)}-{n - 1}'}}}}])")
-
-
-def _stack(recipe: Recipe, inputs: dict[str, TensorSource], layout: Layout, n_src: int):
-    """Output layer -> (source layer, input giving it, {other input: its source layer})."""
-    recipient = recipe.recipient_name
-    if not recipe.stack:
-        return list(range(n_src)), [recipient] * n_src, [{} for _ in range(n_src)]
-
-    def indices(spec, name, path):
-        ck = inputs[name]
-        n = n_src if name == recipient else layout.num_layers(ck.keys(), ck.config)
-        try:
-            return parse_layers(spec, n) if not isinstance(spec, list) else \
-                [j for item in spec for j in parse_layers(item, n)]
-        except ValueError as e:
-            raise recipe.error(path, f"{e} (input {name!r})" if name != recipient else str(e)) from None
-
-    layer_map, layer_from, layer_sources = [], [], []
-    for i, seg in enumerate(recipe.stack):
-        src = seg.from_ or recipient
-        own = indices(seg.layers, src, ("stack", i, "layers"))
-        others = {}
-        for name, spec in (seg.sources or {}).items():
-            others[name] = indices(spec, name, ("stack", i, "sources", name))
-            if len(others[name]) != len(own):
-                raise recipe.error(("stack", i, "sources", name), f"{len(others[name])} layers, but 'layers' "
-                                   f"has {len(own)}; each output layer needs one source layer per input")
-        for k, j in enumerate(own):
-            layer_map.append(j)
-            layer_from.append(src)
-            layer_sources.append({n: o[k] for n, o in others.items() if n != src})
-    return layer_map, layer_from, layer_sources
 
 
 def _output_entries(recipe, inputs: dict[str, TensorSource], layout: Layout, layer_map: list[int],
