@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -57,9 +56,10 @@ def test_schema_is_valid_json_schema_and_validates_examples():
     assert list(v.iter_errors({"inputs": {"a": "x"}, "operations": [{"layer_swap": {"donor": "a", "bogus": 1}}]}))
 
 
-def test_plan_validate_and_json(demo_dir):
-    recipe = demo_dir / "r.yaml"
-    recipe.write_text("inputs: {math: checkpoints/math, sw: checkpoints/swahili}\n"
+def test_plan_validate_and_json(demo_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"  # tests never write into the shared demo fixture
+    ck = demo_dir / "checkpoints"
+    recipe.write_text(f"inputs: {{math: {ck}/math, sw: {ck}/swahili}}\n"
                       "operations:\n  - layer_swap: {donor: sw, bottom: 1, top: 1, transition: 2}\n")
     r = cli("plan", recipe)
     assert r.returncode == 0, r.stderr
@@ -76,7 +76,7 @@ def test_plan_validate_and_json(demo_dir):
     assert "model.layers.7.mlp.down_proj.weight" in r.stdout and "← sw" in r.stdout
     r = cli("validate", recipe)
     assert r.returncode == 0 and r.stdout.startswith("ok:")
-    out = demo_dir / "out-json"
+    out = tmp_path / "out-json"
     r = cli("run", recipe, "-o", out, "--json")
     data = json.loads(r.stdout)
     assert data["output"] == str(out.resolve()) and data["tensors"] == 75
@@ -96,11 +96,12 @@ def test_demo_command(tmp_path):
     assert (tmp_path / "d" / "out" / "math-swahili-swap" / "model.safetensors").exists()
 
 
-def test_progress_bar_and_quiet(demo_dir):
-    recipe = demo_dir / "p.yaml"
-    recipe.write_text("inputs: {math: checkpoints/math, sw: checkpoints/swahili}\n"
+def test_progress_bar_and_quiet(demo_dir, tmp_path):
+    recipe = tmp_path / "p.yaml"
+    ck = demo_dir / "checkpoints"
+    recipe.write_text(f"inputs: {{math: {ck}/math, sw: {ck}/swahili}}\n"
                       "operations:\n  - take: {from: sw, select: {layers: 0}}\n")
-    r = cli("run", recipe, "-o", demo_dir / "p1")
+    r = cli("run", recipe, "-o", tmp_path / "p1")
     assert r.returncode == 0 and "surgery run" in r.stderr and "B/s" in r.stderr  # tqdm bar on stderr
-    r = cli("run", recipe, "-o", demo_dir / "p2", "--quiet")
+    r = cli("run", recipe, "-o", tmp_path / "p2", "--quiet")
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
