@@ -97,6 +97,12 @@ def test_thread_policy(monkeypatch):
     assert res.exit_code == 2 and "--threads" in res.output
 
 
+@pytest.mark.parametrize("command", ["run", "plan", "validate", "diff", "extract-lora", "adamergex", "eval", "demo"])
+def test_every_computing_command_takes_threads(command):
+    res = CliRunner().invoke(cli, [command, "--help"])
+    assert res.exit_code == 0 and "--threads INTEGER RANGE" in res.output
+
+
 def test_extract_lora_shows_progress(fam, tmp_path):
     res = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "x"),
                                    "--rank", "2", "--threads", "1"])

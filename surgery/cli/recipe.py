@@ -113,6 +113,7 @@ def schema():
 @click.option("--dir", "folder", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo checkpoints and output go.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@threads_opt
 def demo(folder, quiet):
     """Make tiny demo checkpoints (base, math, swahili, english) and run a layer swap on them."""
     from pathlib import Path
