@@ -22,6 +22,7 @@ _EXPORTS = {
     "run_mergekit": "mergekit_plugin",
     "open_adapter": "adapters", "extract_lora": "lora_extract", "adamergex_adapter": "adapter_merge",
     "diff": "analysis", "DiffResult": "analysis", "save_neuron_set": "analysis_ops", "load_neuron_set": "analysis_ops",
+    "probe": "probing", "ProbeResult": "probing",
 }
 
 

@@ -1,0 +1,182 @@
+"""`surgery.probe`: run models forward over texts and measure where they process each language.
+
+    import surgery
+    r = surgery.probe("base/", texts={"en": "data/en.txt", "de": "data/de.txt", "fr": "data/fr.txt"},
+                      parallel=["data/en-de.jsonl"])
+    r.models["base"].probing.accuracy          # [per layer]
+    r.models["base"].alignment["en-de"]        # [Alignment per layer]
+    surgery.save_neuron_set("lape/de.json", r.neurons("de"))
+    r.to_json(); r.to_csv("probe.csv"); r.plot("probe.png")
+
+Models are loaded with transformers for inference only (eval mode, torch.no_grad), one at a time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SurgeryError
+from .hooks import find_points, require_mlp
+from .inputs import load_data
+from .lape import LapeSettings, select
+from .layerwise import alignment as align, chance, probe_accuracy
+from .result import ModelProbe, ProbeResult, Probing
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _named(models) -> dict[str, str]:
+    if isinstance(models, dict):
+        return {str(k): str(v) for k, v in models.items()}
+    if isinstance(models, (str, Path)):
+        models = [models]
+    named = {}
+    for m in models:
+        name, sep, ref = str(m).partition("=")
+        if not sep:
+            name, ref = Path(str(m).rstrip("/")).name or str(m), str(m)
+        if not name or not ref:
+            raise SurgeryError(f"model {m!r}: expected PATH or NAME=PATH")
+        if name in named:
+            raise SurgeryError(f"two models are named {name!r}; name them with NAME=PATH")
+        named[name] = ref
+    if not named:
+        raise SurgeryError("no model given")
+    return named
+
+
+def _load(name: str, path: str, tokenizer, dtype: str, device: str):
+    import torch
+    import transformers as tf
+
+    if dtype not in DTYPES:
+        raise SurgeryError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(tokenizer or path)
+    except (OSError, ValueError, TypeError) as e:
+        raise SurgeryError(f"{tokenizer or path}: no usable tokenizer ({str(e).splitlines()[0]}); "
+                           "give one with --tokenizer") from None
+    kwargs = {"dtype": getattr(torch, dtype)}
+    try:
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except ValueError:  # encoders (BERT) have no causal-LM class
+            model = tf.AutoModel.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise SurgeryError(f"{path}: cannot load the model with transformers ({str(e).splitlines()[0]})") from None
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise SurgeryError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    return tok, model.eval()
+
+
+def probe(models, texts=None, *, labels=None, parallel=None, lape: bool = True, probing: bool = True,
+          alignment: bool = True, device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
+          max_tokens: int = 128, tokenizer=None, folds: int = 5, seed: int = 0,
+          lape_settings: LapeSettings | None = None, limit: int | None = None, progress: bool = True) -> ProbeResult:
+    """Probe one or more models (a path, a list of paths or NAME=PATH, or {name: path}).
+
+    texts: {language: text file or list of texts}: LAPE neurons, and the probing labels unless
+    ``labels`` (a JSONL file of {text, label}) is given. parallel: JSONL files of translation pairs.
+    """
+    if batch_size < 1 or max_tokens < 1:
+        raise SurgeryError("--batch-size and --max-tokens must be at least 1")
+    named = _named(models)
+    data = load_data(texts, labels, parallel, limit)
+    settings = lape_settings or LapeSettings()
+    langs = list(data.texts)
+    do_lape = lape and len(langs) >= 2
+    items, item_lang, rows = [], [], {}
+
+    def add(key, texts_, lang=-1):
+        rows[key] = np.arange(len(items), len(items) + len(texts_))
+        items.extend(texts_)
+        item_lang.extend([lang] * len(texts_))
+
+    for k, lang in enumerate(langs):
+        add(("text", lang), data.texts[lang], k)
+    if data.labelled:
+        add(("labels",), [t for t, _ in data.labelled])
+    for n, par in enumerate(data.parallel):
+        add(("par", n, 0), [a for a, _ in par.sentences])
+        add(("par", n, 1), [b for _, b in par.sentences])
+    if data.labelled:
+        probe_rows, probe_labels = rows[("labels",)], [lab for _, lab in data.labelled]
+    else:
+        probe_rows = np.concatenate([rows[("text", lang)] for lang in langs]) if langs else np.zeros(0, int)
+        probe_labels = [lang for lang in langs for _ in data.texts[lang]]
+    do_probing = probing and len(set(probe_labels)) >= 2
+    if do_probing:
+        _, label_counts = np.unique(probe_labels, return_counts=True)
+        if label_counts.min() < 2:
+            raise SurgeryError("probing needs at least two texts per label")
+    result = ProbeResult(settings={"device": device, "dtype": dtype, "batch_size": batch_size,
+                                   "max_tokens": max_tokens, "folds": folds, "seed": seed,
+                                   "lape": settings.__dict__ if do_lape else None},
+                         data={"texts": {lang: {"file": data.sources[lang], "count": len(data.texts[lang])}
+                                         for lang in langs},
+                               "labels": {"file": data.labels_file, "count": len(data.labelled)}
+                               if data.labelled else None,
+                               "parallel": [{"file": p.file, "pair": list(p.pair), "count": len(p.sentences)}
+                                            for p in data.parallel]})
+    for name, path in named.items():
+        result.models[name] = _probe_model(name, path, items, np.asarray(item_lang), rows, langs, data,
+                                           probe_rows, probe_labels, do_lape, do_probing, alignment, settings,
+                                           tokenizer, dtype, device, batch_size, max_tokens, folds, seed, progress)
+    return result
+
+
+def _probe_model(name, path, items, item_lang, rows, langs, data, probe_rows, probe_labels, do_lape, do_probing,
+                 do_align, settings, tokenizer, dtype, device, batch_size, max_tokens, folds, seed, progress):
+    from tqdm.auto import tqdm
+
+    from .forward import FeatureStore, run_forward
+
+    start = time.perf_counter()
+    tok, model = _load(name, path, tokenizer, dtype, device)
+    points = find_points(model, source=path)
+    if do_lape:
+        require_mlp(points, path, model.config.model_type)
+    ids = tok(items, truncation=True, max_length=max_tokens)["input_ids"]
+    if any(len(x) == 0 for x in ids):
+        bad = next(i for i, x in enumerate(ids) if not x)
+        raise SurgeryError(f"{path}: the tokenizer gives no tokens for text {items[bad][:40]!r}")
+    pad = next((p for p in (tok.pad_token_id, tok.eos_token_id) if p is not None), 0)
+    layers = [i for i, _ in points.layers]
+    with tempfile.TemporaryDirectory(prefix="surgery-probe-") as tmp:
+        store = FeatureStore(Path(tmp) / "pooled.f32", len(layers), len(items))
+        bar = tqdm(total=sum(map(len, ids)), unit="tok", desc=f"probe {name}", disable=not progress, leave=False)
+        try:
+            t0 = time.perf_counter()
+            counts, tokens, order = run_forward(model, points, ids, item_lang, len(langs), store, batch_size,
+                                                device, pad, do_lape, bar)
+            forward_s = time.perf_counter() - t0
+            bar.close()
+            inv = np.argsort(order)
+            acc, std, aligned = [], [], {f"{p.pair[0]}-{p.pair[1]}": [] for p in data.parallel}
+            for n_layer in tqdm(range(len(layers)), desc=f"analyse {name}", disable=not progress, leave=False):
+                feats = store.layer(n_layer)
+                if do_probing:
+                    a, s = probe_accuracy(feats[inv[probe_rows]], probe_labels, folds, seed)
+                    acc.append(a)
+                    std.append(s)
+                if do_align:
+                    for n, p in enumerate(data.parallel):
+                        aligned[f"{p.pair[0]}-{p.pair[1]}"].append(
+                            align(feats[inv[rows[("par", n, 0)]]], feats[inv[rows[("par", n, 1)]]]))
+        finally:
+            store.close()
+            bar.close()
+    lape = None
+    if do_lape:
+        probs = np.stack([(counts[i] / np.maximum(tokens, 1)[:, None]).T for i in layers])
+        lape = select(probs, langs, layers, dict(zip(langs, tokens.tolist())), settings)
+    probing = Probing(sorted(set(probe_labels)), acc, std, chance(probe_labels)) if do_probing else None
+    n_tokens = int(sum(map(len, ids)))
+    return ModelProbe(name, path, layers, n_tokens, forward_s, time.perf_counter() - start, lape, probing,
+                      aligned if do_align and data.parallel else {})
