@@ -28,10 +28,10 @@ def word_tokenizer(path: Path):
     return fast
 
 
-def wired_model(path, n_layers: int = 4, attention_in_layer0: bool = False) -> Path:
+def wired_model(path, n_layers: int = 4, zero_attention0: bool = False) -> Path:
     """A tiny llama where dimension 0 of the residual stream is +10 on language a and -10 on b, and
     nothing but the two wired gate neurons reads it; every other activation is the same on a text
-    and its mirror (a_i -> b_i). With attention_in_layer0=False, layer 0's attention output is zero,
+    and its mirror (a_i -> b_i). With zero_attention0, layer 0's attention output is zero,
     so layer 0's MLP input is the normed embedding (checkable by hand)."""
     from transformers import AutoModelForCausalLM
 
@@ -50,7 +50,7 @@ def wired_model(path, n_layers: int = 4, attention_in_layer0: bool = False) -> P
             sd[p + m + ".weight"][:, 0] = 0
         sd[p + "self_attn.o_proj.weight"][0, :] = 0
         sd[p + "mlp.down_proj.weight"][0, :] = 0
-    if not attention_in_layer0:
+    if zero_attention0:
         sd["model.layers.0.self_attn.o_proj.weight"][:] = 0
     for (layer, j), sign in ((A_NEURON, 1.0), (B_NEURON, -1.0)):
         g = sd[f"model.layers.{layer}.mlp.gate_proj.weight"]

@@ -49,7 +49,7 @@ def _named(models) -> dict[str, str]:
     return named
 
 
-def _load(name: str, path: str, tokenizer, dtype: str, device: str):
+def _load(path: str, tokenizer, dtype: str, device: str, progress: bool):
     import torch
     import transformers as tf
 
@@ -61,6 +61,9 @@ def _load(name: str, path: str, tokenizer, dtype: str, device: str):
         raise SurgeryError(f"{tokenizer or path}: no usable tokenizer ({str(e).splitlines()[0]}); "
                            "give one with --tokenizer") from None
     kwargs = {"dtype": getattr(torch, dtype)}
+    bars = tf.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        tf.utils.logging.disable_progress_bar()
     try:
         try:
             model = tf.AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -68,6 +71,9 @@ def _load(name: str, path: str, tokenizer, dtype: str, device: str):
             model = tf.AutoModel.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise SurgeryError(f"{path}: cannot load the model with transformers ({str(e).splitlines()[0]})") from None
+    finally:
+        if bars:
+            tf.utils.logging.enable_progress_bar()
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as e:
@@ -138,7 +144,7 @@ def _probe_model(name, path, items, item_lang, rows, langs, data, probe_rows, pr
     from .forward import FeatureStore, run_forward
 
     start = time.perf_counter()
-    tok, model = _load(name, path, tokenizer, dtype, device)
+    tok, model = _load(path, tokenizer, dtype, device, progress)
     points = find_points(model, source=path)
     if do_lape:
         require_mlp(points, path, model.config.model_type)

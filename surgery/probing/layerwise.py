@@ -7,7 +7,10 @@ Probing is scikit-learn's LogisticRegression on standardised features, scored by
 cross-validation (accuracy on held-out folds). Alignment uses cosine similarity: the mean over
 translation pairs, the mean over all non-matching pairs (the "random pair" baseline), and retrieval
 accuracy, the share of sentences whose nearest neighbour (by cosine) on the other side is their
-translation, in both directions. It runs in row blocks, so memory is bounded by ``block`` rows.
+translation, in both directions. Retrieval and ``centered_cosine`` use each side minus its mean
+vector (Libovický et al. 2020): hidden states share large offsets (outlier dimensions, the
+language's own direction) that otherwise dominate every cosine. Retrieval runs in row blocks, so
+memory is bounded by ``block`` rows.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def chance(labels) -> float:
 class Alignment:
     pair_cosine: float      # mean cosine of translation pairs
     random_cosine: float    # mean cosine of non-matching pairs
-    retrieval: float        # share of src sentences whose nearest tgt sentence is the translation
+    centered_cosine: float  # mean cosine of translation pairs after subtracting each side's mean
+    retrieval: float        # share of src sentences whose nearest tgt sentence is the translation (centred)
     retrieval_back: float   # the same from tgt to src
 
     def to_dict(self) -> dict:
@@ -75,4 +79,7 @@ def alignment(src: np.ndarray, tgt: np.ndarray, block: int = 1024) -> Alignment:
     n = len(a)
     diag = (a * b).sum(1)
     off = float(a.sum(0) @ b.sum(0) - diag.sum()) / (n * (n - 1))
-    return Alignment(float(diag.mean()), off, _retrieval(a, b, block), _retrieval(b, a, block))
+    src, tgt = np.asarray(src, dtype=np.float64), np.asarray(tgt, dtype=np.float64)
+    ca, cb = _unit(src - src.mean(0)), _unit(tgt - tgt.mean(0))
+    return Alignment(float(diag.mean()), off, float((ca * cb).sum(1).mean()), _retrieval(ca, cb, block),
+                     _retrieval(cb, ca, block))
