@@ -25,22 +25,40 @@ from ..errors import SurgeryError
 
 LOCALE_DIR = "/usr/share/locale"
 
-_PRINTF = re.compile(r"%(?:\d+\$)?(?:\([A-Za-z_][\w.]*\))?[-+ #0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?"
+_PRINTF = re.compile(r"%(?:\d+\$)?(?:\([A-Za-z_][\w.]*\))?[-+#0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?"
                      r"(?:hh|h|ll|l|L|q|j|z|Z|t|I64|I32|I)?[diouxXeEfFgGaAcCsSpnm%]")
 _BRACES = re.compile(r"\{[\w.:!\[\]]*\}|\$\{\w+\}")
 _TAG = re.compile(r"</?[A-Za-z][\w:-]*(?:\s[^<>]*)?/?>")
 _ENTITY = re.compile(r"&(?:#\d+|#x[0-9A-Fa-f]+|[A-Za-z]+);")
 _PAREN_ACCEL = re.compile(r"\s*\((?:_|&)\w\)")      # CJK style: ファイル(_F)
-_UNDERSCORE_ACCEL = re.compile(r"(?<![\w_])_(?=\w)")  # _File, not file_name
+_UNDERSCORE_ACCEL = re.compile(r"(?<!\w)_(?=[^\W_])")  # _File, not file_name or __init
+_MID_WORD = re.compile(r"(?<!\S)[^\W_]+_[^\W_]+(?!\S)")  # E_xecute, aus_führen, file_name
 _AMP_ACCEL = re.compile(r"&(?=\w)")                   # &File (entities are handled first)
 _TABLE = re.compile(r"\S {3,}\S")                     # column layout of --help tables
-_OPTION_LINE = re.compile(r"^\s*-{1,2}\w", re.M)       # a line starting with an option
+_OPTION_LINE = re.compile(r"^\s*(?:-{1,2}\w|\$ )", re.M)  # a line starting with an option or a shell prompt
 _LETTER = re.compile(r"[^\W\d_]")
+_LEFTOVER_FORMAT = re.compile(r"%[A-Za-z]")               # custom specifiers (binutils' %B, %H): not text
+
+
+def strip_mnemonics(msgid: str, msgstr: str) -> tuple[str, str]:
+    """Remove a mid-word GTK mnemonic (E_xecute / aus_führen) from each side.
+
+    A word with one inner underscore is a mnemonic when it is the only such word of its string and
+    the other string does not contain it; identifiers (file_name) stay untranslated, so they do.
+    """
+    out = []
+    for text, other in ((msgid, msgstr), (msgstr, msgid)):
+        words = _MID_WORD.findall(text)
+        if len(words) == 1 and words[0] not in other.split():
+            text = _MID_WORD.sub(lambda m: m.group().replace("_", ""), text)
+        out.append(text)
+    return out[0], out[1]
 
 
 def clean(text: str) -> str:
     """A catalog string as plain running text ('' when nothing is left)."""
-    text = _PRINTF.sub(lambda m: "%" if m.group() == "%%" else " ", text)
+    for _ in range(2):  # twice: "%%s" in a format that is itself formatted is a specifier too
+        text = _PRINTF.sub(lambda m: "%" if m.group() == "%%" else " ", text)
     text = _BRACES.sub(" ", text)
     text = _TAG.sub("", text)
     text = _PAREN_ACCEL.sub("", text)
@@ -129,8 +147,11 @@ def mo_pairs(lang: str, files=None, locale_dir=LOCALE_DIR, min_words: int = 2, m
             if not (_usable(msgid) and _usable(msgstr)):
                 stats.drop("help table")
                 continue
+            msgid, msgstr = strip_mnemonics(msgid, msgstr)
             en, tr = clean(msgid), clean(msgstr)
-            if len(en.split()) < min_words or len(en) < min_chars or not _LETTER.search(tr):
+            if _LEFTOVER_FORMAT.search(en) or _LEFTOVER_FORMAT.search(tr):
+                stats.drop("format")
+            elif len(en.split()) < min_words or len(en) < min_chars or not _LETTER.search(tr):
                 stats.drop("short")
             elif en == tr:
                 stats.drop("untranslated")
