@@ -116,15 +116,18 @@ def test_the_machines_catalogs(tmp_path):
                 assert not re.search(r"(^|\s)_[^\W_]", s), s
             assert len(r["en"].split()) >= 2 and len(r["en"]) >= 10 and r["en"] != r[lang]
         english |= set(ens)
-        # every pair comes from a real entry of the catalogs: its English side is a cleaned msgid
+        # every pair comes from a real entry of the catalogs
         raw = set()
         for f in catalog_files(lang):
             try:
                 with open(f, "rb") as fp:
-                    raw |= {clean(k if isinstance(k, str) else k[0]) for k in gettext.GNUTranslations(fp)._catalog}
+                    catalog = gettext.GNUTranslations(fp)._catalog
             except (UnicodeDecodeError, OSError, ValueError):
                 continue
-        assert set(ens) <= {k.split("\x04")[-1] for k in raw} | {clean(k.split("\x04")[-1]) for k in raw}
+            for k, v in catalog.items():
+                k = (k if isinstance(k, str) else k[0]).split("\x04")[-1]
+                raw.add(tuple(map(clean, strip_mnemonics(k, v))))
+        assert {(r["en"], r[lang]) for r in rows} <= raw
     assert (tmp_path / "en.txt").read_text(encoding="utf-8").splitlines() == list(dict.fromkeys(
         json.loads(x)["en"] for lang in REAL for x in (tmp_path / f"en-{lang}.jsonl").read_text(encoding="utf-8").splitlines()))
 
