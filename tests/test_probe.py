@@ -195,3 +195,17 @@ def test_a_model_without_a_recognised_mlp(tmp_path, wired):
 def test_usage_errors():
     out = invoke("probe", "x", "--text", "nofile")
     assert out.exit_code == 2 and "expected LANG=FILE" in out.output
+
+
+def test_a_model_in_memory_gives_the_same_result_as_its_files(wired):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = {"a": wired["a"][:12], "b": wired["b"][:12]}
+    model = AutoModelForCausalLM.from_pretrained(wired["model"])
+    mem = surgery.probe({"m": model}, texts, tokenizer=AutoTokenizer.from_pretrained(wired["model"]), folds=3,
+                        progress=False).models["m"]
+    disk = surgery.probe(wired["model"], texts, folds=3, progress=False).models["wired"]
+    assert mem.path == "(in memory: LlamaForCausalLM)"
+    assert np.array_equal(mem.lape.probs, disk.lape.probs) and mem.probing.accuracy == disk.probing.accuracy
+    with pytest.raises(surgery.SurgeryError, match="needs a tokenizer"):
+        surgery.probe({"m": model}, texts, progress=False)

@@ -29,9 +29,9 @@ from .result import ModelProbe, ProbeResult, Probing
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _named(models) -> dict[str, str]:
-    if isinstance(models, dict):
-        return {str(k): str(v) for k, v in models.items()}
+def _named(models) -> dict:
+    if isinstance(models, dict):  # values: paths, or models already in memory
+        return {str(k): v if hasattr(v, "named_modules") else str(v) for k, v in models.items()}
     if isinstance(models, (str, Path)):
         models = [models]
     named = {}
@@ -49,17 +49,26 @@ def _named(models) -> dict[str, str]:
     return named
 
 
-def _load(path: str, tokenizer, dtype: str, device: str, progress: bool):
+def _load(path, tokenizer, dtype: str, device: str, progress: bool):
+    """(tokenizer, model in eval mode on device); path may be a model already in memory."""
     import torch
     import transformers as tf
 
     if dtype not in DTYPES:
         raise SurgeryError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    try:
-        tok = tf.AutoTokenizer.from_pretrained(tokenizer or path)
-    except (OSError, ValueError, TypeError) as e:
-        raise SurgeryError(f"{tokenizer or path}: no usable tokenizer ({str(e).splitlines()[0]}); "
-                           "give one with --tokenizer") from None
+    in_memory = not isinstance(path, str)
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        tok = tokenizer
+    elif in_memory and tokenizer is None:
+        raise SurgeryError("a model given as an object needs a tokenizer (tokenizer=...)")
+    else:
+        try:
+            tok = tf.AutoTokenizer.from_pretrained(str(tokenizer or path))
+        except (OSError, ValueError, TypeError) as e:
+            raise SurgeryError(f"{tokenizer or path}: no usable tokenizer ({str(e).splitlines()[0]}); "
+                               "give one with --tokenizer") from None
+    if in_memory:
+        return tok, path.eval()
     kwargs = {"dtype": getattr(torch, dtype)}
     bars = tf.utils.logging.is_progress_bar_enabled()
     if not progress:
@@ -85,8 +94,10 @@ def probe(models, texts=None, *, labels=None, parallel=None, lape: bool = True, 
           alignment: bool = True, device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
           max_tokens: int = 128, tokenizer=None, folds: int = 5, seed: int = 0,
           lape_settings: LapeSettings | None = None, limit: int | None = None, progress: bool = True) -> ProbeResult:
-    """Probe one or more models (a path, a list of paths or NAME=PATH, or {name: path}).
+    """Probe one or more models (a path, a list of paths or NAME=PATH, or {name: path or model object}).
 
+    A model object (a transformers model already in memory, e.g. the output of a plan) is used as it
+    is, on its own device and dtype; give its ``tokenizer`` (an object or a path).
     texts: {language: text file or list of texts}: LAPE neurons, and the probing labels unless
     ``labels`` (a JSONL file of {text, label}) is given. parallel: JSONL files of translation pairs.
     """
@@ -145,6 +156,8 @@ def _probe_model(name, path, items, item_lang, rows, langs, data, probe_rows, pr
 
     start = time.perf_counter()
     tok, model = _load(path, tokenizer, dtype, device, progress)
+    path = path if isinstance(path, str) else f"(in memory: {type(path).__name__})"
+    device = next(model.parameters()).device
     points = find_points(model, source=path)
     if do_lape:
         require_mlp(points, path, model.config.model_type)

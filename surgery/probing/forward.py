@@ -87,14 +87,15 @@ class Collector:
 
 
 def run_forward(model, points, token_ids: list[list[int]], langs: np.ndarray, n_langs: int, store: FeatureStore,
-                batch_size: int, device, pad_id: int, lape: bool, progress=None) -> tuple[dict, np.ndarray]:
-    """Run all texts (sorted longest first; store rows follow that order, see ``order``).
+                batch_size: int, device, pad_id: int, lape: bool, progress=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Run all texts, longest first (store row r holds text order[r]).
 
-    Returns ({layer: (languages, neurons) int64 counts of activated tokens}, tokens per language).
+    Returns ({layer: (languages, neurons) int64 counts of activated tokens}, tokens per language, order).
     """
     import torch
 
     order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    backbone = model.base_model  # the blocks without the LM head: logits are never needed
     collector = Collector(points, n_langs, lape)
     tokens = np.zeros(n_langs, dtype=np.int64)
     eye = torch.eye(n_langs, device=device) if n_langs else None
@@ -117,7 +118,7 @@ def run_forward(model, points, token_ids: list[list[int]], langs: np.ndarray, n_
                     np.add.at(tokens, langs[idx][langs[idx] >= 0],
                               [len(token_ids[i]) for i in idx if langs[i] >= 0])
                 collector.batch(mask, weights)
-                model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+                backbone(input_ids=ids, attention_mask=mask.long(), use_cache=False)
                 store.write(row, np.stack(collector.pooled))
                 if progress is not None:
                     progress.update(int(mask.sum().item()))
