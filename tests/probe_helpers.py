@@ -7,7 +7,6 @@ import struct
 from pathlib import Path
 
 import torch
-
 from helpers import save_checkpoint, tiny_config
 
 N_WORDS = 64            # language "a" is tokens a0..a63 (ids 0-63), language "b" is b0..b63 (ids 64-127)

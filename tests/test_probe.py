@@ -2,25 +2,23 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import run_cli
 from probe_helpers import A_NEURON, B_NEURON, mirrored_texts, wired_model
 from safetensors.torch import load_file
 
 import surgery
-from surgery.cli import cli
 from surgery.probing.lape import LapeSettings, entropy, select
 from surgery.probing.layerwise import alignment, probe_accuracy
 
 
 def invoke(*args):
-    from surgery.cli import _load_commands
-
-    _load_commands()
-    return CliRunner().invoke(cli, list(map(str, args)))
+    r = run_cli(*args)
+    return SimpleNamespace(exit_code=r.returncode, output=r.stdout + r.stderr, stdout=r.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +117,7 @@ def test_cli_writes_json_csv_plot_and_neuron_sets_that_recipes_read(wired, tmp_p
                  "--parallel", root / "ab.jsonl", "--json", "--csv", tmp_path / "p.csv", "--plot", tmp_path / "p.png",
                  "--save-neurons", tmp_path / "lape", "--batch-size", 7)
     assert out.exit_code == 0, out.output
-    res = json.loads(out.output)
+    res = json.loads(out.stdout)
     m = res["models"]["wired"]
     assert res["format"] == "surgery.probe/1" and m["layers"] == [0, 1, 2, 3]
     assert m["probing"]["accuracy"] == [1.0] * 4 and m["probing"]["chance"] == 0.5
@@ -189,7 +187,7 @@ def test_a_model_without_a_recognised_mlp(tmp_path, wired):
     ok = invoke("probe", tmp_path / "m", "--tokenizer", wired["model"], "--text", f"a={root / 'a.txt'}",
                 "--text", f"b={root / 'b.txt'}", "--no-lape", "--json", "--folds", 2)
     assert ok.exit_code == 0, ok.output
-    assert len(json.loads(ok.output)["models"]["m"]["probing"]["accuracy"]) == 2
+    assert len(json.loads(ok.stdout)["models"]["m"]["probing"]["accuracy"]) == 2
 
 
 def test_usage_errors():

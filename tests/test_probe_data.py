@@ -4,12 +4,12 @@ import gettext
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
+from helpers import run_cli
 from probe_helpers import write_mo
 
-from surgery.cli import _load_commands, cli
 from surgery.probing.mo_data import catalog_files, clean, strip_mnemonics
 
 ENTRIES = {
@@ -46,8 +46,8 @@ WANT = [  # (en, de) in msgid byte order, which is the order of a .mo file
 
 
 def invoke(*args):
-    _load_commands()
-    return CliRunner().invoke(cli, list(map(str, args)))
+    r = run_cli(*args)
+    return SimpleNamespace(exit_code=r.returncode, output=r.stdout + r.stderr, stdout=r.stdout)
 
 
 def test_a_mo_file_with_known_entries(tmp_path):
@@ -56,7 +56,7 @@ def test_a_mo_file_with_known_entries(tmp_path):
         assert gettext.GNUTranslations(fp).gettext("Quit") == "Beenden"
     out = invoke("data", "mo", "--mo", f"de={mo}", "-o", tmp_path / "data", "--json")
     assert out.exit_code == 0, out.output
-    res = json.loads(out.output)
+    res = json.loads(out.stdout)
     assert res["languages"]["de"] == {"files": 1, "entries": 16, "pairs": 11, "unreadable": [],
                                       "dropped": {"duplicate": 1, "help table": 1, "short": 1, "untranslated": 2}}
     lines = (tmp_path / "data" / "en-de.jsonl").read_text(encoding="utf-8").splitlines()
@@ -98,7 +98,7 @@ REAL = [lang for lang in ("de", "fr", "es") if catalog_files(lang)]
 def test_the_machines_catalogs(tmp_path):
     out = invoke("data", "mo", "--langs", ",".join(REAL), "-o", tmp_path, "--json")
     assert out.exit_code == 0, out.output
-    res = json.loads(out.output)
+    res = json.loads(out.stdout)
     english = set()
     for lang in REAL:
         c = res["languages"][lang]

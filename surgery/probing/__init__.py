@@ -6,8 +6,8 @@
 See docs/probe.md. ``surgery.probing.mo_data`` makes parallel texts from the system's gettext catalogs.
 """
 
-from .api import probe
-from .lape import LapeSettings, Neuron
-from .result import ModelProbe, ProbeResult
+from surgery.probing.api import probe
+from surgery.probing.lape import LapeSettings, Neuron
+from surgery.probing.result import ModelProbe, ProbeResult
 
 __all__ = ["probe", "ProbeResult", "ModelProbe", "LapeSettings", "Neuron"]

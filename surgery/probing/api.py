@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SurgeryError
-from .hooks import find_points, require_mlp
-from .inputs import load_data
-from .lape import LapeSettings, select
-from .layerwise import alignment as align, chance, probe_accuracy
-from .result import ModelProbe, ProbeResult, Probing
+from surgery.errors import SurgeryError
+from surgery.probing.hooks import find_points, require_mlp
+from surgery.probing.inputs import load_data
+from surgery.probing.lape import LapeSettings, select
+from surgery.probing.layerwise import alignment as align
+from surgery.probing.layerwise import chance, probe_accuracy
+from surgery.probing.result import ModelProbe, ProbeResult, Probing
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -152,7 +153,7 @@ def _probe_model(name, path, items, item_lang, rows, langs, data, probe_rows, pr
                  do_align, settings, tokenizer, dtype, device, batch_size, max_tokens, folds, seed, progress):
     from tqdm.auto import tqdm
 
-    from .forward import FeatureStore, run_forward
+    from surgery.probing.forward import FeatureStore, run_forward
 
     start = time.perf_counter()
     tok, model = _load(path, tokenizer, dtype, device, progress)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import SurgeryError
-from ..layout import Layout
+from surgery.core.layout import Layout
+from surgery.errors import SurgeryError
 
 _ACT_KINDS = ("mlp_gate", "mlp_gate_up", "mlp_up")  # preference order within a layer
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 
 @dataclass

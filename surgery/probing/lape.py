@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 
 class Neuron(NamedTuple):

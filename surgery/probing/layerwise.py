@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 
 def probe_accuracy(X: np.ndarray, labels, folds: int = 5, seed: int = 0) -> tuple[float, float]:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 LOCALE_DIR = "/usr/share/locale"
 

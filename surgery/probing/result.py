@@ -6,9 +6,9 @@ import csv
 import json
 from dataclasses import dataclass, field
 
-from ..errors import SurgeryError
-from .lape import LapeResult, Neuron
-from .layerwise import Alignment
+from surgery.errors import SurgeryError
+from surgery.probing.lape import LapeResult, Neuron
+from surgery.probing.layerwise import Alignment
 
 PROBE_FORMAT = "surgery.probe/1"
 
@@ -132,6 +132,6 @@ class ProbeResult:
         return "\n".join(lines).rstrip()
 
     def plot(self, path) -> list[str]:
-        from .plot import plot_probe
+        from surgery.probing.plot import plot_probe
 
         return plot_probe(self, path)
