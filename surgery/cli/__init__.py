@@ -19,6 +19,8 @@ Examples:
   surgery run recipes/layer_swap.yaml -o out/swapped
   surgery schema > recipe.schema.json            # for editor autocompletion
   surgery diff demo/checkpoints/base sw=demo/checkpoints/swahili --plot diff.png
+  surgery data mo --langs de,fr -o data/         # parallel text from gettext catalogs
+  surgery probe base/ --text en=data/en.txt --text de=data/de.txt --save-neurons lape/
   surgery run mergekit-config.yml -o out/merged  # mergekit configs run unchanged
   surgery push out/swapped me/math-sw            # upload with a model card
 """
