@@ -207,3 +207,13 @@ def test_a_model_in_memory_gives_the_same_result_as_its_files(wired):
     assert np.array_equal(mem.lape.probs, disk.lape.probs) and mem.probing.accuracy == disk.probing.accuracy
     with pytest.raises(surgery.SurgeryError, match="needs a tokenizer"):
         surgery.probe({"m": model}, texts, progress=False)
+
+
+def test_two_parallel_files_of_the_same_pair_keep_both(wired, tmp_path):
+    root = wired["root"]
+    half = (root / "ab.jsonl").read_text().splitlines()[:10]
+    (tmp_path / "ab2.jsonl").write_text("\n".join(half) + "\n")
+    r = surgery.probe(wired["model"], parallel=[root / "ab.jsonl", tmp_path / "ab2.jsonl"], progress=False)
+    m = r.models["wired"]
+    assert list(m.alignment) == ["a-b", "a-b#2"] and m.lape is None and m.probing is None
+    assert [a.retrieval for a in m.alignment["a-b#2"]] == [1.0] * 4
