@@ -217,3 +217,12 @@ def test_two_parallel_files_of_the_same_pair_keep_both(wired, tmp_path):
     m = r.models["wired"]
     assert list(m.alignment) == ["a-b", "a-b#2"] and m.lape is None and m.probing is None
     assert [a.retrieval for a in m.alignment["a-b#2"]] == [1.0] * 4
+
+
+def test_probing_without_scikit_learn_says_how_to_get_it(wired, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    with pytest.raises(surgery.SurgeryError, match=r"pip install 'surgery\[probe\]' \(or run with --no-probing\)"):
+        surgery.probe(wired["model"], {"a": wired["a"], "b": wired["b"]}, progress=False)

@@ -137,6 +137,8 @@ def _job(data, lape, probing, alignment, settings, opts) -> _Job:
     do_probing = probing and len(set(probe_labels)) >= 2
     if do_probing and min(np.unique(probe_labels, return_counts=True)[1]) < 2:
         raise SurgeryError("probing needs at least two texts per label")
+    if do_probing:
+        require_sklearn()
     return _Job(items, np.asarray(item_lang), rows, langs, pairs, probe_rows, probe_labels, lape and len(langs) >= 2,
                 do_probing, alignment and bool(pairs), settings, opts)
 

@@ -22,6 +22,13 @@ import numpy as np
 from surgery.errors import SurgeryError
 
 
+def require_sklearn() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise SurgeryError("probing needs scikit-learn: pip install 'surgery[probe]' (or run with --no-probing)")
+
+
 def probe_accuracy(X: np.ndarray, labels, folds: int = 5, seed: int = 0) -> tuple[float, float]:
     """Mean and std of the cross-validated accuracy of a logistic-regression probe."""
     from sklearn.linear_model import LogisticRegression
