@@ -69,6 +69,7 @@ class Search:
     source: str = "<search>"
     description: str | None = None
     n_layers: int = 0
+    datasets: dict = field(default_factory=dict, repr=False)  # loaded once here; the serial worker reuses them
 
     def resolve(self, sampled: dict) -> dict:
         """The plain recipe dict for sampled values (optuna param name -> value)."""
@@ -135,15 +136,23 @@ def load_search(source: str | Path | dict, *, base_dir: Path | None = None) -> S
 
 
 def validate_settings(data: dict, where) -> SearchFile:
+    settings = validate_model(SearchFile, data, where)
+    for i, term in enumerate(settings.objective):
+        check_term(term, where(("objective", i)))
+    return settings
+
+
+def validate_model(model: type[BaseModel], data: dict, where):
+    """``model.model_validate(data)``, with the first error as one line at its place in the file."""
     from pydantic import ValidationError
 
     try:
-        settings = SearchFile.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = tuple(err["loc"])
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "list"))))
         if err["type"] == "extra_forbidden":
-            valid = list(SearchFile.model_fields) if len(loc) == 1 else list(Term.model_fields)
+            valid = fields_at(model, loc[:-1])
             hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             msg = f"unknown key {loc[-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else "") + \
                 f" (valid keys: {', '.join(valid)})"
@@ -152,9 +161,23 @@ def validate_settings(data: dict, where) -> SearchFile:
         else:
             msg = err["msg"] + (f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else "")
         raise RecipeError(msg, where(loc)) from None
-    for i, term in enumerate(settings.objective):
-        check_term(term, where(("objective", i)))
-    return settings
+
+
+def fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys of the nested model at ``loc`` (list indices skipped)."""
+    import typing
+
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        nested = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested += [b for a in typing.get_args(annotation) for b in typing.get_args(a)
+                   if isinstance(b, type) and issubclass(b, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
 
 
 def check_term(term: Term, at: str) -> None:
@@ -177,6 +200,9 @@ def build_search(recipe: dict, objective: list[Term], where, base_dir: Path, nam
         search.variables = with_layer_groups(variables, search.n_layers)
     if search.sampler == "grid":
         search.grid_space()  # a float without a step fails here
+    from .objective import load_objective_data
+
+    search.datasets = load_objective_data(objective, base_dir, search.eval, where)
     return search
 
 

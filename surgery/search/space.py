@@ -176,10 +176,11 @@ def substitute(data, values: dict) -> dict:
 def expand_layer_groups(data: dict, variables: list[Variable], sampled: dict) -> tuple[dict, dict]:
     """Split each operation holding per-layer variables into one copy per layer group.
 
-    The first copy applies to every tensor with group 0's values (so embeddings and the final norm
-    get them, as the first slice of a mergekit-evolve genome); each later copy restricts itself to
-    its group with ``select: {layers: 'a-b'}`` and, coming later, wins there. Returns the recipe data
-    and the values for the plain variables (path -> value).
+    As in a mergekit-evolve genome's slices: the first copy applies to every tensor with group 0's
+    values (so the embeddings get them); each later copy restricts itself to its group with
+    ``select: {layers: 'a-b'}`` and, coming later, wins there; a last copy gives the final norm and
+    lm_head the last group's values (unless the operation selects modules itself). Returns the
+    recipe data and the values of the plain variables (path -> value).
     """
     plain = {v.path: v.value(sampled[v.name]) for v in variables if not v.groups}
     per_op: dict[int, list[Variable]] = {}
@@ -194,16 +195,18 @@ def expand_layer_groups(data: dict, variables: list[Variable], sampled: dict) ->
         if i not in per_op:
             ops.append(op)
             continue
-        (name, _), = op.items()
-        n_groups = len(per_op[i][0].groups)
-        for g in range(n_groups):
-            copy_ = substitute({"operations": [op]}, {(("operations", 0) + v.path[2:]):
-                                                     v.value(sampled[v.param_names()[g]]) for v in per_op[i]})
-            body = copy_["operations"][0][name]
-            if g > 0:
-                a, b = per_op[i][0].groups[g]
-                body["select"] = {**(body.get("select") or {}), "layers": f"{a}-{b}"}
-            ops.append(copy_["operations"][0])
+        (name, body), = op.items()
+        groups = per_op[i][0].groups
+        selects = [None] + [{"layers": f"{a}-{b}"} for a, b in groups[1:]]
+        if len(groups) > 1 and not (body.get("select") or {}).get("modules"):
+            selects.append({"modules": ["final_norm", "lm_head"]})
+        for g, select in enumerate(selects):
+            g = min(g, len(groups) - 1)
+            values = {("operations", 0) + v.path[2:]: v.value(sampled[v.param_names()[g]]) for v in per_op[i]}
+            body_g = substitute({"operations": [op]}, values)["operations"][0][name]
+            if select:
+                body_g["select"] = {**(body_g.get("select") or {}), **select}
+            ops.append({name: body_g})
     return {**data, "operations": ops}, {}
 
 

@@ -17,7 +17,7 @@ def make_pool(spec: Search, *, workers: int = 0, ray_address: str | None = None)
     args = evaluator_args(spec)
     if workers or ray_address:
         return RayPool(args, workers=workers, address=ray_address)
-    return SerialPool(args)
+    return SerialPool({**args, "datasets": spec.datasets})
 
 
 def evaluator_args(spec: Search) -> dict:
