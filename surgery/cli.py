@@ -209,7 +209,8 @@ def demo(folder, quiet):
 
 
 # Feature modules that add commands with @cli.command(); each imports only click at the top.
-COMMAND_MODULES: list[str] = ["surgery.cli_hub", "surgery.cli_mergekit", "surgery.cli_adapters", "surgery.cli_analysis"]
+COMMAND_MODULES: list[str] = ["surgery.cli_hub", "surgery.cli_mergekit", "surgery.cli_adapters", "surgery.cli_analysis",
+                            "surgery.cli_search"]
 
 
 def _load_commands() -> None:
