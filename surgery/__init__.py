@@ -21,6 +21,7 @@ _EXPORTS = {
     "push": "hub", "PushResult": "hub", "write_model_card": "card",
     "run_mergekit": "mergekit_plugin",
     "open_adapter": "adapters", "extract_lora": "lora_extract", "adamergex_adapter": "adapter_merge",
+    "evaluate": "eval", "load_datasets": "eval", "evaluate_recipe": "eval", "EvalReport": "eval",
     "search": "search", "load_search": "search.config",
     "diff": "analysis", "DiffResult": "analysis", "save_neuron_set": "analysis_ops", "load_neuron_set": "analysis_ops",
 }
