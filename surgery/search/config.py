@@ -200,8 +200,9 @@ def build_search(recipe: dict, objective: list[Term], where, base_dir: Path, nam
         search.variables = with_layer_groups(variables, search.n_layers)
     if search.sampler == "grid":
         search.grid_space()  # a float without a step fails here
-    from .objective import load_objective_data
+    from .objective import check_eval_options, load_objective_data
 
+    check_eval_options(search.eval, where)
     search.datasets = load_objective_data(objective, base_dir, search.eval, where)
     return search
 

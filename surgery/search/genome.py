@@ -93,14 +93,21 @@ def genome_search(data: dict, where, base_dir: Path, name: str):
             raise RecipeError("tokenizer_source must be one of the genome's models (surgery copies one "
                               "tokenizer; mergekit's 'union' tokenizers are not supported)", where(("genome", "tokenizer_source")))
         recipe["output"] = {"tokenizer_from": names[g.tokenizer_source]}
-    objective = [Term(lm_eval=t if isinstance(t, str) else t.name, metric="acc,none" if isinstance(t, str) else t.metric,
-                      weight=1.0 if isinstance(t, str) else t.weight) for t in cfg.tasks]
-    options = {k: v for k, v in (("limit", cfg.limit), ("num_fewshot", cfg.num_fewshot),
-                                 ("apply_chat_template", cfg.apply_chat_template),
-                                 ("fewshot_as_multiturn", cfg.fewshot_as_multiturn)) if v is not None}
+    tasks = [Task(name=t) if isinstance(t, str) else t for t in cfg.tasks]
+    objective = [Term(lm_eval=t.name, metric=lm_eval_metric(t.metric), weight=t.weight) for t in tasks]
+    if cfg.num_fewshot is not None:
+        raise RecipeError("num_fewshot: set it in the task's YAML (surgery eval runs tasks as they are defined)",
+                          where(("num_fewshot",)))
+    options = {"chat": cfg.apply_chat_template, **({"limit": cfg.limit} if cfg.limit is not None else {})}
     at = where(("genome",))
     return build_search(recipe, objective, lambda path: f"{at} ({'.'.join(map(str, path[1:]))})", base_dir,
                         name, trials=cfg.trials, sampler=cfg.sampler, seed=cfg.seed, eval={**options, **cfg.eval})
+
+
+def lm_eval_metric(metric: str) -> str:
+    """mergekit-evolve's 'acc,none' is surgery eval's 'acc' (the 'none' filter is left out)."""
+    name, _, filt = metric.partition(",")
+    return name if filt in ("", "none") else metric
 
 
 def input_names(refs: list[str]) -> dict[str, str]:

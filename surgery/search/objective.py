@@ -16,6 +16,9 @@ from pathlib import Path
 
 from ..errors import RecipeError, SurgeryError
 
+# `eval:` options of a search file: those of surgery.eval.evaluate_recipe (limit and seed also pick the data)
+EVAL_OPTIONS = ("limit", "seed", "device", "dtype", "batch_size", "chat", "max_length", "max_new_tokens",
+                "tokenizer", "include_path")
 # metric -> the data-set kind (surgery.eval.data) that has it
 METRIC_KINDS = {"perplexity": "text", "bits_per_byte": "text", "exact_match": "generation",
                 "numeric_match": "generation", "acc": "choice", "acc_norm": "choice"}
@@ -65,13 +68,32 @@ class TrialEvaluator:
             metrics = self.measure(load_recipe(recipe, base_dir=self.base_dir))
         except SurgeryError as e:
             return {"error": str(e), "seconds": time.perf_counter() - start}
-        value = sum(t.weight * metrics[t.data or t.lm_eval][t.metric] for t in self.terms)
+        try:
+            value = sum(t.weight * metrics[t.data or t.lm_eval][t.metric] for t in self.terms)
+        except KeyError as e:
+            name = next(t for t in self.terms if (t.data or t.lm_eval) not in metrics
+                        or t.metric not in metrics[t.data or t.lm_eval])
+            raise SurgeryError(f"objective: {name.data or name.lm_eval} has no metric {name.metric!r} "
+                               f"(measured: {', '.join(metrics.get(name.data or name.lm_eval, {}))})") from e
         return {"value": float(value), "metrics": metrics, "seconds": time.perf_counter() - start}
 
     def measure(self, recipe) -> dict:
         """{data or task: {metric: value}} for the recipe's model, built in memory."""
         from ..eval import evaluate_recipe
 
-        tasks = [t.lm_eval for t in self.terms if t.lm_eval]
-        options = {k: v for k, v in self.options.items() if k != "limit" or tasks}
-        return evaluate_recipe(recipe, list(self.datasets.values()), lm_eval=tasks or None, **options)
+        tasks = list(dict.fromkeys(t.lm_eval for t in self.terms if t.lm_eval))
+        options = dict(self.options)
+        for key in ("tokenizer", "include_path"):
+            if key in options:
+                options[key] = str(self.base_dir / options[key])
+        return evaluate_recipe(recipe, list(self.datasets.values()), lm_eval=tasks or None, quiet=True, **options)
+
+
+def check_eval_options(options: dict, where) -> None:
+    for key in options:
+        if key not in EVAL_OPTIONS:
+            import difflib
+
+            hint = difflib.get_close_matches(str(key), EVAL_OPTIONS, n=1, cutoff=0.5)
+            raise RecipeError(f"unknown eval option {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                              + f" (valid: {', '.join(EVAL_OPTIONS)})", where(("eval", key)))

@@ -1,0 +1,347 @@
+"""`surgery search`: a known optimum found by grid and TPE, resume after SIGKILL, Ray = serial, bad files.
+
+The objective's optimum is known by construction: the text is sampled from the model that a layer
+swap with bottom=2, top=2 produces (math expert + Swahili expert of the demo, lm_head sharpened so
+the models are far from uniform, with a word-level tokenizer so sampled token ids are the text
+exactly). The expected negative log-likelihood of a model on samples of q is smallest at q.
+"""
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import surgery
+from surgery.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512
+SWAP = "bottom: {int: [1, 4]}, top: {int: [1, 4]}"
+
+
+def save_word_tokenizer(folder: Path) -> None:
+    """Tokens w000..w511 (one width, so the special tokens match only whole words), split on spaces;
+    w000 is BOS (the prefix the evaluator scores after)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i:03d}": i for i in range(VOCAB)}, unk_token="w001"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w000", eos_token="w000",
+                            unk_token="w001").save_pretrained(folder)
+
+
+def swap_recipe(root: Path, bottom: int, top: int) -> dict:
+    return {"inputs": {"math": str(root / "math"), "sw": str(root / "swahili")}, "recipient": "math",
+            "operations": [{"layer_swap": {"donor": "sw", "bottom": bottom, "top": top}}]}
+
+
+def nll_by_hand(model_dir: Path, docs: list[list[int]]) -> float:
+    """Mean negative log-likelihood per token after the BOS prefix, with transformers directly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[0] + d for d in docs])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[:, :-1].double(), -1)
+    return float(-logp.gather(2, ids[:, 1:, None]).mean())
+
+
+@pytest.fixture(scope="session")
+def swap_world(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    ck = demo_dir / "checkpoints"
+    for name in ("math", "swahili"):
+        surgery.run({"inputs": {"m": str(ck / name)},
+                     "operations": [{"arithmetic": {"expr": "20*m", "select": {"modules": ["lm_head"]}}}]}, root / name)
+        save_word_tokenizer(root / name)
+    surgery.run(swap_recipe(root, 2, 2), root / "generator")
+    from transformers import AutoModelForCausalLM
+
+    gen = AutoModelForCausalLM.from_pretrained(root / "generator", dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    seq = torch.zeros(16, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(63):
+            seq = torch.cat([seq, torch.multinomial(torch.softmax(gen(seq).logits[:, -1], -1), 1)], 1)
+    docs = [row[1:].tolist() for row in seq]
+    (root / "gen.txt").write_text("".join(" ".join(f"w{i:03d}" for i in d) + "\n" for d in docs))
+    return root, docs
+
+
+def write_search(root: Path, name: str, body: str) -> Path:
+    path = root / name
+    path.write_text(body)
+    return path
+
+
+def swap_search(root: Path, sampler="grid", trials=16, swap=SWAP, extra="") -> Path:
+    return write_search(root, f"search-{sampler}.yaml", f"""\
+recipe:
+  inputs: {{math: math, sw: swahili}}
+  recipient: math
+  operations:
+    - layer_swap: {{donor: sw, {swap}}}
+objective:
+  - {{data: gen.txt, metric: perplexity, weight: -1}}
+trials: {trials}
+sampler: {sampler}
+eval: {{dtype: float32}}
+{extra}""")
+
+
+def by_config(rows):
+    keys = [k for k in rows[0] if k.startswith("operations.")]
+    return {tuple(r[k] for k in keys): r["value"] for r in rows if r["state"] == "complete"}
+
+
+@pytest.fixture(scope="session")
+def grid_run(swap_world, tmp_path_factory):
+    root, _ = swap_world
+    out = tmp_path_factory.mktemp("grid")
+    return surgery.search(swap_search(root), out, write_best=True)
+
+
+# ---------------------------------------------------------------------------- the known optimum
+
+def test_grid_finds_the_known_optimum(swap_world, grid_run):
+    root, docs = swap_world
+    result = grid_run
+    assert len(result.trials) == 16 and result.evaluated == 16
+    assert all(r["state"] == "complete" for r in result.trials)
+    best = result.best
+    assert (best["operations.0.layer_swap.bottom"], best["operations.0.layer_swap.top"]) == (2, 2)
+    # every value is -perplexity, the generator's measured independently with transformers
+    assert best["value"] == pytest.approx(-math.exp(nll_by_hand(root / "generator", docs)), rel=1e-5)
+    assert best["gen.txt:perplexity"] == pytest.approx(-best["value"])
+    values = sorted(r["value"] for r in result.trials)
+    assert values[-1] > values[-2]  # a unique optimum
+    # best.yaml is a plain recipe that `surgery run` takes; --write-best wrote the generator's bytes
+    assert result.best_recipe == json.loads(json.dumps(swap_recipe(root, 2, 2) | {
+        "inputs": {"math": "math", "sw": "swahili"}}))
+    from safetensors.torch import load_file
+
+    gen = load_file(root / "generator" / "model.safetensors")
+    for out in (result.output / "best", surgery.run(result.output / "best.yaml", result.output / "rerun").output):
+        got = load_file(out / "model.safetensors")
+        assert got.keys() == gen.keys() and all(torch.equal(got[k], gen[k]) for k in gen)
+
+
+def test_outputs_table_json_plots(grid_run):
+    out = grid_run.output
+    import csv
+
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert [int(r["trial"]) for r in rows] == list(range(16))
+    assert {"operations.0.layer_swap.bottom", "operations.0.layer_swap.top", "gen.txt:perplexity", "hash"} <= set(rows[0])
+    data = json.loads((out / "trials.json").read_text())
+    assert data["format"] == "surgery.search/1" and data["best"]["trial"] == grid_run.best["trial"]
+    assert [r["value"] for r in data["trials"]] == [float(r["value"]) for r in rows]
+    for png in ("objective.png", "importance.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    importance = json.loads((out / "importance.json").read_text())
+    assert set(importance) == {"operations.0.layer_swap.bottom", "operations.0.layer_swap.top"}
+    assert sum(importance.values()) == pytest.approx(1.0)
+
+
+def test_rerun_of_a_finished_search_evaluates_nothing(swap_world, grid_run):
+    root, _ = swap_world
+    again = surgery.search(swap_search(root), grid_run.output)
+    assert again.evaluated == 0 and by_config(again.trials) == by_config(grid_run.trials)
+
+
+def test_tpe_finds_the_optimum_within_budget(swap_world, grid_run, tmp_path):
+    root, _ = swap_world
+    result = surgery.search(swap_search(root, "tpe", trials=20), tmp_path)
+    assert len(result.trials) == 20
+    best = result.best
+    assert (best["operations.0.layer_swap.bottom"], best["operations.0.layer_swap.top"]) == (2, 2)
+    assert best["value"] == pytest.approx(grid_run.best["value"], rel=1e-9)
+    # repeated configurations were measured once: the cache gives them the first value, so TPE's
+    # 20 trials measured fewer configurations than the grid's 16
+    cached = [r for r in result.trials if r["cached_from"] is not None]
+    assert result.evaluated == 20 - len(cached) == len({r["hash"] for r in result.trials}) < 16
+    for r in cached:
+        assert r["value"] == result.trials[r["cached_from"]]["value"]
+
+
+# ---------------------------------------------------------------------------- resume, Ray
+
+@pytest.mark.slow
+def test_sigkill_mid_search_then_rerun_equals_an_uninterrupted_run(swap_world, grid_run, tmp_path):
+    root, _ = swap_world
+    search_file = swap_search(root)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "surgery", "search", str(search_file), "-o", str(out), "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done_before, deadline = [], time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            if not (out / "study.db").exists():
+                continue
+            try:
+                with sqlite3.connect(out / "study.db") as db:
+                    states = db.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+            except sqlite3.OperationalError:
+                continue  # tables not created yet, or locked
+            if sum(s == "COMPLETE" for _, s in states) >= 4 and states[-1][1] == "RUNNING":
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                done_before = [n for n, s in states if s == "COMPLETE"]
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert done_before, f"the search was not caught mid-way: {proc.stderr.read().decode()[-500:]}"
+    import optuna
+
+    before = {t.number: t.value for t in optuna.load_study(study_name=grid_run.study_name,
+                                                           storage=f"sqlite:///{out / 'study.db'}").trials
+              if t.number in done_before}
+    result = surgery.search(search_file, out)
+    assert result.study_name == grid_run.study_name
+    assert result.evaluated == 16 - len(before)       # nothing finished is evaluated again
+    assert {r["trial"]: r["value"] for r in result.trials if r["trial"] in before} == before
+    assert len(result.trials) == 16 and by_config(result.trials) == pytest.approx(by_config(grid_run.trials))
+
+
+@pytest.mark.slow
+def test_ray_with_two_workers_matches_serial(swap_world, grid_run, tmp_path):
+    root, _ = swap_world
+    result = surgery.search(swap_search(root), tmp_path, workers=2)
+    assert result.evaluated == 16 and by_config(result.trials) == pytest.approx(by_config(grid_run.trials), rel=1e-9)
+    assert result.best["trial"] in {r["trial"] for r in result.trials}
+    import ray
+
+    assert not ray.is_initialized()  # the local Ray started for the search is shut down
+
+
+# ---------------------------------------------------------------------------- spaces
+
+def test_analysis_guided_space_ranked_swap_count(swap_world, tmp_path):
+    root, _ = swap_world
+    path = write_search(root, "ranked.yaml", """\
+recipe:
+  inputs: {math: math, sw: swahili}
+  recipient: math
+  operations:
+    - ranked_layer_swap: {donor: sw, k: {int: [1, 3]}, split: {choice: [any, outer]}}
+objective:
+  - {data: gen.txt, metric: bits_per_byte, weight: -1}
+sampler: grid
+trials: 6
+""")
+    result = surgery.search(path, tmp_path)
+    ks = sorted((r["operations.0.ranked_layer_swap.k"], r["operations.0.ranked_layer_swap.split"])
+                for r in result.trials)
+    assert ks == [(k, s) for k in (1, 2, 3) for s in ("any", "outer")]
+    assert all(r["state"] == "complete" and r["value"] < 0 for r in result.trials)
+    assert isinstance(result.best_recipe["operations"][0]["ranked_layer_swap"]["k"], int)
+
+
+def test_per_layer_variables_split_a_merge_by_layer_group(demo_dir, tmp_path):
+    from surgery.search.space import resolve
+
+    ck = demo_dir / "checkpoints"
+    text = f"""\
+recipe:
+  inputs: {{math: {ck / 'math'}, sw: {ck / 'swahili'}}}
+  operations:
+    - merge:
+        method: linear
+        models:
+          math: {{weight: {{float: [0, 1], layer_granularity: 4}}}}
+          sw: {{weight: 0.5}}
+        parameters: {{normalize: false}}
+objective:
+  - {{data: {ck.parent / 'doc.txt'}, metric: perplexity}}
+"""
+    (ck.parent / "doc.txt").write_text("hello world\n")
+    spec = surgery.load_search(write_search(tmp_path, "s.yaml", text))
+    assert spec.param_names() == ["operations.0.merge.models.math.weight[0-3]", "operations.0.merge.models.math.weight[4-7]"]
+    plain = resolve(spec.recipe, spec.variables, dict(zip(spec.param_names(), [0.25, 0.75])))
+    merges = [op["merge"] for op in plain["operations"]]
+    assert [m["models"]["math"]["weight"] for m in merges] == [0.25, 0.75, 0.75]
+    assert [m.get("select") for m in merges] == [None, {"layers": "4-7"}, {"modules": ["final_norm", "lm_head"]}]
+    from safetensors.torch import load_file
+
+    got = load_file(surgery.run(plain, tmp_path / "out").output / "model.safetensors")
+    a, b = load_file(ck / "math" / "model.safetensors"), load_file(ck / "swahili" / "model.safetensors")
+    for name, w in (("model.layers.1.mlp.up_proj.weight", 0.25), ("model.layers.6.mlp.up_proj.weight", 0.75),
+                    ("model.embed_tokens.weight", 0.25), ("lm_head.weight", 0.75), ("model.norm.weight", 0.75)):
+        want = (w * a[name].float() + 0.5 * b[name].float()).to(torch.bfloat16)
+        assert torch.allclose(got[name].float(), want.float(), rtol=1e-2, atol=1e-3), name
+
+
+# ---------------------------------------------------------------------------- bad search files
+
+BAD = {
+    "float where the schema takes an int": ("bottom: {float: [0, 2]}, top: 1", "recipe.operations.0.layer_swap.bottom",
+                                            "search variable cannot go here (float value 0.74)"),
+    "choice outside a literal": ("layers: {choice: ['0-1', 3]}, embeddings: {choice: [donor, nowhere]}",
+                                 "recipe.operations.0.layer_swap.embeddings", "search variable cannot go here"),
+    "empty range": ("bottom: {int: [3, 1]}", "recipe.operations.0.layer_swap.bottom", "empty range [3, 1]"),
+    "empty choice": ("bottom: {choice: []}", "recipe.operations.0.layer_swap.bottom", "empty choice"),
+    "unknown variable key": ("bottom: {int: [0, 3], scale: log}", "recipe.operations.0.layer_swap.bottom",
+                             "unknown key 'scale' in a search variable"),
+    "float grid without a step": ("bottom: 1, embeddings: {float: [0, 1]}", "recipe.operations.0.layer_swap.embeddings",
+                                  "the grid sampler needs a step"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_variables_are_one_line_with_file_and_line(swap_world, case):
+    root, _ = swap_world
+    swap, where, message = BAD[case]
+    path = swap_search(root, swap=swap)
+    r = subprocess.run([sys.executable, "-m", "surgery", "search", str(path), "-o", str(root / "never")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {path}:5: {where}: ") and message in r.stderr, r.stderr
+    assert not (root / "never").exists()
+
+
+@pytest.mark.parametrize("extra,where,message", [
+    ("objective:\n  - {data: gen.txt, metric: perplexty}", ":10: objective.0", "unknown metric 'perplexty'; did you mean 'perplexity'?"),
+    ("objective:\n  - {data: gen.txt, metric: acc}", ":10: objective.0", "metric acc needs choice data; gen.txt holds text data"),
+    ("objective:\n  - {data: nothing.txt, metric: perplexity}", ":10: objective.0", "data file not found"),
+    ("trials: {int: [1, 5]}", ":10: trials", "search variables go inside the recipe"),
+    ("eval: {batch: 4}", ":10: eval.batch", "unknown eval option 'batch'; did you mean 'batch_size'?"),
+    ("samplr: tpe", ":11: samplr", "unknown key 'samplr'; did you mean 'sampler'?"),
+])
+def test_bad_settings_are_one_line_with_file_and_line(swap_world, extra, where, message):
+    root, _ = swap_world
+    text = swap_search(root).read_text()
+    for key in ("objective", "trials", "eval"):  # replace the setting the case gives
+        if extra.startswith(key + ":"):
+            text = "\n".join(line for line in text.splitlines() if not line.startswith(key) and
+                             not (key == "objective" and line.startswith("  - {data"))) + "\n"
+    path = write_search(root, "bad.yaml", text + extra + "\n")
+    with pytest.raises(RecipeError) as e:
+        surgery.load_search(path)
+    assert str(e.value).startswith(f"{path}{where}") and message in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_json_and_storage_url(swap_world, tmp_path):
+    root, _ = swap_world
+    db = tmp_path / "elsewhere.db"
+    r = subprocess.run([sys.executable, "-m", "surgery", "search", str(swap_search(root, "random", trials=2)),
+                        "-o", str(tmp_path / "out"), "--storage", f"sqlite:///{db}", "--json", "--seed", "3"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["format"] == "surgery.search/1" and len(data["trials"]) == 2 and data["storage"].endswith("elsewhere.db")
+    assert db.exists() and not (tmp_path / "out" / "study.db").exists()
+    assert (tmp_path / "out" / "best.yaml").exists()
