@@ -22,6 +22,7 @@ Examples:
   surgery diff demo/checkpoints/base sw=demo/checkpoints/swahili --plot diff.png
   surgery run mergekit-config.yml -o out/merged  # mergekit configs run unchanged
   surgery push out/swapped me/math-sw            # upload with a model card
+  surgery eval out/swapped recipe.yaml --data sw=texts/sw.txt   # measure (recipes in memory)
 """
 
 
@@ -210,7 +211,7 @@ def demo(folder, quiet):
 
 # Feature modules that add commands with @cli.command(); each imports only click at the top.
 COMMAND_MODULES: list[str] = ["surgery.cli_hub", "surgery.cli_mergekit", "surgery.cli_adapters", "surgery.cli_analysis",
-                            "surgery.cli_search"]
+                              "surgery.cli_eval", "surgery.cli_search"]
 
 
 def _load_commands() -> None:

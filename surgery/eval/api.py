@@ -124,10 +124,10 @@ def evaluate(targets, data=None, *, lm_eval=None, include_path=None, limit: int 
         raise SurgeryError("nothing to evaluate on: give --data NAME=PATH or --lm-eval TASKS")
     if batch_size < 1 or (limit is not None and limit < 1) or (max_length is not None and max_length < 2):
         raise SurgeryError("--batch-size and --limit must be at least 1, --max-length at least 2")
-    device = resolve_device(device)
-    torch_dtype_of(dtype)  # validate before any work
     kinds = [target_kind(t) for t in targets]
     datasets = load_datasets(data, limit=limit, seed=seed) if data is not None else []
+    device = resolve_device(device)
+    torch_dtype_of(dtype)  # validate before any work
     options = dict(lm_eval=lm_eval, include_path=include_path, limit=limit, seed=seed, batch_size=batch_size,
                    chat=chat, max_length=max_length, max_new_tokens=max_new_tokens, quiet=quiet)
     rows = []

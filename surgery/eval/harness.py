@@ -47,14 +47,17 @@ def run_lm_eval(model, tokenizer, tasks: str | list[str], *, include_path=None, 
         for p in [include_path] if isinstance(include_path, (str, Path)) else include_path:
             if not Path(p).is_dir():
                 raise SurgeryError(f"--include-path {p}: not a directory")
+    if quiet:
+        import logging
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     manager = task_manager(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               device=str(model.device))
     try:
         out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                              apply_chat_template=chat, log_samples=False, bootstrap_iters=0,
-                              verbosity="ERROR" if quiet else None)
+                              apply_chat_template=chat, log_samples=False, bootstrap_iters=0)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SurgeryError(f"--lm-eval {','.join(tasks)}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     return flatten(out["results"])
@@ -66,8 +69,8 @@ def flatten(results: dict) -> dict[str, dict[str, float]]:
     for task, metrics in results.items():
         row = {}
         for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            metric, comma, filt = key.partition(",")
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             row[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
         flat[task] = row

@@ -17,6 +17,8 @@ import re
 import string
 from decimal import Decimal, InvalidOperation
 
+from ..errors import SurgeryError
+
 DEFAULT_MAX_LENGTH = 2048
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -35,16 +37,19 @@ def prefix_token(tokenizer) -> int | None:
 
 def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) for a sequence of ``n`` tokens whose positions 1..n-1 are
-    scored: every window holds at most ``window`` tokens, each scored token is scored once, and after
-    the first window each sees at least ``window - stride`` tokens of context."""
+    scored, as in transformers' "perplexity of fixed-length models": windows of at most ``window``
+    tokens start every ``stride`` tokens, and each scores the tokens the previous one did not reach,
+    so every token is scored once, after the first window with ``window - stride`` tokens of context
+    at least."""
     if not 0 < stride < window:
-        raise ValueError(f"stride must be in 1..{window - 1}")
-    end = min(window, n)
-    out = [(0, end, 1)]
-    while end < n:
-        new_end = min(end + stride, n)
-        out.append((max(0, new_end - window), new_end, end))
-        end = new_end
+        raise SurgeryError(f"stride {stride}: must be in 1..{window - 1} for windows of {window} tokens")
+    out, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n:
+            break
     return out
 
 
@@ -88,10 +93,10 @@ def perplexity(model, tokenizer, docs: list[str], *, batch_size: int = 8, max_le
     for doc in docs:
         ids = tokenizer(doc, add_special_tokens=False).input_ids
         ids = ids if prefix is None else [prefix] + ids
-        n_tokens += len(ids) - 1
         n_bytes += len(doc.encode("utf-8"))
         for begin, end, first in sliding_windows(len(ids), window, stride) if len(ids) > 1 else []:
             sequences.append((ids[begin:end], end - first))
+            n_tokens += end - first
     if bar is not None:
         bar.reset(total=len(sequences))
     nll = -sum(score_tokens(model, sequences, batch_size=batch_size, bar=bar))
@@ -178,8 +183,6 @@ def numeric_match(completion: str, answer: str) -> bool:
 def format_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            from ..errors import SurgeryError
-
             raise SurgeryError("--chat: the tokenizer has no chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

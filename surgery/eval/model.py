@@ -66,7 +66,7 @@ def build_config(config: dict, where: str):
                            f"unknown model_type {model_type!r}")
     try:
         return CONFIG_MAPPING[model_type].from_dict(config)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except Exception as e:  # transformers raises many kinds here (ValueError, hub validation errors, ...)
         raise SurgeryError(f"{where}: transformers cannot build a model from this config: {_first_line(e)}") from None
 
 
@@ -78,7 +78,7 @@ def empty_model(config, where: str, dtype=None):
     try:
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+    except Exception as e:  # e.g. an architecture with no causal LM class, or inconsistent sizes
         raise SurgeryError(f"{where}: transformers cannot build a causal LM from this config: "
                            f"{_first_line(e)}") from None
 
