@@ -65,8 +65,8 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from surgery.execute import run
-    from surgery.lora_extract import extract_lora
+    from surgery.pipeline import run
+    from surgery.pipeline import extract_lora
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -87,7 +87,7 @@ def main():
         t_peft = timed(peft_merge)
 
         def read_only():
-            from surgery.checkpoint import Checkpoint
+            from surgery.io.checkpoint import Checkpoint
 
             b, t = Checkpoint.open(root / "base"), Checkpoint.open(root / "tuned")
             for k in b.keys():

@@ -77,8 +77,8 @@ print(time.perf_counter() - t)
 FLOOR_TENSORS = """
 import sys, time
 t = time.perf_counter()
-from surgery.analysis_stream import Reader
-from surgery.checkpoint import Checkpoint
+from surgery.analysis.stream import Reader
+from surgery.io.checkpoint import Checkpoint
 readers = [Reader(Checkpoint.open(p)) for p in sys.argv[1:]]
 for name in readers[0].ck.keys():
     for r in readers:
@@ -89,7 +89,7 @@ print(time.perf_counter() - t)
 FLOOR_MMAP = """
 import sys, time
 t = time.perf_counter()
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 cks = [Checkpoint.open(p) for p in sys.argv[1:]]
 for name in cks[0].keys():
     for ck in cks:

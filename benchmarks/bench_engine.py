@@ -88,8 +88,8 @@ def generate(folder: Path, cfg: dict, seed: int) -> Path:
     """Write one random bf16 checkpoint, one tensor in memory at a time."""
     import torch
 
-    from surgery.checkpoint import TensorMeta
-    from surgery.writer import ShardedWriter
+    from surgery.io.safetensors import TensorMeta
+    from surgery.io.writer import ShardedWriter
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -130,9 +130,9 @@ def recipes(family: dict[str, Path], n_layers: int) -> dict[str, str]:
 
 def floor_spec(recipe_path: Path) -> dict:
     """What the floor must do, from surgery's plan: per output tensor, input files, names, coefficients."""
-    from surgery.ops import Node, Ref
-    from surgery.plan import build_plan
-    from surgery.recipe import load_recipe
+    from surgery.core.graph import Node, Ref
+    from surgery.pipeline import build_plan
+    from surgery.recipe.loader import load_recipe
 
     plan = build_plan(load_recipe(recipe_path))
     shards, current, size = [], [], 0
@@ -164,7 +164,7 @@ def floor_spec(recipe_path: Path) -> dict:
 
 
 def _refs(node):
-    from surgery.ops import refs
+    from surgery.core.graph import refs
 
     return refs(node)
 

@@ -12,18 +12,19 @@ Attributes are imported on first use, so ``import surgery`` stays fast.
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_recipe": "recipe", "Recipe": "recipe", "json_schema": "recipe",
-    "build_plan": "plan", "Plan": "plan",
-    "run": "execute", "RunResult": "execute",
-    "Checkpoint": "checkpoint", "Layout": "layout",
+    "load_recipe": "recipe.loader", "json_schema": "recipe.loader", "Recipe": "recipe.schema",
+    "build_plan": "pipeline", "run": "pipeline", "RunResult": "pipeline", "open_source": "pipeline",
+    "extract_lora": "pipeline", "Plan": "core.plan",
+    "Checkpoint": "io.checkpoint", "TensorSource": "io.checkpoint", "Layout": "core.layout",
     "SurgeryError": "errors", "RecipeError": "errors",
     "make_demo": "demo",
-    "push": "hub", "PushResult": "hub", "write_model_card": "card",
-    "run_mergekit": "mergekit_plugin",
-    "open_adapter": "adapters", "extract_lora": "lora_extract", "adamergex_adapter": "adapter_merge",
+    "push": "io.hub", "PushResult": "io.hub", "write_model_card": "io.card",
+    "run_mergekit": "integrations.mergekit_runner",
+    "open_adapter": "adapters.view", "adamergex_adapter": "adapters.adamergex",
+    "diff": "analysis.diff", "DiffResult": "analysis.diff",
+    "save_neuron_set": "analysis.neuron_set", "load_neuron_set": "analysis.neuron_set",
     "evaluate": "eval", "load_datasets": "eval", "evaluate_recipe": "eval", "EvalReport": "eval",
     "search": "search", "load_search": "search.config",
-    "diff": "analysis", "DiffResult": "analysis", "save_neuron_set": "analysis_ops", "load_neuron_set": "analysis_ops",
 }
 
 

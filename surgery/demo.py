@@ -83,7 +83,7 @@ def save_byte_tokenizer(folder: str | Path) -> None:
 def make_demo_adapters(folder: Path, paths: dict[str, Path]) -> dict[str, Path]:
     """LoRA adapters lora-<expert> beside the checkpoints: each expert's rank-4 updates to the
     attention and MLP projections, extracted by SVD (recipes/madx_adapters.yaml uses them)."""
-    from .lora_extract import extract_lora
+    from surgery.pipeline import extract_lora
 
     made = {}
     for name in PROFILES:

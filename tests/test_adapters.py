@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import load, perturb, random_state, save_checkpoint, tiny_config
+from helpers import load, perturb, random_state, run_cli, save_checkpoint, tiny_config
 
 from surgery.errors import SurgeryError
 
@@ -86,7 +85,7 @@ def ad(tmp_path_factory):
 
 
 def run_recipe(recipe: dict, out):
-    from surgery.execute import run
+    from surgery.pipeline import run
 
     run(recipe, out, force=True)
     return load(out)
@@ -113,8 +112,8 @@ def test_adapter_input_equals_peft_merge_and_unload(ad, tmp_path, base, name):
 
 
 def test_adapter_reads_like_a_checkpoint(ad):
-    from surgery.adapters import open_adapter
-    from surgery.checkpoint import Checkpoint
+    from surgery.adapters.view import open_adapter
+    from surgery.io.checkpoint import Checkpoint
 
     base = Checkpoint.open(ad["base"])
     view = open_adapter(ad["lora_full"], base, name="sw")
@@ -129,7 +128,7 @@ def test_adapter_reads_like_a_checkpoint(ad):
 
 
 def test_adapter_in_bf16_base_is_peft_within_one_ulp(ad, tmp_path):
-    from surgery.adapters import open_adapter
+    from surgery.adapters.view import open_adapter
 
     cfg = tiny_config("llama")
     b16 = save_checkpoint(tmp_path / "b16", random_state(cfg, 0), cfg, dtype=torch.bfloat16)
@@ -146,9 +145,9 @@ def test_adapter_in_bf16_base_is_peft_within_one_ulp(ad, tmp_path):
 
 
 def test_plan_shows_adapter_and_manifest_hashes_it(ad, tmp_path):
-    from surgery.execute import run
-    from surgery.plan import build_plan
-    from surgery.recipe import load_recipe
+    from surgery.pipeline import run
+    from surgery.pipeline import build_plan
+    from surgery.recipe.loader import load_recipe
 
     recipe = {"inputs": {"base": str(ad["base"]), "sw": {"adapter": str(ad["lora_task"]), "base": "base"}},
               "operations": [{"layer_swap": {"donor": "sw", "bottom": 2}}]}
@@ -250,7 +249,7 @@ def test_adamergex_ia3_is_multiplicative(ad, tmp_path):
 
 @pytest.mark.parametrize("mode", ["delta", "factors"])
 def test_adamergex_adapter_output_loads_in_peft(ad, tmp_path, mode):
-    from surgery.adapter_merge import adamergex_adapter
+    from surgery.adapters.adamergex import adamergex_adapter
 
     t = 0.6
     res = adamergex_adapter(ad["lora_task"], ad["lora_tgt"], ad["lora_src"], tmp_path / "ad", t=t, mode=mode)
@@ -268,7 +267,7 @@ def test_adamergex_adapter_output_loads_in_peft(ad, tmp_path, mode):
 
 
 def test_adamergex_ia3_adapter_output(ad, tmp_path):
-    from surgery.adapter_merge import adamergex_adapter
+    from surgery.adapters.adamergex import adamergex_adapter
 
     t = 1.3
     adamergex_adapter(ad["ia3_task"], ad["ia3_tgt"], ad["ia3_src"], tmp_path / "ia", t=t)
@@ -283,9 +282,7 @@ def test_adamergex_ia3_adapter_output(ad, tmp_path):
 def test_adamergex_cli(ad, tmp_path):
     from click.testing import CliRunner
 
-    from surgery.cli import _load_commands, cli
-
-    _load_commands()
+    from surgery.cli import cli
     res = CliRunner().invoke(cli, ["adamergex", str(ad["lora_task"]), str(ad["lora_tgt"]), str(ad["lora_src"]),
                                    "-o", str(tmp_path / "c"), "-t", "0.5", "--json"])
     assert res.exit_code == 0, res.output
@@ -310,7 +307,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("svd", ["full", "lowrank"])
 def test_extract_lora_loads_in_peft_and_matches_reported_error(ad, tuned, tmp_path, svd):
-    from surgery.lora_extract import extract_lora
+    from surgery.pipeline import extract_lora
 
     res = extract_lora(ad["base"], tuned, tmp_path / "x", rank=6, svd=svd)
     assert len(res.rows) == 8 * 7 and all(r.rank == 6 for r in res.rows)
@@ -330,7 +327,7 @@ def test_extract_lora_loads_in_peft_and_matches_reported_error(ad, tuned, tmp_pa
 
 
 def test_extract_lora_full_rank_is_exact_and_energy_picks_ranks(ad, tuned, tmp_path):
-    from surgery.lora_extract import extract_lora
+    from surgery.pipeline import extract_lora
 
     res = extract_lora(ad["base"], tuned, tmp_path / "full", rank=64, modules=("attn_q",))
     assert {r.rank for r in res.rows} == {32} and max(r.rel_error for r in res.rows) < 1e-5
@@ -344,7 +341,7 @@ def test_extract_lora_full_rank_is_exact_and_energy_picks_ranks(ad, tuned, tmp_p
 @pytest.mark.parametrize("svd", ["full", "lowrank"])
 def test_extract_lora_from_an_adapter_recovers_it(ad, tmp_path, svd):
     """A rank-4 adapter's delta is rank 4: extracting at rank 4 reproduces it."""
-    from surgery.lora_extract import extract_lora
+    from surgery.pipeline import extract_lora
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"inputs:\n  base: {ad['base']}\n  t: {{adapter: {ad['lora_task']}, base: base}}\nrecipient: t\n")
@@ -357,9 +354,7 @@ def test_extract_lora_from_an_adapter_recovers_it(ad, tmp_path, svd):
 def test_extract_lora_cli(ad, tuned, tmp_path):
     from click.testing import CliRunner
 
-    from surgery.cli import _load_commands, cli
-
-    _load_commands()
+    from surgery.cli import cli
     res = CliRunner().invoke(cli, ["extract-lora", str(ad["base"]), str(tuned), "-o", str(tmp_path / "c"), "--rank", "3"])
     assert res.exit_code == 0, res.output
     assert "mean rel err" in res.output and "not in the adapter" in res.output
@@ -387,8 +382,8 @@ def _copy(src, dst, config=None, tensors=None):
 
 
 def _plan_error(ad, adapter, base="base", match=None):
-    from surgery.plan import build_plan
-    from surgery.recipe import load_recipe
+    from surgery.pipeline import build_plan
+    from surgery.recipe.loader import load_recipe
 
     with pytest.raises(SurgeryError, match=match) as e:
         build_plan(load_recipe({"inputs": {"base": str(ad[base] if base in ad else base),
@@ -430,8 +425,8 @@ def test_error_unsupported_peft_types(ad, tmp_path):
 
 
 def test_recipe_errors_for_adapters(ad, tmp_path):
-    from surgery.plan import build_plan
-    from surgery.recipe import load_recipe
+    from surgery.pipeline import build_plan
+    from surgery.recipe.loader import load_recipe
 
     y = tmp_path / "r.yaml"
     y.write_text(f"inputs:\n  base: {ad['base']}\n  a: {{adapter: {ad['lora_task']}, base: base}}\n"
@@ -456,13 +451,10 @@ def test_recipe_errors_for_adapters(ad, tmp_path):
 
 
 def test_cli_reports_bad_adapter_in_one_line(ad, tmp_path):
-    import subprocess
-
     bad = _copy(ad["lora_task"], tmp_path / "bad", config={"r": 2})
     y = tmp_path / "r.yaml"
     y.write_text(f"inputs:\n  base: {ad['base']}\n  sw: {{adapter: {bad}, base: base}}\nrecipient: sw\n")
-    p = subprocess.run([sys.executable, "-m", "surgery", "validate", str(y)], capture_output=True, text=True,
-                       cwd=Path(__file__).parent.parent)
+    p = run_cli("validate", y, cwd=Path(__file__).parent.parent)
     assert p.returncode == 1 and p.stderr.count("\n") == 1
     assert p.stderr.startswith(f"error: {y}:3: inputs.sw: ") and "rank mismatch" in p.stderr
 
@@ -471,7 +463,7 @@ def test_adapter_of_a_bare_model_maps_to_causal_lm_names(ad, tmp_path):
     """An adapter trained on LlamaModel (keys without 'model.') applies to a LlamaForCausalLM checkpoint."""
     bare = _copy(ad["lora_task"], tmp_path / "bare", tensors=lambda t: {
         k.replace("base_model.model.model.", "base_model.model."): v for k, v in t.items()})
-    from surgery.adapters import open_adapter
+    from surgery.adapters.view import open_adapter
 
     view = open_adapter(bare, ad["base"])
     assert torch.equal(view.get(Q0), peft_merged(ad["base"], ad["lora_task"])[Q0])
@@ -492,7 +484,7 @@ def _chain(w, *terms):
 
 @pytest.mark.parametrize("recipe", ["madx_adapters.yaml", "adamergex_adapters.yaml"])
 def test_example_recipes_run_on_the_demo(demo_dir, tmp_path, recipe):
-    from surgery.execute import run
+    from surgery.pipeline import run
 
     ck = demo_dir / "checkpoints"
     (tmp_path / "recipes").mkdir()
@@ -521,7 +513,7 @@ def test_demo_adapters_carry_the_experts_updates(demo_dir):
 
 def test_adapter_input_schema_errors(tmp_path):
     from surgery.errors import RecipeError
-    from surgery.recipe import load_recipe
+    from surgery.recipe.loader import load_recipe
 
     y = tmp_path / "r.yaml"
     y.write_text("inputs:\n  base: models/base\n  sw: {adapter: a/sw, bse: base}\n")
@@ -535,9 +527,9 @@ def test_adapter_input_schema_errors(tmp_path):
 
 def test_per_layer_change_through_checkpoint_interface(ad):
     """What an analysis module does with (base, expert) works with (base, adapter)."""
-    from surgery.adapters import open_adapter
-    from surgery.checkpoint import Checkpoint
-    from surgery.layout import Layout
+    from surgery.adapters.view import open_adapter
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.core.layout import Layout
 
     base = Checkpoint.open(ad["base"])
     for view in (open_adapter(ad["lora_lang2"], base), open_adapter(ad["ia3_task"], base)):
@@ -555,8 +547,8 @@ def test_per_layer_change_through_checkpoint_interface(ad):
 
 def test_extract_lora_shrinks_an_adamergex_adapter(ad, tmp_path):
     """The exact AdaMergeX adapter has rank 12; extracting it at 12 is lossless, at 4 it reports the loss."""
-    from surgery.adapter_merge import adamergex_adapter
-    from surgery.lora_extract import extract_lora
+    from surgery.adapters.adamergex import adamergex_adapter
+    from surgery.pipeline import extract_lora
 
     adamergex_adapter(ad["lora_task"], ad["lora_tgt"], ad["lora_src"], tmp_path / "big", t=1.0)
     exact = extract_lora(ad["base"], tmp_path / "big", tmp_path / "r12", rank=12, modules=("attn_q",))

@@ -1,4 +1,4 @@
-"""surgery.analysis: statistics, rankings and overlap on checkpoints whose deltas are built on purpose."""
+"""surgery.analysis.diff: statistics, rankings and overlap on checkpoints whose deltas are built on purpose."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import load, random_state, save_checkpoint, tiny_config
 
-from surgery.analysis import diff
+from surgery.analysis.diff import diff
 from surgery.errors import SurgeryError
 
 NEURONS = [3, 17, 40]

@@ -58,7 +58,7 @@ def bert(tmp_path_factory):
 
 
 def test_bert_diff_end_to_end(bert):
-    from surgery.analysis import diff
+    from surgery.analysis.diff import diff
 
     r = diff(bert["base"], {"tuned": bert["tuned"], "pert": bert["pert"]})
     assert r.num_layers == 6
@@ -79,11 +79,9 @@ def test_bert_diff_end_to_end(bert):
 def test_bert_cli_and_transplant(bert, tmp_path):
     from click.testing import CliRunner
 
-    from surgery.cli import _load_commands, cli
-    from surgery.execute import run
-    from surgery.recipe import load_recipe
-
-    _load_commands()
+    from surgery.cli import cli
+    from surgery.pipeline import run
+    from surgery.recipe.loader import load_recipe
     res = CliRunner().invoke(cli, ["diff", str(bert["base"]), f"tuned={bert['tuned']}", f"pert={bert['pert']}",
                                    "--json", "-k", "3", "--plot", str(tmp_path / "bert.png")])
     assert res.exit_code == 0, res.output

@@ -9,9 +9,9 @@ from helpers import load, random_state, raw_bytes, save_checkpoint, tiny_config
 from test_analysis import I, NEURONS, OUTER, ckpts, neuron_delta  # noqa: F401  (ckpts is a fixture)
 
 from surgery.errors import RecipeError, SurgeryError
-from surgery.execute import run
-from surgery.plan import build_plan
-from surgery.recipe import load_recipe
+from surgery.pipeline import run
+from surgery.pipeline import build_plan
+from surgery.recipe.loader import load_recipe
 
 
 def recipe(ckpts, recipient, ops, **extra):
@@ -77,9 +77,7 @@ def test_zero_neurons_from_a_file(ckpts, tmp_path):
 
 
 def test_saved_neuron_set_round_trips_through_cli_and_recipe(ckpts, tmp_path):
-    from surgery.cli import _load_commands, cli
-
-    _load_commands()
+    from surgery.cli import cli
     res = CliRunner().invoke(cli, ["diff", str(ckpts["base"]), f"neu={ckpts['neu']}", "-k", "3", "-q",
                                    "--save-neurons", str(tmp_path / "n.json")])
     assert res.exit_code == 0, res.output
@@ -200,9 +198,7 @@ def test_bad_neuron_files(ckpts, tmp_path, content, message):
 
 @pytest.fixture(scope="module")
 def cli():
-    from surgery.cli import _load_commands, cli
-
-    _load_commands()
+    from surgery.cli import cli
     return cli
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import random_state, save_checkpoint, tiny_config
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.layout import Layout
+from surgery.core.layout import Layout
 
 
 def test_directory_single_file_and_shards(tmp_path):

@@ -201,7 +201,7 @@ def test_dry_run_lists_files_and_uploads_nothing(output, hub, hf_home):
     assert lines[0].startswith(f"dry run: would push {len(list(output.iterdir()))} files")
     for f in output.iterdir():
         assert any(line.split()[0] == f.name for line in lines[1:-1]), f.name
-    from surgery.report import _size
+    from surgery.io.output import format_size as _size
 
     shard = next(output.glob("*.safetensors"))
     assert any(line.split()[0] == shard.name and line.endswith(_size(shard.stat().st_size)) for line in lines)
@@ -415,24 +415,17 @@ def test_card_base_model_from_hub_inputs(family, tmp_path, hf_home):
     assert "- `task`: a local checkpoint (recipient, config)" in card.text
 
 
-def test_card_mergekit_tag(monkeypatch):
-    from surgery import recipe as recipe_mod
-    from surgery.card import card_tags
+def test_card_mergekit_tag():
+    from surgery.io.card import card_tags
+    from surgery.operations import OPERATIONS
 
-    class FakeMethod(recipe_mod.Operation):
-        method: str
-
-    class FakeMerge(recipe_mod.Operation):
-        pass
-
-    recipe_mod.operations()
-    monkeypatch.setitem(recipe_mod.OPERATIONS, "fake_method_op", FakeMethod)
-    monkeypatch.setitem(recipe_mod.OPERATIONS, "merge", FakeMerge)
-    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[FakeMethod(method="ties")]))
-    assert card_tags(plan) == ["merge", "model-surgery", "fake_method_op", "mergekit"]
-    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[FakeMerge(), FakeMerge()]))
+    merge = OPERATIONS["merge"](method="linear", models=["a", "b"])
+    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[merge, merge]))
     assert card_tags(plan) == ["merge", "model-surgery", "mergekit"]
-    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[recipe_mod.OPERATIONS["take"](**{"from": "a"})]))
+    take = OPERATIONS["take"](**{"from": "a"})
+    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[take, merge]))
+    assert card_tags(plan) == ["merge", "model-surgery", "take", "mergekit"]
+    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[take]))
     assert card_tags(plan) == ["merge", "model-surgery", "take"]
 
 

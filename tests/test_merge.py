@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import load, raw_bytes
+from helpers import load, raw_bytes, run_cli
 
 ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
 
@@ -95,7 +93,7 @@ operations:
       base: base
       models: {lang: {weight: 0.7}, task: {weight: 0.25}}
 """)
-    r = subprocess.run([sys.executable, "-m", "surgery", "plan", str(path)], env=ENV, capture_output=True, text=True)
+    r = run_cli("plan", path)
     assert r.returncode == 0, r.stderr
     assert "task_arithmetic: lang(weight=0.7) + task(weight=0.25) + base [base]" in r.stdout
 
@@ -128,8 +126,7 @@ def test_bad_merge_operations(family, tmp_path, body, message):
 
 def test_bad_merge_operation_cli_is_one_line(family, tmp_path):
     path = recipe_file(tmp_path, family, "operations:\n  - merge: {method: dare_tie, base: base, models: [lang]}\n")
-    r = subprocess.run([sys.executable, "-m", "surgery", "run", str(path), "-o", str(tmp_path / "o")], env=ENV,
-                       capture_output=True, text=True)
+    r = run_cli("run", path, "-o", tmp_path / "o")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         f"error: {path}:8: operations.0.merge.method: unknown merge method 'dare_tie'; did you mean 'dare_ties'? "
@@ -153,8 +150,7 @@ def test_random_seed_reproducible_and_order_independent(family, tmp_path):
     part = recipe_file(tmp_path, family, DARE.format(layers="3") + "seed: 11\n", "part.yaml")
 
     def cli(recipe, out, *args):
-        r = subprocess.run([sys.executable, "-m", "surgery", "run", str(recipe), "-o", str(tmp_path / out), "-q",
-                            *args], env=ENV, capture_output=True, text=True)
+        r = run_cli("run", recipe, "-o", tmp_path / out, "-q", *args)
         assert r.returncode == 0, r.stderr
         return load(tmp_path / out)
 
@@ -222,7 +218,7 @@ def test_bad_stacks(family, tmp_path, body, message):
 ])
 def test_parallel_kernel_is_bitwise_mergekit(method, params):
     """The parallel driver used for these methods gives exactly mergekit's result (bf16, many ties)."""
-    from surgery.merge_kernels import fast_kernel
+    from surgery.operations.merge_kernels import fast_kernel
 
     gen = torch.Generator().manual_seed(0)
     base = (torch.randn(300, 257, generator=gen) * 0.02).bfloat16()
@@ -241,7 +237,7 @@ def test_parallel_kernel_is_bitwise_mergekit(method, params):
 def test_mirrored_setting_resolution_matches_mergekit():
     from mergekit.config import ConditionalParameter, evaluate_setting as mk_evaluate
 
-    from surgery.merge import evaluate_setting, parse_setting
+    from surgery.operations.merge import evaluate_setting, parse_setting
 
     def validate(v):
         return float(v)
@@ -260,7 +256,7 @@ def test_mirrored_setting_resolution_matches_mergekit():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fast_ties_kernel_differs_only_at_threshold_ties(dtype):
-    from surgery.merge_kernels import gta_parallel, magnitude_select
+    from surgery.operations.merge_kernels import gta_parallel, magnitude_select
     from mergekit.sparsify import magnitude
 
     gen = torch.Generator().manual_seed(1)
@@ -285,14 +281,13 @@ def test_fast_ties_kernel_differs_only_at_threshold_ties(dtype):
 
 
 def test_fast_kernels_cli_option(family, tmp_path):
-    from surgery.merge import use_fast_kernels
+    from surgery.operations.merge import use_fast_kernels
     from surgery import load_recipe
 
     path = recipe_file(tmp_path, family, "operations:\n  - merge: {method: ties, base: base, models: {en: {weight: 1, density: 0.5}}}\n")
     recipe = use_fast_kernels(load_recipe(path))
     assert recipe.operations[0].kernel == "fast"
-    r = subprocess.run([sys.executable, "-m", "surgery", "run", str(path), "-o", str(tmp_path / "o"), "-q",
-                        "--fast-kernels"], env=ENV, capture_output=True, text=True)
+    r = run_cli("run", path, "-o", tmp_path / "o", "-q", "--fast-kernels")
     assert r.returncode == 0, r.stderr
     out, base, en = load(tmp_path / "o"), load(family["base"]), load(family["en"])
     name = "model.layers.2.mlp.up_proj.weight"
@@ -303,7 +298,7 @@ def test_fast_kernels_cli_option(family, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_chunked_linear_kernel_is_bitwise_mergekit(dtype, normalize):
-    from surgery.merge_kernels import fast_kernel
+    from surgery.operations.merge_kernels import fast_kernel
 
     gen = torch.Generator().manual_seed(2)
     tensors = [(torch.randn(1100, 1000, generator=gen) * 0.02).to(dtype) for _ in range(3)]  # > one chunk
@@ -317,7 +312,7 @@ def test_chunked_linear_kernel_is_bitwise_mergekit(dtype, normalize):
 def test_input_hashes_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     import hashlib
 
-    from surgery.checkpoint import sha256_file
+    from surgery.io.checkpoint import sha256_file
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "w.bin"

@@ -2,7 +2,7 @@
 
 import torch
 
-from surgery.ops import OPS, Node, Ref, evaluate
+from surgery.core.graph import OPS, Node, Ref, evaluate
 
 
 def test_linear_fold_equals_compute_bytewise():

@@ -1,6 +1,7 @@
 """surgery run: exact values for swaps, transitions, arithmetic, blends; output files; config; manifest."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import torch
 from helpers import load, perturb, random_state, raw_bytes, save_checkpoint, tiny_config
 
 import surgery
-from surgery.checkpoint import sha256_file
-from surgery.layout import Layout
+from surgery.io.checkpoint import sha256_file
+from surgery.core.layout import Layout
 
 
 def recipe(family, ops, recipient="task", **extra):
@@ -189,13 +190,12 @@ def test_stack_changes_layer_count_and_patches_layer_types(tmp_path):
 
 
 def test_manifest_recipe_and_support_files(family, tmp_path):
+    shutil.copytree(family["task"], tmp_path / "task")  # a copy: the shared fixture is not written to
+    family = {**family, "task": tmp_path / "task"}
     (family["task"] / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    try:
-        out = tmp_path / "out"
-        r = recipe(family, [{"take": {"from": "lang", "select": {"layers": "0"}}}], description="demo run")
-        result = surgery.run(r, out)
-    finally:
-        (family["task"] / "tokenizer_config.json").unlink()
+    out = tmp_path / "out"
+    r = recipe(family, [{"take": {"from": "lang", "select": {"layers": "0"}}}], description="demo run")
+    result = surgery.run(r, out)
     m = json.loads((out / "surgery_manifest.json").read_text())
     assert m["version"] == surgery.__version__ and m["description"] == "demo run"
     assert m["inputs"]["lang"]["sha256"]["model.safetensors"] == sha256_file(family["lang"] / "model.safetensors")
@@ -278,7 +278,7 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path):
 
 
 def test_large_tensors_computed_in_row_blocks_give_the_same_bytes(family, tmp_path, monkeypatch):
-    import surgery.execute as ex
+    import surgery.core.execute as ex
 
     r = recipe(family, [{"arithmetic": {"expr": "task + 0.3*(lang - en)"}},
                         {"layer_swap": {"donor": "lang", "bottom": 1, "top": 1, "transition": 2, "lm_head": 0.3}}])
@@ -296,7 +296,7 @@ def test_large_tensors_computed_in_row_blocks_give_the_same_bytes(family, tmp_pa
 
 
 def test_checkpoint_reads_row_ranges(family):
-    from surgery.checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     ck = Checkpoint.open(family["lang"])
     n = "model.layers.2.mlp.up_proj.weight"

@@ -17,9 +17,9 @@ import gc
 import time
 from pathlib import Path
 
-from ..errors import SurgeryError
-from .data import Dataset, load_datasets
-from .report import EvalReport, EvalRow
+from surgery.errors import SurgeryError
+from surgery.eval.data import Dataset, load_datasets
+from surgery.eval.report import EvalReport, EvalRow
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -35,7 +35,7 @@ def evaluate_model(model, tokenizer, datasets: list[Dataset], *, lm_eval=None, i
     lm-eval's metrics (without stderrs) for each task."""
     from tqdm.auto import tqdm
 
-    from . import metrics
+    from surgery.eval import metrics
 
     scores = {}
     for ds in datasets:
@@ -50,7 +50,7 @@ def evaluate_model(model, tokenizer, datasets: list[Dataset], *, lm_eval=None, i
                 scores[ds.name] = metrics.multiple_choice(model, tokenizer, ds.items, batch_size=batch_size,
                                                           max_length=max_length, bar=bar)
     if lm_eval:
-        from .harness import run_lm_eval
+        from surgery.eval.harness import run_lm_eval
 
         scores.update(run_lm_eval(model, tokenizer, lm_eval, include_path=include_path, limit=limit,
                                   batch_size=batch_size, seed=seed, chat=chat, max_length=max_length, quiet=quiet))
@@ -63,7 +63,7 @@ def evaluate_recipe(recipe, datasets: list[Dataset], *, device: str = "auto", dt
     evaluate it on ``datasets`` (from ``load_datasets``, loaded once and reused), free it, and return
     {data name: {metric: value}}. ``recipe``: a ``Recipe``, a path or a dict; ``plan``: an already
     built plan of it; ``options``: those of ``evaluate_model`` (lm_eval, batch_size, chat, ...)."""
-    from .model import recipe_model, resolve_device
+    from surgery.eval.model import recipe_model, resolve_device
 
     model, tok = recipe_model(recipe, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer, plan=plan)
     try:
@@ -76,7 +76,7 @@ def evaluate_recipe(recipe, datasets: list[Dataset], *, device: str = "auto", dt
 def evaluate_checkpoint(path, datasets: list[Dataset], *, device: str = "auto", dtype: str | None = None,
                         tokenizer: str | Path | None = None, **options) -> dict[str, dict[str, float]]:
     """Load a checkpoint directory with transformers and evaluate it like ``evaluate_recipe``."""
-    from .model import load_checkpoint_model, resolve_device
+    from surgery.eval.model import load_checkpoint_model, resolve_device
 
     model, tok = load_checkpoint_model(path, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer)
     try:
@@ -88,7 +88,7 @@ def evaluate_checkpoint(path, datasets: list[Dataset], *, device: str = "auto", 
 
 def target_kind(target) -> str:
     """'checkpoint' for a directory, 'recipe' for a recipe file, dict or Recipe."""
-    from ..recipe import Recipe
+    from surgery.recipe.schema import Recipe
 
     if isinstance(target, (dict, Recipe)):
         return "recipe"
@@ -114,7 +114,7 @@ def evaluate(targets, data=None, *, lm_eval=None, include_path=None, limit: int 
     ``lm_eval``: task names (a list or 'a,b'); ``include_path``: a folder of local task YAMLs.
     ``limit``: items per data set (a random subset drawn with ``seed``) and per lm-eval task.
     ``tokenizer``: a folder whose tokenizer replaces the targets' own."""
-    from .model import resolve_device, torch_dtype_of
+    from surgery.eval.model import resolve_device, torch_dtype_of
 
     if isinstance(targets, (str, Path, dict)) or not isinstance(targets, (list, tuple)):
         targets = [targets]
@@ -148,7 +148,7 @@ def evaluate(targets, data=None, *, lm_eval=None, include_path=None, limit: int 
 
 
 def _label(target) -> str:
-    from ..recipe import Recipe
+    from surgery.recipe.schema import Recipe
 
     if isinstance(target, Recipe):
         return getattr(target, "_source", None) or "recipe"

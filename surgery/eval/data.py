@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 KINDS = ("text", "generation", "choice")
 

@@ -10,7 +10,7 @@ Needs the optional extra: ``pip install 'surgery[eval]'``.
 
 from __future__ import annotations
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 
 def task_manager(tasks: list[str], include_path=None):

@@ -17,7 +17,7 @@ import re
 import string
 from decimal import Decimal, InvalidOperation
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 DEFAULT_MAX_LENGTH = 2048
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                      "spiece.model")
@@ -112,10 +112,11 @@ def recipe_model(recipe, *, device: str = "cpu", dtype: str | None = None, token
     ``recipe``: a ``Recipe`` (or a path/dict for ``load_recipe``). ``plan``: reuse an already built plan."""
     import torch
 
-    from ..execute import iter_tensors, patch_config
-    from ..plan import build_plan
-    from ..recipe import Recipe, load_recipe
-    from ..writer import torch_dtype
+    from surgery.core.execute import iter_tensors
+    from surgery.io.safetensors import torch_dtype
+    from surgery.pipeline import build_plan, patch_config
+    from surgery.recipe.loader import load_recipe
+    from surgery.recipe.schema import Recipe
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     plan = plan or build_plan(recipe)

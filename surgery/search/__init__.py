@@ -14,7 +14,7 @@ import types
 
 def search(search_file, out, **options):
     """Run or resume a search; see ``surgery.search.study.search`` for the options."""
-    from .study import search as run_search
+    from surgery.search.study import search as run_search
 
     return run_search(search_file, out, **options)
 

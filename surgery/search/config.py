@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import RecipeError
-from .space import Variable, find_variables, resolve, substitute, with_layer_groups
+from surgery.errors import RecipeError
+from surgery.search.space import Variable, find_variables, resolve, substitute, with_layer_groups
 
 SAMPLERS = ("tpe", "cmaes", "random", "grid")
 # what the built-in evaluators measure (surgery eval); lm-eval metrics are written task:metric
@@ -93,15 +93,15 @@ class Search:
 
 def parse_yaml(text: str, name: str):
     """(data, {path: line}) of a YAML text, duplicate keys rejected."""
-    from ..recipe import _parse_yaml
+    from surgery.recipe.locations import parse_yaml as parse
 
-    return _parse_yaml(text, name)
+    return parse(text, name)
 
 
 def where_in(source: str, lines: dict):
-    from ..recipe import _where
+    from surgery.recipe.locations import where
 
-    return lambda path: _where(source, lines, path)
+    return lambda path: where(source, lines, path)
 
 
 def load_search(source: str | Path | dict, *, base_dir: Path | None = None) -> Search:
@@ -122,7 +122,7 @@ def load_search(source: str | Path | dict, *, base_dir: Path | None = None) -> S
     if not isinstance(data, dict):
         raise RecipeError("a search file is a YAML mapping with 'recipe' and 'objective'", name)
     if "genome" in data:
-        from .genome import genome_search
+        from surgery.search.genome import genome_search
 
         return genome_search(data, where, base_dir, name)
     for key in data:
@@ -200,7 +200,7 @@ def build_search(recipe: dict, objective: list[Term], where, base_dir: Path, nam
         search.variables = with_layer_groups(variables, search.n_layers)
     if search.sampler == "grid":
         search.grid_space()  # a float without a step fails here
-    from .objective import check_eval_options, load_objective_data
+    from surgery.search.objective import check_eval_options, load_objective_data
 
     check_eval_options(search.eval, where)
     search.datasets = load_objective_data(objective, base_dir, search.eval, where)
@@ -209,9 +209,7 @@ def build_search(recipe: dict, objective: list[Term], where, base_dir: Path, nam
 
 def check_layer_variables(recipe: dict, variables: list[Variable]) -> None:
     """Per-layer variables go in an operation that takes a selection, one granularity per operation."""
-    from ..recipe import operations
-
-    known = operations()
+    from surgery.operations import OPERATIONS as known
     by_op: dict[int, int] = {}
     for v in variables:
         if not v.layer_granularity:
@@ -233,7 +231,7 @@ def check_layer_variables(recipe: dict, variables: list[Variable]) -> None:
 
 def check_in_schema(recipe: dict, variables: list[Variable], where, base_dir: Path) -> None:
     """Validate the recipe with each variable at each of its corner values (others at their first)."""
-    from ..recipe import load_recipe
+    from surgery.recipe.loader import load_recipe
 
     first = {v.path: v.corners()[0] for v in variables}
     trials = [dict(first)] + [{**first, v.path: c} for v in variables for c in v.corners()[1:]]
@@ -262,8 +260,8 @@ def error_path(e: RecipeError) -> tuple:
 
 def count_layers(search: Search) -> int:
     """The recipient's layer count (per-layer variables are grouped over it)."""
-    from ..plan import build_plan
-    from ..recipe import load_recipe
+    from surgery.pipeline import build_plan
+    from surgery.recipe.loader import load_recipe
 
     plain = {v.path: v.corners()[0] for v in search.variables}
     plan = build_plan(load_recipe(substitute(search.recipe, plain), base_dir=search.base_dir))

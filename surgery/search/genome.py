@@ -27,8 +27,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import RecipeError
-from .config import Term, build_search
+from surgery.errors import RecipeError
+from surgery.search.config import Term, build_search
 
 PARAMS = {"linear": ["weight"], "task_arithmetic": ["weight"], "ties": ["weight", "density"],
           "dare_ties": ["weight", "density"]}
@@ -79,7 +79,7 @@ class EvolveFile(BaseModel):
 
 
 def genome_search(data: dict, where, base_dir: Path, name: str):
-    from .config import validate_model
+    from surgery.search.config import validate_model
 
     cfg = validate_model(EvolveFile, data, where)
     g = cfg.genome
@@ -153,7 +153,7 @@ def merge_body(g: Genome, names: dict, base_dir: Path) -> dict:
 
 
 def n_layer_groups(g: Genome, base_dir: Path) -> int:
-    from ..checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     config = Checkpoint.open(g.models[0], base_dir=base_dir).config
     n = int(config.get("num_hidden_layers", 0))

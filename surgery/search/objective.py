@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..errors import RecipeError, SurgeryError
+from surgery.errors import RecipeError, SurgeryError
 
 # `eval:` options of a search file: those of surgery.eval.evaluate_recipe (limit and seed also pick the data)
 EVAL_OPTIONS = ("limit", "seed", "device", "dtype", "batch_size", "chat", "max_length", "max_new_tokens",
@@ -26,7 +26,7 @@ METRIC_KINDS = {"perplexity": "text", "bits_per_byte": "text", "exact_match": "g
 
 def load_objective_data(objective, base_dir: Path, options: dict, where=None):
     """The local data sets of the objective terms, loaded and checked against their metrics."""
-    from ..eval.data import load_dataset
+    from surgery.eval.data import load_dataset
 
     datasets = {}
     for i, term in enumerate(objective):
@@ -52,7 +52,7 @@ class TrialEvaluator:
     """Evaluates resolved recipes (dicts) in memory on data sets loaded once."""
 
     def __init__(self, objective: list[dict], options: dict, base_dir: str, datasets: dict | None = None):
-        from .config import Term
+        from surgery.search.config import Term
 
         self.terms = [Term(**t) for t in objective]
         self.options = dict(options)
@@ -61,7 +61,7 @@ class TrialEvaluator:
             load_objective_data(self.terms, self.base_dir, self.options)
 
     def __call__(self, recipe: dict) -> dict:
-        from ..recipe import load_recipe
+        from surgery.recipe.loader import load_recipe
 
         start = time.perf_counter()
         try:
@@ -79,7 +79,7 @@ class TrialEvaluator:
 
     def measure(self, recipe) -> dict:
         """{data or task: {metric: value}} for the recipe's model, built in memory."""
-        from ..eval import evaluate_recipe
+        from surgery.eval import evaluate_recipe
 
         tasks = list(dict.fromkeys(t.lm_eval for t in self.terms if t.lm_eval))
         options = dict(self.options)

@@ -39,7 +39,7 @@ def best_row(rows: list[dict]) -> dict | None:
 
 
 def write_results(study, spec, out: Path, storage: str, *, quiet: bool = True):
-    from .study import SearchResult
+    from surgery.search.study import SearchResult
 
     rows = trial_rows(study, spec)
     best = best_row(rows)

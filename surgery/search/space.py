@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from ..errors import RecipeError
+from surgery.errors import RecipeError
 
 KINDS = ("int", "float", "choice")
 OPTIONS = ("log", "step", "layer_granularity")

@@ -18,9 +18,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SurgeryError
-from .config import Search, load_search
-from .space import recipe_hash
+from surgery.errors import SurgeryError
+from surgery.search.config import Search, load_search
+from surgery.search.space import recipe_hash
 
 STORE_NAME = "study.db"
 
@@ -54,8 +54,8 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
     ``trials``/``sampler``/``seed`` override the file's. ``workers`` > 0 or ``ray_address`` runs
     trials as Ray tasks; the default is serial, in this process, without Ray.
     """
-    from .results import write_results
-    from .workers import make_pool
+    from surgery.search.results import write_results
+    from surgery.search.workers import make_pool
 
     spec = search_file if isinstance(search_file, Search) else load_search(search_file)
     if trials is not None:
@@ -83,8 +83,8 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
     result = write_results(study, spec, out, storage, quiet=quiet)
     result.evaluated = evaluated
     if write_best and result.best_recipe is not None:
-        from ..execute import run
-        from ..recipe import load_recipe
+        from surgery.pipeline import run
+        from surgery.recipe.loader import load_recipe
 
         run(load_recipe(result.best_recipe, base_dir=spec.base_dir), out / "best", force=True, quiet=quiet)
         result.files.append("best/")
@@ -179,7 +179,7 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True) ->
     """Ask, evaluate and tell until ``target`` trials are finished; return how many were evaluated."""
     from optuna.trial import TrialState
 
-    from .results import LiveTable
+    from surgery.search.results import LiveTable
 
     distributions = spec.distributions()
     done = {t.user_attrs["hash"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

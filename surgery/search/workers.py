@@ -8,9 +8,9 @@ data sets once and then evaluates every recipe it is given in memory. Ray is imp
 
 from __future__ import annotations
 
-from ..errors import SurgeryError
-from .config import Search
-from .objective import TrialEvaluator
+from surgery.errors import SurgeryError
+from surgery.search.config import Search
+from surgery.search.objective import TrialEvaluator
 
 
 def make_pool(spec: Search, *, workers: int = 0, ray_address: str | None = None):

@@ -1,0 +1,122 @@
+"""The model card (README.md) that `surgery run` writes into every output.
+
+    write_model_card("out/merged", plan, recipe.to_yaml())
+
+Front matter is built with huggingface_hub's ModelCardData (base_model, base_model_relation: merge,
+library_name, tags); the body embeds the recipe, a per-layer provenance table from the plan and
+any analysis plot (PNG) found in the folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from surgery.io.checkpoint import HUB_ID, local_candidates
+
+CARD_NAME = "README.md"
+
+
+def hub_base_models(plan) -> list[str]:
+    """Hub ids (without @revision) of the plan's inputs that came from the Hub, in recipe order."""
+    base_dir = plan.recipe.base_dir
+    ids = []
+    for ck in plan.inputs.values():
+        ref = str(ck.ref)
+        if not HUB_ID.match(ref) or ref.startswith((".", "/")):
+            continue
+        if any(c.exists() for c in local_candidates(ref, base_dir)):
+            continue  # a local folder that merely looks like org/name
+        repo_id = ref.partition("@")[0]
+        if repo_id not in ids:
+            ids.append(repo_id)
+    return ids
+
+
+def card_tags(plan) -> list[str]:
+    names = [op.op_name for op in plan.recipe.operations]
+    uses_mergekit = "merge" in names
+    tags = ["merge", "model-surgery", *names] + (["mergekit"] if uses_mergekit else [])
+    return list(dict.fromkeys(tags))
+
+
+def build_model_card(plan, recipe_text: str, *, name: str | None = None, plots: list[str] = ()):
+    """A huggingface_hub ModelCard for ``plan``; ``plots`` are PNG paths relative to the card."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=hub_base_models(plan) or None, base_model_relation="merge",
+                         library_name="transformers", tags=card_tags(plan))
+    recipe = plan.recipe
+    lines = [f"# {name or 'Merged model'}", ""]
+    lines += [recipe.description.strip(), ""] if recipe.description else []
+    lines += ["This checkpoint was made with `surgery` (model surgery at the safetensors level) "
+              "from these inputs:", ""]
+    hub = set(hub_base_models(plan))
+    for input_name, ck in plan.inputs.items():
+        ref = str(ck.ref)
+        where = f"[{ref}](https://huggingface.co/{ref.partition('@')[0]})" if ref.partition("@")[0] in hub \
+            else "a local checkpoint"
+        roles = [r for r, n in (("recipient", plan.recipient), ("config", plan.config_source)) if n == input_name]
+        role = f" ({', '.join(roles)})" if roles else ""
+        lines.append(f"- `{input_name}`: {where}{role}")
+    lines += ["", "## Recipe", "", _fence(recipe_text, "yaml"), ""]
+    lines += ["## Provenance", "",
+              "Where each output layer comes from (`surgery plan` shows the same per tensor).", ""]
+    lines += provenance_table(plan)
+    if plots:
+        lines += ["", "## Analysis", ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in plots]
+    lines += ["", "Files: `surgery_recipe.yaml` is the recipe above; `surgery_manifest.json` records the "
+                  "input file hashes, the tool version and the full per-tensor plan.", ""]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return ModelCard(content)
+
+
+def write_model_card(folder: str | Path, plan, recipe_text: str, *, name: str | None = None) -> Path:
+    """Write README.md into ``folder`` (the output of ``plan``); return its path."""
+    folder = Path(folder)
+    plots = sorted(p.name for p in folder.glob("*.png"))
+    card = build_model_card(plan, recipe_text, name=name or folder.name, plots=plots)
+    path = folder / CARD_NAME
+    card.save(path)
+    return path
+
+
+def provenance_table(plan) -> list[str]:
+    """Markdown table rows: consecutive layers with the same sources share a row."""
+    rows = []  # [label, first, last, sources-text]
+    for row in plan.layer_summary():
+        layer = row["layer"]
+        sources = "<br>".join(_source(s) for s in row["sources"])
+        if layer is None:
+            rows.append([row["position"].replace("_", " "), None, None, sources])
+            continue
+        remapped = row["source_layer"] != layer
+        label = f"{layer} (from {row['source_layer']})" if remapped else str(layer)
+        prev = rows[-1] if rows else None
+        if prev and prev[2] is not None and prev[2] == layer - 1 and prev[3] == sources and not remapped \
+                and "from" not in prev[0]:
+            prev[2] = layer
+            prev[0] = f"{prev[1]}-{layer}"
+        else:
+            rows.append([label, None if remapped else layer, None if remapped else layer, sources])
+    out = ["| layers | from |", "|---|---|"]
+    out += [f"| {label} | {sources} |" for label, _, _, sources in rows]
+    return out
+
+
+def _source(s: dict) -> str:
+    mods = "" if s["modules"] == "all" else f"{', '.join(s['modules'])}: "
+    detail = s["rule"] + (f", {s['note']}" if s["note"] else "")
+    return _cell(f"{mods}{s['from']} ({detail})")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _fence(text: str, lang: str) -> str:
+    """A code block whose fence is longer than any backtick run inside ``text``."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"

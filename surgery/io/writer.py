@@ -1,0 +1,105 @@
+"""Streaming, sharded safetensors output.
+
+    with ShardedWriter(folder, specs, max_shard_bytes=2 * 10**9) as w:
+        for name, tensor in stream:
+            w.write(name, tensor)          # bytes go straight to disk
+
+Shard headers are computed from the planned names, dtypes and shapes before any tensor is
+computed, so each tensor is written as soon as it exists and memory holds one at a time. Files
+are standard safetensors (loaded by ``safetensors`` and ``transformers``). See ``surgery.io.output``
+for the atomic output directory around it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+from surgery.io.output import write_json
+from surgery.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorMeta, torch_dtype
+
+
+def shard_layout(specs: list[tuple[str, TensorMeta]], max_bytes: int) -> list[list[tuple[str, TensorMeta]]]:
+    """Greedy split in order; a tensor larger than max_bytes gets a shard of its own."""
+    shards, current, size = [], [], 0
+    for name, meta in specs:
+        if current and size + meta.nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, meta))
+        size += meta.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class ShardedWriter:
+    """Writes tensors, in the announced order, into safetensors shards plus an index."""
+
+    def __init__(self, folder: Path, specs: list[tuple[str, TensorMeta]], max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = shard_layout(specs, max_shard_bytes)
+        self.files = shard_names(len(self.shards))
+        self.order = [(fi, name, meta) for fi, shard in enumerate(self.shards) for name, meta in shard]
+        self.pos = 0
+        self.fh = None
+        self.current = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        if self.fh:
+            self.fh.close()
+        if exc_type is None:
+            if self.pos != len(self.order):
+                raise SurgeryError(f"internal: wrote {self.pos} of {len(self.order)} planned tensors")
+            if len(self.files) > 1:
+                self._write_index()
+
+    def _open(self, fi: int) -> None:
+        if self.fh:
+            self.fh.close()
+        self.current = fi
+        header, offset = {"__metadata__": self.metadata}, 0
+        for name, meta in self.shards[fi]:
+            header[name] = {"dtype": meta.dtype, "shape": list(meta.shape),
+                            "data_offsets": [offset, offset + meta.nbytes]}
+            offset += meta.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors does
+        self.fh = open(self.folder / self.files[fi], "wb")
+        self.fh.write(len(raw).to_bytes(8, "little"))
+        self.fh.write(raw)
+
+    def write(self, name: str, tensor) -> None:
+        fi, want, meta = self.order[self.pos]
+        if name != want:
+            raise SurgeryError(f"internal: expected tensor {want!r}, got {name!r}")
+        if fi != self.current:
+            self._open(fi)
+        import torch
+
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype != torch_dtype(meta.dtype):
+            t = t.to(torch_dtype(meta.dtype))
+        if tuple(t.shape) != meta.shape:
+            raise SurgeryError(f"internal: tensor {name!r} has shape {list(t.shape)}, planned {list(meta.shape)}")
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self.fh.write(memoryview(data))
+        self.pos += 1
+
+    def _write_index(self) -> None:
+        total = sum(m.nbytes for _, _, m in self.order)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: self.files[fi] for fi, name, _ in self.order}}
+        write_json(self.folder / INDEX_NAME, index)

@@ -1,0 +1,171 @@
+"""`surgery run` as a function: validate -> plan -> execute -> write -> card and manifest.
+
+    import surgery
+    plan = surgery.build_plan("recipes/layer_swap.yaml")   # == surgery plan
+    result = surgery.run("recipes/layer_swap.yaml", "out/")  # == surgery run
+    result.output, result.seconds, result.total_bytes
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery import __version__
+from surgery.adapters.extract import extract_lora as extract_from_sources
+from surgery.adapters.view import open_adapter, open_adapter_input
+from surgery.core.execute import PlanReader, execute
+from surgery.core.layout import layout_data
+from surgery.core.plan import Plan, make_plan
+from surgery.errors import SurgeryError
+from surgery.io.card import write_model_card
+from surgery.io.checkpoint import Checkpoint, TensorSource, sha256_file
+from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
+from surgery.recipe.loader import load_recipe
+from surgery.recipe.schema import Recipe
+
+MANIFEST_NAME = "surgery_manifest.json"
+RECIPE_NAME = "surgery_recipe.yaml"
+
+
+def open_inputs(recipe: Recipe, *, convert_bin: bool = False) -> dict:
+    """Open every input of a recipe: checkpoints first, then adapters over the checkpoints they apply to."""
+    out = {}
+    for name, ref in recipe.inputs.items():
+        if not isinstance(ref, str):
+            continue
+        try:
+            out[name] = Checkpoint.open(ref, convert_bin=convert_bin, base_dir=recipe.base_dir)
+        except SurgeryError as e:
+            raise recipe.error(("inputs", name), str(e)) from None
+    for name, spec in recipe.inputs.items():
+        if isinstance(spec, str):
+            continue
+        try:
+            out.update(open_adapter_input(name, spec, out, base_dir=recipe.base_dir, convert_bin=convert_bin))
+        except SurgeryError as e:
+            raise recipe.error(("inputs", name), str(e)) from None
+    return out
+
+
+def open_source(ref, *, base: TensorSource | None = None, convert_bin: bool = False) -> TensorSource:
+    """What a user names as a model: a checkpoint (directory, .safetensors file, Hub id), a recipe
+    (its result, computed on demand), or, given ``base``, a PEFT adapter directory (base + ΔW)."""
+    if isinstance(ref, TensorSource):
+        return ref
+    if str(ref).endswith((".yaml", ".yml")):
+        plan = build_plan(ref, convert_bin=convert_bin)
+        if len(plan.layer_map) != plan.n_source_layers:
+            raise SurgeryError(f"{ref}: the recipe changes the layer count; use its written output instead")
+        return PlanReader(plan, str(ref))
+    if isinstance(base, Checkpoint) and (Path(ref) / "adapter_config.json").is_file():
+        return open_adapter(ref, base)
+    return Checkpoint.open(ref, convert_bin=convert_bin)
+
+
+def extract_lora(base, tuned, out, **options):
+    """``tuned − base`` as a PEFT LoRA adapter in ``out``; ``base`` and ``tuned`` are anything
+    ``open_source`` opens. Options: see ``surgery.adapters.extract.extract_lora``."""
+    base = open_source(base)
+    return extract_from_sources(base, open_source(tuned, base=base), out, **options)
+
+
+def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False) -> Plan:
+    """Load the recipe if needed, open its inputs, and plan every output tensor (what `surgery plan` shows)."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return make_plan(recipe, inputs or open_inputs(recipe, convert_bin=convert_bin))
+
+
+@dataclass
+class RunResult:
+    output: Path
+    plan: Plan
+    seconds: float
+    files: list[str]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.plan.total_bytes
+
+
+def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
+        convert_bin: bool = False, random_seed: int | None = None) -> RunResult:
+    """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
+
+    ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods).
+    """
+    start = time.perf_counter()
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if random_seed is not None:
+        recipe.seed = random_seed
+    out = Path(out)
+    check_target(out.resolve(), force)
+    plan = build_plan(recipe, convert_bin=convert_bin)
+    with ThreadPoolExecutor(max_workers=1) as pool, atomic_dir(out, force=force) as tmp:
+        # hashing the inputs runs beside the tensor stream, on the other core
+        hashes = {name: {f.name: pool.submit(sha256_file, f) for f in ck.files} for name, ck in plan.inputs.items()}
+        shards = execute(plan, tmp, quiet=quiet)
+        tokenizer_from = recipe.output.tokenizer_from or plan.config_source
+        support = copy_support_files(plan.inputs[plan.config_source].root, tmp, plan.inputs[tokenizer_from].root)
+        if "config.json" in support:
+            config = patch_config(_read_json(tmp / "config.json"), plan)
+            write_json(tmp / "config.json", config)
+        recipe_text = recipe.to_yaml()
+        (tmp / RECIPE_NAME).write_text(recipe_text)
+        write_model_card(tmp, plan, recipe_text, name=out.name)
+        manifest = build_manifest(plan, {n: {f: h.result() for f, h in fs.items()} for n, fs in hashes.items()},
+                                  shards)
+        write_json(tmp / MANIFEST_NAME, manifest)
+        files = sorted(p.name for p in tmp.iterdir())
+    for ck in plan.inputs.values():
+        ck.close()
+    return RunResult(out.resolve(), plan, time.perf_counter() - start, files)
+
+
+def patch_config(config: dict, plan: Plan) -> dict:
+    """Make config.json match the output: dtype, layer count and per-layer lists."""
+    targets = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    dtype = plan.recipe.output.dtype
+    n_out, n_src = len(plan.layer_map), plan.n_source_layers
+    remap = plan.layer_map != list(range(n_src))
+    per_layer = set(layout_data()["per_layer_config_keys"])
+    for cfg in targets:
+        if dtype:
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg or (key == "dtype" and cfg is config and "torch_dtype" not in cfg):
+                    cfg[key] = dtype
+        if remap and plan.layout.num_layers_key in cfg and cfg[plan.layout.num_layers_key] == n_src:
+            cfg[plan.layout.num_layers_key] = n_out
+            for key, value in list(cfg.items()):
+                if key in per_layer and isinstance(value, list) and len(value) == n_src:
+                    cfg[key] = [value[j] for j in plan.layer_map]
+    return config
+
+
+def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
+    inputs = {}
+    for name, ck in plan.inputs.items():
+        inputs[name] = {"ref": ck.ref, "path": str(ck.root), "revision": ck.revision,
+                        "sha256": hashes.get(name, {})}
+    return {
+        "tool": "surgery",
+        "version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "description": plan.recipe.description,
+        "seed": plan.recipe.seed,
+        "recipe": RECIPE_NAME,
+        "inputs": inputs,
+        "config_from": plan.config_source,
+        "output": {"shards": shards, "num_tensors": len(plan.entries), "total_bytes": plan.total_bytes,
+                   "dtype": plan.recipe.output.dtype or "as recipient"},
+        "plan": plan.to_dict(),
+    }
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
