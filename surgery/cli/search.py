@@ -6,7 +6,6 @@ import json
 
 import click
 
-
 EPILOG = """\b
 Examples:
   surgery search search.yaml -o runs/sw-swap                  # serial, resumable (runs/sw-swap/study.db)

@@ -28,7 +28,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from surgery.errors import RecipeError
-from surgery.search.config import Term, build_search
+from surgery.search.schema import Term, validate_model
 
 PARAMS = {"linear": ["weight"], "task_arithmetic": ["weight"], "ties": ["weight", "density"],
           "dare_ties": ["weight", "density"]}
@@ -78,9 +78,8 @@ class EvolveFile(BaseModel):
     eval: dict = Field(default_factory=dict)
 
 
-def genome_search(data: dict, where, base_dir: Path, name: str):
-    from surgery.search.config import validate_model
-
+def genome_settings(data: dict, where, base_dir: Path):
+    """(recipe data with search variables, objective terms, where-function for the recipe, settings)."""
     cfg = validate_model(EvolveFile, data, where)
     g = cfg.genome
     if g.merge_method in ("ties", "dare_ties", "task_arithmetic") and not g.base_model:
@@ -100,8 +99,8 @@ def genome_search(data: dict, where, base_dir: Path, name: str):
                           where(("num_fewshot",)))
     options = {"chat": cfg.apply_chat_template, **({"limit": cfg.limit} if cfg.limit is not None else {})}
     at = where(("genome",))
-    return build_search(recipe, objective, lambda path: f"{at} ({'.'.join(map(str, path[1:]))})", base_dir,
-                        name, trials=cfg.trials, sampler=cfg.sampler, seed=cfg.seed, eval={**options, **cfg.eval})
+    return (recipe, objective, lambda path: f"{at} ({'.'.join(map(str, path[1:]))})",
+            {"trials": cfg.trials, "sampler": cfg.sampler, "seed": cfg.seed, "eval": {**options, **cfg.eval}})
 
 
 def lm_eval_metric(metric: str) -> str:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from surgery.errors import RecipeError, SurgeryError
+from surgery.search.schema import Term
 
 # `eval:` options of a search file: those of surgery.eval.evaluate_recipe (limit and seed also pick the data)
 EVAL_OPTIONS = ("limit", "seed", "device", "dtype", "batch_size", "chat", "max_length", "max_new_tokens",
@@ -52,8 +53,6 @@ class TrialEvaluator:
     """Evaluates resolved recipes (dicts) in memory on data sets loaded once."""
 
     def __init__(self, objective: list[dict], options: dict, base_dir: str, datasets: dict | None = None):
-        from surgery.search.config import Term
-
         self.terms = [Term(**t) for t in objective]
         self.options = dict(options)
         self.base_dir = Path(base_dir)

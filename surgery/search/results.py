@@ -10,11 +10,33 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 PARAM_WIDTH = 12
+
+
+@dataclass
+class SearchResult:
+    output: Path
+    study_name: str
+    storage: str
+    trials: list[dict]                 # rows of trials.csv, as dicts
+    best: dict | None                  # best row
+    best_recipe: dict | None           # a plain recipe (best.yaml)
+    evaluated: int = 0                 # trials this call evaluated (not cached, not resumed)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def best_value(self) -> float | None:
+        return None if self.best is None else self.best["value"]
+
+    def to_dict(self) -> dict:
+        return {"format": "surgery.search/1", "output": str(self.output), "study": self.study_name,
+                "storage": self.storage, "best": self.best, "best_recipe": self.best_recipe,
+                "evaluated": self.evaluated, "trials": self.trials, "files": self.files}
 
 
 def trial_rows(study, spec) -> list[dict]:
@@ -39,8 +61,6 @@ def best_row(rows: list[dict]) -> dict | None:
 
 
 def write_results(study, spec, out: Path, storage: str, *, quiet: bool = True):
-    from surgery.search.study import SearchResult
-
     rows = trial_rows(study, spec)
     best = best_row(rows)
     files = ["trials.csv", "trials.json"]

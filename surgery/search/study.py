@@ -15,35 +15,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.search.config import Search, load_search
+from surgery.search.results import LiveTable, SearchResult, write_results
 from surgery.search.space import recipe_hash
 
 STORE_NAME = "study.db"
-
-
-@dataclass
-class SearchResult:
-    output: Path
-    study_name: str
-    storage: str
-    trials: list[dict]                 # rows of trials.csv, as dicts
-    best: dict | None                  # best row
-    best_recipe: dict | None           # a plain recipe (best.yaml)
-    evaluated: int = 0                 # trials this call evaluated (not cached, not resumed)
-    files: list[str] = field(default_factory=list)
-
-    @property
-    def best_value(self) -> float | None:
-        return None if self.best is None else self.best["value"]
-
-    def to_dict(self) -> dict:
-        return {"format": "surgery.search/1", "output": str(self.output), "study": self.study_name,
-                "storage": self.storage, "best": self.best, "best_recipe": self.best_recipe,
-                "evaluated": self.evaluated, "trials": self.trials, "files": self.files}
 
 
 def search(search_file, out, *, trials: int | None = None, sampler: str | None = None, workers: int = 0,
@@ -54,7 +33,6 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
     ``trials``/``sampler``/``seed`` override the file's. ``workers`` > 0 or ``ray_address`` runs
     trials as Ray tasks; the default is serial, in this process, without Ray.
     """
-    from surgery.search.results import write_results
     from surgery.search.workers import make_pool
 
     spec = search_file if isinstance(search_file, Search) else load_search(search_file)
@@ -179,7 +157,6 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True) ->
     """Ask, evaluate and tell until ``target`` trials are finished; return how many were evaluated."""
     from optuna.trial import TrialState
 
-    from surgery.search.results import LiveTable
 
     distributions = spec.distributions()
     done = {t.user_attrs["hash"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
