@@ -70,5 +70,5 @@ def search(search_file, out, trials, sampler, seed, workers, ray_address, storag
 
 
 def _param_keys(result) -> set:
-    fixed = {"trial", "state", "value", "seconds", "cached_from", "hash", "error"}
+    fixed = {"trial", "state", "value", "seconds", "wall", "cached_from", "hash", "error"}
     return {k for k in result.best if k not in fixed and ":" not in k}

@@ -50,7 +50,7 @@ def trial_rows(study, spec) -> list[dict]:
         row.update({n: t.params.get(n) for n in spec.param_names()})
         for data, metrics in (t.user_attrs.get("metrics") or {}).items():
             row.update({f"{data}:{m}": v for m, v in metrics.items()})
-        row.update({k: t.user_attrs.get(k) for k in ("seconds", "cached_from", "hash", "error")})
+        row.update({k: t.user_attrs.get(k) for k in ("seconds", "wall", "cached_from", "hash", "error")})
         rows.append(row)
     return rows
 

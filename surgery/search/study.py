@@ -185,7 +185,8 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True) ->
             for key, outcome in pool.results():
                 evaluated += 1
                 for trial in running.pop(key):
-                    trial.set_user_attr("seconds", round(outcome["seconds"], 3))
+                    trial.set_user_attr("seconds", round(outcome["seconds"], 3))  # in the worker
+                    trial.set_user_attr("wall", round(outcome["wall"], 3))        # submit to result, here
                     if "error" in outcome:
                         trial.set_user_attr("error", outcome["error"])
                         study.tell(trial, state=TrialState.FAIL)

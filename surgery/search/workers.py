@@ -8,6 +8,8 @@ data sets once and then evaluates every recipe it is given in memory. Ray is imp
 
 from __future__ import annotations
 
+import time
+
 from surgery.errors import SurgeryError
 from surgery.search.config import Search
 from surgery.search.objective import TrialEvaluator
@@ -40,7 +42,11 @@ class SerialPool:
         self.pending.append((key, recipe))
 
     def results(self) -> list:
-        out = [(key, self.evaluate(recipe)) for key, recipe in self.pending]
+        out = []
+        for key, recipe in self.pending:
+            start = time.perf_counter()
+            outcome = self.evaluate(recipe)
+            out.append((key, {**outcome, "wall": time.perf_counter() - start}))
         self.pending = []
         return out
 
@@ -79,7 +85,7 @@ class RayPool:
 
     def submit(self, key: str, recipe: dict) -> None:
         actor = self.idle.pop()
-        self.busy[actor.evaluate.remote(recipe)] = (key, actor)
+        self.busy[actor.evaluate.remote(recipe)] = (key, actor, time.perf_counter())
 
     def results(self) -> list:
         if not self.busy:
@@ -87,13 +93,13 @@ class RayPool:
         ready, _ = self.ray.wait(list(self.busy), num_returns=1)
         out = []
         for ref in ready:
-            key, actor = self.busy.pop(ref)
+            key, actor, start = self.busy.pop(ref)
             self.idle.append(actor)
-            out.append((key, self.ray.get(ref)))
+            out.append((key, {**self.ray.get(ref), "wall": time.perf_counter() - start}))
         return out
 
     def close(self) -> None:
-        for actor in self.idle + [a for _, a in self.busy.values()]:
+        for actor in self.idle + [a for _, a, _ in self.busy.values()]:
             self.ray.kill(actor)
         if self.started:
             self.ray.shutdown()
