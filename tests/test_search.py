@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import surgery
+from helpers import run_cli
 from surgery.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,8 +309,7 @@ def test_bad_variables_are_one_line_with_file_and_line(swap_world, case):
     root, _ = swap_world
     swap, where, message = BAD[case]
     path = swap_search(root, swap=swap)
-    r = subprocess.run([sys.executable, "-m", "surgery", "search", str(path), "-o", str(root / "never")],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = run_cli("search", path, "-o", root / "never")
     assert r.returncode == 1 and r.stdout == "", r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith(f"error: {path}:5: {where}: ") and message in r.stderr, r.stderr
@@ -341,14 +341,24 @@ def test_bad_settings_are_one_line_with_file_and_line(swap_world, extra, where, 
 def test_cli_json_and_storage_url(swap_world, tmp_path):
     root, _ = swap_world
     db = tmp_path / "elsewhere.db"
-    r = subprocess.run([sys.executable, "-m", "surgery", "search", str(swap_search(root, "random", trials=1)),
-                        "-o", str(tmp_path / "out"), "--storage", f"sqlite:///{db}", "--json", "--seed", "3"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = run_cli("search", swap_search(root, "random", trials=1), "-o", tmp_path / "out", "--storage",
+                f"sqlite:///{db}", "--json", "--seed", "3")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["format"] == "surgery.search/1" and len(data["trials"]) == 1 and data["storage"].endswith("elsewhere.db")
     assert db.exists() and not (tmp_path / "out" / "study.db").exists()
     assert (tmp_path / "out" / "best.yaml").exists()
+    # the live table: a header, then one line per finished trial (here the second, resumed with a new budget)
+    r = run_cli("search", swap_search(root, "random", trials=1), "-o", tmp_path / "out", "--storage",
+                f"sqlite:///{db}", "--seed", "3", "--trials", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["trial", "value", "best"] and lines[0].split()[3:5] == ["bottom", "top"]
+    row = lines[1].split()
+    trial = json.loads((tmp_path / "out" / "trials.json").read_text())["trials"][1]
+    assert row[0] == "1" and float(row[1]) == pytest.approx(trial["value"], rel=1e-4)
+    assert row[3:5] == [str(trial["operations.0.layer_swap.bottom"]), str(trial["operations.0.layer_swap.top"])]
+    assert lines[2].startswith("2 trials (2 complete, 1 evaluated now)") and "best: trial" in lines[3]
 
 
 # ---------------------------------------------------------------------------- mergekit-evolve configs
@@ -391,6 +401,8 @@ tasks:
     assert w == [{"filter": "mlp", "value": sampled["operations.0.merge.models.swahili.weight.0.value[4-7]"]},
                  {"value": sampled["operations.0.merge.models.swahili.weight.1.value[4-7]"]}]
     surgery.build_plan(surgery.load_recipe(plain))  # a valid recipe
+    # the first trial is mergekit-evolve's starting genotype: weights 1/2, densities 1
+    assert spec.initial == {n: 0.5 if ".weight." in n else 1.0 for n in spec.param_names()}
 
 
 @pytest.mark.slow
@@ -427,6 +439,7 @@ eval: {{include_path: tasks, dtype: float32}}
 """)
     result = surgery.search(path, tmp_path / "out")
     assert len(result.trials) == 2 and all(r["state"] == "complete" for r in result.trials)
+    assert [v for k, v in result.trials[0].items() if k.startswith("operations.")] == [0.5, 0.5]  # the starting point
     for row in result.trials:
         recipe = json.loads(_trial_recipe(result, row["trial"]))
         builtin = surgery.evaluate([recipe], {"mc": tmp_path / "mc.jsonl"}, dtype="float32", device="cpu")

@@ -56,8 +56,10 @@ def load_search(source: str | Path | dict, *, base_dir: Path | None = None) -> S
     if "genome" in data:
         from surgery.search.genome import genome_settings
 
-        recipe, objective, recipe_where, settings = genome_settings(data, where, base_dir)
-        return build_search(recipe, objective, recipe_where, base_dir, name, **settings)
+        recipe, objective, recipe_where, settings, initial = genome_settings(data, where, base_dir)
+        spec = build_search(recipe, objective, recipe_where, base_dir, name, **settings)
+        spec.initial = initial(spec)
+        return spec
     for key in data:
         if key != "recipe" and find_variables(data[key], where, (key,)):
             raise RecipeError("search variables go inside the recipe; this setting takes a fixed value",

@@ -79,7 +79,8 @@ class EvolveFile(BaseModel):
 
 
 def genome_settings(data: dict, where, base_dir: Path):
-    """(recipe data with search variables, objective terms, where-function for the recipe, settings)."""
+    """(recipe data with search variables, objective terms, where-function for the recipe, settings,
+    and a function giving the loaded search's first trial: the genome's starting point, or None)."""
     cfg = validate_model(EvolveFile, data, where)
     g = cfg.genome
     if g.merge_method in ("ties", "dare_ties", "task_arithmetic") and not g.base_model:
@@ -100,7 +101,14 @@ def genome_settings(data: dict, where, base_dir: Path):
     options = {"chat": cfg.apply_chat_template, **({"limit": cfg.limit} if cfg.limit is not None else {})}
     at = where(("genome",))
     return (recipe, objective, lambda path: f"{at} ({'.'.join(map(str, path[1:]))})",
-            {"trials": cfg.trials, "sampler": cfg.sampler, "seed": cfg.seed, "eval": {**options, **cfg.eval}})
+            {"trials": cfg.trials, "sampler": cfg.sampler, "seed": cfg.seed, "eval": {**options, **cfg.eval}},
+            lambda spec: None if cfg.random_init else starting_point(spec, len(g.models)))
+
+
+def starting_point(spec, n_models: int) -> dict:
+    """mergekit-evolve's initial genotype: every weight 1/n_models, every density 1."""
+    return {name: (1.0 / n_models if v.path[5] == "weight" else 1.0)
+            for v in spec.variables for name in v.param_names()}
 
 
 def lm_eval_metric(metric: str) -> str:

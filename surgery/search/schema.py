@@ -55,7 +55,8 @@ class Search:
     source: str = "<search>"
     description: str | None = None
     n_layers: int = 0
-    datasets: dict = field(default_factory=dict, repr=False)  # loaded once here; the serial worker reuses them
+    datasets: dict = field(default_factory=dict, repr=False)
+    initial: dict | None = None  # parameter values to try first (a mergekit-evolve genome's starting point)  # loaded once here; the serial worker reuses them
 
     def resolve(self, sampled: dict) -> dict:
         """The plain recipe dict for sampled values (optuna param name -> value)."""

@@ -51,6 +51,8 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
     storage = storage or f"sqlite:///{(out / STORE_NAME).resolve()}"
     study = open_study(spec, storage)
     redo_interrupted(study)
+    if spec.initial and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(spec.initial)
     target = min(spec.trials, spec.grid_size()) if spec.sampler == "grid" else spec.trials
     pool = make_pool(spec, workers=workers, ray_address=ray_address) if count_finished(study) < target else None
     try:
@@ -75,14 +77,18 @@ def open_study(spec: Search, storage: str):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = f"{Path(spec.source).stem}-{space_id(spec)}"
     try:
-        return optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(spec),
-                                   direction="maximize", load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(spec),
+                                    direction="maximize", load_if_exists=True)
     except (ImportError, ValueError) as e:
         raise SurgeryError(f"cannot open the study store {storage!r}: {e}") from None
     except Exception as e:  # sqlalchemy errors: a bad URL, an unreachable server
         if type(e).__module__.startswith("sqlalchemy"):
             raise SurgeryError(f"cannot open the study store {storage!r}: {str(e).splitlines()[0]}") from None
         raise
+    done = len(study.get_trials(deepcopy=False))
+    if done:  # a resumed study: a sampler seeded as at the start would propose the same points again
+        study.sampler = make_sampler(spec, seed=spec.seed + done)
+    return study
 
 
 def space_id(spec: Search) -> str:
@@ -92,24 +98,25 @@ def space_id(spec: Search) -> str:
                         "eval": spec.eval})[:10]
 
 
-def make_sampler(spec: Search):
+def make_sampler(spec: Search, seed: int | None = None):
     import optuna
 
+    seed = spec.seed if seed is None else seed
     if spec.sampler == "grid":
         class Grid(optuna.samplers.GridSampler):
             def after_trial(self, study, trial, state, values):
                 pass  # the loop counts trials itself; GridSampler's study.stop() only works inside optimize()
 
-        return Grid(spec.grid_space(), seed=spec.seed)
+        return Grid(spec.grid_space(), seed=seed)
     if spec.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
         except ImportError:
             raise SurgeryError("the cmaes sampler needs the 'cmaes' package: pip install cmaes") from None
-        return optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def owner() -> str:
