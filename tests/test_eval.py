@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval_fixtures import CHOICES, GENERATION, TEXTS, tiny_lm, write_jsonl, write_text
-from helpers import load, raw_bytes
+from helpers import load, raw_bytes, run_cli
 from surgery.errors import SurgeryError
 
 SWAP = {"layer_swap": {"donor": "b", "bottom": 1, "top": 1, "transition": 1}}
@@ -131,7 +131,8 @@ def test_evaluate_recipe_reuses_loaded_data(lms, data):
     datasets = load_datasets({"t": data["text"], "g": data["gen"]})
     first = evaluate_recipe(load_recipe(recipe(lms)), datasets, device="cpu", max_new_tokens=4)
     again = evaluate_recipe(load_recipe(recipe(lms)), datasets, device="cpu", max_new_tokens=4)
-    assert first == again and set(first) == {"t", "g"} and set(first["g"]) == {"exact_match", "numeric_match"}
+    specs = evaluate_recipe(recipe(lms), {"t": data["text"], "g": data["gen"]}, device="cpu", max_new_tokens=4)
+    assert first == again == specs and set(first) == {"t", "g"} and set(first["g"]) == {"exact_match", "numeric_match"}
     assert first != evaluate_checkpoint(lms["a"], datasets, device="cpu", max_new_tokens=4)
 
 
@@ -188,13 +189,7 @@ def test_lm_eval_unknown_task(lms, tmp_path):
 # ---------------------------------------------------------------- report and CLI
 
 def cli(*args):
-    """The CLI in-process (stdout, stderr and exit code as a shell sees them)."""
-    from click.testing import CliRunner
-
-    from surgery.cli import _load_commands, cli as group
-
-    _load_commands()
-    return CliRunner().invoke(group, [str(a) for a in args], prog_name="surgery")
+    return run_cli(*args)
 
 
 def test_cli_error_in_a_real_process(tmp_path):
@@ -210,7 +205,7 @@ def test_cli_json_csv_plot(lms, data, tmp_path):
     rec.write_text(json.dumps(recipe(lms)))
     r = cli("eval", lms["a"], rec, "--data", f"sw={data['text']}", "--data", data["mc"], "--json",
             "--csv", tmp_path / "s.csv", "--plot", tmp_path / "p.png", "--device", "cpu")
-    assert r.exit_code == 0, r.output
+    assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["schema"] == "surgery.eval/1"
     assert [x["target"] for x in report["results"]] == [str(lms["a"]), str(rec)]
@@ -225,7 +220,7 @@ def test_cli_json_csv_plot(lms, data, tmp_path):
                 assert got[(res["target"], d, m)] == v
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = cli("eval", lms["a"], "--data", f"sw={data['text']}", "-q")
-    assert table.exit_code == 0 and "sw perplexity" in table.stdout.splitlines()[0]
+    assert table.returncode == 0 and "sw perplexity" in table.stdout.splitlines()[0]
     value = report["results"][0]["scores"]["sw"]["perplexity"]
     assert f"{value:.4g}" in table.stdout or f"{value:.4f}" in table.stdout
 
@@ -256,12 +251,12 @@ def test_cli_errors_are_one_line(lms, data, tmp_path):
     ]
     for args, message in cases:
         r = cli("eval", *args)
-        assert r.exit_code == 1, (args, r.output)
+        assert r.returncode == 1, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     r = cli("eval", lms["a"])
-    assert r.exit_code == 1 and "give --data NAME=PATH or --lm-eval TASKS" in r.stderr
-    assert cli("eval", lms["a"], "--data", data["text"], "--batch-size", "0").exit_code == 2
+    assert r.returncode == 1 and "give --data NAME=PATH or --lm-eval TASKS" in r.stderr
+    assert cli("eval", lms["a"], "--data", data["text"], "--batch-size", "0").returncode == 2
 
 
 def test_recipe_whose_config_cannot_be_built(lms, tmp_path, data):
@@ -280,4 +275,4 @@ def test_recipe_whose_config_cannot_be_built(lms, tmp_path, data):
 
 def test_eval_help():
     r = cli("eval", "--help")
-    assert r.exit_code == 0 and "Examples:" in r.stdout and "--lm-eval" in r.stdout
+    assert r.returncode == 0 and "Examples:" in r.stdout and "--lm-eval" in r.stdout

@@ -66,10 +66,11 @@ def cli(ctx, debug):
 
 # Every command is defined in a module of this package and added here; each imports only click at the top.
 from surgery.cli import adapters, analysis, hub, mergekit, recipe, search  # noqa: E402
-from surgery.cli import eval as evaluation  # noqa: E402
+from surgery.cli import eval as eval_cli  # noqa: E402
 
 for _command in (recipe.run, recipe.plan, recipe.validate, recipe.schema, recipe.demo, analysis.diff, hub.push,
-                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, evaluation.eval_command, search.search):
+                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command,
+                 search.search):
     cli.add_command(_command)
 
 

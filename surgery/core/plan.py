@@ -27,7 +27,6 @@ from surgery.recipe.parsing import parse_layers
 from surgery.recipe.schema import Recipe, Select
 
 
-
 @dataclass
 class Entry:
     """One output tensor."""

@@ -32,11 +32,13 @@ def evaluate_model(model, tokenizer, datasets: list[Dataset], *, lm_eval=None, i
 
     Returns {data or task name: {metric: value}}: perplexity and bits_per_byte for text,
     exact_match and numeric_match for generation, acc and acc_norm for multiple choice, and
-    lm-eval's metrics (without stderrs) for each task."""
+    lm-eval's metrics (without stderrs) for each task. ``datasets`` may also be what
+    ``load_datasets`` takes ({name: path}, 'NAME=PATH' strings): then they are loaded here, every call."""
     from tqdm.auto import tqdm
 
     from surgery.eval import metrics
 
+    datasets = as_datasets(datasets)
     scores = {}
     for ds in datasets:
         with tqdm(total=len(ds), desc=f"eval {ds.name}", disable=quiet, leave=False) as bar:
@@ -55,6 +57,14 @@ def evaluate_model(model, tokenizer, datasets: list[Dataset], *, lm_eval=None, i
         scores.update(run_lm_eval(model, tokenizer, lm_eval, include_path=include_path, limit=limit,
                                   batch_size=batch_size, seed=seed, chat=chat, max_length=max_length, quiet=quiet))
     return scores
+
+
+def as_datasets(data) -> list[Dataset]:
+    if data is None:
+        return []
+    if isinstance(data, (list, tuple)) and all(isinstance(d, Dataset) for d in data):
+        return list(data)
+    return load_datasets(data)
 
 
 def evaluate_recipe(recipe, datasets: list[Dataset], *, device: str = "auto", dtype: str | None = None,
@@ -151,5 +161,5 @@ def _label(target) -> str:
     from surgery.recipe.schema import Recipe
 
     if isinstance(target, Recipe):
-        return getattr(target, "_source", None) or "recipe"
+        return target.source or "recipe"
     return "recipe" if isinstance(target, dict) else str(target)

@@ -4,7 +4,7 @@
     model, tokenizer = recipe_model(load_recipe("recipe.yaml"))   # nothing written to disk
 
 ``recipe_model`` builds the model from the output config on the meta device and assigns the
-plan's tensors one by one as ``surgery.execute.iter_tensors`` computes them, each cast to its
+plan's tensors one by one as ``surgery.core.execute.iter_tensors`` computes them, each cast to its
 planned dtype exactly as the writer casts it: the weights are bitwise those `surgery run` writes,
 and memory holds one model plus the tensors in flight.
 """
@@ -72,7 +72,7 @@ def build_config(config: dict, where: str):
 
 def empty_model(config, where: str, dtype=None):
     """A causal LM with its parameters on the meta device (buffers real, as ``__init__`` computes them)."""
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # accelerate comes with mergekit (and peft, lm-eval)
     from transformers import AutoModelForCausalLM
 
     try:

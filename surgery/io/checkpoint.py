@@ -26,6 +26,7 @@ from surgery.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorMeta, has_torc
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
+
 @runtime_checkable
 class TensorSource(Protocol):
     """What planners, the executor and the analysis read tensors from: a ``Checkpoint``, an adapter over

@@ -74,6 +74,7 @@ class Merge(Operation):
 
 # ---------------------------------------------------------------------------- mergekit access
 
+
 def method_names() -> list[str]:
     from mergekit import merge_methods
 

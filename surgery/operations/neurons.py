@@ -83,6 +83,7 @@ class RankedLayerSwap(Operation):
     def plan(self, ctx) -> None:
         _plan_ranked_layer_swap(ctx, self)
 
+
 class TransplantNeurons(Operation):
     """Copy the selected MLP neurons (rows of gate/up, columns of down) from a donor into the recipient."""
 
@@ -96,6 +97,7 @@ class TransplantNeurons(Operation):
 
     def plan(self, ctx) -> None:
         _plan_transplant_neurons(ctx, self)
+
 
 class ResetNeurons(Operation):
     """Set the selected MLP neurons of the recipient to another input's values (e.g. the base), or to zero."""
@@ -112,6 +114,7 @@ class ResetNeurons(Operation):
         _plan_reset_neurons(ctx, self)
 
 # ---------------------------------------------------------------------------- planners
+
 
 def _cached_diff(ctx, base: str, expert: str, what: str):
     from surgery.analysis.diff import diff

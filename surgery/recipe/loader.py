@@ -55,12 +55,6 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
     return recipe
 
 
-
-
-
-
-
-
 def _validate(model: type[BaseModel], data, prefix, source, lines):
     try:
         return model.model_validate(data)

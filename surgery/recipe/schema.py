@@ -126,7 +126,7 @@ class Recipe(Strict):
         return where(self._source, self._lines, path)
 
     def error(self, path: tuple, message: str) -> RecipeError:
-        return RecipeError(message, self.where(path))
+        return RecipeError(message, self.where(path), path)
 
     def to_yaml(self) -> str:
         if self._text is not None:
