@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 
-def search_file(workdir: Path, smol: Path, other: Path, trials: int, tag: str, docs: Path) -> Path:
+def search_file(workdir: Path, smol: Path, other: Path, trials: int, tag: str, docs: Path, dtype: str) -> Path:
     """A grid of ``trials`` distinct swaps (bottom = 1.., top = 2); each search has its own output folder."""
     path = workdir / f"search-{tag}.yaml"
     path.write_text(f"""\
@@ -43,19 +43,19 @@ objective:
   - {{data: {docs}, metric: perplexity, weight: -1}}
 trials: {trials}
 sampler: grid
-eval: {{device: cpu, batch_size: 8}}
+eval: {{device: cpu, batch_size: 8, dtype: {dtype}}}
 """)
     return path
 
 
-def on_disk(workdir: Path):
+def on_disk(workdir: Path, dtype: str):
     """A TrialEvaluator.measure that writes the recipe, then loads and evaluates the written checkpoint."""
     import surgery
     from surgery.eval import evaluate_checkpoint
 
     def measure(self, recipe):
         out = surgery.run(recipe, workdir / "trial-out", force=True).output
-        return evaluate_checkpoint(out, list(self.datasets.values()), device="cpu", batch_size=8)
+        return evaluate_checkpoint(out, list(self.datasets.values()), device="cpu", batch_size=8, dtype=dtype)
     return measure
 
 
@@ -72,7 +72,9 @@ def main():
     ap.add_argument("--trials", type=int, default=4, help="trials per search")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--dtype", default="float32", help="evaluation dtype (CPU bf16 matmuls are slow)")
     ap.add_argument("--ray", action="store_true", help="also measure 2 local Ray workers")
+    ap.add_argument("--no-modes", action="store_true", help="skip the in-memory vs write-then-load rounds")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "surgery-bench-search")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -96,16 +98,17 @@ def main():
     docs = args.workdir / "docs.txt"
     docs.write_text("\n".join(english_msgids(args.docs)) + "\n")
     in_memory = TrialEvaluator.measure
-    modes = {"in memory": in_memory, "write then load": on_disk(args.workdir)}
-    print(f"SmolLM2-135M-Instruct (bf16) layer-swap search, {args.trials} trials a search, {args.docs} documents, "
+    modes = {"in memory": in_memory, "write then load": on_disk(args.workdir, args.dtype)}
+    print(f"SmolLM2-135M-Instruct (bf16, evaluated in {args.dtype}) layer-swap search, {args.trials} trials a "
+          f"search, {args.docs} documents, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds (+ warm-up)")
 
     rows = {m: [] for m in modes}
-    for r in range(args.rounds + 1):
+    for r in range(0 if args.no_modes else args.rounds + 1):
         for name, measure in modes.items():
             TrialEvaluator.measure = measure
             n = 1 if r == 0 else args.trials
-            path = search_file(args.workdir, smol, other, n, f"{r}", docs)
+            path = search_file(args.workdir, smol, other, n, f"{r}", docs, args.dtype)
             result, wall, cpu = run_search(path, args.workdir / "runs" / f"{name}-{r}".replace(" ", "-"))
             assert result.evaluated == n and all(t["state"] == "complete" for t in result.trials), result.trials
             if r:
@@ -113,16 +116,19 @@ def main():
     TrialEvaluator.measure = in_memory
 
     report = {"trials_per_search": args.trials, "modes": {}}
-    print("\n| mode | s / trial (wall) | CPU s / trial | trials / hour | in memory vs this |")
-    print("|---|---|---|---|---|")
-    base = statistics.median(w for w, _ in rows["in memory"])
+    if args.no_modes:
+        modes = {}
+    else:
+        print("\n| mode | s / trial (wall) | CPU s / trial | trials / hour | in memory vs this |")
+        print("|---|---|---|---|---|")
+        base = statistics.median(w for w, _ in rows["in memory"])
     for name in modes:
         w, c = statistics.median(x for x, _ in rows[name]), statistics.median(y for _, y in rows[name])
         report["modes"][name] = {"wall_per_trial": w, "cpu_per_trial": c, "trials_per_hour": 3600 / w}
         print(f"| {name} | {w:.2f} | {c:.2f} | {3600 / w:.0f} | {w / base:.2f}x |")
 
     if args.ray:
-        path = search_file(args.workdir, smol, other, args.trials, "ray", docs)
+        path = search_file(args.workdir, smol, other, args.trials, "ray", docs, args.dtype)
         serial, s_wall, _ = run_search(path, args.workdir / "runs" / "serial")
         ray, r_wall, _ = run_search(path, args.workdir / "runs" / "ray", workers=2)
         over = statistics.median(t["wall"] - t["seconds"] for t in ray.trials)

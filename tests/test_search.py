@@ -292,9 +292,10 @@ objective:
 
 BAD = {
     "float where the schema takes an int": ("bottom: {float: [0, 2]}, top: 1", "recipe.operations.0.layer_swap.bottom",
-                                            "search variable cannot go here (float value 0.74)"),
+                                            "the float variable's value 0.74 is not valid here: Input should be a valid integer"),
     "choice outside a literal": ("layers: {choice: ['0-1', 3]}, embeddings: {choice: [donor, nowhere]}",
-                                 "recipe.operations.0.layer_swap.embeddings", "search variable cannot go here"),
+                                 "recipe.operations.0.layer_swap.embeddings",
+                                 "the choice variable's value 'nowhere' is not valid here"),
     "empty range": ("bottom: {int: [3, 1]}", "recipe.operations.0.layer_swap.bottom", "empty range [3, 1]"),
     "empty choice": ("bottom: {choice: []}", "recipe.operations.0.layer_swap.bottom", "empty choice"),
     "unknown variable key": ("bottom: {int: [0, 3], scale: log}", "recipe.operations.0.layer_swap.bottom",
@@ -452,3 +453,36 @@ def _trial_recipe(result, number: int) -> str:
 
     study = optuna.load_study(study_name=result.study_name, storage=result.storage)
     return study.trials[number].user_attrs["recipe"]
+
+
+def test_a_choice_of_whole_operations_is_sampled_by_index(swap_world):
+    root, _ = swap_world
+    path = write_search(root, "ops.yaml", """\
+recipe:
+  inputs: {math: math, sw: swahili}
+  recipient: math
+  operations:
+    - choice:
+        - layer_swap: {donor: sw, bottom: 2}
+        - take: {from: sw, select: {layers: '0-1'}}
+objective:
+  - {data: gen.txt, metric: perplexity, weight: -1}
+sampler: grid
+""")
+    spec = surgery.load_search(path)
+    assert spec.grid_space() == {"operations.0": [0, 1]}
+    assert spec.resolve({"operations.0": 1})["operations"] == [{"take": {"from": "sw", "select": {"layers": "0-1"}}}]
+    bad = write_search(root, "ops-bad.yaml", path.read_text().replace("take: {from: sw", "take: {form: sw"))
+    with pytest.raises(RecipeError, match=r"ops-bad.yaml:5: recipe.operations.0: the choice variable's value .* is not valid here: .*"
+                                          r"unknown key 'form'"):
+        surgery.load_search(bad)
+
+
+def test_bad_storage_url_and_grid_override_are_one_line(swap_world, tmp_path):
+    root, _ = swap_world
+    r = run_cli("search", swap_search(root), "-o", tmp_path / "a", "--storage", "nosuchdb://x/y")
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot open the study store 'nosuchdb://x/y'"), r.stderr
+    assert r.stderr.count("\n") == 1
+    path = swap_search(root, "tpe", swap="bottom: 2, embeddings: {float: [0, 1]}", name="float.yaml")
+    r = run_cli("search", path, "-o", tmp_path / "b", "--sampler", "grid")
+    assert r.returncode == 1 and "the grid sampler needs a step for a float variable" in r.stderr, r.stderr

@@ -131,8 +131,8 @@ def check_in_schema(recipe: dict, variables: list[Variable], where, base_dir: Pa
             culprit = next((v for v in variables if path[:len(v.path)] == v.path), None)
             message = str(e)[len(e.where) + 2:] if e.where else str(e)
             if culprit is not None:
-                raise RecipeError(f"search variable cannot go here ({culprit.kind} value "
-                                  f"{values[culprit.path]!r}): {message}", culprit.where) from None
+                raise RecipeError(f"the {culprit.kind} variable's value {values[culprit.path]!r} is not valid "
+                                  f"here: {message}", culprit.where) from None
             raise RecipeError(message, where(("recipe",) + path)) from None
 
 
