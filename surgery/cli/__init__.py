@@ -24,6 +24,7 @@ Examples:
   surgery run mergekit-config.yml -o out/merged  # mergekit configs run unchanged
   surgery push out/swapped me/math-sw            # upload with a model card
   surgery eval out/swapped recipe.yaml --data sw=texts/sw.txt   # measure (recipes in memory)
+  surgery search search.yaml -o runs/sw-swap     # find the best values of a recipe (resumable)
 """
 
 
@@ -71,12 +72,12 @@ def cli(ctx, debug):
 
 
 # Every command is defined in a module of this package and added here; each imports only click at the top.
-from surgery.cli import adapters, analysis, hub, mergekit, probe, recipe  # noqa: E402
+from surgery.cli import adapters, analysis, hub, mergekit, probe, recipe, search  # noqa: E402
 from surgery.cli import eval as eval_cli  # noqa: E402
 
 for _command in (recipe.run, recipe.plan, recipe.validate, recipe.schema, recipe.demo, analysis.diff, hub.push,
                  mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command, probe.probe,
-                 probe.data):
+                 probe.data, search.search):
     cli.add_command(_command)
 
 
