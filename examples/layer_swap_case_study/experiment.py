@@ -114,9 +114,8 @@ class Experiment:
         experts = {n: str(self.models[n]) for n in EXPERTS}
         r = surgery.diff(str(self.models["base"]), experts)
         (self.out / "diff" / "diff.json").write_text(r.to_json(k=0.01))
-        self.plots = getattr(self, "plots", [])
-        self.plots += [str(r.plot_heatmap(self.out / "diff" / "diff.png")),
-                       str(r.plot_layers(self.out / "diff" / "diff_layers.png"))]
+        r.plot_heatmap(self.out / "diff" / "diff.png")
+        r.plot_layers(self.out / "diff" / "diff_layers.png")
         layers = {n: [r.experts[n].layers[i].relative for i in range(r.num_layers)] for n in EXPERTS}
         return {"num_layers": r.num_layers, "relative": layers,
                 "ranking": {n: [layer for layer, _ in r.layer_ranking(n)] for n in EXPERTS},
@@ -132,7 +131,7 @@ class Experiment:
         r = surgery.probe(models, texts, parallel=[str(self.sets / f"parallel_en-{LANG}.jsonl")], device=self.device,
                           batch_size=16, max_tokens=64, seed=self.seed, progress=False)
         (self.out / "probe" / "probe.json").write_text(r.to_json())
-        self.plots = getattr(self, "plots", []) + list(r.plot(self.out / "probe" / "probe.png"))
+        r.plot(self.out / "probe" / "probe.png")
         self.neuron_files = {}
         counts = {}
         for lang in texts:
@@ -158,7 +157,9 @@ class Experiment:
         return {"perplexity": {row: {lang: v[lang]["perplexity"] for lang in data} for row, v in rows.items()}}
 
     # ---- surgery --------------------------------------------------------------------------------
-    def search(self) -> dict:
+    def search(self, rows: list, save) -> dict:
+        """`surgery search` over (bottom, top, transition) on the German dev problems; the best configuration
+        is then evaluated on the test sets like every other row."""
         import surgery
 
         s = self.s
@@ -172,42 +173,47 @@ class Experiment:
                 "eval": {"batch_size": s.eval_batch, "max_new_tokens": s.max_new_tokens, "device": self.device}}
         path = self.out / "search" / "search.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
-        run_dir = self.out / "search" / "run"
-        result = surgery.search(str(path), str(run_dir))
-        self.searched = result.best_recipe
-        self.plots = getattr(self, "plots", []) + [f for f in result.files if f.endswith(".png")]
+        self.log("$ surgery search OUT/search/search.yaml -o OUT/search/run")
+        result = surgery.search(str(path), str(self.out / "search" / "run"))
+        op = result.best_recipe["operations"][0]["layer_swap"]
+        label = f"swap: searched b={op['bottom']}, u={op['top']}, t={op['transition']}"
+        self._row(rows, label, "swap: search", self._save_recipe("swap_searched", result.best_recipe))
+        save()
         return {"best": result.best, "trials": result.trials, "files": result.files}
 
-    def table(self) -> dict:
+    def table(self, rows: list, save) -> dict:
+        """Base, experts, the analysis-chosen and hand swaps, and the merges, on the test sets; each row is
+        appended to ``rows`` and saved as soon as it is measured."""
         s = self.s
-        data = {"math_de": self.sets / f"math_{LANG}.jsonl", "math_en": self.sets / "math_en.jsonl",
-                "text_de": self.sets / f"text_{LANG}.txt", "text_en": self.sets / "text_en.txt"}
-        rows = [("base", "base", self.models["base"]), ("math expert", "expert", self.models["math"]),
+        todo = [("base", "base", self.models["base"]), ("math expert", "expert", self.models["math"]),
                 ("German expert", "expert", self.models["german"]),
                 ("English expert", "expert", self.models["english"])]
-        rows.append((f"swap: ranked_layer_swap k={s.ranked_k}, t={s.ranked_transition}", "swap: analysis",
+        todo.append((f"swap: ranked_layer_swap k={s.ranked_k}, t={s.ranked_transition}", "swap: analysis",
                      self._save_recipe("swap_ranked", recipes.ranked_swap(self.models, s.ranked_k,
                                                                           s.ranked_transition))))
         for b, u, t in s.hand:
-            rows.append((f"swap: hand b={b}, u={u}, t={t}", "swap: hand",
+            todo.append((f"swap: hand b={b}, u={u}, t={t}", "swap: hand",
                          self._save_recipe(f"swap_b{b}_u{u}_t{t}", recipes.hand_swap(self.models, b, u, t))))
-        if getattr(self, "searched", None):
-            op = self.searched["operations"][0]["layer_swap"]
-            rows.append((f"swap: searched b={op['bottom']}, u={op['top']}, t={op['transition']}", "swap: search",
-                         self._save_recipe("swap_searched", self.searched)))
         for i, (label, recipe) in enumerate(recipes.baselines(self.models).items()):
-            rows.append((label, "merge", self._save_recipe(f"merge_{i}", recipe)))
+            todo.append((label, "merge", self._save_recipe(f"merge_{i}", recipe)))
+        for label, kind, target in todo:
+            self._row(rows, label, kind, target)
+            save()
+        return {k: str(v) for k, v in self.table_data().items()}
+
+    def table_data(self) -> dict:
+        return {"math_de": self.sets / f"math_{LANG}.jsonl", "math_en": self.sets / "math_en.jsonl",
+                "text_de": self.sets / f"text_{LANG}.txt", "text_en": self.sets / "text_en.txt"}
+
+    def _row(self, rows: list, label: str, kind: str, target) -> None:
         from surgery.eval.report import EvalReport, EvalRow
 
-        out = []
-        for label, kind, target in rows:
-            self.log(f"eval {label}")
-            scores, seconds = self._evaluate(target, data, timed=True)
-            out.append({"label": label, "kind": kind, "target": str(target), "scores": scores, "seconds": seconds})
-        report = EvalReport([EvalRow(r["label"], r["kind"], r["scores"], r["seconds"]) for r in out])
+        self.log(f"eval {label}")
+        scores, seconds = self._evaluate(target, self.table_data(), timed=True)
+        rows.append({"label": label, "kind": kind, "target": str(target), "scores": scores, "seconds": seconds})
+        report = EvalReport([EvalRow(r["label"], r["kind"], r["scores"], r["seconds"]) for r in rows])
         (self.out / "table.txt").write_text(report.format() + "\n")
         report.plot(self.out / "table.png")
-        return {"rows": out, "data": {k: str(v) for k, v in data.items()}}
 
     # ---- helpers --------------------------------------------------------------------------------
     def _save_recipe(self, name: str, recipe: dict) -> Path:

@@ -97,7 +97,7 @@ def finetune(base_dir, out_dir, examples, *, steps: int, batch_size: int, lr: fl
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         tokens += int(mask.sum())
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             log(f"  step {step + 1}/{steps} loss {losses[-1]:.3f} ({tokens / (time.perf_counter() - start):.0f} tok/s)")

