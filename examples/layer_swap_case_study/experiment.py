@@ -29,8 +29,9 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 
 class Experiment:
-    def __init__(self, settings, out: Path, seed: int, device: str, log):
+    def __init__(self, settings, out: Path, seed: int, device: str, log, pace=lambda: None):
         self.s, self.out, self.seed, self.device, self.log = settings, out, seed, device, log
+        self.pace = pace  # called before each long step (the thread count may change with the machine's load)
         for sub in ("data", "sets", "models", "recipes", "diff", "probe", "search"):
             (out / sub).mkdir(parents=True, exist_ok=True)
         self.sets = out / "sets"
@@ -96,7 +97,7 @@ class Experiment:
         else:
             examples = lm_examples(tok, self.lang_train[name], s.seq_len)
         result = finetune(base, folder, examples, steps=spec["steps"], batch_size=spec["batch_size"], lr=s.lr,
-                          seed=spec["seed"], device=self.device, log=self.log)
+                          seed=spec["seed"], device=self.device, log=self.log, pace=self.pace)
         meta.write_text(json.dumps({"spec": spec, "result": result}, indent=1) + "\n")
         return result
 
@@ -208,6 +209,7 @@ class Experiment:
     def _row(self, rows: list, label: str, kind: str, target) -> None:
         from surgery.eval.report import EvalReport, EvalRow
 
+        self.pace()
         self.log(f"eval {label}")
         scores, seconds = self._evaluate(target, self.table_data(), timed=True)
         rows.append({"label": label, "kind": kind, "target": str(target), "scores": scores, "seconds": seconds})

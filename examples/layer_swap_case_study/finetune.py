@@ -63,10 +63,11 @@ def loss_of(model, ids, labels, mask):
 
 
 def finetune(base_dir, out_dir, examples, *, steps: int, batch_size: int, lr: float, seed: int,
-             device: str = "cpu", warmup: float = 0.1, log=print) -> dict:
+             device: str = "cpu", warmup: float = 0.1, log=print, pace=lambda: None) -> dict:
     """Fine-tune the checkpoint ``base_dir`` on ``examples`` [(ids, labels)] for ``steps`` steps of
     ``batch_size`` examples (drawn in a seeded shuffled order, epoch after epoch) and save the result to
-    ``out_dir`` as safetensors (float32) with the base's tokenizer. Returns the loss curve and timings."""
+    ``out_dir`` as safetensors (float32) with the base's tokenizer. ``pace`` is called every 5 steps (the
+    caller may change torch's thread count). Returns the loss curve and timings."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,6 +85,8 @@ def finetune(base_dir, out_dir, examples, *, steps: int, batch_size: int, lr: fl
     order: list[int] = []
     losses, tokens, start = [], 0, time.perf_counter()
     for step in range(steps):
+        if step % 5 == 0:
+            pace()
         if len(order) < batch_size:
             more = list(range(len(examples)))
             rng.shuffle(more)

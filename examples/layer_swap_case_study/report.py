@@ -175,7 +175,8 @@ def write(results: dict, doc: Path, out: Path) -> list[Path]:
               f"after the stages listed at the end; what it did not reach is marked as not measured.", ""]
     L += [f"- **Run**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, wall time "
           f"**{results.get('wall_seconds', 0) / 60:.1f} min**, seed {results['seed']}, git `{results.get('git')}`",
-          f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+          f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+          f"(threads: {' or '.join(map(str, m['torch_threads'])) if isinstance(m['torch_threads'], list) else m['torch_threads']}), "
           f"device `{m['device']}`, Python {m['python']}"
           + (f", load average at start {m['load_average_at_start'][0]:.1f} (a shared machine)"
              if m.get("load_average_at_start") else ""),
@@ -212,8 +213,11 @@ def write(results: dict, doc: Path, out: Path) -> list[Path]:
         L.append("")
     if "search" in results:
         best = results["search"]["best"] or {}
-        L += [f"`surgery search`: {len(results['search']['trials'])} trials; best on the dev problems: "
-              f"{ {k: v for k, v in best.items() if k not in ('state', 'metrics')} }.", ""]
+        params = {k.split(".")[-1]: v for k, v in best.items() if k.startswith("operations.")}
+        dev = {k.rsplit(":", 1)[-1]: v for k, v in best.items() if ":" in k and "dev" in k}
+        L += [f"`surgery search`: {len(results['search']['trials'])} trials (TPE); best on the German dev problems: "
+              f"{params}, objective {best.get('value', float('nan')):.3f}, dev numeric match "
+              f"{dev.get('numeric_match', float('nan')):.3f}.", ""]
     L += [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
     L += _setup(results)
     L += ["## Time per stage", "", "| stage | seconds |", "|---|---:|"]

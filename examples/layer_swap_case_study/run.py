@@ -44,11 +44,36 @@ def parse_args(argv=None):
                                                "the full run, OUT/case_study.md otherwise)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seeds problems, splits, fine-tuning, search")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", default="auto",
+                   help="torch threads, or 'auto': all cores, but one while the machine's load average exceeds its "
+                        "core count (on a shared machine, synchronising threads that are not scheduled costs more "
+                        "than the second core gives)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished experts are reused)")
     p.add_argument("--report-only", action="store_true",
                    help="only write the report from OUT/results.json (of a finished or an interrupted run)")
     return p.parse_args(argv)
+
+
+class Threads:
+    """Torch's thread count: fixed, or 'auto' (checked before every stage, fine-tune and evaluated model)."""
+
+    def __init__(self, spec: str):
+        import torch
+
+        self.torch, self.auto = torch, spec == "auto"
+        self.cores = os.cpu_count() or 1
+        self.used: set[int] = set()
+        if not self.auto:
+            torch.set_num_threads(int(spec))
+            self.used.add(int(spec))
+
+    def adjust(self, log) -> None:
+        if self.auto:
+            n = 1 if os.getloadavg()[0] > self.cores else self.cores
+            if n != self.torch.get_num_threads():
+                log(f"torch threads: {n} (load average {os.getloadavg()[0]:.1f} on {self.cores} cores)")
+                self.torch.set_num_threads(n)
+            self.used.add(n)
 
 
 class Log:
@@ -108,8 +133,7 @@ def main(argv=None) -> int:
                                            else out / "case_study.md")
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = Threads(args.threads)
     if args.report_only:
         results = json.loads((out / "results.json").read_text())
         print("wrote", ", ".join(str(p) for p in report.write(results, doc, out)))
@@ -119,7 +143,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     results = {"settings": settings.to_dict(), "seed": args.seed, "machine": machine(args.device),
                "command": " ".join(["python", *sys.argv]), "git": _git_head(), "stages": log.stages}
-    exp = experiment.Experiment(settings, out, args.seed, args.device, log)
+    exp = experiment.Experiment(settings, out, args.seed, args.device, log, pace=lambda: threads.adjust(log))
     stages = [("data", "data", exp.prepare_data), ("base", "base model", lambda: str(exp.base_model()))]
     stages += [(f"finetune.{n}", f"fine-tune {n} expert", lambda n=n: exp.finetune(n)) for n in experiment.EXPERTS]
     results["table"] = {"rows": []}
@@ -135,6 +159,7 @@ def main(argv=None) -> int:
                ("probe", "surgery probe", exp.probe), ("masking", "LAPE masking", exp.masking),
                ("search", "surgery search", lambda: exp.search(rows, save))]
     for key, name, fn in stages:
+        threads.adjust(log)
         with log.stage(name):
             value = fn()
         if key == "table_data":
@@ -143,6 +168,7 @@ def main(argv=None) -> int:
             results.setdefault(key.split(".")[0], {})[key.split(".")[1]] = value
         else:
             results[key] = value
+        results["machine"]["torch_threads"] = sorted(threads.used)
         save()
     results["complete"] = True
     save()
