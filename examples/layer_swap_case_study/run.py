@@ -45,9 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seeds problems, splits, fine-tuning, search")
     p.add_argument("--threads", default="auto",
-                   help="torch threads, or 'auto': all cores, but one while the machine's load average exceeds its "
-                        "core count (on a shared machine, synchronising threads that are not scheduled costs more "
-                        "than the second core gives)")
+                   help="torch threads, or 'auto': surgery's policy, the cores minus the machine's load (on a shared "
+                        "machine, threads waiting at barriers for cores that others hold cost more than they give)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished experts are reused)")
     p.add_argument("--report-only", action="store_true",
                    help="only write the report from OUT/results.json (of a finished or an interrupted run)")
@@ -55,25 +54,22 @@ def parse_args(argv=None):
 
 
 class Threads:
-    """Torch's thread count: fixed, or 'auto' (checked before every stage, fine-tune and evaluated model)."""
+    """Torch's thread count: fixed, or 'auto', surgery's policy (`surgery.set_threads(None)`: the cores minus
+    the machine's load), applied again before every stage, every 5 fine-tuning steps and every evaluated model."""
 
     def __init__(self, spec: str):
-        import torch
-
-        self.torch, self.auto = torch, spec == "auto"
-        self.cores = os.cpu_count() or 1
+        self.spec = None if spec == "auto" else int(spec)
         self.used: set[int] = set()
-        if not self.auto:
-            torch.set_num_threads(int(spec))
-            self.used.add(int(spec))
 
     def adjust(self, log) -> None:
-        if self.auto:
-            n = 1 if os.getloadavg()[0] > self.cores else self.cores
-            if n != self.torch.get_num_threads():
-                log(f"torch threads: {n} (load average {os.getloadavg()[0]:.1f} on {self.cores} cores)")
-                self.torch.set_num_threads(n)
-            self.used.add(n)
+        import surgery
+        import torch
+
+        before = torch.get_num_threads()
+        n = surgery.set_threads(self.spec)
+        if n != before:
+            log(f"torch threads: {n} (load average {os.getloadavg()[0]:.1f})")
+        self.used.add(n)
 
 
 class Log:
@@ -131,14 +127,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     doc = Path(args.doc) if args.doc else (REPO / "docs" / "case_study.md" if settings.mode == "full"
                                            else out / "case_study.md")
-    import torch
-
-    threads = Threads(args.threads)
     if args.report_only:
         results = json.loads((out / "results.json").read_text())
         print("wrote", ", ".join(str(p) for p in report.write(results, doc, out)))
         return 0
     log = Log(out / "log.txt")
+    threads = Threads(args.threads)
+    threads.adjust(log)
     log(f"mode {settings.mode}, seed {args.seed}, out {out}, doc {doc}")
     started = time.perf_counter()
     results = {"settings": settings.to_dict(), "seed": args.seed, "machine": machine(args.device),
