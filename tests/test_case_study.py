@@ -13,9 +13,9 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "layer_swap_case_study"
 sys.path.insert(0, str(EXAMPLE))
 
-import problems  # noqa: E402
-import report as cs_report  # noqa: E402
-import texts  # noqa: E402
+import problems
+import report as cs_report
+import texts
 
 
 def _evaluate(solution: str) -> int:

@@ -133,13 +133,11 @@ class Experiment:
                           batch_size=16, max_tokens=64, seed=self.seed, progress=False)
         (self.out / "probe" / "probe.json").write_text(r.to_json())
         r.plot(self.out / "probe" / "probe.png")
-        self.neuron_files = {}
         counts = {}
         for lang in texts:
             neurons = r.neurons(lang, model="base")
             path = self.out / "probe" / f"lape_{lang}.json"
             surgery.save_neuron_set(path, neurons, source=f"LAPE ({lang}) of the base model, surgery probe")
-            self.neuron_files[lang] = path
             counts[lang] = len(neurons)
         summary = r.to_dict()
         return {"neurons_per_language": counts,
@@ -150,10 +148,10 @@ class Experiment:
     def masking(self) -> dict:
         """Zero one language's LAPE neurons in the base; perplexity in every language against the base's."""
         data = {lang: str(self.sets / f"text_{lang}.txt") for lang in ("en", LANG, *self.s.other_langs)}
+        files = {lang: self.out / "probe" / f"lape_{lang}.json" for lang in self.s.mask_langs}
         rows = {"base": self._evaluate(self.models["base"], data)}
         for lang in self.s.mask_langs:
-            path = self._save_recipe(f"zero_lape_{lang}", recipes.zero_neurons(self.models["base"],
-                                                                                self.neuron_files[lang]))
+            path = self._save_recipe(f"zero_lape_{lang}", recipes.zero_neurons(self.models["base"], files[lang]))
             rows[f"zero {lang}"] = self._evaluate(path, data)
         return {"perplexity": {row: {lang: v[lang]["perplexity"] for lang in data} for row, v in rows.items()}}
 
@@ -197,9 +195,11 @@ class Experiment:
                          self._save_recipe(f"swap_b{b}_u{u}_t{t}", recipes.hand_swap(self.models, b, u, t))))
         for i, (label, recipe) in enumerate(recipes.baselines(self.models).items()):
             todo.append((label, "merge", self._save_recipe(f"merge_{i}", recipe)))
+        done = {r["label"] for r in rows}  # rows of a resumed run are kept
         for label, kind, target in todo:
-            self._row(rows, label, kind, target)
-            save()
+            if label not in done:
+                self._row(rows, label, kind, target)
+                save()
         return {k: str(v) for k, v in self.table_data().items()}
 
     def table_data(self) -> dict:

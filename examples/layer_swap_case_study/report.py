@@ -173,8 +173,11 @@ def write(results: dict, doc: Path, out: Path) -> list[Path]:
     if not results.get("complete"):
         L += [f"**This run did not finish**: it stopped after {results.get('wall_seconds', 0) / 60:.0f} minutes, "
               f"after the stages listed at the end; what it did not reach is marked as not measured.", ""]
+    wall = results.get("wall_seconds", 0) + results.get("earlier_seconds", 0)
+    resumed = (f" (in two parts: resumed with `--resume` after {results['earlier_seconds'] / 60:.1f} min)"
+               if results.get("earlier_seconds") else "")
     L += [f"- **Run**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, wall time "
-          f"**{results.get('wall_seconds', 0) / 60:.1f} min**, seed {results['seed']}, git `{results.get('git')}`",
+          f"**{wall / 60:.1f} min**{resumed}, seed {results['seed']}, git `{results.get('git')}`",
           f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
           f"(threads: {' or '.join(map(str, m['torch_threads'])) if isinstance(m['torch_threads'], list) else m['torch_threads']}), "
           f"device `{m['device']}`, Python {m['python']}"

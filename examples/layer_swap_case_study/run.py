@@ -27,9 +27,9 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-import experiment  # noqa: E402
-import report  # noqa: E402
-from settings import MODES  # noqa: E402
+import experiment
+import report
+from settings import MODES
 
 
 def parse_args(argv=None):
@@ -48,6 +48,9 @@ def parse_args(argv=None):
                    help="torch threads, or 'auto': surgery's policy, the cores minus the machine's load (on a shared "
                         "machine, threads waiting at barriers for cores that others hold cost more than they give)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished experts are reused)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in OUT: keep its measured table rows and finished probe, "
+                        "masking and search stages (same mode and seed)")
     p.add_argument("--report-only", action="store_true",
                    help="only write the report from OUT/results.json (of a finished or an interrupted run)")
     return p.parse_args(argv)
@@ -62,8 +65,9 @@ class Threads:
         self.used: set[int] = set()
 
     def adjust(self, log) -> None:
-        import surgery
         import torch
+
+        import surgery
 
         before = torch.get_num_threads()
         n = surgery.set_threads(self.spec)
@@ -142,6 +146,15 @@ def main(argv=None) -> int:
     stages = [("data", "data", exp.prepare_data), ("base", "base model", lambda: str(exp.base_model()))]
     stages += [(f"finetune.{n}", f"fine-tune {n} expert", lambda n=n: exp.finetune(n)) for n in experiment.EXPERTS]
     results["table"] = {"rows": []}
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
+    if args.resume and previous and (previous["settings"], previous["seed"]) == (results["settings"], args.seed):
+        results["table"] = previous.get("table", results["table"])
+        results.update({k: previous[k] for k in ("probe", "masking", "search") if k in previous})
+        results["earlier_seconds"] = previous.get("wall_seconds", 0) + previous.get("earlier_seconds", 0)
+        log.stages.update({f"{k} (before resuming)": v for k, v in previous.get("stages", {}).items()
+                           if "before resuming" not in k})
+        log(f"resuming: {len(results['table']['rows'])} table rows, "
+            f"{[k for k in ('probe', 'masking', 'search') if k in results]} kept")
 
     def save():  # after every stage and table row: `--report-only` reports an interrupted run as far as it got
         results["wall_seconds"] = time.perf_counter() - started
@@ -154,6 +167,8 @@ def main(argv=None) -> int:
                ("probe", "surgery probe", exp.probe), ("masking", "LAPE masking", exp.masking),
                ("search", "surgery search", lambda: exp.search(rows, save))]
     for key, name, fn in stages:
+        if key in ("probe", "masking", "search") and key in results:
+            continue
         threads.adjust(log)
         with log.stage(name):
             value = fn()

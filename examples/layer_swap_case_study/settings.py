@@ -11,9 +11,9 @@ class Settings:
     # fine-tuning (all three experts: same learning rate, schedule and token budget per step)
     lr: float = 1e-4
     math_train: int = 2400        # distinct English training problems
-    math_steps: int = 40
+    math_steps: int = 36
     math_batch: int = 16          # problems per step (~40 tokens each)
-    lang_steps: int = 24
+    lang_steps: int = 20
     lang_batch: int = 8           # chunks of seq_len tokens per step
     seq_len: int = 128
     # evaluation
