@@ -31,7 +31,8 @@ class Template:
     en: str
     de: str
     numbers: object          # rng -> tuple of ints (a, b[, c])
-    expression: str          # python format string over a, b, c: the worked answer without the result
+    expression: str          # format string over a, b, c: the worked answer without the result
+    value: object            # (a, b[, c]) -> the answer
 
 
 def _add(rng):
@@ -61,54 +62,54 @@ TEMPLATES = [
     Template("give_more",
              "{n1} has {a} {o}. {n2} gives {n1} {b} more {o}. How many {o} does {n1} have now?",
              "{n1} hat {a} {O}. {n2} gibt {n1} noch {b} {O}. Wie viele {O} hat {n1} jetzt?",
-             _add, "{a} + {b}"),
+             _add, "{a} + {b}", lambda a, b: a + b),
     Template("box_table",
              "There are {a} {o} in a box and {b} {o} on the table. How many {o} are there altogether?",
              "In einer Kiste sind {a} {O} und auf dem Tisch liegen {b} {O}. Wie viele {O} sind es zusammen?",
-             _add, "{a} + {b}"),
+             _add, "{a} + {b}", lambda a, b: a + b),
     Template("pages",
              "{n1} reads {a} pages in the morning and {b} pages in the evening. How many pages does {n1} read "
              "in total?",
              "{n1} liest am Morgen {a} Seiten und am Abend {b} Seiten. Wie viele Seiten liest {n1} insgesamt?",
-             _add, "{a} + {b}"),
+             _add, "{a} + {b}", lambda a, b: a + b),
     Template("give_away",
              "{n1} has {a} {o}. {n1} gives {b} {o} to {n2}. How many {o} does {n1} have left?",
              "{n1} hat {a} {O}. {n1} gibt {n2} {b} {O}. Wie viele {O} hat {n1} noch?",
-             _sub, "{a} - {b}"),
+             _sub, "{a} - {b}", lambda a, b: a - b),
     Template("lost",
              "{n1} had {a} {o}. {n1} lost {b} of them. How many {o} does {n1} have now?",
              "{n1} hatte {a} {O}. {n1} hat {b} davon verloren. Wie viele {O} hat {n1} jetzt?",
-             _sub, "{a} - {b}"),
+             _sub, "{a} - {b}", lambda a, b: a - b),
     Template("compare",
              "{n1} has {a} {o}. {n2} has {b} {o}. How many more {o} does {n1} have than {n2}?",
              "{n1} hat {a} {O}. {n2} hat {b} {O}. Wie viele {O} hat {n1} mehr als {n2}?",
-             _sub, "{a} - {b}"),
+             _sub, "{a} - {b}", lambda a, b: a - b),
     Template("train",
              "A train has to travel {a} kilometers. It has already traveled {b} kilometers. How many kilometers "
              "are left?",
              "Ein Zug muss {a} Kilometer fahren. Er ist schon {b} Kilometer gefahren. Wie viele Kilometer fehlen "
              "noch?",
-             _sub, "{a} - {b}"),
+             _sub, "{a} - {b}", lambda a, b: a - b),
     Template("bags",
              "{n1} buys {a} bags. Each bag holds {b} {o}. How many {o} does {n1} buy in total?",
              "{n1} kauft {a} Tüten. In jeder Tüte sind {b} {O}. Wie viele {O} kauft {n1} insgesamt?",
-             _mul, "{a} * {b}"),
+             _mul, "{a} * {b}", lambda a, b: a * b),
     Template("shelf",
              "A shelf has {a} rows with {b} {o} in each row. How many {o} are on the shelf?",
              "Ein Regal hat {a} Reihen mit je {b} {O}. Wie viele {O} sind im Regal?",
-             _mul, "{a} * {b}"),
+             _mul, "{a} * {b}", lambda a, b: a * b),
     Template("price",
              "{i} costs {a} euros. {n1} buys {b} of them. How many euros does {n1} pay?",
              "{I} kostet {a} Euro. {n1} kauft {b} davon. Wie viele Euro bezahlt {n1}?",
-             _mul, "{a} * {b}"),
+             _mul, "{a} * {b}", lambda a, b: a * b),
     Template("share",
              "{n1} shares {a} {o} equally among {b} friends. How many {o} does each friend get?",
              "{n1} verteilt {a} {O} gleichmäßig an {b} Freunde. Wie viele {O} bekommt jeder Freund?",
-             _div, "{a} / {b}"),
+             _div, "{a} / {b}", lambda a, b: a // b),
     Template("get_and_give",
              "{n1} has {a} {o}, gets {b} more and then gives {c} away. How many {o} does {n1} have now?",
              "{n1} hat {a} {O}, bekommt {b} dazu und verschenkt dann {c}. Wie viele {O} hat {n1} jetzt?",
-             _two_step, "{a} + {b} - {c}"),
+             _two_step, "{a} + {b} - {c}", lambda a, b, c: a + b - c),
 ]
 
 
@@ -135,7 +136,7 @@ def render(template: Template, numbers: tuple, rng: random.Random) -> Problem:
     values = dict(zip("abc", numbers))
     fields = dict(values, n1=names[0], n2=names[1], o=o, O=O, i=i, I=I)
     expression = template.expression.format(**values)
-    answer = int(eval(expression.replace("/", "//")))
+    answer = template.value(*numbers)
     return Problem(template.name, numbers, {"en": template.en.format(**fields), "de": template.de.format(**fields)},
                    f"{expression} = {answer}", answer)
 

