@@ -45,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seeds problems, splits, fine-tuning, search")
     p.add_argument("--threads", default="auto",
-                   help="torch threads, or 'auto': surgery's policy, the cores minus the machine's load (on a shared "
-                        "machine, threads waiting at barriers for cores that others hold cost more than they give)")
+                   help="torch threads, or 'auto': the cores minus the load of other processes (on a shared machine, "
+                        "threads waiting at barriers for cores that others hold cost more than they give)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished experts are reused)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in OUT: keep its measured table rows and finished probe, "
@@ -57,20 +57,26 @@ def parse_args(argv=None):
 
 
 class Threads:
-    """Torch's thread count: fixed, or 'auto', surgery's policy (`surgery.set_threads(None)`: the cores minus
-    the machine's load), applied again before every stage, every 5 fine-tuning steps and every evaluated model."""
+    """Torch's thread count: fixed, or 'auto': surgery's rule (`surgery.core.threads`: the cores minus the
+    machine's load), with this process's own running threads taken out of the load (they are in it while it
+    computes, and counting them would keep a long run on one thread for good). Applied again before every
+    stage, every 5 fine-tuning steps and every evaluated model."""
 
     def __init__(self, spec: str):
         self.spec = None if spec == "auto" else int(spec)
         self.used: set[int] = set()
 
     def adjust(self, log) -> None:
+        import surgery
         import torch
 
-        import surgery
-
         before = torch.get_num_threads()
-        n = surgery.set_threads(self.spec)
+        n = self.spec
+        if n is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            others = max(0.0, os.getloadavg()[0] - (before if self.used else 0))
+            n = max(1, min(cores, int(cores - others + 0.5)))
+        surgery.set_threads(n)
         if n != before:
             log(f"torch threads: {n} (load average {os.getloadavg()[0]:.1f})")
         self.used.add(n)
