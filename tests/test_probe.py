@@ -226,3 +226,44 @@ def test_probing_without_scikit_learn_says_how_to_get_it(wired, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
     with pytest.raises(surgery.SurgeryError, match=r"pip install 'surgery\[probe\]' \(or run with --no-probing\)"):
         surgery.probe(wired["model"], {"a": wired["a"], "b": wired["b"]}, progress=False)
+
+
+@pytest.mark.parametrize("arch, act_module, block", [
+    ("llama", "model.layers.2.mlp.gate_proj", "model.layers.2"),
+    ("phi3", "model.layers.2.mlp.gate_up_proj", "model.layers.2"),       # fused: the first half is the gate
+    ("gpt2", "transformer.h.2.mlp.c_fc", "transformer.h.2"),             # no gate, transposed Conv1D
+    ("gpt_neox", "gpt_neox.layers.2.mlp.dense_h_to_4h", "gpt_neox.layers.2"),
+])
+def test_hooks_come_from_the_layout_for_each_family(arch, act_module, block, wired, tmp_path):
+    """The probabilities LAPE counts equal the share of positive pre-activations read by an independent hook."""
+    from helpers import random_state, save_checkpoint, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from surgery.probing.hooks import find_points
+
+    cfg = tiny_config(arch, vocab_size=130)
+    save_checkpoint(tmp_path / arch, random_state(cfg), cfg)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / arch).eval()
+    names = {m: n for n, m in model.named_modules()}
+    points = find_points(model)
+    assert len(points.layers) == 8 == len(points.mlp)
+    assert names[points.layers[2][1]] == block and names[points.mlp[2][1]] == act_module
+    texts = {"a": wired["a"][:10], "b": wired["b"][:10]}
+    r = surgery.probe({arch: model}, texts, tokenizer=wired["model"], probing=False, progress=False)
+    seen = []
+    module = dict(model.named_modules())[act_module]
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(wired["model"])
+    want = []
+    with torch.no_grad():
+        for lang in ("a", "b"):
+            seen.clear()
+            for t in texts[lang]:
+                model(**tok(t, return_tensors="pt"))
+            acts = torch.cat([s[0] for s in seen])
+            acts = acts[:, : acts.shape[1] // 2] if arch == "phi3" else acts
+            want.append((acts > 0).double().mean(0).numpy())
+    handle.remove()
+    np.testing.assert_allclose(r.models[arch].lape.probs[2], np.stack(want, 1), atol=1e-12)

@@ -25,7 +25,7 @@ from surgery.probing.hooks import find_points, require_mlp
 from surgery.probing.inputs import load_data
 from surgery.probing.lape import LapeSettings, select
 from surgery.probing.layerwise import alignment as align
-from surgery.probing.layerwise import chance, probe_accuracy
+from surgery.probing.layerwise import chance, probe_accuracy, require_sklearn
 from surgery.probing.result import ModelProbe, ProbeResult, Probing
 
 DTYPES = ("float32", "bfloat16", "float16")
