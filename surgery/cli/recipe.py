@@ -6,7 +6,7 @@ import json
 
 import click
 
-from surgery.cli.options import convert_opt, push_options, recipe_arg, threads_opt
+from surgery.cli.options import convert_opt, push_options, recipe_arg, show_progress, threads_opt
 from surgery.errors import SurgeryError
 
 
@@ -47,10 +47,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         from surgery.recipe.loader import load_recipe
 
         recipe = use_fast_kernels(load_recipe(recipe))
-    import sys
-
-    # a progress bar only for a person at a terminal: logs and scripts get the result or one error line
-    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json or not sys.stderr.isatty(),
+    result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
                         convert_bin=convert_bin,
                         random_seed=random_seed, allow_nonfinite=allow_nonfinite)
     if not quiet and not as_json:
