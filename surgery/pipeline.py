@@ -175,6 +175,8 @@ def patch_config(config: dict, plan: Plan) -> dict:
 
 
 def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
+    import torch
+
     inputs = {}
     for name, ck in plan.inputs.items():
         inputs[name] = {"ref": ck.ref, "path": str(ck.root), "revision": ck.revision,
@@ -185,6 +187,9 @@ def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "description": plan.recipe.description,
         "seed": plan.recipe.seed,
+        # bytes do not depend on it (docs/reproducibility.md); recorded to rule it out when comparing runs
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "recipe": RECIPE_NAME,
         "inputs": inputs,
         "config_from": plan.config_source,

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.adapters.metadata import base_config, resolve_base_path, task_type
 from surgery.adapters.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PeftAdapter
 from surgery.adapters.view import adamergex_combine
 from surgery.errors import SurgeryError
@@ -33,7 +34,8 @@ class AdapterResult:
 
 def write_adapter(out, tensors: dict, config: dict, *, force: bool = False, extra: dict | None = None,
                   inputs=()) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (+ extra JSON files) atomically; ``out`` must not
+    """Write adapter_model.safetensors + adapter_config.json (+ extra JSON files, the first one being the
+    report of how the adapter was made) and an adapter card (README.md), atomically; ``out`` must not
     overlap ``inputs``."""
     from safetensors.torch import save_file
 
@@ -45,6 +47,9 @@ def write_adapter(out, tensors: dict, config: dict, *, force: bool = False, extr
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra or {}).items():
             write_json(tmp / name, data)
+        from surgery.adapters.card import write_adapter_card
+
+        write_adapter_card(tmp, config, next(iter((extra or {}).values()), {}), name=Path(out).name)
     return Path(out).resolve()
 
 
@@ -139,7 +144,9 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
         # explicit module names; layer filters of the task adapter would drop the references' modules
         config.update(target_modules=sorted(ranks), layers_to_transform=None, layers_pattern=None,
                       exclude_modules=None)
-    config["base_model_name_or_path"] = ads[0].config.get("base_model_name_or_path")
+    base = resolve_base_path(ads[0].config.get("base_model_name_or_path"), ads[0].path)
+    config["base_model_name_or_path"] = base
+    config["task_type"] = ads[0].config.get("task_type") or task_type(base_config(base))
     write_adapter(out, tensors, config, force=force, inputs=[a.path for a in ads], extra={"surgery_adapter.json": {
         "method": "adamergex", "mode": mode if kind == "LORA" else "multiplicative", "t": t,
         "task": str(ads[0].path), "target_ref": str(ads[1].path), "source_ref": str(ads[2].path)}})

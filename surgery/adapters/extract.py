@@ -21,6 +21,7 @@ from pathlib import Path
 
 from surgery.adapters.peft import PREFIX
 from surgery.adapters.adamergex import rank_config, write_adapter
+from surgery.adapters.metadata import base_reference, task_type
 from surgery.errors import SurgeryError
 
 DEFAULT_MODULES = ("attn", "mlp")
@@ -152,10 +153,14 @@ def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | N
         ranks[module] = k
         rows.append(ExtractedTensor(name, module, info.layer, info.kind, k, err, norm,
                                     float((s[:k] * s[:k]).sum()) / total))
+    if progress:
+        progress(len(names), len(names), "")
     if not rows:
         raise SurgeryError(f"nothing to extract: no {'/'.join(modules)} weight differs between "
                            f"{base_ck.ref} and {tuned_ck.ref}")
-    config = _lora_config(ranks, fan_in_fan_out=layout.transposed, base_ref=str(base_ck.ref))
+    base_ref, revision = base_reference(base_ck)
+    config = _lora_config(ranks, fan_in_fan_out=layout.transposed, base_ref=base_ref, revision=revision,
+                          task=task_type(base_ck.config))
     result = ExtractResult(Path(out).resolve(), rows, skipped, unchanged)
     write_adapter(out, tensors, config, force=force, inputs=inputs, extra={REPORT_NAME: {
         "method": "svd", "rank": rank, "energy": energy, "base": str(base_ck.ref), "tuned": str(tuned_ck.ref),
@@ -163,10 +168,11 @@ def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | N
     return result
 
 
-def _lora_config(ranks: dict[str, int], *, fan_in_fan_out: bool, base_ref: str) -> dict:
+def _lora_config(ranks: dict[str, int], *, fan_in_fan_out: bool, base_ref: str, revision: str | None,
+                 task: str | None) -> dict:
     """adapter_config.json for a plain LoRA. PEFT fills every field not given with its default;
     importing peft only to write this would double the time of a small extraction."""
-    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_ref, "revision": None,
+    return {"peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_ref, "revision": revision,
             "inference_mode": True, **rank_config(ranks), "target_modules": sorted(ranks),
             "lora_dropout": 0.0, "fan_in_fan_out": fan_in_fan_out, "bias": "none", "modules_to_save": None,
             "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from surgery.cli.options import threads_opt
 
 EPILOG = """\b
 Examples:
@@ -43,6 +44,7 @@ Data files (the kind is told from the keys; docs/eval.md):
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the scores as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also write grouped bars as PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@threads_opt
 def eval_command(targets, data, lm_eval, include_path, limit, seed, device, dtype, batch_size, max_length,
                  max_new_tokens, chat, tokenizer, as_json, csv_path, plot_path, quiet):
     """Evaluate each TARGET (a checkpoint directory, or a recipe built in memory without writing it)

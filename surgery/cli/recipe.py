@@ -6,7 +6,7 @@ import json
 
 import click
 
-from surgery.cli.options import convert_opt, push_options, recipe_arg
+from surgery.cli.options import convert_opt, push_options, recipe_arg, threads_opt
 from surgery.errors import SurgeryError
 
 
@@ -25,6 +25,7 @@ from surgery.errors import SurgeryError
               help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
 @convert_opt
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf values instead of refusing the output.")
+@threads_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
@@ -82,6 +83,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
 @click.option("--tensors", is_flag=True, help="One line per tensor instead of per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @convert_opt
+@threads_opt
 def plan(recipe, tensors, as_json, convert_bin):
     """Dry run: show where every output tensor of RECIPE comes from, and with what weights."""
     from surgery.pipeline import build_plan
@@ -94,6 +96,7 @@ def plan(recipe, tensors, as_json, convert_bin):
 @click.command(epilog="\b\nExample:\n  surgery validate recipes/adamergex.yaml")
 @recipe_arg
 @convert_opt
+@threads_opt
 def validate(recipe, convert_bin):
     """Check RECIPE: schema, inputs, layer indices, tensor names and shapes. Writes nothing."""
     from surgery.pipeline import build_plan
@@ -115,6 +118,7 @@ def schema():
 @click.option("--dir", "folder", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo checkpoints and output go.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@threads_opt
 def demo(folder, quiet):
     """Make tiny demo checkpoints (base, math, swahili, english) and run a layer swap on them."""
     from pathlib import Path

@@ -91,7 +91,9 @@ def _explain(model, err, loc) -> str:
         return f"missing required key {str(loc[-1])!r}"
     got = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{msg} (got {got!r})" if not isinstance(got, dict) else msg
+    if isinstance(got, dict) or repr(got) in msg:  # our validators already name the value
+        return msg
+    return f"{msg} (got {got!r})"
 
 
 def _fields_at(model, loc) -> list[str]:
