@@ -274,6 +274,9 @@ def test_heatmap_scales_each_column_and_shows_outer_tensors(fam, tmp_path):
     assert attn.max() == pytest.approx(1.0) and attn.min() > 0.5  # not flattened by the norm outlier
     norm = colours[1:-1, cols.index("norm")]
     assert norm[0] == pytest.approx(1.0) and norm[1:].max() < 0.1
+    from surgery.analysis.plot import outer_positions
+
+    assert outer_positions(result, list(range(8))) == {"embed": -2, "norm": 9}  # beside the layers, with a gap
     res = CliRunner().invoke(cli, ["diff", str(fam["base"]), f"odd={odd}", "--plot", str(tmp_path / "d.png"), "-q"])
     assert res.exit_code == 0, res.output
     for f in ("d.png", "d_layers.png"):
