@@ -20,6 +20,7 @@ from pathlib import Path
 from surgery.analysis.accumulate import Acc, ExpertAcc, PairAccs
 from surgery.analysis.results import (METRICS, DiffResult, ExpertDiff, Neuron, Overlap, PairStats,  # noqa: F401
                                       Stats, TensorStats)
+from surgery.core.finite import check_sums_finite
 from surgery.analysis.stream import head_spec, head_vec, neuron_vec, read_ahead, tensor_sums, vec_axis
 from surgery.errors import SurgeryError
 
@@ -79,6 +80,7 @@ def diff(base, experts, *, tol: float = 0.0, neurons: bool = True, heads: bool =
             if target == "neurons" and not neurons:
                 axis = target = None
             bsq, sums, psums = tensor_sums(b_raw, e_raws, tol, axis, pair_keys, scratch)
+            check_sums_finite(name, {"": bsq, **{en: s.sq for en, s in sums.items()}}, {"": base_ck, **cks})
             del b_raw, e_raws
             bar.update(base_ck.meta[name].nbytes * (1 + len(cks)))
             numel = math.prod(base_ck.meta[name].shape)

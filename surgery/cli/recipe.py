@@ -24,12 +24,13 @@ from surgery.errors import SurgeryError
 @click.option("--fast-kernels", is_flag=True,
               help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
 @convert_opt
+@click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf values instead of refusing the output.")
 @threads_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, push_to, public, revision,
-        create_pr, token):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, allow_nonfinite, push_to, public,
+        revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
@@ -46,8 +47,12 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         from surgery.recipe.loader import load_recipe
 
         recipe = use_fast_kernels(load_recipe(recipe))
-    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin,
-                        random_seed=random_seed)
+    import sys
+
+    # a progress bar only for a person at a terminal: logs and scripts get the result or one error line
+    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json or not sys.stderr.isatty(),
+                        convert_bin=convert_bin,
+                        random_seed=random_seed, allow_nonfinite=allow_nonfinite)
     if not quiet and not as_json:
         from surgery.io.output import format_size
 
