@@ -119,7 +119,7 @@ def test_smoke_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in results["table"]["rows"]]
-    assert labels[:4] == ["base", "math expert", "German expert", "English expert"]
+    assert labels[:3] == ["base", "math expert", "German expert"]
     assert sum(r["kind"].startswith("swap") for r in results["table"]["rows"]) == 3   # ranked, hand, searched
     assert sum(r["kind"] == "merge" for r in results["table"]["rows"]) == 4
     for r in results["table"]["rows"]:

@@ -185,8 +185,7 @@ class Experiment:
         appended to ``rows`` and saved as soon as it is measured."""
         s = self.s
         todo = [("base", "base", self.models["base"]), ("math expert", "expert", self.models["math"]),
-                ("German expert", "expert", self.models["german"]),
-                ("English expert", "expert", self.models["english"])]
+                ("German expert", "expert", self.models["german"])]
         todo.append((f"swap: ranked_layer_swap k={s.ranked_k}, t={s.ranked_transition}", "swap: analysis",
                      self._save_recipe("swap_ranked", recipes.ranked_swap(self.models, s.ranked_k,
                                                                           s.ranked_transition))))

@@ -17,17 +17,17 @@ class Settings:
     lang_batch: int = 8           # chunks of seq_len tokens per step
     seq_len: int = 128
     # evaluation
-    math_test: int = 80           # held-out problems, the same ones in English and German
-    math_dev: int = 48            # German dev problems, only for the search
-    text_eval: int = 100          # held-out catalog strings per language, for perplexity
-    probe_texts: int = 100        # strings per language for `surgery probe`
+    math_test: int = 64           # held-out problems, the same ones in English and German
+    math_dev: int = 32            # German dev problems, only for the search
+    text_eval: int = 80           # held-out catalog strings per language, for perplexity
+    probe_texts: int = 80         # strings per language for `surgery probe`
     eval_batch: int = 32
     max_new_tokens: int = 16
     # surgery
     ranked_k: int = 8
     ranked_transition: int = 1
     hand: tuple = ((4, 2, 0), (6, 2, 1), (8, 3, 2))   # (bottom, top, transition)
-    search_trials: int = 6
+    search_trials: int = 5
     search_max: tuple = (10, 5)                       # bottom in 0..10, top in 0..5
     mask_langs: tuple = ("de", "en", "fr")           # LAPE neuron sets zeroed one at a time
     other_langs: tuple = ("fr", "es")                 # extra languages for LAPE
