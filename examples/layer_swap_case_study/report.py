@@ -199,7 +199,14 @@ def write(results: dict, doc: Path, out: Path) -> list[Path]:
     L += ["## Analysis", ""]
     if "diff" in results:
         L += ["`surgery diff`: relative change ‖Δ‖/‖W‖ per layer (×10⁻³, layer 0 first):", ""]
-        L += [f"- {name}: {_layers(values)}" for name, values in results["diff"]["relative"].items()] + [""]
+        L += [f"- {name}: {_layers(values)} (largest/smallest layer: {max(values) / min(values):.2f})"
+              for name, values in results["diff"]["relative"].items()] + [""]
+        spread = max(max(v) / min(v) for v in results["diff"]["relative"].values())
+        if spread < 1.5:
+            L += [f"The per-layer change is nearly flat for every expert (largest/smallest ≤ {spread:.2f}). AdamW "
+                  "moves every weight by about its step size, whatever the gradient's size, so after a few dozen "
+                  "steps the change mostly reflects the optimizer, not where the data pushed; the layer profile "
+                  "the paper reports comes from much longer fine-tuning.", ""]
     if "probe" in results:
         probe = results["probe"]
         L += [f"`surgery probe`: LAPE neurons of the base per language: {probe['neurons_per_language']}. "
