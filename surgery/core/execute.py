@@ -4,7 +4,9 @@
     shards = execute(plan, folder)                   # into safetensors shards (surgery run)
 
 Tensors are computed one at a time and handed on as soon as they exist; memory holds the output
-tensor and its inputs, never the model.
+tensor and its inputs, never the model. A tensor the plan only copies (a plain ref to a checkpoint
+tensor, same dtype) is never read: ``execute`` hands the writer its byte range, which the kernel
+copies (``surgery.io.copy``), so a plan without math does not even import torch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from surgery.core.graph import Node, elementwise, evaluate, refs
+from surgery.core.graph import Node, Ref, elementwise, evaluate, refs
 from surgery.core.plan import Plan
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.safetensors import TensorMeta, torch_dtype
@@ -25,13 +27,26 @@ def iter_tensors(plan: Plan):
     """Yield ``(entry, tensor)`` for every output tensor, in output order, computed as `surgery run`
     computes it. The tensor may still be float32: cast it to ``torch_dtype(entry.dtype)`` (the writer
     does) to get the bytes `surgery run` writes. Memory holds one output tensor and its inputs."""
-    inputs = plan.inputs
-
-    def read(ref):
-        return inputs[ref.input].get(ref.name)  # positioned reads: memory holds only tensors in use
-
     for e in plan.entries:
-        yield e, (compute_in_blocks(e, inputs) if _in_blocks(e, inputs) else evaluate(e.node, read))
+        yield e, compute(e, plan.inputs)
+
+
+def compute(e, inputs):
+    """One output tensor of a plan entry (float32 or the stored dtype; the writer casts)."""
+    if _in_blocks(e, inputs):
+        return compute_in_blocks(e, inputs)
+    return evaluate(e.node, lambda ref: inputs[ref.input].get(ref.name))  # positioned reads
+
+
+def copy_source(e, inputs) -> tuple[Path, int, int] | None:
+    """``(file, start, end)`` when the entry's bytes are an input tensor's stored bytes, else None."""
+    node = e.node
+    if not isinstance(node, Ref):
+        return None
+    ck = inputs[node.input]
+    if not isinstance(ck, Checkpoint) or node.name not in ck.offsets or ck.meta[node.name].dtype != e.dtype:
+        return None
+    return (ck.weight_map[node.name], *ck.offsets[node.name])
 
 
 def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
@@ -46,11 +61,13 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
             tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
                  leave=False) as bar:
         pending = None
-        for e, tensor in iter_tensors(plan):
+        for e in plan.entries:
+            source = copy_source(e, plan.inputs)
+            job = (writer.copy, e.name, *source) if source else (writer.write, e.name, compute(e, plan.inputs))
             if pending is not None:
                 pending.result()
-            pending = io.submit(writer.write, e.name, tensor)
-            del tensor
+            pending = io.submit(*job)
+            del job
             bar.update(e.nbytes)
         if pending is not None:
             pending.result()
