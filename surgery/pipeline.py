@@ -17,6 +17,7 @@ from pathlib import Path
 from surgery import __version__
 from surgery.adapters.extract import extract_lora as extract_from_sources
 from surgery.adapters.view import open_adapter, open_adapter_input
+from surgery.core.devices import resolve_device
 from surgery.core.execute import PlanReader, execute
 from surgery.core.layout import layout_data
 from surgery.core.plan import Plan, make_plan
@@ -92,22 +93,24 @@ class RunResult:
 
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
-        convert_bin: bool = False, random_seed: int | None = None) -> RunResult:
+        convert_bin: bool = False, random_seed: int | None = None, device: str = "cpu") -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
-    ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods).
+    ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). ``device``: where merge
+    operations compute, 'cpu' (default), 'cuda' or 'auto' (cuda when torch sees a GPU).
     """
     start = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if random_seed is not None:
         recipe.seed = random_seed
     out = Path(out)
+    device = resolve_device(device)
     check_target(out.resolve(), force)
     plan = build_plan(recipe, convert_bin=convert_bin)
     with ThreadPoolExecutor(max_workers=1) as pool, atomic_dir(out, force=force) as tmp:
         # hashing the inputs runs beside the tensor stream, on the other core
         hashes = {name: {f.name: pool.submit(sha256_file, f) for f in ck.files} for name, ck in plan.inputs.items()}
-        shards = execute(plan, tmp, quiet=quiet)
+        shards = execute(plan, tmp, quiet=quiet, device=device)
         tokenizer_from = recipe.output.tokenizer_from or plan.config_source
         support = copy_support_files(plan.inputs[plan.config_source].root, tmp, plan.inputs[tokenizer_from].root)
         if "config.json" in support:

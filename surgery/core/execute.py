@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
+from surgery.core.devices import compute_context, one_thread
 from surgery.core.graph import Node, Ref, elementwise, evaluate, refs
 from surgery.core.plan import Plan
 from surgery.io.checkpoint import Checkpoint
@@ -49,21 +51,27 @@ def copy_source(e, inputs) -> tuple[Path, int, int] | None:
     return (ck.weight_map[node.name], *ck.offsets[node.name])
 
 
-def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
-    """Stream every planned tensor into shards in ``folder``; return the shard file names."""
+def execute(plan: Plan, folder: Path, *, quiet: bool = True, device: str = "cpu") -> list[str]:
+    """Stream every planned tensor into shards in ``folder``; return the shard file names.
+
+    ``device``: where merge operations compute ('cpu' or 'cuda', see ``core.devices.resolve_device``).
+    """
     from tqdm.auto import tqdm
 
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
     max_bytes = parse_size(plan.recipe.output.shard_size)
 
     # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
-    with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
+    with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, ExitStack() as stack, \
             tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
                  leave=False) as bar:
-        pending = None
+        pending, computing = None, False
         for e in plan.entries:
             source = copy_source(e, plan.inputs)
-            job = (writer.copy, e.name, *source) if source else (writer.write, e.name, compute(e, plan.inputs))
+            if source is None and not computing:  # torch is imported for the first computed tensor only
+                stack.enter_context(compute_context(device))
+                computing = True
+            job = (writer.copy, e.name, *source) if source else (_write, writer, e.name, compute(e, plan.inputs))
             if pending is not None:
                 pending.result()
             pending = io.submit(*job)
@@ -72,6 +80,11 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
         if pending is not None:
             pending.result()
         return list(writer.files)
+
+
+def _write(writer: ShardedWriter, name: str, tensor) -> None:
+    one_thread()  # the dtype cast on the writer thread: no spinning OpenMP workers there either
+    writer.write(name, tensor)
 
 
 BLOCK_BYTES = 32 << 20  # float32 bytes per row block when a large tensor is computed in blocks

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from surgery.core.devices import current_device
 from surgery.core.graph import Node, Op, _same_shapes, register
 from surgery.recipe.schema import Operation, Select
 
@@ -169,6 +170,9 @@ def _compute(tensors, p):
     buffer = copy_non_floating_buffer(tensors, p["name"])
     if buffer is not None:
         return buffer
+    device = current_device()  # --device cuda: the inputs stream to the GPU, the writer brings the result back
+    if device != "cpu":
+        tensors = [t.to(device) for t in tensors]
     if p.get("dtype"):
         dtype = getattr(torch, p["dtype"])
         tensors = [t.to(dtype) for t in tensors]

@@ -120,6 +120,22 @@ def magnitude_select(tensor, density: float, rescale_norm=None):
     return rescaled_masked_tensor(tensor, keep.to(tensor.dtype).reshape_as(tensor), rescale_norm)
 
 
+def magnitude_exact(tensor, density: float, rescale_norm=None):
+    """mergekit.sparsify.magnitude with the same kept entries, found without its full argsort
+    (``surgery.operations.introsort``); mergekit's own function where that replay does not apply."""
+    from mergekit.sparsify import magnitude, rescaled_masked_tensor
+
+    from surgery.operations.introsort import top_k_mask
+
+    if density >= 1 or density <= 0 or tensor.numel() == 0 or tensor.device.type != "cpu":
+        return magnitude(tensor, density, rescale_norm)
+    k = max(1, int(density * tensor.numel()))
+    keep = top_k_mask(tensor.reshape(-1).float().abs_(), k, overwrite=True)  # |x| as mergekit's float32, ours to reorder
+    if keep is None:
+        return magnitude(tensor, density, rescale_norm)
+    return rescaled_masked_tensor(tensor, keep.to(tensor.dtype).reshape_as(tensor), rescale_norm)
+
+
 def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | None, parameters: dict,
                  fast: bool = False, chunk: int = 1 << 22):
     """GeneralizedTaskArithmeticMerge.merge_group, with the per-model sparsification in parallel.
@@ -150,9 +166,9 @@ def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | N
     def delta_of(entry):
         i, t = entry
         delta = t - base
-        if fast and method.sparsification_method == SparsificationMethod.magnitude:
-            delta = magnitude_select(delta, parameters["density"][i],
-                                     RescaleNorm.l1 if parameters["rescale"] else None)
+        if method.sparsification_method == SparsificationMethod.magnitude:
+            delta = (magnitude_select if fast else magnitude_exact)(
+                delta, parameters["density"][i], RescaleNorm.l1 if parameters["rescale"] else None)
         elif method.sparsification_method:
             delta = sparsify(delta, density=parameters["density"][i], method=method.sparsification_method,
                              rescale_norm=RescaleNorm.l1 if parameters["rescale"] else None,
