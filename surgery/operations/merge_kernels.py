@@ -66,11 +66,11 @@ def linear_chunked(method_name: str, tensors: list, ids: list, base_index, param
     denominator = weights.sum()
     coeffs = [float(w) for w in weights]  # exactly the float32 weights, as Python floats
     flat = [t.reshape(-1) for t in tensors]
-    out = torch.empty(first.shape, dtype=first.dtype)
+    out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
     out_flat = out.reshape(-1)
     n = first.numel()
     chunk = 1 << 20
-    acc = torch.empty(min(chunk, n), dtype=acc_dtype)
+    acc = torch.empty(min(chunk, n), dtype=acc_dtype, device=first.device)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         a = acc[: end - start]
@@ -130,7 +130,7 @@ def magnitude_exact(tensor, density: float, rescale_norm=None):
     if density >= 1 or density <= 0 or tensor.numel() == 0 or tensor.device.type != "cpu":
         return magnitude(tensor, density, rescale_norm)
     k = max(1, int(density * tensor.numel()))
-    keep = top_k_mask(tensor.reshape(-1).float().abs_(), k, overwrite=True)  # |x| as mergekit's float32, ours to reorder
+    keep = top_k_mask(tensor.abs().reshape(-1).float(), k, overwrite=True)  # mergekit's |x| (a fresh copy: ours to reorder)
     if keep is None:
         return magnitude(tensor, density, rescale_norm)
     return rescaled_masked_tensor(tensor, keep.to(tensor.dtype).reshape_as(tensor), rescale_norm)
@@ -184,7 +184,8 @@ def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | N
         deltas = [d.reshape(-1) for d in deltas]
     else:
         deltas = None  # computed per chunk
-    weights = torch.tensor([parameters["weight"][i] for i, _ in entries], dtype=base.dtype).unsqueeze(-1)
+    weights = torch.tensor([parameters["weight"][i] for i, _ in entries], dtype=base.dtype,
+                           device=base.device).unsqueeze(-1)
     flat_base = base.reshape(-1)
     flat_inputs = [t.reshape(-1) for _, t in entries]
     out = torch.empty_like(base)
