@@ -21,6 +21,7 @@ Examples:
   surgery diff demo/checkpoints/base sw=demo/checkpoints/swahili --plot diff.png
   surgery run mergekit-config.yml -o out/merged  # mergekit configs run unchanged
   surgery push out/swapped me/math-sw            # upload with a model card
+  surgery eval out/swapped recipe.yaml --data sw=texts/sw.txt   # measure (recipes in memory)
 """
 
 
@@ -28,6 +29,7 @@ class SurgeryGroup(click.Group):
     """Turns user errors into one line on stderr and exit code 1 (tracebacks with --debug)."""
 
     def invoke(self, ctx):
+        showwarning = warnings.showwarning
         try:
             return super().invoke(ctx)
         except SurgeryError as e:
@@ -38,6 +40,8 @@ class SurgeryGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
             ctx.exit(130)
+        finally:
+            warnings.showwarning = showwarning  # the CLI's one-line warnings end with the command
 
 
 def _warning(message, category, filename, lineno, file=None, line=None):
@@ -61,9 +65,10 @@ def cli(ctx, debug):
 
 # Every command is defined in a module of this package and added here; each imports only click at the top.
 from surgery.cli import adapters, analysis, hub, mergekit, recipe  # noqa: E402
+from surgery.cli import eval as eval_cli  # noqa: E402
 
 for _command in (recipe.run, recipe.plan, recipe.validate, recipe.schema, recipe.demo, analysis.diff, hub.push,
-                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex):
+                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command):
     cli.add_command(_command)
 
 
@@ -77,7 +82,3 @@ def main():
     # SIGTERM unwinds like Ctrl-C, so a half-written output's temp dir is removed
     signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="surgery")
-
-
-if __name__ == "__main__":
-    main()

@@ -18,14 +18,14 @@ gradients) and checks them strictly: an unknown method or parameter is an error 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.core.devices import current_device
-from surgery.core.graph import Node, Op, _same_shapes, register
+from surgery.core.graph import Node, Op, same_shapes, register
+from surgery.errors import did_you_mean
 from surgery.recipe.schema import Operation, Select
 
 # Methods that draw random numbers (arcee_fusion samples quantiles of tensors over 1M elements).
@@ -75,6 +75,7 @@ class Merge(Operation):
 
 # ---------------------------------------------------------------------------- mergekit access
 
+
 def method_names() -> list[str]:
     from mergekit import merge_methods
 
@@ -89,8 +90,7 @@ def get_method(name: str):
 
     names = method_names()
     if name not in names:
-        hint = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-        raise SurgeryError(f"unknown merge method {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        raise SurgeryError(f"unknown merge method {name!r}" + did_you_mean(name, names)
                            + f" (mergekit methods: {', '.join(sorted(names))})")
     return merge_methods.get(name)
 
@@ -237,15 +237,10 @@ def _describe(args: list[str], p) -> str:
     return f"{label}: " + " + ".join(parts) + (f"; {shared}" if shared else "")
 
 
-register("mergekit", Op(shape=_same_shapes, compute=_compute, describe=_describe, raw=True))
+register("mergekit", Op(shape=same_shapes, compute=_compute, describe=_describe, raw=True))
 
 
 # ---------------------------------------------------------------------------- planner
-
-def _did_you_mean(name: str, valid: list[str]) -> str:
-    hint = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean {hint[0]!r}?" if hint else ""
-
 
 def _parse_settings(ctx, params: dict | None, valid: list[str], path: tuple, method: str,
                     shared_only: set[str] = frozenset()) -> dict:
@@ -256,7 +251,7 @@ def _parse_settings(ctx, params: dict | None, valid: list[str], path: tuple, met
                 raise ctx.error(path + (key,), f"{key!r} is a shared parameter of {method}; "
                                                "set it under 'parameters', not per model")
             raise ctx.error(path + (key,), f"unknown parameter {key!r} for merge method {method!r}"
-                            + _did_you_mean(str(key), valid)
+                            + did_you_mean(str(key), valid)
                             + f" ({method} takes: {', '.join(valid) or 'no parameters'})")
         try:
             out[key] = parse_setting(value)

@@ -18,12 +18,11 @@ Unknown keys are errors with a "did you mean" (mergekit ignores them silently).
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from surgery.errors import RecipeError
+from surgery.errors import RecipeError, did_you_mean
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "dtype", "out_dtype", "parameters",
             "tokenizer_source", "tokenizer", "chat_template", "modules")
@@ -63,9 +62,7 @@ class _Translator:
             raise self.error(path, f"{what} must be a mapping (got {d!r})")
         for key in d:
             if key not in valid:
-                hint = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-                raise self.error(path + (key,), f"unknown key {key!r} in {what}"
-                                 + (f"; did you mean {hint[0]!r}?" if hint else "")
+                raise self.error(path + (key,), f"unknown key {key!r} in {what}" + did_you_mean(key, valid)
                                  + f" (valid keys: {', '.join(valid)}); mergekit would silently ignore it")
         return d
 
@@ -92,8 +89,7 @@ class _Translator:
         if value is None:
             return None
         if value not in DTYPES:
-            hint = difflib.get_close_matches(str(value), list(DTYPES), n=1, cutoff=0.5)
-            raise self.error((key,), f"unknown dtype {value!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            raise self.error((key,), f"unknown dtype {value!r}" + did_you_mean(value, DTYPES)
                              + " (float32, float16, bfloat16)")
         return DTYPES[value]
 
