@@ -6,8 +6,9 @@ and tensor, which is most of the merge time. ``gta_parallel`` runs the same step
 mergekit's own functions (``sparsify``, ``get_mask``) in the same order, but sparsifies the
 models' deltas concurrently, one thread per model (torch releases the GIL). The arithmetic is
 unchanged, so results are bitwise equal to mergekit's (tests/test_mergekit_parity.py checks
-every method through this path). Random sparsification (DARE, DELLA) is left to mergekit: its
-draws depend on the order of calls.
+every method through this path). TIES's magnitude sparsification (``magnitude_exact``) finds the
+entries mergekit's argsort keeps without the full sort (``surgery.operations.introsort``). Random
+sparsification (DARE, DELLA) is left to mergekit: its draws depend on the order of calls.
 
 ``kernel: fast`` (or ``surgery run --fast-kernels``) also replaces TIES's argsort with a
 selection (``kthvalue``): the same number of entries is kept, and every entry whose magnitude
