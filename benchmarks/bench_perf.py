@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_engine import llama_tensors  # noqa: E402 - the same llama tensor names and shapes
 VOCAB = 32000
 SHAPES = {  # hidden, intermediate, heads, kv heads; layers fitted to the size
     0.5: dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=8),
@@ -52,20 +54,6 @@ def llama_config(size_gb: float) -> dict:
             "num_hidden_layers": layers, **p, "hidden_act": "silu", "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
             "bos_token_id": 1, "eos_token_id": 2}
-
-
-def llama_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    out = [("model.embed_tokens.weight", (v, h))]
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i)),
-                (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
 def generate(folder: Path, cfg: dict) -> dict[str, Path]:
@@ -137,7 +125,7 @@ def measure(cmd: list[str]) -> dict:
 
 
 def compare(a: Path, b: Path) -> str:
-    """'bitwise equal' or what differs, tensor by tensor (names, dtypes, values)."""
+    """'bitwise equal' or what differs, tensor by tensor (names, dtypes, raw bytes)."""
     from safetensors import safe_open
 
     def tensors(folder):
@@ -151,8 +139,11 @@ def compare(a: Path, b: Path) -> str:
         x, y = safe_open(str(ta[k]), "pt").get_tensor(k), safe_open(str(tb[k]), "pt").get_tensor(k)
         if x.dtype != y.dtype or x.shape != y.shape:
             return f"{k}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
-        diff += int((x.view(-1).view(dtype=__import__('torch').int16) != y.view(-1).view(
-            dtype=__import__('torch').int16)).sum()) if x.element_size() == 2 else int((x != y).sum())
+        if x.is_floating_point() and x.element_size() == 2:  # compare bits (NaN == NaN, -0 != +0)
+            import torch
+
+            x, y = x.view(torch.int16), y.view(torch.int16)
+        diff += int((x != y).sum())
         total += x.numel()
     return "bitwise equal" if diff == 0 else f"{diff / total:.4%} of values differ"
 
@@ -226,6 +217,7 @@ def main():
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/surgery-bench-perf"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the medians here")
     args = ap.parse_args()
     args.jobs = [j for j in args.jobs.split(",") if j]
     rows: list = []
@@ -234,14 +226,19 @@ def main():
     if not rows:
         return
     print("\n| size | job | surgery wall s | surgery CPU s | surgery RSS MB | mergekit wall s | mergekit CPU s | "
-          "mergekit RSS MB | mk/surgery wall | mk/surgery CPU | mk/surgery RSS | cp -r wall s | surgery/cp wall | output |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "mergekit RSS MB | mk/surgery wall | mk/surgery CPU | mk/surgery RSS | cp -r wall s | cp -r CPU s | "
+          "surgery/cp wall | surgery/cp CPU | output |")
+    print("|---|---|" + "---:|" * 13 + "---|")
     for size, job, med, check in rows:
         s, m, c = med["surgery"], med["mergekit"], med.get("cp")
-        cp = f"{c['wall']:.2f} | {s['wall'] / c['wall']:.2f}x" if c else "| "
+        cp = (f"{c['wall']:.2f} | {c['cpu']:.2f} | {s['wall'] / c['wall']:.2f}x | {s['cpu'] / c['cpu']:.2f}x"
+              if c else " | | | ")
         print(f"| {size:g} GB | {job} | {s['wall']:.2f} | {s['cpu']:.2f} | {s['rss'] / 2**20:.0f} | {m['wall']:.2f} | "
               f"{m['cpu']:.2f} | {m['rss'] / 2**20:.0f} | {m['wall'] / s['wall']:.2f}x | {m['cpu'] / s['cpu']:.2f}x | "
               f"{m['rss'] / s['rss']:.2f}x | {cp} | {check} |")
+    if args.json:
+        args.json.write_text(json.dumps([{"size": r[0], "job": r[1], "medians": r[2], "output": r[3]} for r in rows],
+                                        indent=2))
 
 
 if __name__ == "__main__":

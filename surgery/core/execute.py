@@ -62,9 +62,9 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, device: str = "cpu"
     max_bytes = parse_size(plan.recipe.output.shard_size)
 
     # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
-    with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, ExitStack() as stack, \
-            tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
-                 leave=False) as bar:
+    with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
+            ExitStack() as stack, tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run",
+                                       disable=quiet, leave=False) as bar:
         pending, computing = None, False
         for e in plan.entries:
             source = copy_source(e, plan.inputs)

@@ -60,8 +60,6 @@ class ShardedWriter:
         self.current = -1
         self.sources: dict[Path, int] = {}   # input file -> fd, for copies
         self.run: list | None = None         # pending copy run: [path, src_start, src_end]
-        self.copied_bytes = 0
-        self.copy_calls = 0
 
     def __enter__(self):
         return self
@@ -135,8 +133,6 @@ class ShardedWriter:
         except OSError as e:
             raise SurgeryError(f"{path}: cannot copy bytes {start}-{end} into {self.fh.name}: {e}") from None
         self.fh.seek(dst + end - start)
-        self.copied_bytes += end - start
-        self.copy_calls += 1
 
     def write(self, name: str, tensor) -> None:
         meta = self._next(name)

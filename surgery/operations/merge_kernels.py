@@ -131,7 +131,8 @@ def magnitude_exact(tensor, density: float, rescale_norm=None):
     if density >= 1 or density <= 0 or tensor.numel() == 0 or tensor.device.type != "cpu":
         return magnitude(tensor, density, rescale_norm)
     k = max(1, int(density * tensor.numel()))
-    keep = top_k_mask(tensor.abs().reshape(-1).float(), k, overwrite=True)  # mergekit's |x| (a fresh copy: ours to reorder)
+    # mergekit's |x| as float32: a fresh copy, so the replay may reorder it in place
+    keep = top_k_mask(tensor.abs().reshape(-1).float(), k, overwrite=True)
     if keep is None:
         return magnitude(tensor, density, rescale_norm)
     return rescaled_masked_tensor(tensor, keep.to(tensor.dtype).reshape_as(tensor), rescale_norm)
