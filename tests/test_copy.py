@@ -130,7 +130,7 @@ def test_copy_only_plan_does_not_import_torch(family, tmp_path):
     path.write_text(json.dumps(recipe(family, SWAP)))
     code = ("import sys, surgery, yaml, json; r = json.load(open(sys.argv[1])); "
             "surgery.run(r, sys.argv[2]); print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'safetensors', 'transformers', 'mergekit', 'numpy')))")
+            "('torch', 'safetensors', 'transformers', 'mergekit', 'numpy') or m == 'huggingface_hub.hf_api'))")
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")], capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
@@ -139,3 +139,15 @@ def test_copy_only_plan_does_not_import_torch(family, tmp_path):
     assert _shard_bytes(tmp_path / "out")  # and it wrote the checkpoint
     got, lang = load(tmp_path / "out"), load(family["lang"])
     assert torch.equal(got["model.layers.7.self_attn.q_proj.weight"], lang["model.layers.7.self_attn.q_proj.weight"])
+
+
+def test_model_card_is_written_as_huggingface_hub_writes_it(family, tmp_path):
+    from surgery.io.card import build_model_card
+
+    plan = surgery.build_plan(recipe(family, SWAP))
+    result = surgery.run(plan.recipe, tmp_path / "out")
+    text = (result.output / "README.md").read_text()
+    card = build_model_card(plan, (result.output / "surgery_recipe.yaml").read_text(), name="out")
+    card.save(tmp_path / "hub.md")
+    assert text == (tmp_path / "hub.md").read_text()
+    assert text.startswith("---\nlibrary_name: transformers\ntags:\n- merge\n")
