@@ -96,3 +96,22 @@ def test_magnitude_exact_leaves_float32_input_alone():
     before = delta.clone()
     assert torch.equal(magnitude_exact(delta, 0.4), magnitude(before, 0.4))
     assert torch.equal(delta, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_integer_magnitude_keys_select_like_the_float_sort(dtype):
+    from surgery.operations.introsort import magnitude_keys
+
+    g = torch.Generator().manual_seed(6)
+    for n in (1, 17, 1000, 40_000):
+        delta = (torch.randn(n, generator=g) * 0.02).to(dtype) - (torch.randn(n, generator=g) * 0.02).to(dtype)
+        delta[::5] = 0.0
+        delta[1::7] = -0.0  # -0 and +0 are the same magnitude
+        for k in (0, n // 3, n // 2, n):
+            keys = magnitude_keys(delta)
+            assert keys.dtype == (torch.int32 if dtype == torch.float32 else torch.int16)
+            assert torch.equal(top_k_mask(keys, k, overwrite=True), argsort_mask(delta.abs().float(), k))
+    nan = torch.tensor([1.0, float("nan"), 2.0], dtype=dtype)
+    assert magnitude_keys(nan) is None
+    assert magnitude_keys(torch.tensor([1.0, float("inf")], dtype=dtype)) is not None
+    assert magnitude_keys(torch.ones(3, dtype=torch.float64)) is None

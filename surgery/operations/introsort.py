@@ -23,16 +23,20 @@ THRESHOLD = 16  # libstdc++ _S_threshold: introsort leaves segments this short t
 
 
 def top_k_mask(w, k: int, *, overwrite: bool = False):
-    """Bool mask of the entries at positions [0, k) of ``torch.argsort(w, descending=True)`` (w: float, 1-D,
-    CPU), or None where replaying introsort is not exact. ``overwrite``: w may be rearranged (saves a copy)."""
+    """Bool mask of the entries at positions [0, k) of ``torch.argsort(w, descending=True)`` (w: 1-D, CPU),
+    or None where replaying introsort is not exact. ``overwrite``: w may be rearranged (saves a copy).
+
+    ``w`` may also be integer keys that compare (<, ==) exactly as the float values would: see
+    ``magnitude_keys`` (half the bytes to move for bfloat16).
+    """
     import numpy as np
     import torch
 
     n = w.numel()
     if w.device.type != "cpu" or w.dim() != 1 or not 0 <= k <= n:
         return None
-    if n and math.isnan(float(w.sum(dtype=torch.float64))):  # a NaN (or inf - inf): let the real sort decide
-        return None
+    if n and w.is_floating_point() and math.isnan(float(w.sum(dtype=torch.float64))):
+        return None  # a NaN (or inf - inf): let the real sort decide
     if k in (0, n):
         return torch.full((n,), k == n, dtype=torch.bool)
     vals = w.numpy() if overwrite else w.numpy().copy()  # the array as introsort rearranges it
@@ -130,3 +134,24 @@ class _Stops:
 
     def right(self, i: int) -> int:
         return self._nth(self.ge, self.cge, self.n_right - 1 - i)
+
+
+def magnitude_keys(tensor):
+    """Integer keys ordered exactly like ``tensor.abs().float()`` (what mergekit sorts), or None.
+
+    For IEEE floats without their sign bit, the bit pattern read as an integer orders like the
+    magnitude, and equal patterns are equal magnitudes (+0 and -0 both become 0); bfloat16 and
+    float16 convert to float32 exactly, so their 16-bit patterns order like mergekit's float32
+    values. None for NaNs (their payloads would not compare equal) and for other dtypes.
+    """
+    import torch
+
+    bits = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+            torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}.get(tensor.dtype)
+    if bits is None or tensor.device.type != "cpu":
+        return None
+    int_dtype, magnitude, infinity = bits
+    keys = tensor.reshape(-1).view(int_dtype) & magnitude
+    if keys.numel() and int(keys.max()) > infinity:
+        return None
+    return keys

@@ -126,13 +126,13 @@ def magnitude_exact(tensor, density: float, rescale_norm=None):
     (``surgery.operations.introsort``); mergekit's own function where that replay does not apply."""
     from mergekit.sparsify import magnitude, rescaled_masked_tensor
 
-    from surgery.operations.introsort import top_k_mask
+    from surgery.operations.introsort import magnitude_keys, top_k_mask
 
     if density >= 1 or density <= 0 or tensor.numel() == 0 or tensor.device.type != "cpu":
         return magnitude(tensor, density, rescale_norm)
     k = max(1, int(density * tensor.numel()))
-    # mergekit's |x| as float32: a fresh copy, so the replay may reorder it in place
-    keep = top_k_mask(tensor.abs().reshape(-1).float(), k, overwrite=True)
+    keys = magnitude_keys(tensor)  # ordered like mergekit's |x|.float(); a fresh tensor, so ours to reorder
+    keep = top_k_mask(keys, k, overwrite=True) if keys is not None else None
     if keep is None:
         return magnitude(tensor, density, rescale_norm)
     return rescaled_masked_tensor(tensor, keep.to(tensor.dtype).reshape_as(tensor), rescale_norm)
