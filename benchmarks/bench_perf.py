@@ -14,7 +14,8 @@ deleted at the end unless --keep.
 
 Jobs (the layer count L is fitted to the size; bottom 4, top 2 as in the issue):
   swap_transition  layer swap bottom 4, top 2, transition 1; mergekit: linear with per-layer weights
-  swap             the same without transition; mergekit: passthrough of slices
+  swap             the same without transition, outer tensors from the donor too; mergekit: passthrough of
+                   slices (which takes the embeddings, final norm and lm_head from the first slice's model)
   linear           linear, 2 models, weights 0.5/0.5 (the same mergekit config for both tools)
   task_arithmetic  2 models + base, weights 0.6/0.4
   ties             TIES, 2 models + base, weight 0.5, density 0.5, exact (mergekit's argsort order)
@@ -91,14 +92,15 @@ def configs(paths: dict[str, Path], layers: int) -> dict[str, dict[str, str]]:
     a, b, base = paths["a"], paths["b"], paths["base"]
     donor = [1.0 if i < 4 or i >= layers - 2 else 0.5 if i in (4, layers - 3) else 0.0 for i in range(layers)]
     swap = (f"inputs: {{a: {a}, b: {b}}}\nrecipient: a\noperations:\n"
-            f"  - layer_swap: {{donor: b, bottom: 4, top: 2, transition: %d}}\n")
+            f"  - layer_swap: {{donor: b, bottom: 4, top: 2, transition: %d%s}}\n")
+    outer = ", embeddings: donor, final_norm: donor, lm_head: donor"  # what mergekit's passthrough takes
     slices = "".join(f"  - sources: [{{model: {m}, layer_range: [{s}, {e}]}}]\n"
                      for m, s, e in ((b, 0, 4), (a, 4, layers - 2), (b, layers - 2, layers)))
     return {
-        "swap_transition": {"surgery": swap % 1, "mergekit": (
+        "swap_transition": {"surgery": swap % (1, ""), "mergekit": (
             f"models:\n  - {{model: {a}, parameters: {{weight: {[1 - w for w in donor]}}}}}\n"
             f"  - {{model: {b}, parameters: {{weight: {donor}}}}}\nmerge_method: linear\ndtype: bfloat16\n")},
-        "swap": {"surgery": swap % 0, "mergekit": f"slices:\n{slices}merge_method: passthrough\ndtype: bfloat16\n"},
+        "swap": {"surgery": swap % (0, outer), "mergekit": f"slices:\n{slices}merge_method: passthrough\ndtype: bfloat16\n"},
         "linear": {"*": f"models:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"
                         f"  - {{model: {b}, parameters: {{weight: 0.5}}}}\nmerge_method: linear\n"},
         "task_arithmetic": {"*": f"models:\n  - {{model: {a}, parameters: {{weight: 0.6}}}}\n"
@@ -110,18 +112,31 @@ def configs(paths: dict[str, Path], layers: int) -> dict[str, dict[str, str]]:
     }
 
 
+# A small launcher runs each command, so the child's peak RSS is its own: a child forked from this process
+# (which has imported torch) would report this process's pages in ru_maxrss.
+LAUNCHER = """
+import os, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = p.stderr.read()
+_, status, ru = os.wait4(p.pid, 0)
+wall = time.perf_counter() - t
+code = os.waitstatus_to_exitcode(status)
+if code:
+    sys.stderr.write(err.decode()[-3000:])
+    sys.exit(code)
+print(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024)
+"""
+
+
 def measure(cmd: list[str]) -> dict:
     """Wall, CPU (user + sys of the child and its waited-for children) and peak RSS of one child process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err.decode()[-3000:]}")
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024}
+    r = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    wall, cpu, rss = r.stdout.split()
+    return {"wall": float(wall), "cpu": float(cpu), "rss": int(rss)}
 
 
 def compare(a: Path, b: Path) -> str:
@@ -166,7 +181,7 @@ def run_size(size: float, args, rows: list) -> None:
     jobs = configs(paths, cfg["num_hidden_layers"])
     mergekit_yaml = str(Path(sys.executable).parent / "mergekit-yaml")
     results: dict = {}
-    outputs: dict = {}
+    checks: dict = {}
     load = [os.getloadavg()[0]]
     for rep in range(args.repeats):
         for job in args.jobs:
@@ -186,27 +201,40 @@ def run_size(size: float, args, rows: list) -> None:
                 os.sync()
                 results.setdefault((job, tool), []).append(measure(cmd))
                 load.append(os.getloadavg()[0])
-                if rep == 0 and tool != "cp":
-                    keep = work / f"first-{job}-{tool}"
-                    shutil.rmtree(keep, ignore_errors=True)
-                    out.rename(keep)
-                    outputs[(job, tool)] = keep
-                shutil.rmtree(out, ignore_errors=True)
+                if rep == 0 and tool == "mergekit" and job != "swap_transition":  # mergekit's job differs there
+                    checks[job] = compare(work / f"out-{job}-surgery", out)
+                if rep > 0 or tool != "surgery":  # surgery's first output waits for the comparison
+                    shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(work / f"out-{job}-surgery", ignore_errors=True)
             print(f"  repeat {rep + 1} {job}: " + ", ".join(
                 f"{tool} {r[-1]['wall']:.2f}s/{r[-1]['cpu']:.2f}cpu" for (j, tool), r in results.items() if j == job),
                 flush=True)
-    for job in args.jobs:
-        check = compare(outputs[(job, "surgery")], outputs[(job, "mergekit")]) if job != "swap_transition" else \
-            "n/a (different jobs)"
-        med = {tool: {k: statistics.median(r[k] for r in results[(job, tool)]) for k in ("wall", "cpu", "rss")}
-               for (j, tool) in results if j == job}
-        rows.append((size, job, med, check))
-        for tool in ("surgery", "mergekit"):
-            shutil.rmtree(outputs[(job, tool)], ignore_errors=True)
-    print(f"  load average (1 min) during the runs: {min(load):.1f}-{max(load):.1f}, "
-          f"median {statistics.median(load):.1f} on {os.cpu_count()} CPUs", flush=True)
+        size_rows = []
+        for job in args.jobs:
+            med = {tool: {k: statistics.median(r[k] for r in results[(job, tool)]) for k in ("wall", "cpu", "rss")}
+                   for (j, tool) in results if j == job}
+            size_rows.append((size, job, med, checks.get(job, "n/a (different jobs)")))
+        print(f"  after {rep + 1} repeat(s), load average (1 min) {min(load):.1f}-{max(load):.1f}, "
+              f"median {statistics.median(load):.1f} on {os.cpu_count()} CPUs", flush=True)
+        print_table(size_rows)
+    rows.extend(size_rows)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def print_table(rows: list) -> None:
+    print("\n| size | job | surgery wall s | surgery CPU s | surgery RSS MB | mergekit wall s | mergekit CPU s | "
+          "mergekit RSS MB | mk/surgery wall | mk/surgery CPU | mk/surgery RSS | cp -r wall s | cp -r CPU s | "
+          "surgery/cp wall | surgery/cp CPU | output |")
+    print("|---|---|" + "---:|" * 13 + "---|")
+    for size, job, med, check in rows:
+        s, m, c = med["surgery"], med["mergekit"], med.get("cp")
+        cp = (f"{c['wall']:.2f} | {c['cpu']:.2f} | {s['wall'] / c['wall']:.2f}x | {s['cpu'] / c['cpu']:.2f}x"
+              if c else " | | | ")
+        print(f"| {size:g} GB | {job} | {s['wall']:.2f} | {s['cpu']:.2f} | {s['rss'] / 2**20:.0f} | {m['wall']:.2f} | "
+              f"{m['cpu']:.2f} | {m['rss'] / 2**20:.0f} | {m['wall'] / s['wall']:.2f}x | {m['cpu'] / s['cpu']:.2f}x | "
+              f"{m['rss'] / s['rss']:.2f}x | {cp} | {check} |")
+    print(flush=True)
 
 
 def main():
@@ -225,17 +253,7 @@ def main():
         run_size(size, args, rows)
     if not rows:
         return
-    print("\n| size | job | surgery wall s | surgery CPU s | surgery RSS MB | mergekit wall s | mergekit CPU s | "
-          "mergekit RSS MB | mk/surgery wall | mk/surgery CPU | mk/surgery RSS | cp -r wall s | cp -r CPU s | "
-          "surgery/cp wall | surgery/cp CPU | output |")
-    print("|---|---|" + "---:|" * 13 + "---|")
-    for size, job, med, check in rows:
-        s, m, c = med["surgery"], med["mergekit"], med.get("cp")
-        cp = (f"{c['wall']:.2f} | {c['cpu']:.2f} | {s['wall'] / c['wall']:.2f}x | {s['cpu'] / c['cpu']:.2f}x"
-              if c else " | | | ")
-        print(f"| {size:g} GB | {job} | {s['wall']:.2f} | {s['cpu']:.2f} | {s['rss'] / 2**20:.0f} | {m['wall']:.2f} | "
-              f"{m['cpu']:.2f} | {m['rss'] / 2**20:.0f} | {m['wall'] / s['wall']:.2f}x | {m['cpu'] / s['cpu']:.2f}x | "
-              f"{m['rss'] / s['rss']:.2f}x | {cp} | {check} |")
+    print_table(rows)
     if args.json:
         args.json.write_text(json.dumps([{"size": r[0], "job": r[1], "medians": r[2], "output": r[3]} for r in rows],
                                         indent=2))
