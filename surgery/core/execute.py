@@ -16,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-from surgery.core.devices import compute_context, one_thread
+from surgery.core import devices
+from surgery.core.devices import compute_context, writer_threads
+from surgery.core.finite import check_finite
 from surgery.core.graph import Node, Ref, elementwise, evaluate, refs
 from surgery.core.plan import Plan
 from surgery.io.checkpoint import Checkpoint
@@ -25,19 +27,24 @@ from surgery.io.writer import ShardedWriter
 from surgery.recipe.parsing import parse_size
 
 
-def iter_tensors(plan: Plan):
+def iter_tensors(plan: Plan, *, allow_nonfinite: bool = False):
     """Yield ``(entry, tensor)`` for every output tensor, in output order, computed as `surgery run`
     computes it. The tensor may still be float32: cast it to ``torch_dtype(entry.dtype)`` (the writer
-    does) to get the bytes `surgery run` writes. Memory holds one output tensor and its inputs."""
+    does) to get the bytes `surgery run` writes. Memory holds one output tensor and its inputs.
+    A tensor with NaN/Inf values is refused (SurgeryError naming it and its inputs) unless ``allow_nonfinite``."""
     for e in plan.entries:
-        yield e, compute(e, plan.inputs)
+        yield e, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite)
 
 
-def compute(e, inputs):
-    """One output tensor of a plan entry (float32 or the stored dtype; the writer casts)."""
+def compute(e, inputs, *, allow_nonfinite: bool = False):
+    """One output tensor of a plan entry (float32 or the stored dtype; the writer casts), checked finite."""
     if _in_blocks(e, inputs):
-        return compute_in_blocks(e, inputs)
-    return evaluate(e.node, lambda ref: inputs[ref.input].get(ref.name))  # positioned reads
+        tensor = compute_in_blocks(e, inputs)
+    else:
+        tensor = evaluate(e.node, lambda ref: inputs[ref.input].get(ref.name))  # positioned reads
+    if not allow_nonfinite:
+        check_finite(e, tensor, inputs)
+    return tensor
 
 
 def copy_source(e, inputs) -> tuple[Path, int, int] | None:
@@ -51,13 +58,16 @@ def copy_source(e, inputs) -> tuple[Path, int, int] | None:
     return (ck.weight_map[node.name], *ck.offsets[node.name])
 
 
-def execute(plan: Plan, folder: Path, *, quiet: bool = True, device: str = "cpu") -> list[str]:
+def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bool = False,
+            device: str = "cpu") -> list[str]:
     """Stream every planned tensor into shards in ``folder``; return the shard file names.
 
     ``device``: where merge operations compute ('cpu' or 'cuda', see ``core.devices.resolve_device``).
+    Copied tensors are the inputs' bytes and are not checked for NaN/Inf; computed ones are.
     """
     from tqdm.auto import tqdm
 
+    devices.threads_used = None  # set by compute_context when a tensor is computed
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
     max_bytes = parse_size(plan.recipe.output.shard_size)
 
@@ -71,7 +81,10 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, device: str = "cpu"
             if source is None and not computing:  # torch is imported for the first computed tensor only
                 stack.enter_context(compute_context(device))
                 computing = True
-            job = (writer.copy, e.name, *source) if source else (_write, writer, e.name, compute(e, plan.inputs))
+            if source:
+                job = (writer.copy, e.name, *source)
+            else:
+                job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite))
             if pending is not None:
                 pending.result()
             pending = io.submit(*job)
@@ -83,7 +96,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, device: str = "cpu"
 
 
 def _write(writer: ShardedWriter, name: str, tensor) -> None:
-    one_thread()  # the dtype cast on the writer thread: no spinning OpenMP workers there either
+    writer_threads()  # the dtype cast on the writer thread uses the same count (no spinning idle workers)
     writer.write(name, tensor)
 
 
@@ -131,3 +144,12 @@ class PlanReader:
 
     def get(self, name: str):
         return self.get_float(name).to(torch_dtype(self.meta[name].dtype))
+
+    @property
+    def config(self) -> dict:
+        """The config the output would get from (before its layer count and dtype are patched)."""
+        return self.plan.inputs[self.plan.config_source].config
+
+    def close(self) -> None:
+        for ck in self.plan.inputs.values():
+            ck.close()
