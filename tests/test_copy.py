@@ -125,11 +125,14 @@ def test_dtype_change_and_math_still_computed(family, tmp_path):
     assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], lang["model.layers.0.mlp.up_proj.weight"].float())
 
 
-def test_copy_only_plan_does_not_import_torch(family, tmp_path):
+@pytest.mark.parametrize("via", ["api", "cli"])
+def test_copy_only_plan_does_not_import_torch(family, tmp_path, via):
     path = tmp_path / "swap.json"
     path.write_text(json.dumps(recipe(family, SWAP)))
-    code = ("import sys, surgery, yaml, json; r = json.load(open(sys.argv[1])); "
-            "surgery.run(r, sys.argv[2]); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+    run = ("surgery.run(json.load(open(sys.argv[1])), sys.argv[2])" if via == "api" else
+           "from surgery.cli import cli; cli(['run', sys.argv[1], '-o', sys.argv[2], '-q', '--threads', '2'], "
+           "standalone_mode=False)")
+    code = (f"import sys, surgery, yaml, json; {run}; print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'safetensors', 'transformers', 'mergekit', 'numpy') or m == 'huggingface_hub.hf_api'))")
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")], capture_output=True,
@@ -137,6 +140,8 @@ def test_copy_only_plan_does_not_import_torch(family, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
     assert _shard_bytes(tmp_path / "out")  # and it wrote the checkpoint
+    manifest = json.loads((tmp_path / "out" / "surgery_manifest.json").read_text())
+    assert manifest["threads"] is None and manifest["torch"] == torch.__version__
     got, lang = load(tmp_path / "out"), load(family["lang"])
     assert torch.equal(got["model.layers.7.self_attn.q_proj.weight"], lang["model.layers.7.self_attn.q_proj.weight"])
 

@@ -83,3 +83,22 @@ def test_cli_device_option(family, tmp_path):
         assert res.exit_code == 1 and "no CUDA GPU" in res.output and not (tmp_path / "o3").exists()
     assert "--device" in runner.invoke(main, ["run", "--help"]).output
     assert devices.DEVICES == ("cpu", "cuda", "auto")
+
+
+def test_executor_threads_policy(monkeypatch):
+    monkeypatch.delenv("SURGERY_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert devices.executor_threads() == 1  # streamed math: one thread unless asked (docs/performance.md)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert devices.executor_threads() is None  # torch's own setting, which follows OMP_NUM_THREADS
+    monkeypatch.setenv("SURGERY_THREADS", "3")
+    assert devices.executor_threads() == 3
+    devices.request_threads(2)  # `surgery run --threads 2`
+    try:
+        assert devices.executor_threads() == 2
+        before = torch.get_num_threads()
+        with compute_context("cpu"):
+            assert torch.get_num_threads() == 2 and devices.threads_used == 2
+        assert torch.get_num_threads() == before
+    finally:
+        devices.request_threads(None)
