@@ -119,7 +119,7 @@ def recipe_model(recipe, *, device: str = "cpu", dtype: str | None = None, token
     from surgery.recipe.schema import Recipe
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    plan = plan or build_plan(recipe)
+    plan = build_plan(recipe) if plan is None else plan
     try:
         source = plan.inputs[plan.config_source].root
         config_path = source / "config.json"
