@@ -4,8 +4,8 @@
 
 1. Perplexity: tokens per second of the built-in evaluator (surgery.eval.metrics.perplexity) against
    lm-evaluation-harness's own HF wrapper (HFLM.loglikelihood_rolling) on the same model object, the same
-   documents (English msgids of the system's gettext catalogs), batch size and window; the two totals of
-   log-likelihood are checked equal.
+   documents (paragraphs of six English msgids of the system's gettext catalogs), batch size and window; the
+   two totals of log-likelihood are printed (they agree).
 2. Recipe: a layer swap of SmolLM2 and a perturbed copy of it (bottom 4 / top 4 layers, 2-layer ramps),
    evaluated in memory (surgery.eval.model.recipe_model: nothing written) against write-then-load
    (surgery.run to a temp dir, then transformers from_pretrained), then the same perplexity on 8 documents.
@@ -148,7 +148,8 @@ def main():
     smol = smollm2_checkpoint()
     from eval_fixtures import english_msgids  # tests/: real English sentences from gettext catalogs
 
-    docs = english_msgids(args.docs)
+    ids = english_msgids(6 * args.docs)
+    docs = [". ".join(x.rstrip(".") for x in ids[i:i + 6]) + "." for i in range(0, len(ids), 6)]  # paragraphs
     tok = AutoTokenizer.from_pretrained(smol)
     model = AutoModelForCausalLM.from_pretrained(smol, dtype=getattr(torch, args.dtype)).eval()
     print(f"SmolLM2-135M-Instruct ({args.dtype}), {len(docs)} documents, batch {args.batch_size}, "

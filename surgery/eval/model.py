@@ -75,8 +75,12 @@ def empty_model(config, where: str, dtype=None):
     from accelerate import init_empty_weights  # accelerate comes with mergekit (and peft, lm-eval)
     from transformers import AutoModelForCausalLM
 
+    try:  # no random init of weights that are replaced anyway (10x faster for a 135M model)
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
     try:
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), no_init_weights():
             return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     except Exception as e:  # e.g. an architecture with no causal LM class, or inconsistent sizes
         raise SurgeryError(f"{where}: transformers cannot build a causal LM from this config: "
