@@ -42,18 +42,26 @@ def torch_dtype_of(dtype: str | None):
     return getattr(torch, dtype)
 
 
+_TOKENIZERS: dict = {}  # (folder, files' mtimes) -> tokenizer: trials of a search share one load (~1 s each)
+
+
 def load_tokenizer(folder: str | Path):
-    """The tokenizer saved in ``folder``; a clear error when it has none."""
-    folder = Path(folder)
-    if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+    """The tokenizer saved in ``folder`` (loaded once per process while its files are unchanged);
+    a clear error when it has none."""
+    folder = Path(folder).resolve()
+    present = [folder / name for name in TOKENIZER_MARKERS if (folder / name).is_file()]
+    if not present:
         raise SurgeryError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_MARKERS[:2])}, ...); "
                            "pass --tokenizer DIR")
-    from transformers import AutoTokenizer
+    key = (folder, tuple((p.name, p.stat().st_mtime_ns) for p in present))
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SurgeryError(f"{folder}: transformers cannot load its tokenizer: {_first_line(e)}") from None
+        try:
+            _TOKENIZERS[key] = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SurgeryError(f"{folder}: transformers cannot load its tokenizer: {_first_line(e)}") from None
+    return _TOKENIZERS[key]
 
 
 def build_config(config: dict, where: str):
