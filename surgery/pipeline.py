@@ -24,6 +24,7 @@ from surgery.errors import SurgeryError
 from surgery.io.card import write_model_card
 from surgery.io.checkpoint import Checkpoint, TensorSource, sha256_file
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
+from surgery.operations.vocab import write_tokenizer
 from surgery.recipe.loader import load_recipe
 from surgery.recipe.schema import Recipe
 
@@ -110,8 +111,9 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         shards = execute(plan, tmp, quiet=quiet)
         tokenizer_from = recipe.output.tokenizer_from or plan.config_source
         support = copy_support_files(plan.inputs[plan.config_source].root, tmp, plan.inputs[tokenizer_from].root)
-        if "config.json" in support:
-            config = patch_config(_read_json(tmp / "config.json"), plan)
+        config = patch_config(_read_json(tmp / "config.json"), plan) if "config.json" in support else None
+        config = write_tokenizer(recipe, plan.inputs, tokenizer_from, tmp, config)
+        if config is not None:
             write_json(tmp / "config.json", config)
         recipe_text = recipe.to_yaml()
         (tmp / RECIPE_NAME).write_text(recipe_text)
@@ -128,7 +130,7 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
 def patch_config(config: dict, plan: Plan) -> dict:
     """Make config.json match the output: dtype, layer count and per-layer lists."""
     targets = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
-    dtype = plan.recipe.output.dtype
+    dtype = plan.recipe.output.config_dtype or plan.recipe.output.dtype
     n_out, n_src = len(plan.layer_map), plan.n_source_layers
     remap = plan.layer_map != list(range(n_src))
     per_layer = set(layout_data()["per_layer_config_keys"])

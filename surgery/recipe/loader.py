@@ -159,6 +159,17 @@ def _check_names(recipe: Recipe) -> None:
         check(recipe.output.config_from, ("output", "config_from"))
     if recipe.output.tokenizer_from:
         check(recipe.output.tokenizer_from, ("output", "tokenizer_from"))
+    tok = recipe.tokenizer
+    if tok is not None:
+        if tok.source not in ("union", "base"):
+            check(tok.source, ("tokenizer", "source"))
+        if tok.base:
+            check(tok.base, ("tokenizer", "base"))
+        for token, cfg in (tok.tokens or {}).items():
+            src = cfg.source
+            name = src if isinstance(src, str) else getattr(src, "model", None)
+            if name is not None:
+                check(name, ("tokenizer", "tokens", token, "source"))
     for i, seg in enumerate(recipe.stack or []):
         for n, field in ([(seg.from_, "from")] if seg.from_ else []) + [(n, "sources") for n in seg.sources or {}]:
             check(n, ("stack", i, field) + ((n,) if field == "sources" else ()))
