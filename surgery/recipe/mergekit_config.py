@@ -125,6 +125,17 @@ class _Translator:
             return {}
         if not isinstance(params, dict):
             raise self.error(path, f"parameters must be a mapping of name -> value (got {params!r})")
+        for name, value in params.items():
+            conditions = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+            for i, cond in enumerate(conditions):
+                if isinstance(cond, dict):
+                    where = path + (name,) + ((i,) if isinstance(value, list) else ())
+                    if "pattern" in cond:
+                        raise self.error(where + ("pattern",), "unknown key 'pattern' in a {value, filter} "
+                                         "condition; did you mean 'filter'? (mergekit ignores 'pattern', so this "
+                                         "condition would match every tensor)")
+                    self.check_keys(cond, ("value", "filter"), where, "a {value, filter} condition")
+                    self.require(cond, "value", where)
         return dict(params)
 
     def require(self, d: dict, key: str, path: tuple) -> None:
