@@ -99,6 +99,13 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods).
     """
     start = time.perf_counter()
+    if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) and Path(recipe).is_file():
+        from surgery.recipe.mergekit_multi import is_multi_document
+
+        text = Path(recipe).read_text()
+        if is_multi_document(text):
+            return _run_stages(text, str(recipe), out, force=force, quiet=quiet, convert_bin=convert_bin,
+                               random_seed=random_seed)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if random_seed is not None:
         recipe.seed = random_seed
@@ -125,6 +132,30 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
     for ck in plan.inputs.values():
         ck.close()
     return RunResult(out.resolve(), plan, time.perf_counter() - start, files)
+
+
+def _run_stages(text: str, source: str, out, **options) -> RunResult:
+    """A multi-stage mergekit config (mergekit-multi), stage by stage: each stage the output needs is written
+    to a temporary folder beside the output, which later stages read; the last stage is the output."""
+    import tempfile
+
+    from surgery.recipe.loader import load_mergekit
+    from surgery.recipe.mergekit_multi import load_stages
+
+    start = time.perf_counter()
+    stages = load_stages(text, source)
+    out = Path(out)
+    check_target(out.resolve(), options.get("force", False))
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.stages-", dir=out.resolve().parent) as tmp:
+        folders: dict[str, Path] = {}
+        for stage in stages:
+            recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text)
+            target = out if stage is stages[-1] else Path(tmp) / f"stage{len(folders)}"
+            result = run(recipe, target, **options)
+            folders[stage.name] = target.resolve()
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def patch_config(config: dict, plan: Plan) -> dict:

@@ -7,9 +7,10 @@ mergekit imports take seconds) and through `surgery run`; the outputs are compar
 tokenizer files. Header lines ``# expect-warning: ...`` name a warning surgery must give. Files in
 errors/ must fail in surgery with the ``# expect-error: ...`` text (mergekit ignores or crashes on them).
 
-The models: base, a, b, c (tiny llama, bf16, 128-token vocabulary; b has a chat template), chat (a
-fine-tune with two added tokens: 130 rows and the same chat template), base32 (float32) with a PEFT
-LoRA, and qwen (another architecture).
+The models: base, a, b, c (tiny llama, bf16, the same 128-token tokenizer), chat (a fine-tune with two
+added tokens: 130 rows, and a chat template), base32 (float32) with a PEFT LoRA, and qwen (another
+architecture). Models that mergekit may pick as the config or tokenizer donor without a base_model
+(it picks from a set, so any of them) have identical tokenizer and config files.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import pytest
 import torch
 
 from helpers import load, perturb, random_state, save_checkpoint, tiny_config
-from test_mergekit_parity import run_mergekit
+from test_mergekit_parity import ENV
 
 CORPUS = Path(__file__).parent / "mergekit_corpus"
 CONFIGS = sorted(p.stem for p in CORPUS.glob("*.yml"))
+MULTI = sorted(p.stem for p in (CORPUS / "multi").glob("*.yml"))
 ERRORS = sorted(p.stem for p in (CORPUS / "errors").glob("*.yml"))
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
 ADDED = ["<|im_start|>", "<|im_end|>"]
@@ -55,7 +57,7 @@ def make_corpus_models(root: Path) -> dict[str, Path]:
               "c": perturb(base, None, 0.02, seed=3)}
     paths = {n: save_checkpoint(root / n, s, cfg, dtype=torch.bfloat16) for n, s in states.items()}
     for n in paths:
-        save_tokenizer(paths[n], template=TEMPLATE if n == "b" else None)
+        save_tokenizer(paths[n])
     # chat: a fine-tune of base with two added tokens (rows 128, 129)
     chat_cfg = tiny_config("llama", architectures=["LlamaForCausalLM"], vocab_size=130)
     chat = perturb(base, None, 0.02, seed=4)
@@ -85,6 +87,24 @@ def make_lora(base: Path, out: Path) -> Path:
     return out
 
 
+DRIVER = """
+import json, sys
+from mergekit.scripts.multimerge import main as multi   # mergekit-multi
+from mergekit.scripts.run_yaml import main as run_yaml  # mergekit-yaml
+for command, args in json.loads(sys.argv[1]):
+    (multi if command == "multi" else run_yaml)(args, standalone_mode=False)
+"""
+
+
+def run_mergekit(jobs: list[tuple[str, list[str]]]) -> None:
+    """Run mergekit-yaml / mergekit-multi entry points on every job in ONE process (imports take seconds)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 def write(folder: Path, path: Path, models: dict[str, Path]) -> tuple[Path, str]:
     text = Template(path.read_text()).substitute({k: str(v) for k, v in models.items()})
     out = folder / path.name
@@ -107,8 +127,13 @@ def corpus(tmp_path_factory):
         if "+" in text:
             args += ["--lora-merge-cache", str(root / "lora_cache")]
         out[name] = (config, text, root / f"mk_{name}")
-        jobs.append((config, root / f"mk_{name}", ["--no-write-model-card", *args]))
-    run_mergekit(jobs, mk_args=["--quiet"])
+        jobs.append(("yaml", [str(config), str(root / f"mk_{name}"), "--no-write-model-card", "--quiet", *args]))
+    for name in MULTI:
+        config, text = write(root, CORPUS / "multi" / f"{name}.yml", models)
+        out[f"multi/{name}"] = (config, text, root / f"mk_{name}")
+        jobs.append(("multi", [str(config), "--intermediate-dir", str(root / f"mk_{name}_stages"), "--out-path",
+                               str(root / f"mk_{name}"), "--no-write-model-card", "--quiet"]))
+    run_mergekit(jobs)
     return models, out
 
 
@@ -132,7 +157,7 @@ def assert_same_files(mk: Path, ours: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CONFIGS + [f"multi/{n}" for n in MULTI])
 def test_corpus_config_matches_mergekit(name, corpus, tmp_path):
     from surgery import run
 

@@ -1,0 +1,128 @@
+"""Multi-stage mergekit configs (mergekit-multi): several YAML documents, each a mergekit config with a
+``name:``, where a later stage names an earlier one as a model.
+
+    stages = load_stages("multi.yml")      # in the order they must run; the last one is the output
+    stages[0].name, stages[0].needs        # 'slerped', set()
+
+A stage is named by ``name:`` (mergekit-multi) or by ``out_path:`` (the older multi-document format
+of mergekit's examples/mega.yml, where later stages name the earlier one by that path). The output
+is the unnamed stage, else the stage no other stage uses. Every reference to a stage (a model,
+``base_model``, ``tokenizer_source``, a ``base+lora`` reference) is replaced by the folder that
+stage is written to, as mergekit-multi replaces it by its intermediate folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgery.errors import RecipeError
+
+STAGE_KEYS = ("name", "out_path")
+
+
+@dataclass
+class Stage:
+    name: str | None
+    data: dict
+    lines: dict
+    needs: set[str] = field(default_factory=set)
+
+    def with_outputs(self, folders: dict[str, Path]) -> dict:
+        """The stage's config with every reference to another stage replaced by that stage's folder."""
+        return _replace(self.data, {n: str(p) for n, p in folders.items()})
+
+
+def is_multi_document(text: str) -> bool:
+    """True for a YAML text with several documents (a cheap check before parsing)."""
+    import yaml
+
+    try:
+        return sum(1 for doc in yaml.safe_load_all(text) if doc is not None) > 1
+    except yaml.YAMLError:
+        return False
+
+
+def load_stages(text: str, source: str) -> list[Stage]:
+    import yaml
+
+    from surgery.recipe.locations import index_lines
+
+    try:
+        nodes = [n for n in yaml.compose_all(text) if n is not None]
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RecipeError(f"invalid YAML: {getattr(e, 'problem', e)}", f"{source}:{mark.line + 1}" if mark else source)
+    stages, first_line = [], {}
+    for node, doc in zip(nodes, docs):
+        lines: dict = {}
+        index_lines(node, (), lines, source)
+        if not isinstance(doc, dict):
+            raise RecipeError("each document of a multi-stage config is a mergekit config", f"{source}:{lines[()]}")
+        keys = [k for k in STAGE_KEYS if doc.get(k) is not None]
+        name = str(doc[keys[0]]) if keys else None
+        where = f"{source}:{lines.get((keys[0],), lines[()]) if keys else lines[()]}"
+        if name in first_line:
+            what = f"stage {name!r}" if name else "an unnamed stage (the output)"
+            raise RecipeError(f"{what} is defined twice (first on line {first_line[name]})", where)
+        first_line[name] = lines.get((keys[0],), lines[()]) if keys else lines[()]
+        stages.append(Stage(name, {k: v for k, v in doc.items() if k not in STAGE_KEYS}, lines))
+    names = {s.name for s in stages if s.name}
+    for s in stages:
+        s.needs = _references(s.data, names)
+    return _order(stages, source)
+
+
+def _order(stages: list[Stage], source: str) -> list[Stage]:
+    """The stages the output needs, dependencies first; the output last."""
+    by_name = {s.name: s for s in stages}
+    used = {n for s in stages for n in s.needs}
+    final = by_name.get(None) or next((s for s in reversed(stages) if s.name not in used), None)
+    if final is None:
+        raise RecipeError("the stages use each other in a cycle; one stage must be the output", source)
+    ordered: list[Stage] = []
+    visiting: list[str] = []
+
+    def visit(stage: Stage):
+        if stage in ordered:
+            return
+        if stage.name in visiting:
+            cycle = " -> ".join(visiting[visiting.index(stage.name):] + [stage.name])
+            raise RecipeError(f"the stages use each other in a cycle: {cycle}", f"{source}:{stage.lines[()]}")
+        visiting.append(stage.name)
+        for n in sorted(stage.needs):
+            visit(by_name[n])
+        visiting.pop()
+        ordered.append(stage)
+
+    visit(final)
+    return ordered
+
+
+def _is_ref_to(value: str, names) -> str | None:
+    head = value.split("+", 1)[0].split("@", 1)[0]
+    return head if head in names else None
+
+
+def _references(value, names) -> set[str]:
+    if isinstance(value, dict):
+        return {n for v in value.values() for n in _references(v, names)}
+    if isinstance(value, list):
+        return {n for v in value for n in _references(v, names)}
+    if isinstance(value, str) and _is_ref_to(value, names):
+        return {_is_ref_to(value, names)}
+    return set()
+
+
+def _replace(value, folders: dict[str, str]):
+    """mergekit-multi's patch: a string whose model path is a stage name -> that stage's folder."""
+    if isinstance(value, dict):
+        return {k: _replace(v, folders) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace(v, folders) for v in value]
+    if isinstance(value, str):
+        name = _is_ref_to(value, folders)
+        if name is not None:
+            return folders[name] + value[len(name):]
+    return value
