@@ -39,14 +39,14 @@ def open_inputs(recipe: Recipe, *, convert_bin: bool = False) -> dict:
         if not isinstance(ref, str):
             continue
         try:
-            out[name] = Checkpoint.open(ref, convert_bin=convert_bin, base_dir=recipe._base_dir)
+            out[name] = Checkpoint.open(ref, convert_bin=convert_bin, base_dir=recipe.base_dir)
         except SurgeryError as e:
             raise recipe.error(("inputs", name), str(e)) from None
     for name, spec in recipe.inputs.items():
         if isinstance(spec, str):
             continue
         try:
-            out.update(open_adapter_input(name, spec, out, base_dir=recipe._base_dir, convert_bin=convert_bin))
+            out.update(open_adapter_input(name, spec, out, base_dir=recipe.base_dir, convert_bin=convert_bin))
         except SurgeryError as e:
             raise recipe.error(("inputs", name), str(e)) from None
     return out

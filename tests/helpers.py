@@ -90,3 +90,28 @@ def load(path) -> dict[str, torch.Tensor]:
 
 def raw_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def run_cli(*args, cwd=None, env: dict | None = None):
+    """`surgery ARGS...` in this process (click's CliRunner), as a subprocess would report it:
+    ``returncode``, ``stdout``, ``stderr``. An exception the CLI does not turn into a one-line error
+    gives exit code 1 and its traceback on stderr, as the process would print it."""
+    import os
+    import traceback
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from surgery.cli import cli
+
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        res = CliRunner().invoke(cli, [str(a) for a in args], env=env, prog_name="surgery")
+    finally:
+        os.chdir(old)
+    stderr = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(res.exception))
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import load, perturb, random_state, save_checkpoint, tiny_config
+from helpers import load, perturb, random_state, run_cli, save_checkpoint, tiny_config
 
 from surgery.errors import SurgeryError
 
@@ -452,13 +451,10 @@ def test_recipe_errors_for_adapters(ad, tmp_path):
 
 
 def test_cli_reports_bad_adapter_in_one_line(ad, tmp_path):
-    import subprocess
-
     bad = _copy(ad["lora_task"], tmp_path / "bad", config={"r": 2})
     y = tmp_path / "r.yaml"
     y.write_text(f"inputs:\n  base: {ad['base']}\n  sw: {{adapter: {bad}, base: base}}\nrecipient: sw\n")
-    p = subprocess.run([sys.executable, "-m", "surgery", "validate", str(y)], capture_output=True, text=True,
-                       cwd=Path(__file__).parent.parent)
+    p = run_cli("validate", y, cwd=Path(__file__).parent.parent)
     assert p.returncode == 1 and p.stderr.count("\n") == 1
     assert p.stderr.startswith(f"error: {y}:3: inputs.sw: ") and "rank mismatch" in p.stderr
 

@@ -1,11 +1,9 @@
 """Every bad input: one clear line naming file:line and YAML path, exit code 1, nothing written."""
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from helpers import random_state, save_checkpoint, tiny_config
+from helpers import random_state, run_cli, save_checkpoint, tiny_config
 
 import surgery
 from surgery.recipe.parsing import parse_expression, parse_layers, parse_size
@@ -19,7 +17,7 @@ def write(tmp_path, family, body, name="r.yaml"):
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "surgery", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return run_cli(*args, cwd=cwd)
 
 
 CASES = [
@@ -142,9 +140,7 @@ def test_pickle_bin_refused_then_converted(family, tmp_path):
     r = cli("validate", path)
     assert r.returncode == 1 and "pickle .bin" in r.stderr and "--convert-bin" in r.stderr
     env_cache = tmp_path / "cache"
-    r = subprocess.run([sys.executable, "-m", "surgery", "run", str(path), "-o", str(tmp_path / "out"), "-q",
-                        "--convert-bin"], capture_output=True, text=True, env={**__import__("os").environ,
-                                                                               "SURGERY_CACHE": str(env_cache)})
+    r = run_cli("run", path, "-o", tmp_path / "out", "-q", "--convert-bin", env={"SURGERY_CACHE": str(env_cache)})
     assert r.returncode == 0, r.stderr
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], state["model.layers.0.mlp.up_proj.weight"])

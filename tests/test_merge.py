@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import load, raw_bytes
+from helpers import load, raw_bytes, run_cli
 
 ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
 
@@ -95,7 +93,7 @@ operations:
       base: base
       models: {lang: {weight: 0.7}, task: {weight: 0.25}}
 """)
-    r = subprocess.run([sys.executable, "-m", "surgery", "plan", str(path)], env=ENV, capture_output=True, text=True)
+    r = run_cli("plan", path)
     assert r.returncode == 0, r.stderr
     assert "task_arithmetic: lang(weight=0.7) + task(weight=0.25) + base [base]" in r.stdout
 
@@ -128,8 +126,7 @@ def test_bad_merge_operations(family, tmp_path, body, message):
 
 def test_bad_merge_operation_cli_is_one_line(family, tmp_path):
     path = recipe_file(tmp_path, family, "operations:\n  - merge: {method: dare_tie, base: base, models: [lang]}\n")
-    r = subprocess.run([sys.executable, "-m", "surgery", "run", str(path), "-o", str(tmp_path / "o")], env=ENV,
-                       capture_output=True, text=True)
+    r = run_cli("run", path, "-o", tmp_path / "o")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         f"error: {path}:8: operations.0.merge.method: unknown merge method 'dare_tie'; did you mean 'dare_ties'? "
@@ -153,8 +150,7 @@ def test_random_seed_reproducible_and_order_independent(family, tmp_path):
     part = recipe_file(tmp_path, family, DARE.format(layers="3") + "seed: 11\n", "part.yaml")
 
     def cli(recipe, out, *args):
-        r = subprocess.run([sys.executable, "-m", "surgery", "run", str(recipe), "-o", str(tmp_path / out), "-q",
-                            *args], env=ENV, capture_output=True, text=True)
+        r = run_cli("run", recipe, "-o", tmp_path / out, "-q", *args)
         assert r.returncode == 0, r.stderr
         return load(tmp_path / out)
 
@@ -291,8 +287,7 @@ def test_fast_kernels_cli_option(family, tmp_path):
     path = recipe_file(tmp_path, family, "operations:\n  - merge: {method: ties, base: base, models: {en: {weight: 1, density: 0.5}}}\n")
     recipe = use_fast_kernels(load_recipe(path))
     assert recipe.operations[0].kernel == "fast"
-    r = subprocess.run([sys.executable, "-m", "surgery", "run", str(path), "-o", str(tmp_path / "o"), "-q",
-                        "--fast-kernels"], env=ENV, capture_output=True, text=True)
+    r = run_cli("run", path, "-o", tmp_path / "o", "-q", "--fast-kernels")
     assert r.returncode == 0, r.stderr
     out, base, en = load(tmp_path / "o"), load(family["base"]), load(family["en"])
     name = "model.layers.2.mlp.up_proj.weight"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from helpers import load, raw_bytes
-from test_mergekit_parity import ENV, make_models, run_mergekit, write_config
+from helpers import load, raw_bytes, run_cli
+from test_mergekit_parity import make_models, run_mergekit, write_config
 
 
 @pytest.fixture(scope="module")
@@ -212,12 +212,9 @@ def test_passthrough_slicing_with_layer_types(tmp_path):
 
 
 def test_surgery_run_cli_accepts_mergekit_config(tmp_path, models):
-    import subprocess
-    import sys
 
     path = write_config(tmp_path, "mk", TIES + "paramters: {{normalize: true}}\n", models)
-    r = subprocess.run([sys.executable, "-m", "surgery", "run", str(path), "-o", str(tmp_path / "o")], env=ENV,
-                       capture_output=True, text=True)
+    r = run_cli("run", path, "-o", tmp_path / "o")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         f"error: {path}:7: paramters: unknown key 'paramters' in a mergekit config; did you mean 'parameters'? "

@@ -60,6 +60,17 @@ def layer_of(name):
     return int(parts[2]) if name.startswith("model.layers.") else None
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_mergekit_registry():
+    """register_all() adds to mergekit's global registry; leave it as this module found it."""
+    from mergekit.merge_methods import registry
+
+    saved = dict(registry._METHODS)
+    yield
+    registry._METHODS.clear()
+    registry._METHODS.update(saved)
+
+
 # ---------------------------------------------------------------------------- registration
 
 def test_register_all_is_idempotent_and_lazy():

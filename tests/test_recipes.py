@@ -14,13 +14,13 @@ EXAMPLES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def examples(demo_dir):
-    """recipes/ copied next to the demo checkpoints, where its relative paths point."""
-    root = demo_dir / "examples"
-    if not root.exists():
-        shutil.copytree(ROOT / "recipes", root / "recipes")
-        (root / "demo").mkdir()
-        (root / "demo" / "checkpoints").symlink_to(demo_dir / "checkpoints")  # recipes say ../demo/checkpoints
+def examples(demo_dir, tmp_path_factory):
+    """recipes/ copied into a folder of their own, with a link to the demo checkpoints where their relative
+    paths point (../demo/checkpoints); the shared demo fixture is not written to."""
+    root = tmp_path_factory.mktemp("examples")
+    shutil.copytree(ROOT / "recipes", root / "recipes")
+    (root / "demo").mkdir()
+    (root / "demo" / "checkpoints").symlink_to(demo_dir / "checkpoints")
     return root / "recipes"
 
 

@@ -1,6 +1,7 @@
 """surgery run: exact values for swaps, transitions, arithmetic, blends; output files; config; manifest."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -189,13 +190,12 @@ def test_stack_changes_layer_count_and_patches_layer_types(tmp_path):
 
 
 def test_manifest_recipe_and_support_files(family, tmp_path):
+    shutil.copytree(family["task"], tmp_path / "task")  # a copy: the shared fixture is not written to
+    family = {**family, "task": tmp_path / "task"}
     (family["task"] / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    try:
-        out = tmp_path / "out"
-        r = recipe(family, [{"take": {"from": "lang", "select": {"layers": "0"}}}], description="demo run")
-        result = surgery.run(r, out)
-    finally:
-        (family["task"] / "tokenizer_config.json").unlink()
+    out = tmp_path / "out"
+    r = recipe(family, [{"take": {"from": "lang", "select": {"layers": "0"}}}], description="demo run")
+    result = surgery.run(r, out)
     m = json.loads((out / "surgery_manifest.json").read_text())
     assert m["version"] == surgery.__version__ and m["description"] == "demo run"
     assert m["inputs"]["lang"]["sha256"]["model.safetensors"] == sha256_file(family["lang"] / "model.safetensors")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.adapters.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PeftAdapter
+from surgery.adapters.view import adamergex_combine
 from surgery.errors import SurgeryError
 
 
@@ -56,8 +57,7 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
     """AdaMergeX on adapter directories, written as a new adapter directory."""
     import torch
 
-    from surgery.io.safetensors import FLOAT_DTYPES
-    from surgery.io.safetensors import torch_dtype
+    from surgery.io.safetensors import FLOAT_DTYPES, torch_dtype
 
     ads = [PeftAdapter.open(p) for p in (task, target_ref, source_ref)]
     kinds = {a.peft_type for a in ads}
@@ -96,10 +96,7 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
                                        f"got ranks {rs}, scalings {sc} (use mode 'delta')")
             for role, key in roles.items():
                 vals = [get(i, mods[i][module][role]) for i in range(3)]
-                if role == "ia3_l":
-                    new = vals[0] * (t * (vals[1] / vals[2] - 1.0) + 1.0)
-                else:
-                    new = vals[0] + t * (vals[1] - vals[2])
+                new = adamergex_combine(*vals, t, multiplicative=role == "ia3_l")
                 tensors[key] = new.to(out_dtype or ads[0].tensors.get(key).dtype)
     else:
         for module in sorted(set().union(*mods)):
@@ -128,7 +125,8 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
                     tensors[key] = ads[0].tensors.get(key)
                 elif have == [0, 1, 2]:
                     vals = [get(i, mods[i][module][role]) for i in range(3)]
-                    tensors[key] = (vals[0] + t * (vals[1] - vals[2])).to(out_dtype or ads[0].tensors.get(key).dtype)
+                    new = adamergex_combine(*vals, t, multiplicative=False)
+                    tensors[key] = new.to(out_dtype or ads[0].tensors.get(key).dtype)
                 else:
                     raise SurgeryError(f"tensor {key!r} is saved whole by only some of the adapters "
                                        f"({', '.join(ads[i].path.name for i in have)}); cannot combine it")

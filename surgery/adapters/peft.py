@@ -29,8 +29,6 @@ UNSUPPORTED_FIELDS = {"use_dora": "DoRA", "layer_replication": "layer_replicatio
                       "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA"}
 
 
-
-
 # ---------------------------------------------------------------------------- adapter files
 
 @dataclass

@@ -33,8 +33,8 @@ from pathlib import Path
 from surgery.adapters.peft import PeftAdapter, Term, ia3_shape
 from surgery.core.plan import VirtualInput
 from surgery.io.checkpoint import Checkpoint
-from surgery.errors import SurgeryError
-from surgery.core.graph import Node, Op, Ref, evaluate, linear, register
+from surgery.errors import SurgeryError, did_you_mean
+from surgery.core.graph import OPS, Node, Op, Ref, evaluate, linear, register
 
 
 # ---------------------------------------------------------------------------- tensor ops
@@ -76,8 +76,22 @@ def _ia3_adamergex(ts, p):
     return task * (p["t"] * (tgt / src - 1.0) + 1.0)
 
 
+def _adamergex(ts, p):
+    task, tgt, src = ts
+    return task + p["t"] * (tgt - src)
+
+
+def adamergex_combine(task, target_ref, source_ref, t: float, multiplicative: bool):
+    """One AdaMergeX tensor from the three adapters' tensors, by the ops the recipe operation plans:
+    task + t·(target_ref − source_ref), or for (IA)³ vectors task ⊙ (t·(target_ref / source_ref − 1) + 1)."""
+    op = OPS["ia3_adamergex" if multiplicative else "adamergex"]
+    return op.compute([task, target_ref, source_ref], {"t": t})
+
+
 register("lora", Op(shape=_lora_shape, compute=_lora, describe=lambda a, p: f"{a[0]} {_w(p)}ΔW({p['label']})"))
 register("ia3", Op(shape=ia3_shape, compute=_ia3, describe=lambda a, p: f"{a[0]} ⊙ l({p['label']})"))
+register("adamergex", Op(shape=_same, compute=_adamergex, elementwise=True,
+                         describe=lambda a, p: f"{a[0]} + {p['t']:.4g}·({a[1]} − {a[2]})"))
 register("ia3_adamergex", Op(shape=_same, compute=_ia3_adamergex,
                              describe=lambda a, p: f"{a[0]}⊙({p['t']:.4g}·({a[1]}/{a[2]}−1)+1)"))
 
@@ -216,11 +230,8 @@ def open_adapter_input(name: str, spec, opened: dict, *, base_dir: Path | None =
         try:
             base = out[base_input] = Checkpoint.open(spec.base, convert_bin=convert_bin, base_dir=base_dir)
         except SurgeryError as e:
-            import difflib
-
-            hint = difflib.get_close_matches(spec.base, [n for n in opened if ":" not in n], n=1, cutoff=0.5)
             raise SurgeryError(f"base {spec.base!r} is not an input name, and as a path: {e}"
-                               + (f"; did you mean input {hint[0]!r}?" if hint else "")) from None
+                               + did_you_mean(spec.base, [n for n in opened if ":" not in n], what="input")) from None
     adapter = PeftAdapter.open(spec.adapter, base_dir).resolve(base)
     raw_input = f"{name}:adapter"
     out[raw_input] = adapter.tensors

@@ -28,6 +28,7 @@ class SurgeryGroup(click.Group):
     """Turns user errors into one line on stderr and exit code 1 (tracebacks with --debug)."""
 
     def invoke(self, ctx):
+        showwarning = warnings.showwarning
         try:
             return super().invoke(ctx)
         except SurgeryError as e:
@@ -38,6 +39,8 @@ class SurgeryGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
             ctx.exit(130)
+        finally:
+            warnings.showwarning = showwarning  # the CLI's one-line warnings end with the command
 
 
 def _warning(message, category, filename, lineno, file=None, line=None):
@@ -77,7 +80,3 @@ def main():
     # SIGTERM unwinds like Ctrl-C, so a half-written output's temp dir is removed
     signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="surgery")
-
-
-if __name__ == "__main__":
-    main()

@@ -100,7 +100,7 @@ def evaluate(node, read: Callable[[Ref], Any]):
 
 # ---------------------------------------------------------------------------- take
 
-def _same_shapes(shapes: list[tuple], params: dict) -> tuple:
+def same_shapes(shapes: list[tuple], params: dict) -> tuple:
     first = shapes[0]
     for s in shapes[1:]:
         if s != first:
@@ -108,7 +108,7 @@ def _same_shapes(shapes: list[tuple], params: dict) -> tuple:
     return first
 
 
-register("take", Op(shape=_same_shapes, compute=lambda ts, p: ts[0], describe=lambda a, p: a[0], raw=True,
+register("take", Op(shape=same_shapes, compute=lambda ts, p: ts[0], describe=lambda a, p: a[0], raw=True,
                     elementwise=True))
 
 
@@ -141,7 +141,7 @@ def _linear_fold(acc, t, i, params):
     return t * c if acc is None else acc.add_(t, alpha=c)  # the same steps as _linear, one arg at a time
 
 
-register("linear", Op(shape=_same_shapes, compute=_linear, describe=_describe_linear, fold=_linear_fold,
+register("linear", Op(shape=same_shapes, compute=_linear, describe=_describe_linear, fold=_linear_fold,
                       elementwise=True))
 
 
@@ -156,7 +156,7 @@ def linear(terms: list[tuple[float, Any]]):
 # ---------------------------------------------------------------------------- splice (rows/columns)
 
 def _splice_shape(shapes: list[tuple], params: dict) -> tuple:
-    first = _same_shapes(shapes, params)
+    first = same_shapes(shapes, params)
     axis, index = params["axis"], params["index"]
     if axis >= len(first):
         raise SurgeryError(f"splice axis {axis} is out of range for a tensor of shape {list(first)}")

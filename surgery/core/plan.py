@@ -20,12 +20,11 @@ from typing import Callable
 
 from surgery.io.checkpoint import TensorSource
 from surgery.io.safetensors import FLOAT_DTYPES, FLOATING, TensorMeta
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, did_you_mean
 from surgery.core.layout import MODULE_GROUPS, MODULE_KINDS, Layout, TensorInfo
 from surgery.core.graph import Node, Ref, infer_shape, refs
 from surgery.recipe.parsing import parse_layers
 from surgery.recipe.schema import Recipe, Select
-
 
 
 @dataclass
@@ -142,11 +141,8 @@ class Context:
         modules = set(sel.modules or [])
         bad = sorted(modules - set(MODULE_KINDS) - set(MODULE_GROUPS))
         if bad:
-            import difflib
-
-            hint = difflib.get_close_matches(bad[0], MODULE_KINDS + MODULE_GROUPS, n=1)
             raise self.error(field_path + ("modules",), f"unknown module kind {bad[0]!r}"
-                             + (f"; did you mean {hint[0]!r}?" if hint else "")
+                             + did_you_mean(bad[0], MODULE_KINDS + MODULE_GROUPS)
                              + f" (kinds: {', '.join(MODULE_KINDS)}; groups: {', '.join(MODULE_GROUPS)})")
         names = [_name_matcher(p) for p in sel.names or []]
         exclude = [_name_matcher(p) for p in sel.exclude or []]

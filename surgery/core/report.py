@@ -58,7 +58,7 @@ def layer_summary(plan) -> list[dict]:
 def format_plan(plan, tensors: bool = False) -> str:
     lines = []
     recipe = plan.recipe
-    lines.append(f"recipe: {recipe._source or '<in memory>'}")
+    lines.append(f"recipe: {recipe.source or '<in memory>'}")
     for name, ck in plan.inputs.items():
         tag = "  (recipient)" if name == plan.recipient else ""
         lines.append(f"  input {name:<12} {ck.ref}{tag}")

@@ -26,7 +26,6 @@ mergekit is imported only inside functions; importing this module is cheap.
 # typing.get_type_hints, and the kernels are defined inside a function.
 
 import functools
-from pathlib import Path
 from typing import Literal, Optional, Union
 
 from surgery.errors import SurgeryError
@@ -337,11 +336,10 @@ def _apply(kind: str, op, method: str, group, tensors: dict, layout_source, num_
     try:
         op.plan(ctx)
     except RecipeError as e:
-        field = e.where.rsplit(".", 1)[-1] if e.where and "." in e.where else ""
+        field = str(e.path[3]) if len(e.path) > 3 else ""  # ('operations', 0, kind, field, ...)
         field = {"weights": "weight", "expr": "weight"}.get(field, field)  # recipe field -> mergekit parameter
-        msg = str(e)[len(e.where) + 2:] if e.where else str(e)
-        where = f"parameter {field!r}" if field and field != kind else "parameters"
-        raise MergekitParameterError(f"{method}: {where}: {msg}") from None
+        where = f"parameter {field!r}" if field else "parameters"
+        raise MergekitParameterError(f"{method}: {where}: {e.message}") from None
     dtype = group.entries[0].tensor.dtype
     out = evaluate(entry.node, lambda ref: tensors[ref.input])
     return out if out.dtype == dtype else out.to(dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, did_you_mean
 from surgery.integrations.mergekit_methods import register_all
 from surgery.io.output import atomic_dir
 
@@ -72,25 +72,21 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
 
 def _check_parameter_names(merge_config, where: str) -> None:
     """mergekit ignores parameters its method does not declare (a typo silently does nothing); refuse them."""
-    import difflib
-
     from mergekit import merge_methods
 
     try:
         method = merge_methods.get(merge_config.merge_method)
     except RuntimeError:
         known = [m.spec.name for m in merge_methods.registered_methods()]
-        hint = difflib.get_close_matches(merge_config.merge_method, known, n=1)
         raise SurgeryError(f"{where}: merge_method: unknown merge method {merge_config.merge_method!r}"
-                           + (f"; did you mean {hint[0]!r}?" if hint else "")
+                           + did_you_mean(merge_config.merge_method, known)
                            + f" (known: {', '.join(sorted(known))})") from None
     valid = [p.name for p in method.spec.parameters]
     for path, params in _parameter_blocks(merge_config):
         for key in params or {}:
             if key not in valid:
-                hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
                 raise SurgeryError(f"{where}: {path}.{key}: {merge_config.merge_method} has no parameter {key!r}"
-                                   + (f"; did you mean {hint[0]!r}?" if hint else "")
+                                   + did_you_mean(key, valid)
                                    + f" (parameters: {', '.join(valid) or 'none'})")
 
 

@@ -12,20 +12,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from surgery.io.checkpoint import HUB_ID, _local_candidates
+from surgery.io.checkpoint import HUB_ID, local_candidates
 
 CARD_NAME = "README.md"
 
 
 def hub_base_models(plan) -> list[str]:
     """Hub ids (without @revision) of the plan's inputs that came from the Hub, in recipe order."""
-    base_dir = plan.recipe._base_dir
+    base_dir = plan.recipe.base_dir
     ids = []
     for ck in plan.inputs.values():
         ref = str(ck.ref)
         if not HUB_ID.match(ref) or ref.startswith((".", "/")):
             continue
-        if any(c.exists() for c in _local_candidates(ref, base_dir)):
+        if any(c.exists() for c in local_candidates(ref, base_dir)):
             continue  # a local folder that merely looks like org/name
         repo_id = ref.partition("@")[0]
         if repo_id not in ids:

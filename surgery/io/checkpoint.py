@@ -26,6 +26,7 @@ from surgery.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorMeta, has_torc
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
+
 @runtime_checkable
 class TensorSource(Protocol):
     """What planners, the executor and the analysis read tensors from: a ``Checkpoint``, an adapter over
@@ -69,7 +70,7 @@ class Checkpoint:
         then the working directory.
         """
         text = str(ref)
-        for candidate in _local_candidates(text, base_dir):
+        for candidate in local_candidates(text, base_dir):
             if candidate.exists():
                 return cls._open_local(text, candidate, convert_bin)
         if HUB_ID.match(text) and not text.startswith((".", "/")):
@@ -246,7 +247,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
-def _local_candidates(text: str, base_dir: Path | None) -> list[Path]:
+def local_candidates(text: str, base_dir: Path | None) -> list[Path]:
     p = Path(text).expanduser()
     if p.is_absolute() or base_dir is None:
         return [p]

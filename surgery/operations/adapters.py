@@ -17,7 +17,7 @@ from pydantic import Field
 
 from surgery.adapters.view import AdapterCheckpoint, apply_terms
 from surgery.errors import SurgeryError
-from surgery.core.graph import Node, Ref, linear
+from surgery.core.graph import Node, Ref
 from surgery.recipe.schema import Operation, Select
 
 
@@ -36,6 +36,7 @@ class ApplyAdapters(Operation):
     def plan(self, ctx) -> None:
         _plan_apply(ctx, self)
 
+
 class AdaMergeX(Operation):
     """Zhao et al. 2024: A_tgt,task = A_src,task ⊕ t·(A_tgt,ref ⊖ A_src,ref), applied to the selected tensors."""
 
@@ -53,6 +54,7 @@ class AdaMergeX(Operation):
 
     def plan(self, ctx) -> None:
         _plan_adamergex(ctx, self)
+
 
 def _adapter(ctx, name: str, field: tuple) -> AdapterCheckpoint:
     ck = ctx.inputs[name]
@@ -133,8 +135,8 @@ def _paired(ctx, views, name, under, op: AdaMergeX, ref: Ref):
                 raise ctx.error(("mode",), f"tensor {name!r}: factor-wise AdaMergeX needs equal ranks and "
                                            f"scalings; got ranks {[t.rank for t in match]}, scalings "
                                            f"{[t.scaling for t in match]} (use mode: delta)")
-            a = linear([(1.0, raws[0][0]), (op.t, raws[1][0]), (-op.t, raws[2][0])])
-            b = linear([(1.0, raws[0][1]), (op.t, raws[1][1]), (-op.t, raws[2][1])])
+            a = Node("adamergex", [r[0] for r in raws], {"t": op.t})
+            b = Node("adamergex", [r[1] for r in raws], {"t": op.t})
             node = Node("lora", [node, a, b], {"scaling": t_task.scaling, "fan_in_fan_out": t_task.fan_in_fan_out,
                                                "label": f"adamergex factors {task.name}", "weight": 1.0})
         elif t_task.kind in ("ia3", "ia3_bias"):

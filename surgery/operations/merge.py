@@ -18,13 +18,13 @@ gradients) and checks them strictly: an unknown method or parameter is an error 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from surgery.core.graph import Node, Op, _same_shapes, register
+from surgery.core.graph import Node, Op, same_shapes, register
+from surgery.errors import did_you_mean
 from surgery.recipe.schema import Operation, Select
 
 # Methods that draw random numbers (arcee_fusion samples quantiles of tensors over 1M elements).
@@ -74,6 +74,7 @@ class Merge(Operation):
 
 # ---------------------------------------------------------------------------- mergekit access
 
+
 def method_names() -> list[str]:
     from mergekit import merge_methods
 
@@ -88,8 +89,7 @@ def get_method(name: str):
 
     names = method_names()
     if name not in names:
-        hint = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-        raise SurgeryError(f"unknown merge method {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        raise SurgeryError(f"unknown merge method {name!r}" + did_you_mean(name, names)
                            + f" (mergekit methods: {', '.join(sorted(names))})")
     return merge_methods.get(name)
 
@@ -243,18 +243,13 @@ def _shape(shapes: list[tuple], params: dict) -> tuple:
         from surgery.operations.vocab import shape
 
         return shape(shapes, params)
-    return _same_shapes(shapes, params)
+    return same_shapes(shapes, params)
 
 
 register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True))
 
 
 # ---------------------------------------------------------------------------- planner
-
-def _did_you_mean(name: str, valid: list[str]) -> str:
-    hint = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean {hint[0]!r}?" if hint else ""
-
 
 def all_parameter_names() -> set[str]:
     """Every parameter name some registered merge method takes."""
@@ -283,7 +278,7 @@ def _parse_settings(ctx, params: dict | None, valid: list[str], path: tuple, met
                               f"{method} takes: {', '.join(valid) or 'no parameters'})", stacklevel=2)
                 continue
             raise ctx.error(path + (key,), f"unknown parameter {key!r} for merge method {method!r}"
-                            + _did_you_mean(str(key), valid)
+                            + did_you_mean(str(key), valid)
                             + f" ({method} takes: {', '.join(valid) or 'no parameters'})")
         try:
             out[key] = parse_setting(value)

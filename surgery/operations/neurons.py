@@ -83,6 +83,7 @@ class RankedLayerSwap(Operation):
     def plan(self, ctx) -> None:
         _plan_ranked_layer_swap(ctx, self)
 
+
 class TransplantNeurons(Operation):
     """Copy the selected MLP neurons (rows of gate/up, columns of down) from a donor into the recipient."""
 
@@ -96,6 +97,7 @@ class TransplantNeurons(Operation):
 
     def plan(self, ctx) -> None:
         _plan_transplant_neurons(ctx, self)
+
 
 class ResetNeurons(Operation):
     """Set the selected MLP neurons of the recipient to another input's values (e.g. the base), or to zero."""
@@ -112,6 +114,7 @@ class ResetNeurons(Operation):
         _plan_reset_neurons(ctx, self)
 
 # ---------------------------------------------------------------------------- planners
+
 
 def _cached_diff(ctx, base: str, expert: str, what: str):
     from surgery.analysis.diff import diff
@@ -182,7 +185,7 @@ def _select_neurons(ctx, ns: NeuronSet, default_expert: str | None, default_base
     elif ns.file:
         if ns.top is not None or ns.expert or ns.base:
             raise ctx.error(("neurons", "file"), "give either 'file' or a ranking ('expert'/'base'/'top'), not both")
-        base_dir = ctx.recipe._base_dir or Path.cwd()
+        base_dir = ctx.recipe.base_dir or Path.cwd()
         path = Path(ns.file) if Path(ns.file).is_absolute() else base_dir / ns.file
         try:
             sel = load_neuron_set(path)

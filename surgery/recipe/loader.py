@@ -8,13 +8,12 @@ mergekit configs are recognised and translated into recipes (surgery.recipe.merg
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from surgery.errors import RecipeError
+from surgery.errors import RecipeError, did_you_mean
 from surgery.operations import OPERATIONS
 from surgery.recipe.locations import parse_yaml, where
 from surgery.recipe.mergekit_config import is_mergekit_config, translate
@@ -95,10 +94,7 @@ def _explain(model, err, loc) -> str:
     if kind == "extra_forbidden":
         valid = _fields_at(model, loc[:-1])
         key = str(loc[-1])
-        hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-        msg = f"unknown key {key!r}"
-        if hint:
-            msg += f"; did you mean {hint[0]!r}?"
+        msg = f"unknown key {key!r}" + did_you_mean(key, valid)
         return msg + f" (valid keys: {', '.join(sorted(valid))})" if valid else msg
     if kind == "missing":
         return f"missing required key {str(loc[-1])!r}"
@@ -141,8 +137,7 @@ def _validate_operation(op, index, source, lines):
                           f"({', '.join(known)})", where(source, lines, path))
     (name, body), = op.items()
     if name not in known:
-        hint = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
-        msg = f"unknown operation {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        msg = f"unknown operation {name!r}" + did_you_mean(name, known)
         raise RecipeError(msg + f" (valid: {', '.join(known)})", where(source, lines, path + (name,)))
     model = known[name]
     return _validate(model, body if body is not None else {}, path + (name,), source, lines)
@@ -155,8 +150,7 @@ def _check_names(recipe: Recipe) -> None:
 
     def check(name, path):
         if name not in recipe.inputs:
-            hint = difflib.get_close_matches(name, recipe.inputs, n=1, cutoff=0.5)
-            raise recipe.error(path, f"unknown input {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            raise recipe.error(path, f"unknown input {name!r}" + did_you_mean(name, recipe.inputs)
                                + f" (inputs: {', '.join(recipe.inputs)})")
 
     for name, spec in recipe.inputs.items():

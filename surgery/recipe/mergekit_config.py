@@ -24,13 +24,12 @@ ignores that published configs carry (a top-level ``int8_mask``) are warnings.
 
 from __future__ import annotations
 
-import difflib
 import re
 import warnings
 from pathlib import PurePosixPath
 from typing import Any
 
-from surgery.errors import RecipeError
+from surgery.errors import RecipeError, did_you_mean
 from surgery.recipe.mergekit_refs import DTYPES, IGNORED_TOP, MOE_MESSAGE, check_chat_template, is_moe_config, \
     model_ref
 
@@ -68,9 +67,7 @@ class _Translator:
             raise self.error(path, f"{what} must be a mapping (got {d!r})")
         for key in d:
             if key not in valid:
-                hint = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-                raise self.error(path + (key,), f"unknown key {key!r} in {what}"
-                                 + (f"; did you mean {hint[0]!r}?" if hint else "")
+                raise self.error(path + (key,), f"unknown key {key!r} in {what}" + did_you_mean(key, valid)
                                  + f" (valid keys: {', '.join(valid)}); mergekit would silently ignore it")
         return d
 
@@ -115,8 +112,7 @@ class _Translator:
         if value is None:
             return None
         if value not in DTYPES:
-            hint = difflib.get_close_matches(str(value), list(DTYPES), n=1, cutoff=0.5)
-            raise self.error((key,), f"unknown dtype {value!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            raise self.error((key,), f"unknown dtype {value!r}" + did_you_mean(value, DTYPES)
                              + " (float32, float16, bfloat16)")
         return DTYPES[value]
 

@@ -87,10 +87,9 @@ def check_chat_template(value) -> str:
         if importlib.resources.files(chat_templates).joinpath(value + ".jinja").is_file():
             return value
     if len(value) < 20 or "{" not in value:
-        import difflib
+        from surgery.errors import did_you_mean
 
         names = ["alpaca", "chatml", "exaone", "llama3", "mistral", "auto"]
-        hint = difflib.get_close_matches(value, names, n=1, cutoff=0.5)
-        raise ValueError(f"unknown chat template {value!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        raise ValueError(f"unknown chat template {value!r}" + did_you_mean(value, names)
                          + f" (chat_template is {CHAT_TEMPLATE_HELP})")
     return value

@@ -131,6 +131,16 @@ class Recipe(Strict):
     _vocabulary: Any = None  # (inputs key, surgery.operations.vocab.Vocabulary) once planned with a tokenizer
 
     @property
+    def base_dir(self) -> Path | None:
+        """The folder relative input paths are resolved against (the recipe file's)."""
+        return self._base_dir
+
+    @property
+    def source(self) -> str | None:
+        """The recipe's file name (or '<recipe>' for text), for messages."""
+        return self._source
+
+    @property
     def recipient_name(self) -> str:
         return self.recipient or next(iter(self.inputs))
 
@@ -143,7 +153,7 @@ class Recipe(Strict):
         return where(self._source, self._lines, path)
 
     def error(self, path: tuple, message: str) -> RecipeError:
-        return RecipeError(message, self.where(path))
+        return RecipeError(message, self.where(path), path)
 
     def to_yaml(self) -> str:
         if self._text is not None:

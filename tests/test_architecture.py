@@ -1,0 +1,55 @@
+"""The package's shape: the layers import-linter enforces, no import cycles, modules of one job."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 400  # aim for ~350: split a module by job when it grows past that
+
+
+def test_import_layers_hold():
+    """pyproject.toml's [tool.importlinter] contract: cli > pipeline > recipe loader > operations > ... > errors."""
+    pytest.importorskip("importlinter")
+    r = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports; "
+                        "raise SystemExit(lint_imports())"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others (function-local imports count)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("surgery", include_external_packages=False)
+    packages = {m for m in graph.modules if (ROOT / m.replace(".", "/") / "__init__.py").exists()}
+    cycles = []
+    for a in sorted(graph.modules - packages):
+        for b in sorted(graph.find_modules_directly_imported_by(a) - packages):
+            if graph.chain_exists(importer=b, imported=a):
+                cycles.append(" -> ".join(graph.find_shortest_chain(importer=b, imported=a)) + f" -> {b}")
+    assert not cycles, "\n".join(cycles)
+
+
+def test_modules_stay_small():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "surgery").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these by job: {long}"
+
+
+def test_every_command_is_registered():
+    """Each command module's commands are added to the group, so `python -m surgery.cli --help` lists them all."""
+    import click
+
+    import surgery.cli as cli_pkg
+    from surgery.cli import cli
+
+    defined = set()
+    for path in (ROOT / "surgery" / "cli").glob("*.py"):
+        if path.stem == "__main__":
+            continue
+        module = __import__(f"surgery.cli.{path.stem}", fromlist=["_"]) if path.stem != "__init__" else cli_pkg
+        defined |= {c.name for c in vars(module).values() if isinstance(c, click.Command) and c is not cli}
+    assert defined and defined <= set(cli.commands), defined - set(cli.commands)
+    r = subprocess.run([sys.executable, "-m", "surgery.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and all(f"  {name}" in r.stdout for name in defined), r.stdout
