@@ -231,3 +231,64 @@ def test_module_docstring_example_is_valid():
     recipe, _ = translate(data)
     assert recipe["inputs"] == {"a": "x/a"} and recipe["recipient"] == "a"
     assert not is_mergekit_config({"inputs": {"a": "x"}, "operations": []})
+
+
+MULTI = """
+name: first
+models:
+  - model: {a}
+    parameters: {{weight: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+---
+models:
+  - model: first
+    parameters: {{weight: 0.3}}
+  - model: {c}
+    parameters: {{weight: 0.7}}
+merge_method: linear
+"""
+
+
+def test_multi_stage_out_path_format_equals_named_stages(tmp_path, models):
+    """mergekit's examples/mega.yml names stages by out_path; mergekit-multi by name: the same merge."""
+    from surgery import run
+
+    named = write_config(tmp_path, "named", MULTI, models)
+    mega = write_config(tmp_path, "mega", MULTI.replace("name: first", "out_path: ./models/first")
+                        .replace("model: first", "model: ./models/first"), models)
+    run(named, tmp_path / "named_out")
+    run(mega, tmp_path / "mega_out")
+    a, b = load(tmp_path / "named_out"), load(tmp_path / "mega_out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    # the result is the linear merge of the linear merge, stage by stage in bf16 as mergekit-multi writes it
+    ma, mb, mc = load(models["a"]), load(models["b"]), load(models["c"])
+    name = "model.layers.3.mlp.up_proj.weight"
+    first = (0.5 * ma[name].float() + 0.5 * mb[name].float()).to(torch.bfloat16)
+    assert torch.equal(a[name], (0.3 * first.float() + 0.7 * mc[name].float()).to(torch.bfloat16))
+    assert not list(tmp_path.glob(".named_out.stages-*"))  # the intermediate folders are gone
+
+
+@pytest.mark.parametrize("text, message", [
+    (MULTI.replace("model: {b}", "model: second") + "---\n" + MULTI.split("---")[1]
+     + "name: second\n", "the stages use each other in a cycle: first -> second -> first"),
+    (MULTI.replace("---\n", "---\nname: first\n"), "mk.yml:10: stage 'first' is defined twice (first on line 2)"),
+    (MULTI + "---\n" + MULTI.split("---")[1], "an unnamed stage (the output) is defined twice"),
+])
+def test_bad_multi_stage_configs(tmp_path, models, text, message):
+    from surgery import SurgeryError, run
+
+    path = write_config(tmp_path, "mk", text, models)
+    with pytest.raises(SurgeryError) as e:
+        run(path, tmp_path / "out")
+    assert message in str(e.value).replace(str(path), "mk.yml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_of_a_multi_stage_config_says_why_not(tmp_path, models):
+    from surgery import SurgeryError, build_plan
+
+    path = write_config(tmp_path, "mk", MULTI, models)
+    with pytest.raises(SurgeryError, match="a multi-stage mergekit config"):
+        build_plan(path)
