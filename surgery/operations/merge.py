@@ -24,6 +24,8 @@ from typing import Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.core.graph import Node, Op, same_shapes, register
+from surgery.operations.merge_checks import all_parameter_names, check_architectures
+from surgery.operations.vocab import vocab_params
 from surgery.errors import did_you_mean
 from surgery.recipe.schema import Operation, Select
 
@@ -251,13 +253,6 @@ register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=
 
 # ---------------------------------------------------------------------------- planner
 
-def all_parameter_names() -> set[str]:
-    """Every parameter name some registered merge method takes."""
-    from mergekit import merge_methods
-
-    return {p.name for m in merge_methods.registered_methods() for p in m.spec.parameters}
-
-
 def _parse_settings(ctx, params: dict | None, valid: list[str], path: tuple, method: str,
                     shared_only: set[str] = frozenset()) -> dict:
     """Parse a scope's settings. A name no method takes is an error (a typo); one that other methods take,
@@ -329,8 +324,7 @@ def _plan_merge(ctx, op: Merge) -> None:
         ctx.annotations.append(f"{ctx.path[2]} #{ctx.path[1] + 1} ({op.method}) is random and no seed is set: "
                                "results differ between runs (set 'seed:' or --random-seed)")
 
-    _check_architectures(ctx, names)
-    from surgery.operations.vocab import vocab_params
+    check_architectures(ctx, names)
 
     entries = ctx.select(op.select)
     positions = layer_positions(entries)
@@ -368,21 +362,6 @@ def _plan_merge(ctx, op: Merge) -> None:
                 result_dtypes[key] = _result_dtype(params, stored)
             params["out_dtype"] = result_dtypes[key]
         ctx.assign(e, Node("mergekit", refs, params))
-
-
-def _check_architectures(ctx, names: list[str]) -> None:
-    """Merged inputs share one architecture (mergekit refuses others without --allow-crimes)."""
-    archs = {}
-    for m in names:
-        cfg = getattr(ctx.inputs[m], "config", None) or {}  # a plan's result (PlanReader) has no config
-        arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
-        if arch:
-            archs[m] = arch
-    if len(set(archs.values())) > 1:
-        shown = ", ".join(f"{m} is {a}" for m, a in archs.items())
-        raise ctx.error(("models",), f"the merged models have different architectures ({shown}); a merge "
-                                     "combines tensors of one architecture (mergekit refuses this too, "
-                                     "unless --allow-crimes)")
 
 
 def use_fast_kernels(recipe):

@@ -30,8 +30,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from surgery.errors import RecipeError, did_you_mean
-from surgery.recipe.mergekit_refs import DTYPES, IGNORED_TOP, MOE_MESSAGE, check_chat_template, is_moe_config, \
-    model_ref
+from surgery.recipe.mergekit_refs import DTYPES, IGNORED_TOP, MOE_MESSAGE, is_moe_config, model_ref, \
+    translate_tokenizer
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "dtype", "out_dtype", "parameters",
             "tokenizer_source", "tokenizer", "chat_template", "modules")
@@ -39,8 +39,6 @@ MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODULE_KEYS = ("models", "slices", "parameters")
-TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
-TOKEN_KEYS = ("source", "force")
 
 
 def is_mergekit_config(data) -> bool:
@@ -184,7 +182,7 @@ class _Translator:
             recipe["output"] = {"dtype": out_dtype}
         if out_dtype or compute_dtype:
             recipe.setdefault("output", {})["config_dtype"] = out_dtype or compute_dtype
-        self.tokenizer(recipe, base)
+        translate_tokenizer(self, recipe, base)
         return recipe
 
     def module(self, d: dict):
@@ -225,65 +223,6 @@ class _Translator:
         self.path_map[("operations", 0, "merge", "parameters")] = ("parameters",)
         self.path_map[("operations", 0, "merge")] = ("merge_method",)
         return [{"merge": op}], base or next(iter(entries))
-
-    def tokenizer(self, recipe: dict, base) -> None:
-        """``tokenizer`` / ``tokenizer_source`` / ``chat_template`` -> the recipe's keys of the same names."""
-        d = self.data
-        if d.get("tokenizer") is not None and d.get("tokenizer_source") is not None:
-            raise self.error(("tokenizer",), "give either 'tokenizer' or 'tokenizer_source', not both "
-                             "(mergekit: 'Cannot specify both tokenizer_source and tokenizer')")
-        tok, path = d.get("tokenizer_source"), ("tokenizer_source",)
-        section: dict = {}
-        if d.get("tokenizer") is not None:
-            section = self.check_keys(d["tokenizer"], TOKENIZER_KEYS, ("tokenizer",), "the tokenizer section")
-            tok, path = section.get("source", "union"), ("tokenizer", "source")
-        if tok is not None:
-            out: dict[str, Any] = {"source": self.tokenizer_source(tok, path)}
-            if base:
-                out["base"] = base
-            if section.get("pad_to_multiple_of") is not None:
-                out["pad_to_multiple_of"] = section["pad_to_multiple_of"]
-            if section.get("tokens"):
-                out["tokens"] = self.tokens(section["tokens"])
-            recipe["tokenizer"] = out
-        if d.get("chat_template") is not None:
-            try:
-                recipe["chat_template"] = check_chat_template(d["chat_template"])
-            except ValueError as e:
-                raise self.error(("chat_template",), str(e)) from None
-
-    def tokenizer_source(self, tok, path: tuple) -> str:
-        if tok in ("union", "base"):
-            return tok
-        try:
-            model, lora = model_ref(tok)
-        except ValueError as e:
-            raise self.error(path, str(e)) from None
-        key = model + (f"+{lora}" if lora else "")
-        if key not in self.names:  # mergekit loads any model's tokenizer; surgery wants it among the inputs
-            raise self.error(path, f"tokenizer_source {tok!r} is not one of the config's models "
-                             f"({', '.join(self.names)}), 'base' or 'union'")
-        return self.names[key]
-
-    def tokens(self, tokens) -> dict:
-        if not isinstance(tokens, dict):
-            raise self.error(("tokenizer", "tokens"), "tokens must be a mapping of token -> {source, force}")
-        out = {}
-        for token, spec in tokens.items():
-            path = ("tokenizer", "tokens", token)
-            spec = self.check_keys(spec if spec is not None else {}, TOKEN_KEYS, path, "a token entry")
-            entry: dict[str, Any] = {"force": spec.get("force", False)}
-            src = spec.get("source")
-            if isinstance(src, dict) and src.get("kind") == "zero":
-                entry["source"] = {"kind": "zero"}
-            elif isinstance(src, dict) and src.get("kind") == "model_token":
-                self.require(src, "model", path + ("source",))
-                entry["source"] = {**src, "model": self.model(src["model"], path + ("source", "model"))}
-            elif src is not None:
-                entry["source"] = self.model(src, path + ("source",))
-            out[str(token)] = entry
-            self.path_map[("tokenizer", "tokens", str(token))] = path
-        return out
 
     def slices(self, slices, prefix: tuple, base, global_params, common, spec):
         if not isinstance(slices, list):

@@ -7,6 +7,8 @@ chat template, keys mergekit ignores, and configs for mergekit's other commands 
 
 from __future__ import annotations
 
+from typing import Any
+
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
           "torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
 
@@ -24,6 +26,9 @@ IGNORED_TOP = {
     "epsilon": "mergekit reads epsilon only under 'parameters' or per model",
     "name": "'name' names a stage of a multi-stage config (mergekit-multi); a single config ignores it",
 }
+
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+TOKEN_KEYS = ("source", "force")
 
 # keys that mark a config for mergekit-moe (mergekit/moe/config.py: MoEMergeConfig)
 MOE_KEYS = ("experts", "gate_mode", "experts_per_token", "shared_experts", "architecture")
@@ -93,3 +98,64 @@ def check_chat_template(value) -> str:
         raise ValueError(f"unknown chat template {value!r}" + did_you_mean(value, names)
                          + f" (chat_template is {CHAT_TEMPLATE_HELP})")
     return value
+
+
+def translate_tokenizer(tr, recipe: dict, base) -> None:
+    """``tokenizer`` / ``tokenizer_source`` / ``chat_template`` -> the recipe's keys of the same names
+    (``tr`` is the translator: surgery.recipe.mergekit_config)."""
+    d = tr.data
+    if d.get("tokenizer") is not None and d.get("tokenizer_source") is not None:
+        raise tr.error(("tokenizer",), "give either 'tokenizer' or 'tokenizer_source', not both "
+                         "(mergekit: 'Cannot specify both tokenizer_source and tokenizer')")
+    tok, path = d.get("tokenizer_source"), ("tokenizer_source",)
+    section: dict = {}
+    if d.get("tokenizer") is not None:
+        section = tr.check_keys(d["tokenizer"], TOKENIZER_KEYS, ("tokenizer",), "the tokenizer section")
+        tok, path = section.get("source", "union"), ("tokenizer", "source")
+    if tok is not None:
+        out: dict[str, Any] = {"source": _tokenizer_source(tr, tok, path)}
+        if base:
+            out["base"] = base
+        if section.get("pad_to_multiple_of") is not None:
+            out["pad_to_multiple_of"] = section["pad_to_multiple_of"]
+        if section.get("tokens"):
+            out["tokens"] = _tokens(tr, section["tokens"])
+        recipe["tokenizer"] = out
+    if d.get("chat_template") is not None:
+        try:
+            recipe["chat_template"] = check_chat_template(d["chat_template"])
+        except ValueError as e:
+            raise tr.error(("chat_template",), str(e)) from None
+
+def _tokenizer_source(tr, tok, path: tuple) -> str:
+    if tok in ("union", "base"):
+        return tok
+    try:
+        model, lora = model_ref(tok)
+    except ValueError as e:
+        raise tr.error(path, str(e)) from None
+    key = model + (f"+{lora}" if lora else "")
+    if key not in tr.names:  # mergekit loads any model's tokenizer; surgery wants it among the inputs
+        raise tr.error(path, f"tokenizer_source {tok!r} is not one of the config's models "
+                         f"({', '.join(tr.names)}), 'base' or 'union'")
+    return tr.names[key]
+
+def _tokens(tr, tokens) -> dict:
+    if not isinstance(tokens, dict):
+        raise tr.error(("tokenizer", "tokens"), "tokens must be a mapping of token -> {source, force}")
+    out = {}
+    for token, spec in tokens.items():
+        path = ("tokenizer", "tokens", token)
+        spec = tr.check_keys(spec if spec is not None else {}, TOKEN_KEYS, path, "a token entry")
+        entry: dict[str, Any] = {"force": spec.get("force", False)}
+        src = spec.get("source")
+        if isinstance(src, dict) and src.get("kind") == "zero":
+            entry["source"] = {"kind": "zero"}
+        elif isinstance(src, dict) and src.get("kind") == "model_token":
+            tr.require(src, "model", path + ("source",))
+            entry["source"] = {**src, "model": tr.model(src["model"], path + ("source", "model"))}
+        elif src is not None:
+            entry["source"] = tr.model(src, path + ("source",))
+        out[str(token)] = entry
+        tr.path_map[("tokenizer", "tokens", str(token))] = path
+    return out
