@@ -292,3 +292,29 @@ def test_plan_of_a_multi_stage_config_says_why_not(tmp_path, models):
     path = write_config(tmp_path, "mk", MULTI, models)
     with pytest.raises(SurgeryError, match="a multi-stage mergekit config"):
         build_plan(path)
+
+
+def test_dtype_without_out_dtype_keeps_what_the_method_returns(tmp_path, models):
+    """mergekit's rule: `dtype` converts the inputs, `out_dtype` the outputs; arcee_fusion returns float32."""
+    from surgery import build_plan, load_recipe
+
+    text = "models:\n  - model: {a}\n  - model: {b}\nmerge_method: arcee_fusion\nbase_model: {a}\ndtype: bfloat16\n"
+    recipe = load_recipe(write_config(tmp_path, "mk", text, models))
+    assert (recipe.output.dtype, recipe.output.config_dtype) == (None, "bfloat16")
+    assert {e.dtype for e in build_plan(recipe).entries} == {"F32"}
+    recipe = load_recipe(write_config(tmp_path, "mk2", text + "out_dtype: float16\n", models))
+    assert (recipe.output.dtype, recipe.output.config_dtype) == ("float16", "float16")
+    assert {e.dtype for e in build_plan(recipe).entries} == {"F16"}
+
+
+def test_top_level_parameters_and_stage_keys_are_ignored_with_a_warning(tmp_path, models):
+    from surgery import load_recipe
+
+    path = write_config(tmp_path, "mk", TIES + "int8_mask: true\nout_path: ./merged\n", models)
+    with pytest.warns(UserWarning) as caught:
+        recipe = load_recipe(path)
+    messages = [str(w.message).replace(str(path), "mk.yml") for w in caught]
+    assert "mk.yml:7: int8_mask: top-level 'int8_mask' is ignored, as mergekit ignores it (mergekit reads " \
+           "int8_mask only under 'parameters')" in messages
+    assert any(m.startswith("mk.yml:8: out_path: top-level 'out_path' is ignored") for m in messages)
+    assert recipe.operations[0].parameters == {}

@@ -165,7 +165,10 @@ def test_corpus_config_matches_mergekit(name, corpus, tmp_path):
     config, text, mk_out = configs[name]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run(config, tmp_path / "out", random_seed=3)
+        result = run(config, tmp_path / "out", random_seed=3)
+    if "tokenizer" in text and "multi/" not in name:  # the plan says which rows are re-indexed, to how many
+        rows = json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"]
+        assert f"[rows re-indexed to the {rows}-token output vocabulary]" in result.plan.format(tensors=True)
     messages = [str(w.message) for w in caught]
     for expected in header(text, "expect-warning"):
         assert any(expected in m for m in messages), (expected, messages)

@@ -25,6 +25,8 @@ IGNORED_TOP = {
     "t": "mergekit reads t only under 'parameters'",
     "epsilon": "mergekit reads epsilon only under 'parameters' or per model",
     "name": "'name' names a stage of a multi-stage config (mergekit-multi); a single config ignores it",
+    "out_path": "'out_path' names a stage of a multi-document config (examples/mega.yml); a single config "
+                "ignores it",
 }
 
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
