@@ -11,9 +11,11 @@ def all_parameter_names() -> set[str]:
 
 
 def check_architectures(ctx, names: list[str]) -> None:
-    """Merged inputs share one architecture (mergekit refuses others without --allow-crimes)."""
+    """Merged inputs (and the recipient, and the models a stack takes layers from) share one architecture
+    (mergekit refuses others without --allow-crimes)."""
+    stacked = [seg.from_ for seg in ctx.recipe.stack or [] if seg.from_]  # a frankenmerge's other models
     archs = {}
-    for m in names:
+    for m in dict.fromkeys([ctx.recipient, *names, *stacked]):
         cfg = getattr(ctx.inputs[m], "config", None) or {}  # a plan's result (PlanReader) has no config
         arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
         if arch:
