@@ -24,7 +24,7 @@ from surgery.errors import SurgeryError
 from surgery.io.card import write_model_card
 from surgery.io.checkpoint import Checkpoint, TensorSource, sha256_file
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
-from surgery.operations.vocab import write_tokenizer
+from surgery.operations.vocab import check_vocabulary, write_tokenizer
 from surgery.recipe.loader import load_recipe
 from surgery.recipe.schema import Recipe
 
@@ -77,7 +77,9 @@ def extract_lora(base, tuned, out, **options):
 def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False) -> Plan:
     """Load the recipe if needed, open its inputs, and plan every output tensor (what `surgery plan` shows)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return make_plan(recipe, inputs or open_inputs(recipe, convert_bin=convert_bin))
+    plan = make_plan(recipe, inputs or open_inputs(recipe, convert_bin=convert_bin))
+    check_vocabulary(plan)
+    return plan
 
 
 @dataclass

@@ -318,3 +318,15 @@ def test_top_level_parameters_and_stage_keys_are_ignored_with_a_warning(tmp_path
            "int8_mask only under 'parameters')" in messages
     assert any(m.startswith("mk.yml:8: out_path: top-level 'out_path' is ignored") for m in messages)
     assert recipe.operations[0].parameters == {}
+
+
+def test_recipe_tokenizer_needs_merged_vocabulary_tensors(tmp_path, models):
+    """A native recipe with a tokenizer: a vocabulary tensor that no merge re-indexes is refused."""
+    from surgery import SurgeryError, build_plan, load_recipe
+
+    recipe = load_recipe({"inputs": {"base": str(models["base"]), "a": str(models["a"])}, "recipient": "base",
+                          "tokenizer": {"source": "base"},
+                          "operations": [{"merge": {"method": "linear", "models": {"a": {"weight": 1.0}},
+                                                    "select": {"layers": "0-7"}}}]})
+    with pytest.raises(SurgeryError, match="'model.embed_tokens.weight' is set by recipient"):
+        build_plan(recipe)

@@ -98,9 +98,9 @@ def _build(recipe, inputs) -> Vocabulary:
 
 def vocab_params(ctx, entry, base: str | None) -> dict:
     """Params a mergekit node over a vocabulary tensor adds (nothing for other tensors)."""
-    vocab = vocabulary(ctx)
-    if vocab is None or entry.info.kind not in VOCAB_KINDS:
+    if ctx.recipe.tokenizer is None or entry.info.kind not in VOCAB_KINDS:
         return {}
+    vocab = vocabulary(ctx)
     return {"vocab": vocab, "vocab_base": base, "reshapes": True}
 
 
@@ -124,6 +124,16 @@ def shape(shapes: list[tuple], p: dict) -> tuple:
     if len(rest) != 1:
         raise SurgeryError(f"shapes {[list(s) for s in shapes]} differ beyond the vocabulary axis")
     return (p["vocab"].rows, *shapes[0][1:])
+
+
+def check_vocabulary(plan) -> None:
+    """With a tokenizer, every vocabulary tensor must be re-indexed to it (set by a merge)."""
+    if plan.recipe.tokenizer is None:
+        return
+    for e in plan.entries:
+        if e.info.kind in VOCAB_KINDS and getattr(e.node, "params", {}).get("vocab") is None:
+            raise plan.recipe.error(("tokenizer",), f"with a tokenizer, the vocabulary tensors must be set by a "
+                                    f"merge, which re-indexes their rows; {e.name!r} is set by {e.rule}")
 
 
 # ---------------------------------------------------------------------------- output files
