@@ -32,11 +32,12 @@ MANIFEST_NAME = "surgery_manifest.json"
 RECIPE_NAME = "surgery_recipe.yaml"
 
 
-def open_inputs(recipe: Recipe, *, convert_bin: bool = False) -> dict:
-    """Open every input of a recipe: checkpoints first, then adapters over the checkpoints they apply to."""
-    out = {}
+def open_inputs(recipe: Recipe, *, convert_bin: bool = False, opened: dict | None = None) -> dict:
+    """Open every input of a recipe: checkpoints first, then adapters over the checkpoints they apply to.
+    ``opened``: inputs already open (by name), e.g. an earlier stage's output."""
+    out = dict(opened or {})
     for name, ref in recipe.inputs.items():
-        if not isinstance(ref, str):
+        if not isinstance(ref, str) or name in out:
             continue
         try:
             out[name] = Checkpoint.open(ref, convert_bin=convert_bin, base_dir=recipe.base_dir)
@@ -95,10 +96,12 @@ class RunResult:
 
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
-        convert_bin: bool = False, random_seed: int | None = None) -> RunResult:
+        convert_bin: bool = False, random_seed: int | None = None, inputs: dict | None = None) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
-    ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods).
+    ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). ``inputs``: the
+    recipe's inputs, already open (default: opened here). A YAML file with several documents is a
+    multi-stage mergekit config (see ``_run_stages``).
     """
     start = time.perf_counter()
     if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) and Path(recipe).is_file():
@@ -113,17 +116,12 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         recipe.seed = random_seed
     out = Path(out)
     check_target(out.resolve(), force)
-    plan = build_plan(recipe, convert_bin=convert_bin)
+    plan = build_plan(recipe, inputs=inputs, convert_bin=convert_bin)
     with ThreadPoolExecutor(max_workers=1) as pool, atomic_dir(out, force=force) as tmp:
         # hashing the inputs runs beside the tensor stream, on the other core
         hashes = {name: {f.name: pool.submit(sha256_file, f) for f in ck.files} for name, ck in plan.inputs.items()}
         shards = execute(plan, tmp, quiet=quiet)
-        tokenizer_from = recipe.output.tokenizer_from or plan.config_source
-        support = copy_support_files(plan.inputs[plan.config_source].root, tmp, plan.inputs[tokenizer_from].root)
-        config = patch_config(_read_json(tmp / "config.json"), plan) if "config.json" in support else None
-        config = write_tokenizer(recipe, plan.inputs, tokenizer_from, tmp, config)
-        if config is not None:
-            write_json(tmp / "config.json", config)
+        write_support_files(plan, tmp)
         recipe_text = recipe.to_yaml()
         (tmp / RECIPE_NAME).write_text(recipe_text)
         write_model_card(tmp, plan, recipe_text, name=out.name)
@@ -136,9 +134,36 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
     return RunResult(out.resolve(), plan, time.perf_counter() - start, files)
 
 
+def write_support_files(plan: Plan, folder: Path) -> None:
+    """config.json (patched to the output), generation config and tokenizer files, beside the tensors."""
+    recipe = plan.recipe
+    tokenizer_from = recipe.output.tokenizer_from or plan.config_source
+    support = copy_support_files(plan.inputs[plan.config_source].root, folder, plan.inputs[tokenizer_from].root)
+    config = patch_config(_read_json(folder / "config.json"), plan) if "config.json" in support else None
+    config = write_tokenizer(recipe, plan.inputs, tokenizer_from, folder, config)
+    if config is not None:
+        write_json(folder / "config.json", config)
+
+
+class StageOutput(PlanReader):
+    """An earlier stage of a multi-stage config as an input: its tensors computed on demand from its plan
+    (never written), its config and tokenizer files written to ``root``."""
+
+    def __init__(self, plan: Plan, root: Path, ref: str):
+        super().__init__(plan, ref)
+        self.root, self.revision, self.files = root, None, []
+        self.config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+
+    def close(self) -> None:
+        for ck in self.plan.inputs.values():
+            ck.close()
+
+
 def _run_stages(text: str, source: str, out, **options) -> RunResult:
-    """A multi-stage mergekit config (mergekit-multi), stage by stage: each stage the output needs is written
-    to a temporary folder beside the output, which later stages read; the last stage is the output."""
+    """A multi-stage mergekit config (mergekit-multi) as one stream: each earlier stage the output needs is
+    planned, its small files (config, tokenizer) written to a temporary folder, and its tensors computed
+    on demand where later stages read them. A LoRA applied to a stage's output needs that output on disk:
+    then every stage is written to the temporary folder first, as mergekit-multi does."""
     import tempfile
 
     from surgery.recipe.loader import load_mergekit
@@ -146,16 +171,31 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
 
     start = time.perf_counter()
     stages = load_stages(text, source)
+    on_disk = any(stage.applies_lora_to_stage() for stage in stages)
     out = Path(out)
     check_target(out.resolve(), options.get("force", False))
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.stages-", dir=out.resolve().parent) as tmp:
         folders: dict[str, Path] = {}
-        for stage in stages:
+        staged: dict[str, StageOutput] = {}  # folder -> the stage's output, in memory
+        for i, stage in enumerate(stages):
             recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text)
-            target = out if stage is stages[-1] else Path(tmp) / f"stage{len(folders)}"
-            result = run(recipe, target, **options)
-            folders[stage.name] = target.resolve()
+            opened = {n: staged[ref] for n, ref in recipe.inputs.items() if isinstance(ref, str) and ref in staged}
+            inputs = open_inputs(recipe, convert_bin=options.get("convert_bin", False), opened=opened)
+            if stage is stages[-1]:
+                result = run(recipe, out, inputs=inputs, **options)
+                break
+            folder = Path(tmp) / f"stage{i}"
+            if on_disk:
+                run(recipe, folder, inputs=inputs, **options)
+            else:
+                if options.get("random_seed") is not None:
+                    recipe.seed = options["random_seed"]
+                folder.mkdir()
+                plan = build_plan(recipe, inputs=inputs)
+                write_support_files(plan, folder)
+                staged[str(folder.resolve())] = StageOutput(plan, folder, f"{source} (stage {stage.name!r})")
+            folders[stage.name] = folder.resolve()
     result.seconds = time.perf_counter() - start
     return result
 

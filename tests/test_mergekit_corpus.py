@@ -132,7 +132,8 @@ def corpus(tmp_path_factory):
         config, text = write(root, CORPUS / "multi" / f"{name}.yml", models)
         out[f"multi/{name}"] = (config, text, root / f"mk_{name}")
         jobs.append(("multi", [str(config), "--intermediate-dir", str(root / f"mk_{name}_stages"), "--out-path",
-                               str(root / f"mk_{name}"), "--no-write-model-card", "--quiet"]))
+                               str(root / f"mk_{name}"), "--no-write-model-card", "--quiet",
+                               "--lora-merge-cache", str(root / "lora_cache")]))
     run_mergekit(jobs)
     return models, out
 
@@ -158,14 +159,22 @@ def assert_same_files(mk: Path, ours: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS + [f"multi/{n}" for n in MULTI])
-def test_corpus_config_matches_mergekit(name, corpus, tmp_path):
+def test_corpus_config_matches_mergekit(name, corpus, tmp_path, monkeypatch):
     from surgery import run
 
     models, configs = corpus
     config, text, mk_out = configs[name]
+    executed = []
+    import surgery.pipeline
+
+    real = surgery.pipeline.execute
+    monkeypatch.setattr(surgery.pipeline, "execute", lambda plan, *a, **k: executed.append(plan) or real(plan, *a, **k))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run(config, tmp_path / "out", random_seed=3)
+    # one stream for a multi-stage file: earlier stages are computed where the output reads them, unless a
+    # LoRA is applied to a stage's output (then that stage is written first)
+    assert len(executed) == (2 if "lora_on_stage" in name else 1)
     if "tokenizer" in text and "multi/" not in name:  # the plan says which rows are re-indexed, to how many
         rows = json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"]
         assert f"[rows re-indexed to the {rows}-token output vocabulary]" in result.plan.format(tensors=True)

@@ -28,6 +28,10 @@ class Stage:
     lines: dict
     needs: set[str] = field(default_factory=set)
 
+    def applies_lora_to_stage(self) -> bool:
+        """True if a reference 'stage+lora' applies an adapter to another stage's output."""
+        return any(_lora_on(v, self.needs) for v in _strings(self.data))
+
     def with_outputs(self, folders: dict[str, Path]) -> dict:
         """The stage's config with every reference to another stage replaced by that stage's folder."""
         return _replace(self.data, {n: str(p) for n, p in folders.items()})
@@ -98,6 +102,18 @@ def _order(stages: list[Stage], source: str) -> list[Stage]:
 
     visit(final)
     return ordered
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def _lora_on(value: str, names) -> bool:
+    return "+" in value and _is_ref_to(value, names) is not None
 
 
 def _is_ref_to(value: str, names) -> str | None:
