@@ -175,9 +175,9 @@ class _Translator:
                                                                  common, spec)
         recipe["recipient"] = recipient
         recipe["operations"] = operations
-        for key, value in (("out_dtype", out_dtype), ("dtype", compute_dtype)):
-            if value == "float64":
-                raise self.error((key,), "float64 output is not supported")
+        if (out_dtype or compute_dtype) == "float64":  # the output would be float64
+            raise self.error(("out_dtype" if out_dtype else "dtype",), "float64 output is not supported; "
+                             "set out_dtype to float32, float16 or bfloat16")
         if out_dtype:  # without out_dtype mergekit writes each tensor as its method returns it
             recipe["output"] = {"dtype": out_dtype}
         if out_dtype or compute_dtype:
