@@ -38,39 +38,45 @@ class Stage:
 
 
 def is_multi_document(text: str) -> bool:
-    """True for a YAML text with several documents (a cheap check before parsing)."""
+    """True for a YAML text with several documents (composed only: aliases are not expanded here)."""
     import yaml
 
     try:
-        return sum(1 for doc in yaml.safe_load_all(text) if doc is not None) > 1
-    except yaml.YAMLError:
-        return False
+        return sum(1 for node in yaml.compose_all(text, Loader=yaml.SafeLoader) if node is not None) > 1
+    except (yaml.YAMLError, RecursionError):
+        return False  # the single-document parser reports it
 
 
 def load_stages(text: str, source: str) -> list[Stage]:
+    """The stages of a multi-document config, checked as recipes are (plain YAML, bounded aliases)."""
     import yaml
 
-    from surgery.recipe.locations import index_lines
+    from surgery.recipe.locations import _Budget, _mark, _problem, index_lines
 
     try:
-        nodes = [n for n in yaml.compose_all(text) if n is not None]
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        nodes = [n for n in yaml.compose_all(text, Loader=yaml.SafeLoader) if n is not None]
+        budget = _Budget()
+        indexes = []
+        for node in nodes:
+            lines: dict = {}
+            index_lines(node, (), lines, source, budget)
+            indexes.append(lines)
+        docs = [d for d in yaml.load_all(text, Loader=yaml.SafeLoader) if d is not None]
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise RecipeError(f"invalid YAML: {getattr(e, 'problem', e)}", f"{source}:{mark.line + 1}" if mark else source)
+        raise RecipeError(f"invalid YAML: {_problem(e)}", _mark(e, source)) from None
+    except RecursionError:
+        raise RecipeError("YAML nested too deeply", source) from None
     stages, first_line = [], {}
-    for node, doc in zip(nodes, docs):
-        lines: dict = {}
-        index_lines(node, (), lines, source)
+    for lines, doc in zip(indexes, docs):
         if not isinstance(doc, dict):
             raise RecipeError("each document of a multi-stage config is a mergekit config", f"{source}:{lines[()]}")
         keys = [k for k in STAGE_KEYS if doc.get(k) is not None]
         name = str(doc[keys[0]]) if keys else None
-        where = f"{source}:{lines.get((keys[0],), lines[()]) if keys else lines[()]}"
+        line = lines.get((keys[0],), lines[()]) if keys else lines[()]
         if name in first_line:
             what = f"stage {name!r}" if name else "an unnamed stage (the output)"
-            raise RecipeError(f"{what} is defined twice (first on line {first_line[name]})", where)
-        first_line[name] = lines.get((keys[0],), lines[()]) if keys else lines[()]
+            raise RecipeError(f"{what} is defined twice (first on line {first_line[name]})", f"{source}:{line}")
+        first_line[name] = line
         stages.append(Stage(name, {k: v for k, v in doc.items() if k not in STAGE_KEYS}, lines))
     names = {s.name for s in stages if s.name}
     for s in stages:
