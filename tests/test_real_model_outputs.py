@@ -211,6 +211,24 @@ def test_diff_cli_accepts_an_adapter_folder(fam, tmp_path):
     assert stats["model.layers.3.self_attn.k_proj.weight"]["delta_norm"] == 0.0
 
 
+def test_diff_cli_accepts_a_recipe_as_expert_or_base(fam, tmp_path):
+    """A recipe is read as its result, computed in memory: the same statistics as its written output."""
+    recipe = tmp_path / "swap.yaml"
+    recipe.write_text(f"inputs: {{base: {fam['base']}, lang: {fam['lang']}}}\n"
+                      "operations:\n  - layer_swap: {donor: lang, bottom: 3}\n")
+    surgery.run(recipe, tmp_path / "out")
+
+    def tensors(*args):
+        res = CliRunner().invoke(cli, ["diff", *map(str, args), "--json", "--no-heads", "--no-neurons"])
+        assert res.exit_code == 0, res.output
+        return {t["name"]: t for t in json.loads(res.output)["tensors"]}
+
+    from_recipe, written = tensors(fam["base"], f"x={recipe}"), tensors(fam["base"], f"x={tmp_path / 'out'}")
+    assert from_recipe == written and from_recipe[Q3]["delta_norm"] == 0.0
+    assert from_recipe["model.layers.1.mlp.up_proj.weight"]["delta_norm"] > 0
+    assert tensors(recipe, f"x={tmp_path / 'out'}")[Q3]["delta_norm"] == 0.0  # a recipe as the base
+
+
 # ---------------------------------------------------------------------------- 8: every neuron index recorded
 
 def test_plan_json_and_manifest_record_every_neuron(fam, tmp_path):
@@ -256,6 +274,9 @@ def test_heatmap_scales_each_column_and_shows_outer_tensors(fam, tmp_path):
     assert attn.max() == pytest.approx(1.0) and attn.min() > 0.5  # not flattened by the norm outlier
     norm = colours[1:-1, cols.index("norm")]
     assert norm[0] == pytest.approx(1.0) and norm[1:].max() < 0.1
+    from surgery.analysis.plot import outer_positions
+
+    assert outer_positions(result, list(range(8))) == {"embed": -2, "norm": 9}  # beside the layers, with a gap
     res = CliRunner().invoke(cli, ["diff", str(fam["base"]), f"odd={odd}", "--plot", str(tmp_path / "d.png"), "-q"])
     assert res.exit_code == 0, res.output
     for f in ("d.png", "d_layers.png"):

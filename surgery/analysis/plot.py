@@ -25,6 +25,7 @@ def _plt():
 OUTER_BEFORE = ("embed",)             # rows above layer 0
 OUTER_AFTER = ("norm", "lm_head")     # rows below the last layer (the final norm, the output head)
 OUTER_LABELS = {"embed": "embeddings", "norm": "final norm", "lm_head": "lm_head", "other": "other (outside layers)"}
+TICK_LABELS = {"embed": "embed", "norm": "final\nnorm", "lm_head": "lm\nhead"}
 
 
 def heatmap_data(result, metric: str = "relative"):
@@ -104,7 +105,7 @@ def plot_heatmap(result, path, metric: str = "relative") -> Path:
                                 color="black" if col[r, c] > 0.6 else "white")
     axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="share of the column's largest value")
-    fig.suptitle(f"Change vs base by layer and module ({LABELS.get(metric, metric)})", fontsize=11)
+    fig.suptitle(f"Change vs base by layer and module\n({LABELS.get(metric, metric)})", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -116,8 +117,8 @@ def outer_positions(result, layers) -> dict:
     norm and lm_head right of the last layer."""
     present = {g for e in result.experts.values() for g in e.outer}
     first, last = (layers[0], layers[-1]) if layers else (0, -1)
-    out = {g: first - 1 - k for k, g in enumerate(g for g in OUTER_BEFORE if g in present)}
-    out.update({g: last + 1 + k for k, g in enumerate(g for g in OUTER_AFTER if g in present)})
+    out = {g: first - 2 - k for k, g in enumerate(g for g in OUTER_BEFORE if g in present)}
+    out.update({g: last + 2 + k for k, g in enumerate(g for g in OUTER_AFTER if g in present)})
     return out
 
 
@@ -162,7 +163,7 @@ def plot_layers(result, path, metric: str = "relative") -> Path:
         ax2.legend(fontsize=9)
     axes[-1][0].set_xlabel("layer")
     ticks = [(i, str(i)) for i in layers] if len(layers) <= 40 else []
-    ticks += [(x, OUTER_LABELS[g].replace(" ", "\n")) for g, x in positions.items()]
+    ticks += [(x, TICK_LABELS[g]) for g, x in positions.items()]
     if ticks:
         axes[-1][0].set_xticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=8)
     path = Path(path)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from surgery.cli.options import threads_opt
+from surgery.cli.options import show_progress, threads_opt
 
 
 DTYPES = click.Choice(["float32", "float16", "bfloat16"])
@@ -47,7 +47,7 @@ def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_
 
     if rank is None and energy is None:
         raise SurgeryError("give --rank R or --energy F")
-    with tqdm(desc="extract-lora", unit="tensor", disable=quiet or as_json, leave=False) as bar:
+    with tqdm(desc="extract-lora", unit="tensor", disable=not show_progress(quiet, as_json), leave=False) as bar:
         def progress(done: int, total: int, name: str) -> None:
             bar.total, bar.n = total, done
             bar.set_postfix_str(name, refresh=True)

@@ -106,3 +106,12 @@ class PlanReader:
 
     def get(self, name: str):
         return self.get_float(name).to(torch_dtype(self.meta[name].dtype))
+
+    @property
+    def config(self) -> dict:
+        """The config the output would get from (before its layer count and dtype are patched)."""
+        return self.plan.inputs[self.plan.config_source].config
+
+    def close(self) -> None:
+        for ck in self.plan.inputs.values():
+            ck.close()
