@@ -185,11 +185,12 @@ class StageOutput(PlanReader):
     def __init__(self, plan: Plan, root: Path, ref: str):
         super().__init__(plan, ref)
         self.root, self.revision, self.files = root, None, []
-        self.config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+        self._config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
 
-    def close(self) -> None:
-        for ck in self.plan.inputs.values():
-            ck.close()
+    @property
+    def config(self) -> dict:
+        """The stage's written config.json (its layer count, dtype and vocabulary size patched)."""
+        return self._config
 
 
 def _run_stages(text: str, source: str, out, **options) -> RunResult:
