@@ -12,6 +12,13 @@ from surgery.cli.options import threads_opt
 DTYPES = click.Choice(["float32", "float16", "bfloat16"])
 
 
+def _interactive() -> bool:
+    """A progress bar only on a terminal: in a pipe or a log its redraws would bury the error line."""
+    import sys
+
+    return sys.stderr.isatty()
+
+
 @click.command("extract-lora", epilog="""\b
 Examples:
   surgery extract-lora models/base models/sw-expert -o out/sw-lora --rank 16
@@ -47,7 +54,7 @@ def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_
 
     if rank is None and energy is None:
         raise SurgeryError("give --rank R or --energy F")
-    with tqdm(desc="extract-lora", unit="tensor", disable=quiet or as_json, leave=False) as bar:
+    with tqdm(desc="extract-lora", unit="tensor", disable=quiet or as_json or not _interactive(), leave=False) as bar:
         def progress(done: int, total: int, name: str) -> None:
             bar.total, bar.n = total, done
             bar.set_postfix_str(name, refresh=True)
