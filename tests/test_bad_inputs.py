@@ -399,6 +399,8 @@ CASES = [
      "{w}/good: the output would replace the input {w}/good; choose another output folder"),
     ("mergekit-dot", recipe(MK.replace("bad", "good2"), "mk.yml"), ["mergekit", "mk.yml", ".", "--force"],
      "{w}: the output would replace the input {w}/good; choose another output folder"),
+    ("demo-over-a-folder", lambda w: None, ["demo", "--dir", "good"],
+     "{w}/good: already exists and is not a previous demo folder; choose another --dir"),
     # ---- recipes
     ("yaml-python-tag", recipe("inputs: !!python/object/apply:os.system ['echo hi']\n"), ["validate", "recipe.yaml"],
      "recipe.yaml:1: unsupported YAML tag '!!python/object/apply:os.system'; recipes are plain YAML"),

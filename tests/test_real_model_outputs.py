@@ -106,7 +106,10 @@ def test_every_computing_command_takes_threads(command):
 def test_extract_lora_shows_progress(fam, tmp_path, monkeypatch):
     import surgery.cli.adapters
 
-    monkeypatch.setattr(surgery.cli.adapters, "_interactive", lambda: True)  # CliRunner's stderr is no terminal
+    from surgery.cli.options import show_progress
+
+    # CliRunner's stderr is no terminal: the rule as on one
+    monkeypatch.setattr(surgery.cli.adapters, "show_progress", lambda *silenced: not any(silenced))
     res = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "x"),
                                    "--rank", "2", "--threads", "1"])
     assert res.exit_code == 0, res.output
@@ -115,7 +118,7 @@ def test_extract_lora_shows_progress(fam, tmp_path, monkeypatch):
     quiet = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "y"),
                                      "--rank", "2", "-q"])
     assert quiet.exit_code == 0 and "extract-lora:" not in quiet.stderr
-    monkeypatch.setattr(surgery.cli.adapters, "_interactive", lambda: False)
+    monkeypatch.setattr(surgery.cli.adapters, "show_progress", show_progress)  # the real rule: not a terminal
     piped = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "z"),
                                      "--rank", "2"])
     assert piped.exit_code == 0 and piped.stderr == ""

@@ -6,17 +6,10 @@ import json
 
 import click
 
-from surgery.cli.options import threads_opt
+from surgery.cli.options import show_progress, threads_opt
 
 
 DTYPES = click.Choice(["float32", "float16", "bfloat16"])
-
-
-def _interactive() -> bool:
-    """A progress bar only on a terminal: in a pipe or a log its redraws would bury the error line."""
-    import sys
-
-    return sys.stderr.isatty()
 
 
 @click.command("extract-lora", epilog="""\b
@@ -54,7 +47,7 @@ def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_
 
     if rank is None and energy is None:
         raise SurgeryError("give --rank R or --energy F")
-    with tqdm(desc="extract-lora", unit="tensor", disable=quiet or as_json or not _interactive(), leave=False) as bar:
+    with tqdm(desc="extract-lora", unit="tensor", disable=not show_progress(quiet, as_json), leave=False) as bar:
         def progress(done: int, total: int, name: str) -> None:
             bar.total, bar.n = total, done
             bar.set_postfix_str(name, refresh=True)

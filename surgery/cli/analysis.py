@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgery.cli.options import threads_opt
+from surgery.cli.options import show_progress, threads_opt
 
 
 DIFF_EPILOG = """\b
@@ -82,14 +82,12 @@ def diff(base, experts, as_json, csv_path, plot_path, top_k, global_k, metric, n
         raise SurgeryError("--save-neurons needs exactly one expert")
     if save_neurons and not neurons:
         raise SurgeryError("--save-neurons needs neuron scores; drop --no-neurons")
-    import sys
-
     from surgery.pipeline import open_source
 
     base_ck = open_source(base)
     sources = {name: open_source(ref, base=base_ck) for name, ref in named.items()}  # adapters apply to BASE
     result = run_diff(base_ck, sources, tol=tol, neurons=neurons, heads=heads,
-                      progress=not (quiet or as_json) and sys.stderr.isatty())  # bars for a person at a terminal
+                      progress=show_progress(quiet, as_json))
     if csv_path:
         result.to_csv(csv_path)
     if plot_path:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from surgery.cli.options import threads_opt
+from surgery.cli.options import show_progress, threads_opt
 
 EPILOG = """\b
 Examples:
@@ -56,7 +56,7 @@ def eval_command(targets, data, lm_eval, include_path, limit, seed, device, dtyp
     report = evaluate(list(targets), list(data) or None, lm_eval=lm_eval, include_path=include_path, limit=limit,
                       seed=seed, device=device, dtype=None if dtype == "auto" else dtype, batch_size=batch_size,
                       chat=chat, max_length=max_length, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
-                      quiet=quiet or as_json)
+                      quiet=not show_progress(quiet, as_json))
     if csv_path:
         Path(csv_path).write_text(report.to_csv())
     if plot_path:

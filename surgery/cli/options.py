@@ -33,3 +33,10 @@ def push_options(fn):
     ]):
         fn = option(fn)
     return fn
+
+
+def show_progress(*silenced: bool) -> bool:
+    """Progress bars are for a person at a terminal: not with --quiet/--json, not into logs or pipes."""
+    import sys
+
+    return not any(silenced) and sys.stderr.isatty()

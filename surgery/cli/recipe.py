@@ -6,7 +6,7 @@ import json
 
 import click
 
-from surgery.cli.options import convert_opt, push_options, recipe_arg, threads_opt
+from surgery.cli.options import convert_opt, push_options, recipe_arg, show_progress, threads_opt
 from surgery.errors import SurgeryError
 
 
@@ -47,10 +47,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         from surgery.recipe.loader import load_recipe
 
         recipe = use_fast_kernels(load_recipe(recipe))
-    import sys
-
-    # a progress bar only for a person at a terminal: logs and scripts get the result or one error line
-    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json or not sys.stderr.isatty(),
+    result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
                         convert_bin=convert_bin,
                         random_seed=random_seed, allow_nonfinite=allow_nonfinite)
     if not quiet and not as_json:
@@ -123,26 +120,25 @@ def demo(folder, quiet):
     """Make tiny demo checkpoints (base, math, swahili, english) and run a layer swap on them."""
     from pathlib import Path
 
-    from surgery.demo import DEMO_RECIPE, make_demo
-    from surgery.pipeline import run as run_recipe
+    from surgery.demo import DEMO_RECIPE, check_loads, make_demo
+    from surgery.io.output import demo_folder
     from surgery.pipeline import build_plan
+    from surgery.pipeline import run as run_recipe
     from surgery.recipe.loader import load_recipe
 
-    folder = Path(folder)
-    paths = make_demo(folder / "checkpoints")
-    click.echo(f"made demo checkpoints in {folder / 'checkpoints'}: {', '.join(paths)}")
-    click.echo("  swahili/english: language experts, changed mostly in layers 0-1 and 6-7; "
-               "math: task expert, changed mostly in layers 3-4")
-    adapters = sorted(p.name for p in (folder / "checkpoints").glob("lora-*"))
-    if adapters:
-        click.echo(f"  PEFT LoRA adapters of the experts: {', '.join(adapters)}")
-    recipe_path = folder / "layer_swap.yaml"
-    recipe_path.write_text(DEMO_RECIPE)
-    recipe = load_recipe(recipe_path)
-    click.echo(f"\nrecipe {recipe_path}:\n{build_plan(recipe).format()}\n")
-    result = run_recipe(recipe, folder / "out" / "math-swahili-swap", force=True, quiet=quiet)
-    click.echo(f"wrote {len(result.plan.entries)} tensors to {result.output} in {result.seconds:.1f}s")
-    click.echo(f"  files: {', '.join(result.files)}")
-    from surgery.demo import check_loads
-
-    click.echo(f"  {check_loads(result.output)}")
+    with demo_folder(Path(folder)) as folder:  # new, empty or a previous demo; removed if the demo fails
+        paths = make_demo(folder / "checkpoints")
+        click.echo(f"made demo checkpoints in {folder / 'checkpoints'}: {', '.join(paths)}")
+        click.echo("  swahili/english: language experts, changed mostly in layers 0-1 and 6-7; "
+                   "math: task expert, changed mostly in layers 3-4")
+        adapters = sorted(p.name for p in (folder / "checkpoints").glob("lora-*"))
+        if adapters:
+            click.echo(f"  PEFT LoRA adapters of the experts: {', '.join(adapters)}")
+        recipe_path = folder / "layer_swap.yaml"
+        recipe_path.write_text(DEMO_RECIPE)
+        recipe = load_recipe(recipe_path)
+        click.echo(f"\nrecipe {recipe_path}:\n{build_plan(recipe).format()}\n")
+        result = run_recipe(recipe, folder / "out" / "math-swahili-swap", force=True, quiet=quiet)
+        click.echo(f"wrote {len(result.plan.entries)} tensors to {result.output} in {result.seconds:.1f}s")
+        click.echo(f"  files: {', '.join(result.files)}")
+        click.echo(f"  {check_loads(result.output)}")

@@ -99,6 +99,26 @@ def check_target(target, force: bool, *, inputs=()) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def demo_folder(folder: Path):
+    """The folder `surgery demo` fills: new, empty, or a previous demo (never another folder); removed if
+    the demo fails and it did not exist before."""
+    folder = _absolute(folder)
+    existed = os.path.lexists(folder)
+    if existed and not (is_surgery_output(folder) or (folder / "checkpoints" / "profiles.json").is_file()):
+        raise SurgeryError(f"{folder}: already exists and is not a previous demo folder; choose another --dir")
+    created = [] if existed else [folder] + _make_parents(folder)
+    try:
+        folder.mkdir(exist_ok=True)
+        yield folder
+        write_json(folder / MARKER_NAME, {"tool": "surgery", "command": "demo"})
+    except BaseException:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+            _remove_created(created[1:])
+        raise
+
+
 def is_surgery_output(path: Path) -> bool:
     """A folder surgery wrote (it holds the marker or a run manifest), or an empty folder."""
     if path.is_symlink() or not path.is_dir():
