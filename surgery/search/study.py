@@ -86,7 +86,7 @@ def open_study(spec: Search, storage: str):
             raise SurgeryError(f"cannot open the study store {storage!r}: {str(e).splitlines()[0]}") from None
         raise
     done = len(study.get_trials(deepcopy=False))
-    if done:  # a resumed study: a sampler seeded as at the start would propose the same points again
+    if done and spec.sampler != "grid":  # resumed: a sampler seeded as at the start would repeat its proposals
         study.sampler = make_sampler(spec, seed=spec.seed + done)
     return study
 
@@ -107,7 +107,11 @@ def make_sampler(spec: Search, seed: int | None = None):
             def after_trial(self, study, trial, state, values):
                 pass  # the loop counts trials itself; GridSampler's study.stop() only works inside optimize()
 
-        return Grid(spec.grid_space(), seed=seed)
+            def point(self, grid_id: int) -> dict:
+                return dict(zip(self._param_names, self._all_grids[grid_id]))
+
+        # the grid's order comes from the seed and grid ids index it: a resumed grid keeps the seed
+        return Grid(spec.grid_space(), seed=spec.seed)
     if spec.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
@@ -134,22 +138,32 @@ def _alive(pid: int) -> bool:
 
 
 def redo_interrupted(study) -> list[int]:
-    """Trials left RUNNING by a process of this host that no longer exists: mark them failed
-    (``interrupted``) and queue their parameters again. Trials of live processes or other hosts
-    (a shared store) are left alone."""
+    """Trials left RUNNING by a process of this host that no longer exists (or by one killed before
+    it could sign the trial): mark them failed (``interrupted``) and queue their parameters again.
+    Trials of live processes or of other hosts (a shared store) are left alone."""
     from optuna.trial import TrialState
 
     redone = []
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        h, _, pid = str(t.user_attrs.get("owner", ":")).rpartition(":")
+        h, _, pid = str(t.user_attrs.get("owner", f"{host}:")).rpartition(":")
         if h != host or (pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid()):
             continue
+        params = t.params or t.system_attrs.get("fixed_params") or grid_point(study.sampler, t)
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"redo_of": t.number})
+        if params:  # killed before anything was sampled: nothing to redo, the next trial samples anew
+            study.enqueue_trial(params, user_attrs={"redo_of": t.number})
         redone.append(t.number)
     return redone
+
+
+def grid_point(sampler, trial) -> dict:
+    """The parameters of the grid point a trial was given before it sampled them (grid sampler)."""
+    grid_id = trial.system_attrs.get("grid_id")
+    if grid_id is None or not hasattr(sampler, "point"):
+        return {}
+    return sampler.point(grid_id)
 
 
 def count_finished(study) -> int:
