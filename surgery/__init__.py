@@ -24,6 +24,7 @@ _EXPORTS = {
     "evaluate": "eval.api", "evaluate_recipe": "eval.api", "load_datasets": "eval.data", "EvalReport": "eval.report",
     "diff": "analysis.diff", "DiffResult": "analysis.diff",
     "save_neuron_set": "analysis.neuron_set", "load_neuron_set": "analysis.neuron_set",
+    "set_threads": "core.threads",
     "search": "search", "load_search": "search.config",
 }
 

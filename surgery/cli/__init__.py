@@ -38,6 +38,11 @@ class SurgeryGroup(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)
+        except OSError as e:  # the file system refused something no check could foresee (a race, a device)
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e.filename or 'file system'}: {e.strerror or e}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
             ctx.exit(130)

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from surgery.cli.options import show_progress, threads_opt
 
 EPILOG = """\b
 Examples:
@@ -43,6 +44,7 @@ Data files (the kind is told from the keys; docs/eval.md):
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the scores as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also write grouped bars as PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@threads_opt
 def eval_command(targets, data, lm_eval, include_path, limit, seed, device, dtype, batch_size, max_length,
                  max_new_tokens, chat, tokenizer, as_json, csv_path, plot_path, quiet):
     """Evaluate each TARGET (a checkpoint directory, or a recipe built in memory without writing it)
@@ -54,7 +56,7 @@ def eval_command(targets, data, lm_eval, include_path, limit, seed, device, dtyp
     report = evaluate(list(targets), list(data) or None, lm_eval=lm_eval, include_path=include_path, limit=limit,
                       seed=seed, device=device, dtype=None if dtype == "auto" else dtype, batch_size=batch_size,
                       chat=chat, max_length=max_length, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
-                      quiet=quiet or as_json)
+                      quiet=not show_progress(quiet, as_json))
     if csv_path:
         Path(csv_path).write_text(report.to_csv())
     if plot_path:

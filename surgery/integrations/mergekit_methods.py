@@ -331,7 +331,7 @@ def _apply(kind: str, op, method: str, group, tensors: dict, layout_source, num_
     entry = Entry(name, info, name, Ref(recipient, name, info.layer, info.layer))
     # the inputs as planners see them: each role's one tensor, metadata only
     inputs = {role: _OneTensor(name, t) for role, t in tensors.items()}
-    ctx = Context(recipe, inputs, layout, [entry], list(range(n or 0)), [])
+    ctx = Context(recipe, inputs, layout, [entry], list(range(n or 0)), [], partial=True)
     ctx.path = ("operations", 0, kind)
     try:
         op.plan(ctx)
