@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 import surgery
-from helpers import run_cli
 from surgery.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]

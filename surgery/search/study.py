@@ -27,11 +27,12 @@ STORE_NAME = "study.db"
 
 def search(search_file, out, *, trials: int | None = None, sampler: str | None = None, workers: int = 0,
            ray_address: str | None = None, storage: str | None = None, write_best: bool = False,
-           quiet: bool = True, seed: int | None = None) -> SearchResult:
+           quiet: bool = True, progress: bool = False, seed: int | None = None) -> SearchResult:
     """Run (or resume) the search described by ``search_file``; write its results under ``out``.
 
     ``trials``/``sampler``/``seed`` override the file's. ``workers`` > 0 or ``ray_address`` runs
-    trials as Ray tasks; the default is serial, in this process, without Ray.
+    trials as Ray tasks; the default is serial, in this process, without Ray. ``quiet=False`` prints
+    the live table (a line per finished trial); ``progress`` adds a progress bar.
     """
     from surgery.search.workers import make_pool
 
@@ -56,17 +57,17 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
     target = min(spec.trials, spec.grid_size()) if spec.sampler == "grid" else spec.trials
     pool = make_pool(spec, workers=workers, ray_address=ray_address) if count_finished(study) < target else None
     try:
-        evaluated = run_trials(study, spec, pool, target, quiet=quiet) if pool is not None else 0
+        evaluated = run_trials(study, spec, pool, target, quiet=quiet, progress=progress) if pool is not None else 0
     finally:
         if pool is not None:
             pool.close()
-    result = write_results(study, spec, out, storage, quiet=quiet)
+    result = write_results(study, spec, out, storage)
     result.evaluated = evaluated
     if write_best and result.best_recipe is not None:
         from surgery.pipeline import run
         from surgery.recipe.loader import load_recipe
 
-        run(load_recipe(result.best_recipe, base_dir=spec.base_dir), out / "best", force=True, quiet=quiet)
+        run(load_recipe(result.best_recipe, base_dir=spec.base_dir), out / "best", force=True, quiet=not progress)
         result.files.append("best/")
     return result
 
@@ -174,7 +175,7 @@ def count_finished(study) -> int:
                if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
 
 
-def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True) -> int:
+def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, progress: bool = False) -> int:
     """Ask, evaluate and tell until ``target`` trials are finished; return how many were evaluated."""
     from optuna.trial import TrialState
 
@@ -184,7 +185,7 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True) ->
             if "hash" in t.user_attrs}
     running: dict[str, list] = {}      # hash -> trials waiting for that evaluation
     finished, evaluated = count_finished(study), 0
-    table = LiveTable(spec, total=target, done=finished, quiet=quiet)
+    table = LiveTable(spec, total=target, done=finished, quiet=quiet, progress=progress)
     try:
         while finished < target:
             while finished + sum(map(len, running.values())) < target and pool.has_room():
