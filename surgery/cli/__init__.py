@@ -22,6 +22,7 @@ Examples:
   surgery run mergekit-config.yml -o out/merged  # mergekit configs run unchanged
   surgery push out/swapped me/math-sw            # upload with a model card
   surgery eval out/swapped recipe.yaml --data sw=texts/sw.txt   # measure (recipes in memory)
+  surgery search search.yaml -o runs/sw-swap     # find the best values of a recipe (resumable)
 """
 
 
@@ -69,11 +70,12 @@ def cli(ctx, debug):
 
 
 # Every command is defined in a module of this package and added here; each imports only click at the top.
-from surgery.cli import adapters, analysis, hub, mergekit, recipe  # noqa: E402
+from surgery.cli import adapters, analysis, hub, mergekit, recipe, search  # noqa: E402
 from surgery.cli import eval as eval_cli  # noqa: E402
 
 for _command in (recipe.run, recipe.plan, recipe.validate, recipe.schema, recipe.demo, analysis.diff, hub.push,
-                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command):
+                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command,
+                 search.search):
     cli.add_command(_command)
 
 
