@@ -10,7 +10,8 @@ more than others:
   - math: a task expert, changed mostly in the middle layers (3, 4), less in 2 and 5.
 Beside them, lora-swahili, lora-english and lora-math are PEFT LoRA adapters (rank 4) of the
 experts' attention and MLP updates, extracted from the checkpoints.
-Every other layer moves by a small amount, so nothing is exactly zero. The same seed gives
+Every other layer moves by a small amount, so nothing is exactly zero. Each checkpoint has a
+byte-level tokenizer (see ``save_byte_tokenizer``), so `surgery eval` runs on them. The same seed gives
 the same bytes.
 """
 
@@ -56,11 +57,27 @@ def make_demo(folder: str | Path, seed: int = 0, dtype: str = "bfloat16") -> dic
         save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()},
                   str(path / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(path)
+        save_byte_tokenizer(path)
         (path / "README.md").write_text(f"surgery demo checkpoint '{name}' (seed {seed}); see surgery/demo.py\n")
         out[name] = path
     (folder / "profiles.json").write_text(json.dumps(PROFILES, indent=2))
     make_demo_adapters(folder, out)
     return out
+
+
+def save_byte_tokenizer(folder: str | Path) -> None:
+    """A byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>; no merges) saved into ``folder``,
+    so `surgery eval` can run the demo checkpoints (vocab 512) on any UTF-8 text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            model_max_length=256).save_pretrained(folder)
 
 
 def make_demo_adapters(folder: Path, paths: dict[str, Path]) -> dict[str, Path]:

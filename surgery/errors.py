@@ -10,10 +10,11 @@ class SurgeryError(Exception):
 
 
 class RecipeError(SurgeryError):
-    """A recipe that fails validation. ``where`` is 'file:line: path' when known."""
+    """A recipe that fails validation. ``where`` is 'file:line: path' when known; ``path`` is the key path
+    in the recipe (('operations', 0, 'layer_swap', 'top')) and ``message`` the text without the place."""
 
-    def __init__(self, message: str, where: str | None = None):
-        self.where = where
+    def __init__(self, message: str, where: str | None = None, path: tuple = ()):
+        self.where, self.path, self.message = where, tuple(path), message
         super().__init__(f"{where}: {message}" if where else message)
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from surgery.core.layout import layout_data
 from surgery.core.plan import Plan, make_plan
 from surgery.errors import SurgeryError
 from surgery.io.card import write_model_card
-from surgery.io.checkpoint import Checkpoint, TensorSource, sha256_file
+from surgery.io.checkpoint import Checkpoint, TensorSource
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
 from surgery.recipe.loader import load_recipe
 from surgery.recipe.schema import Recipe
@@ -70,7 +71,8 @@ def extract_lora(base, tuned, out, **options):
     """``tuned − base`` as a PEFT LoRA adapter in ``out``; ``base`` and ``tuned`` are anything
     ``open_source`` opens. Options: see ``surgery.adapters.extract.extract_lora``."""
     base = open_source(base)
-    return extract_from_sources(base, open_source(tuned, base=base), out, **options)
+    tuned = open_source(tuned, base=base)
+    return extract_from_sources(base, tuned, out, inputs=input_paths([base, tuned]), **options)
 
 
 def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False) -> Plan:
@@ -92,37 +94,64 @@ class RunResult:
 
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
-        convert_bin: bool = False, random_seed: int | None = None) -> RunResult:
+        convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
-    ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods).
+    ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
+    NaN or Inf values is refused unless ``allow_nonfinite``.
     """
     start = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if random_seed is not None:
         recipe.seed = random_seed
     out = Path(out)
-    check_target(out.resolve(), force)
+    recipe_paths = [recipe._source] if recipe._text is not None and Path(str(recipe._source)).exists() else []
     plan = build_plan(recipe, convert_bin=convert_bin)
-    with ThreadPoolExecutor(max_workers=1) as pool, atomic_dir(out, force=force) as tmp:
-        # hashing the inputs runs beside the tensor stream, on the other core
-        hashes = {name: {f.name: pool.submit(sha256_file, f) for f in ck.files} for name, ck in plan.inputs.items()}
-        shards = execute(plan, tmp, quiet=quiet)
-        tokenizer_from = recipe.output.tokenizer_from or plan.config_source
-        support = copy_support_files(plan.inputs[plan.config_source].root, tmp, plan.inputs[tokenizer_from].root)
-        if "config.json" in support:
-            config = patch_config(_read_json(tmp / "config.json"), plan)
-            write_json(tmp / "config.json", config)
-        recipe_text = recipe.to_yaml()
-        (tmp / RECIPE_NAME).write_text(recipe_text)
-        write_model_card(tmp, plan, recipe_text, name=out.name)
-        manifest = build_manifest(plan, {n: {f: h.result() for f, h in fs.items()} for n, fs in hashes.items()},
-                                  shards)
-        write_json(tmp / MANIFEST_NAME, manifest)
-        files = sorted(p.name for p in tmp.iterdir())
-    for ck in plan.inputs.values():
-        ck.close()
+    check_target(out, force, inputs=recipe_paths + input_paths(plan.inputs.values()))
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        with atomic_dir(out, force=force, inputs=recipe_paths + input_paths(plan.inputs.values()),
+                        size=plan.total_bytes, command="run") as tmp:
+            # hashing the inputs runs beside the tensor stream, on the other core; cancelled on an error
+            hashes = {name: {f.name: pool.submit(ck.sha256, f, stop) for f in ck.files}
+                      for name, ck in plan.inputs.items()}
+            shards = execute(plan, tmp, quiet=quiet, allow_nonfinite=allow_nonfinite)
+            tokenizer_from = recipe.output.tokenizer_from or plan.config_source
+            support = copy_support_files(plan.inputs[plan.config_source].root, tmp, plan.inputs[tokenizer_from].root)
+            if "config.json" in support:
+                config = patch_config(_read_json(tmp / "config.json"), plan)
+                write_json(tmp / "config.json", config)
+            recipe_text = recipe.to_yaml()
+            (tmp / RECIPE_NAME).write_text(recipe_text)
+            write_model_card(tmp, plan, recipe_text, name=out.name)
+            manifest = build_manifest(plan, {n: {f: h.result() for f, h in fs.items()} for n, fs in hashes.items()},
+                                      shards)
+            for ck in plan.inputs.values():
+                if isinstance(ck, Checkpoint):
+                    ck.check_unchanged()  # the bytes read and the hashes are of the files opened
+            write_json(tmp / MANIFEST_NAME, manifest)
+            files = sorted(p.name for p in tmp.iterdir())
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for ck in plan.inputs.values():
+            ck.close()
     return RunResult(out.resolve(), plan, time.perf_counter() - start, files)
+
+
+def input_paths(sources) -> list[Path]:
+    """What an output must not overlap: each checkpoint's folder (or file), adapter folder and recipe."""
+    paths = []
+    for src in sources:
+        if isinstance(src, Checkpoint):
+            paths.append(src.source or src.root)
+        elif isinstance(src, PlanReader):
+            source = getattr(src.plan.recipe, "_source", None)
+            paths += ([Path(source)] if source and Path(source).exists() else []) + input_paths(src.plan.inputs.values())
+        elif hasattr(src, "adapter") and hasattr(src, "base"):  # an adapter applied to a base
+            paths += [src.adapter.path] + input_paths([src.base])
+    return paths
 
 
 def patch_config(config: dict, plan: Plan) -> dict:
@@ -146,6 +175,8 @@ def patch_config(config: dict, plan: Plan) -> dict:
 
 
 def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
+    import torch
+
     inputs = {}
     for name, ck in plan.inputs.items():
         inputs[name] = {"ref": ck.ref, "path": str(ck.root), "revision": ck.revision,
@@ -156,6 +187,9 @@ def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "description": plan.recipe.description,
         "seed": plan.recipe.seed,
+        # bytes do not depend on it (docs/reproducibility.md); recorded to rule it out when comparing runs
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "recipe": RECIPE_NAME,
         "inputs": inputs,
         "config_from": plan.config_source,

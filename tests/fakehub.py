@@ -21,6 +21,15 @@ upload_folder over the legacy LFS protocol (tests set HF_HUB_DISABLE_XET=1):
     POST /api/models/{repo}/branch/{branch}             creates a branch (409 when it exists)
     GET  /api/whoami-v2                                 the token's user
     GET  /api/agent-harnesses                           empty registry (huggingface_hub asks, unauthenticated)
+    HEAD /{repo}/resolve/{rev}/{file}                   file metadata for snapshot_download: X-Repo-Commit, ETag,
+                                                        and for LFS files X-Linked-Etag (sha256) / X-Linked-Size
+    GET  /{repo}/resolve/{rev}/{file}                   the file's bytes
+    GET  /api/models/{repo}/tree/{rev}                  the file list (with LFS sha256) snapshot_download reads
+
+Downloads: ``hub.add_repo("org/model", {"model.safetensors": b"..."}, private=False)`` makes a repo with one
+commit (``branch=`` adds a branch). Public repos answer without a token; a private one answers 401 to
+anonymous requests, as the Hub does. ``hub.fail[path] = 500`` makes GETs of that file fail;
+``hub.html_api = True`` answers the API with an HTML page. ``hub.downloads`` lists the files fetched.
 
 Authorization is ``Bearer <token>``; unknown or missing tokens get the Hub's 401. A user may write
 to its own namespace and to ``orgs``; creating elsewhere gets 403.
@@ -70,6 +79,9 @@ class FakeHub:
         self.bodies: list[bytes] = []              # every request body, to search for leaked secrets
         self.headers: list[dict] = []              # every request's headers, lower-case names
         self.lock = threading.Lock()
+        self.fail: dict[str, int] = {}            # file path -> status its GETs answer
+        self.html_api = False
+        self.downloads: list[str] = []             # paths of the files sent by GET resolve
         self._server: ThreadingHTTPServer | None = None
         self._counter = 0
 
@@ -111,6 +123,18 @@ class FakeHub:
         while oid is not None:
             n, oid = n + 1, repo.commits[oid].parent
         return n
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False, branch: str = "main") -> str:
+        """Create (or extend) a repo with one commit holding ``files`` on ``branch``; return the commit oid."""
+        with self.lock:
+            repo = self.repos.get(repo_id) or self._create_repo(repo_id, private)
+            parent = repo.branches.get(branch, repo.branches["main"])
+            oid = self._new_oid()
+            snapshot = {**repo.commits[parent].files, **files}
+            lfs = {p for p in snapshot if p.endswith(".safetensors") or len(snapshot[p]) > LFS_THRESHOLD}
+            repo.commits[oid] = Commit(oid, parent, f"add {len(files)} files", "", snapshot, lfs)
+            repo.branches[branch] = oid
+            return oid
 
     # ---- state changes (called by the handler, under the lock) ---------
     def _new_oid(self) -> str:
@@ -156,7 +180,8 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _error(self, status: int, message: str, code: str | None = None):
         headers = {"X-Error-Message": message}
@@ -181,7 +206,12 @@ class _Handler(BaseHTTPRequestHandler):
         if (method, path) == ("GET", "/api/agent-harnesses"):  # huggingface_hub's agent detection, no auth
             return self._send(200, {"standardEnvVars": [], "harnesses": {}})
         user = self._user()
-        if user is None and not path.startswith("/lfs/"):
+        if hub.html_api and path.startswith("/api/"):
+            return self._send_raw(200, b"<!doctype html><html><body>Sign in</body></html>", "text/html")
+        anonymous_ok = method in ("GET", "HEAD") and (path.startswith("/api/models/") or "/resolve/" in path)
+        if self.headers.get("Authorization") and user is None:
+            return self._error(401, "Invalid credentials in Authorization header")
+        if user is None and not path.startswith("/lfs/") and not anonymous_ok:
             return self._error(401, "Invalid credentials in Authorization header")
         parts = [unquote(p) for p in path.strip("/").split("/")]
         for pattern, fn in ROUTES:
@@ -193,6 +223,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._handle("GET")
 
+    def do_HEAD(self):
+        self._handle("HEAD")
+
+    def _send_raw(self, status: int, data: bytes, content_type: str, headers: dict | None = None, body=True):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
     def do_POST(self):
         self._handle("POST")
 
@@ -202,6 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- helpers -------------------------------------------------------
     def _repo(self, user, repo_id, write: bool):
         repo = self.hub.repos.get(repo_id)
+        if user is None and (repo is None or repo.private):  # the Hub hides private repos from anonymous users
+            self._error(401, "Repository not found: invalid username or password", "RepoNotFound")
+            return None
         if repo is None or (repo.private and repo_id.split("/")[0] not in self._namespaces(user)):
             self._error(404, "Repository not found", "RepoNotFound")
             return None
@@ -233,11 +279,47 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             return
         rev = parts[5] if len(parts) > 5 else "main"
-        if rev not in repo.branches:
+        head = _commit(repo, rev)
+        if head is None:
             return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
-        head = repo.commits[repo.branches[rev]]
         return self._send(200, {"id": repo_id, "sha": head.oid, "private": repo.private,
-                                "siblings": [{"rfilename": p} for p in sorted(head.files)]})
+                                "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(head.files.items())]})
+
+    def tree(self, user, parts, query, body):
+        repo = self._repo(user, "/".join(parts[2:4]), write=False)
+        if repo is None:
+            return
+        commit = _commit(repo, parts[5])
+        if commit is None:
+            return self._error(404, f"Invalid rev id: {parts[5]}", "RevisionNotFound")
+        entries = []
+        for path, data in sorted(commit.files.items()):
+            entry = {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            if path in commit.lfs:
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        return self._send(200, entries)
+
+    def resolve(self, user, parts, query, body):
+        repo_id, rev, path = "/".join(parts[0:2]), parts[3], "/".join(parts[4:])
+        repo = self._repo(user, repo_id, write=False)
+        if repo is None:
+            return
+        commit = _commit(repo, rev)
+        if commit is None:
+            return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        if path not in commit.files:
+            return self._error(404, f"Entry not found: {path}", "EntryNotFound")
+        data = commit.files[path]
+        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+        if path in commit.lfs:
+            headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
+        is_get = self.command == "GET"
+        if is_get and path in self.hub.fail:
+            return self._error(self.hub.fail[path], "Internal Error - We're working hard to fix this as soon as possible!")
+        if is_get:
+            self.hub.downloads.append(path)
+        return self._send_raw(200, data, "application/octet-stream", headers, body=is_get)
 
     def validate_yaml(self, user, parts, query, body):
         return self._send(200, {"errors": [], "warnings": []})
@@ -348,6 +430,12 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, {"type": "user", "name": user, "orgs": [{"name": o} for o in sorted(self.hub.orgs)]})
 
 
+def _commit(repo: Repo, rev: str) -> Commit | None:
+    """A branch name or a full commit oid."""
+    oid = repo.branches.get(rev, rev)
+    return repo.commits.get(oid)
+
+
 def _match(pattern: tuple, parts: list[str]) -> bool:
     """Pattern items: a literal, '*' (one segment), '*.git' (a segment ending in .git)."""
     if len(pattern) != len(parts):
@@ -373,5 +461,8 @@ ROUTES = [
     (("POST", "api", "models", "*", "*", "branch", "*"), _Handler.create_branch),
     (("POST", "*", "*.git", "info", "lfs", "objects", "batch"), _Handler.lfs_batch),
     (("PUT", "lfs", "*"), _Handler.lfs_put),
+    (("GET", "api", "models", "*", "*", "tree", "*"), _Handler.tree),
+    (("HEAD", "*", "*", "resolve", "*", "*"), _Handler.resolve),
+    (("GET", "*", "*", "resolve", "*", "*"), _Handler.resolve),
     (("POST", "lfs", "*", "verify"), _Handler.lfs_verify),
 ]

@@ -92,6 +92,18 @@ def raw_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def tied_config(arch: str = "llama", **overrides):
+    """A tiny config shaped like SmolLM2: tied embeddings and grouped-query attention (2 kv heads for 4)."""
+    cfg = tiny_config(arch, tie_word_embeddings=True, **overrides)
+    assert cfg.num_key_value_heads < cfg.num_attention_heads
+    return cfg
+
+
+def tied_state(cfg, seed: int = 0) -> dict:
+    """Random weights of a tied model as save_pretrained writes them: without lm_head.weight."""
+    return {k: v for k, v in random_state(cfg, seed).items() if k != "lm_head.weight"}
+
+
 def run_cli(*args, cwd=None, env: dict | None = None):
     """`surgery ARGS...` in this process (click's CliRunner), as a subprocess would report it:
     ``returncode``, ``stdout``, ``stderr``. An exception the CLI does not turn into a one-line error

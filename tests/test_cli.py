@@ -101,7 +101,21 @@ def test_progress_bar_and_quiet(demo_dir, tmp_path):
     ck = demo_dir / "checkpoints"
     recipe.write_text(f"inputs: {{math: {ck}/math, sw: {ck}/swahili}}\n"
                       "operations:\n  - take: {from: sw, select: {layers: 0}}\n")
-    r = cli("run", recipe, "-o", tmp_path / "p1")
-    assert r.returncode == 0 and "surgery run" in r.stderr and "B/s" in r.stderr  # tqdm bar on stderr
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()  # stderr a terminal: a tqdm bar; a pipe or a file (logs, scripts): none
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws nothing 0 wide
+    p = subprocess.run([sys.executable, "-m", "surgery", "run", str(recipe), "-o", str(tmp_path / "p1")],
+                       stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    bar = os.read(master, 65536).decode()
+    os.close(master)
+    assert p.returncode == 0 and "surgery run" in bar and "B/s" in bar
+    r = cli("run", recipe, "-o", tmp_path / "p0")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("wrote 75 tensors")
     r = cli("run", recipe, "-o", tmp_path / "p2", "--quiet")
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""

@@ -216,9 +216,15 @@ def test_existing_output_needs_force(family, tmp_path):
     with pytest.raises(surgery.SurgeryError, match="already exists; pass --force"):
         surgery.run(recipe(family, []), out)
     assert (out / "keep.txt").exists()
-    surgery.run(recipe(family, []), out, force=True)
+    with pytest.raises(surgery.SurgeryError, match="--force replaces only a previous surgery output"):
+        surgery.run(recipe(family, []), out, force=True)  # an arbitrary folder is never replaced
+    assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    surgery.run(recipe(family, []), out, force=True)  # an empty folder may be
+    (out / "keep.txt").write_text("x")
+    surgery.run(recipe(family, []), out, force=True)  # and so may a previous output
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs or lock left
 
 
 def _big_checkpoint(path):

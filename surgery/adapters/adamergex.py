@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.adapters.metadata import base_config, resolve_base_path, task_type
 from surgery.adapters.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PeftAdapter
 from surgery.adapters.view import adamergex_combine
 from surgery.errors import SurgeryError
@@ -31,17 +32,24 @@ class AdapterResult:
     ranks: dict[str, int]   # module -> rank (LoRA)
 
 
-def write_adapter(out, tensors: dict, config: dict, *, force: bool = False, extra: dict | None = None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (+ extra JSON files) atomically."""
+def write_adapter(out, tensors: dict, config: dict, *, force: bool = False, extra: dict | None = None,
+                  inputs=()) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json (+ extra JSON files, the first one being the
+    report of how the adapter was made) and an adapter card (README.md), atomically; ``out`` must not
+    overlap ``inputs``."""
     from safetensors.torch import save_file
 
     from surgery.io.output import atomic_dir, write_json
 
-    with atomic_dir(out, force=force) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_dir(out, force=force, inputs=inputs, size=size, command="adapter") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra or {}).items():
             write_json(tmp / name, data)
+        from surgery.adapters.card import write_adapter_card
+
+        write_adapter_card(tmp, config, next(iter((extra or {}).values()), {}), name=Path(out).name)
     return Path(out).resolve()
 
 
@@ -57,9 +65,11 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
     """AdaMergeX on adapter directories, written as a new adapter directory."""
     import torch
 
+    from surgery.io.output import check_target
     from surgery.io.safetensors import FLOAT_DTYPES, torch_dtype
 
     ads = [PeftAdapter.open(p) for p in (task, target_ref, source_ref)]
+    check_target(out, force, inputs=[a.path for a in ads])
     kinds = {a.peft_type for a in ads}
     if len(kinds) != 1:
         raise SurgeryError("AdaMergeX needs adapters of one type; got "
@@ -134,8 +144,10 @@ def adamergex_adapter(task, target_ref, source_ref, out, *, t: float = 1.0, mode
         # explicit module names; layer filters of the task adapter would drop the references' modules
         config.update(target_modules=sorted(ranks), layers_to_transform=None, layers_pattern=None,
                       exclude_modules=None)
-    config["base_model_name_or_path"] = ads[0].config.get("base_model_name_or_path")
-    write_adapter(out, tensors, config, force=force, extra={"surgery_adapter.json": {
+    base = resolve_base_path(ads[0].config.get("base_model_name_or_path"), ads[0].path)
+    config["base_model_name_or_path"] = base
+    config["task_type"] = ads[0].config.get("task_type") or task_type(base_config(base))
+    write_adapter(out, tensors, config, force=force, inputs=[a.path for a in ads], extra={"surgery_adapter.json": {
         "method": "adamergex", "mode": mode if kind == "LORA" else "multiplicative", "t": t,
         "task": str(ads[0].path), "target_ref": str(ads[1].path), "source_ref": str(ads[2].path)}})
     return AdapterResult(Path(out).resolve(), kind, len(set().union(*mods)), ranks)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from surgery.adapters.peft import PREFIX
 from surgery.adapters.adamergex import rank_config, write_adapter
+from surgery.adapters.metadata import base_reference, task_type
 from surgery.errors import SurgeryError
 
 DEFAULT_MODULES = ("attn", "mlp")
@@ -62,14 +63,17 @@ class ExtractResult:
 
 def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | None = None,
                  modules=DEFAULT_MODULES, dtype: str = "float32", svd: str = "full", force: bool = False,
-                 progress=None) -> ExtractResult:
+                 progress=None, inputs=()) -> ExtractResult:
     """Extract ``tuned − base`` (two ``TensorSource``s; ``surgery.extract_lora`` opens paths, adapter
     directories and recipes) as a LoRA adapter in ``out``. Give ``rank``, ``energy`` or both
     (energy with rank as a cap). ``modules``: module kinds or groups to cover (default attn, mlp).
     ``svd='lowrank'`` uses randomized SVD (torch.svd_lowrank, needs ``rank``): much faster on
-    large matrices, slightly above the optimal error, which is still measured and reported."""
+    large matrices, slightly above the optimal error, which is still measured and reported.
+    ``inputs``: paths the output must not overlap (``surgery.extract_lora`` passes those of base and tuned).
+    A NaN/Inf in either model is refused, naming the tensor."""
     import torch
 
+    from surgery.core.finite import count_nonfinite
     from surgery.core.layout import MODULE_GROUPS, MODULE_KINDS, Layout
     from surgery.io.output import check_target
     from surgery.io.safetensors import FLOAT_DTYPES, torch_dtype
@@ -90,7 +94,7 @@ def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | N
     if bad:
         raise SurgeryError(f"unknown module kind {bad[0]!r} (kinds: {', '.join(MODULE_KINDS)}; "
                            f"groups: {', '.join(MODULE_GROUPS)})")
-    check_target(Path(out).resolve(), force)
+    check_target(out, force, inputs=inputs)
     base_ck, tuned_ck = base, tuned
     layout = Layout.for_checkpoint(base_ck)
     missing = [n for n in base_ck.keys() if n not in set(tuned_ck.keys())]
@@ -109,6 +113,11 @@ def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | N
         if not w0.is_floating_point():
             continue
         delta = w1.float() - w0.float()
+        if count_nonfinite(delta):
+            bad, other = (tuned_ck, base_ck) if count_nonfinite(w1) else (base_ck, tuned_ck)
+            n = count_nonfinite(w1 if bad is tuned_ck else w0) or count_nonfinite(delta)
+            raise SurgeryError(f"{bad.ref}: tensor {name!r} holds {n} non-finite values (NaN/Inf); "
+                               "a LoRA cannot be extracted from it")
         norm = float(delta.norm())
         if norm == 0.0:
             unchanged += 1
@@ -144,21 +153,26 @@ def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | N
         ranks[module] = k
         rows.append(ExtractedTensor(name, module, info.layer, info.kind, k, err, norm,
                                     float((s[:k] * s[:k]).sum()) / total))
+    if progress:
+        progress(len(names), len(names), "")
     if not rows:
         raise SurgeryError(f"nothing to extract: no {'/'.join(modules)} weight differs between "
                            f"{base_ck.ref} and {tuned_ck.ref}")
-    config = _lora_config(ranks, fan_in_fan_out=layout.transposed, base_ref=str(base_ck.ref))
+    base_ref, revision = base_reference(base_ck)
+    config = _lora_config(ranks, fan_in_fan_out=layout.transposed, base_ref=base_ref, revision=revision,
+                          task=task_type(base_ck.config))
     result = ExtractResult(Path(out).resolve(), rows, skipped, unchanged)
-    write_adapter(out, tensors, config, force=force, extra={REPORT_NAME: {
+    write_adapter(out, tensors, config, force=force, inputs=inputs, extra={REPORT_NAME: {
         "method": "svd", "rank": rank, "energy": energy, "base": str(base_ck.ref), "tuned": str(tuned_ck.ref),
         **{k: v for k, v in result.to_dict().items() if k != "output"}}})
     return result
 
 
-def _lora_config(ranks: dict[str, int], *, fan_in_fan_out: bool, base_ref: str) -> dict:
+def _lora_config(ranks: dict[str, int], *, fan_in_fan_out: bool, base_ref: str, revision: str | None,
+                 task: str | None) -> dict:
     """adapter_config.json for a plain LoRA. PEFT fills every field not given with its default;
     importing peft only to write this would double the time of a small extraction."""
-    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_ref, "revision": None,
+    return {"peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_ref, "revision": revision,
             "inference_mode": True, **rank_config(ranks), "target_modules": sorted(ranks),
             "lora_dropout": 0.0, "fan_in_fan_out": fan_in_fan_out, "bias": "none", "modules_to_save": None,
             "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,

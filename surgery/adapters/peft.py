@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgery.io.checkpoint import Checkpoint
+from surgery.adapters.peft_config import check_config, targeted
 from surgery.errors import SurgeryError
+from surgery.io.checkpoint import Checkpoint
+from surgery.io.files import existing_path
 
 
 CONFIG_NAME = "adapter_config.json"
@@ -27,8 +30,6 @@ SUPPORTED = ("LORA", "IA3")
 UNSUPPORTED_FIELDS = {"use_dora": "DoRA", "layer_replication": "layer_replication",
                       "trainable_token_indices": "trainable_token_indices", "target_parameters": "target_parameters",
                       "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA"}
-
-
 
 
 # ---------------------------------------------------------------------------- adapter files
@@ -61,8 +62,10 @@ class PeftAdapter:
     @classmethod
     def open(cls, path, base_dir: Path | None = None) -> "PeftAdapter":
         p = Path(path).expanduser()
-        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+        if not p.is_absolute() and base_dir is not None and os.path.lexists(base_dir / p):
             p = base_dir / p
+        if os.path.lexists(p):
+            existing_path(p, str(path))  # a symlink loop or a dangling link: say so
         if not p.is_dir():
             raise SurgeryError(f"adapter not found: {str(path)!r} is not a directory")
         if not (p / CONFIG_NAME).is_file():
@@ -71,9 +74,10 @@ class PeftAdapter:
             extra = " (only adapter_model.bin; convert it to safetensors)" if (p / "adapter_model.bin").exists() else ""
             raise SurgeryError(f"{p}: no {WEIGHTS_NAME}{extra}")
         try:
-            config = json.loads((p / CONFIG_NAME).read_text())
-        except ValueError as e:
-            raise SurgeryError(f"{p / CONFIG_NAME}: invalid JSON: {e}") from None
+            config = json.loads((p / CONFIG_NAME).read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SurgeryError(f"{p / CONFIG_NAME}: invalid JSON: {str(e).splitlines()[0]}") from None
+        check_config(config, str(p / CONFIG_NAME))
         kind = str(config.get("peft_type", "")).upper()
         if kind not in SUPPORTED:
             raise SurgeryError(f"{p}: unsupported PEFT type {config.get('peft_type')!r} "
@@ -129,7 +133,12 @@ class PeftAdapter:
         self.terms = {}
         fifo = bool(self.config.get("fan_in_fan_out"))
         meta = self.tensors.meta
+        ignored = []
         for module, roles in self.modules().items():
+            if not targeted(self.config, module) and any(not r.startswith("full:") for r in roles):
+                # PEFT creates adapter layers only for target_modules and drops other saved tensors
+                ignored.append(module)
+                roles = {r: k for r, k in roles.items() if r.startswith("full:")}
             def target(param, raw_key):
                 return _base_name(f"{module}.{param}", base, self.path, raw_key)
 
@@ -185,6 +194,11 @@ class PeftAdapter:
                 bname = _find_name(f"{module}.bias", base)
                 if bname and shape[1] == 1 and shape[0] == math.prod(base.meta[bname].shape):
                     add(bname, Term("ia3_bias", (key,), module))
+        if ignored:
+            import warnings
+
+            warnings.warn(f"{self.path}: ignoring the tensors of {len(ignored)} module(s) not in target_modules, "
+                          f"as PEFT does (first: {ignored[0]!r})", stacklevel=2)
         return self
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from surgery.analysis.accumulate import Acc, ExpertAcc, PairAccs
 from surgery.analysis.results import (METRICS, DiffResult, ExpertDiff, Neuron, Overlap, PairStats,  # noqa: F401
                                       Stats, TensorStats)
+from surgery.core.finite import check_sums_finite
 from surgery.analysis.stream import head_spec, head_vec, neuron_vec, read_ahead, tensor_sums, vec_axis
 from surgery.errors import SurgeryError
 
@@ -62,24 +63,24 @@ def diff(base, experts, *, tol: float = 0.0, neurons: bool = True, heads: bool =
     pair_keys = [(a, b) for i, a in enumerate(cks) for b in list(cks)[i + 1:]] if pairs else []
     per_pair = {p: PairAccs() for p in pair_keys}
 
-    import torch
     from tqdm.auto import tqdm
 
     from surgery.analysis.stream import Scratch
+    from surgery.core.threads import one_thread
 
     # chunks are cache-sized: one thread computes them best (the read-ahead thread reads meanwhile);
     # torch's thread pool on such small ops mostly waits at barriers, badly so on a busy machine
-    threads, scratch = torch.get_num_threads(), Scratch()
-    torch.set_num_threads(1)
+    scratch = Scratch()
     total_bytes = sum(base_ck.meta[n].nbytes for n in names) * (1 + len(cks))
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="surgery diff", disable=not progress,
-              leave=False) as bar, _restore_threads(threads):
+              leave=False) as bar, one_thread():
         for name, b_raw, e_raws in read_ahead(names, base_ck, cks):
             info = infos[name]
             axis, target = vec_axis(info, layout, heads_spec)
             if target == "neurons" and not neurons:
                 axis = target = None
             bsq, sums, psums = tensor_sums(b_raw, e_raws, tol, axis, pair_keys, scratch)
+            check_sums_finite(name, {"": bsq, **{en: s.sq for en, s in sums.items()}}, {"": base_ck, **cks})
             del b_raw, e_raws
             bar.update(base_ck.meta[name].nbytes * (1 + len(cks)))
             numel = math.prod(base_ck.meta[name].shape)
@@ -121,15 +122,3 @@ def _check_compatible(base, ck, name: str, names: list[str]) -> None:
             raise SurgeryError(f"expert {name!r}: tensor {n!r} has shape {list(ck.meta[n].shape)}, "
                                f"the base has {list(base.meta[n].shape)}")
 
-
-class _restore_threads:
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.n)

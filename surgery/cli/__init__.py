@@ -23,6 +23,7 @@ Examples:
   surgery probe base/ --text en=data/en.txt --text de=data/de.txt --save-neurons lape/
   surgery run mergekit-config.yml -o out/merged  # mergekit configs run unchanged
   surgery push out/swapped me/math-sw            # upload with a model card
+  surgery eval out/swapped recipe.yaml --data sw=texts/sw.txt   # measure (recipes in memory)
 """
 
 
@@ -37,6 +38,11 @@ class SurgeryGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except OSError as e:  # the file system refused something no check could foresee (a race, a device)
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e.filename or 'file system'}: {e.strerror or e}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
@@ -66,9 +72,11 @@ def cli(ctx, debug):
 
 # Every command is defined in a module of this package and added here; each imports only click at the top.
 from surgery.cli import adapters, analysis, hub, mergekit, probe, recipe  # noqa: E402
+from surgery.cli import eval as eval_cli  # noqa: E402
 
 for _command in (recipe.run, recipe.plan, recipe.validate, recipe.schema, recipe.demo, analysis.diff, hub.push,
-                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, probe.probe, probe.data):
+                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command, probe.probe,
+                 probe.data):
     cli.add_command(_command)
 
 

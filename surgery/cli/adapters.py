@@ -6,6 +6,8 @@ import json
 
 import click
 
+from surgery.cli.options import show_progress, threads_opt
+
 
 DTYPES = click.Choice(["float32", "float16", "bfloat16"])
 
@@ -30,7 +32,9 @@ Examples:
               help="'lowrank': randomized SVD, much faster on large matrices (needs --rank); the error is still measured.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer and per-tensor report as JSON.")
-def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_json):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@threads_opt
+def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_json, quiet):
     """Extract TUNED − BASE as a PEFT LoRA adapter by truncated SVD.
 
     TUNED is a checkpoint (local dir, file or Hub id), a recipe .yaml whose result is used
@@ -39,11 +43,18 @@ def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_
     from surgery.errors import SurgeryError
     from surgery.pipeline import extract_lora as extract
 
+    from tqdm.auto import tqdm
+
     if rank is None and energy is None:
         raise SurgeryError("give --rank R or --energy F")
-    result = extract(base, tuned, out, rank=rank, energy=energy,
-                     modules=tuple(m.strip() for m in modules.split(",") if m.strip()), dtype=dtype, svd=svd,
-                     force=force)
+    with tqdm(desc="extract-lora", unit="tensor", disable=not show_progress(quiet, as_json), leave=False) as bar:
+        def progress(done: int, total: int, name: str) -> None:
+            bar.total, bar.n = total, done
+            bar.set_postfix_str(name, refresh=True)
+
+        result = extract(base, tuned, out, rank=rank, energy=energy,
+                         modules=tuple(m.strip() for m in modules.split(",") if m.strip()), dtype=dtype, svd=svd,
+                         force=force, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -79,6 +90,7 @@ For a merged checkpoint instead of an adapter, use the `adamergex` recipe operat
 @click.option("--dtype", type=DTYPES, help="dtype of the written tensors. Default: the task adapter's.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@threads_opt
 def adamergex(task, target_ref, source_ref, out, t, mode, dtype, force, as_json):
     """AdaMergeX on adapters: TASK ⊕ t·(TARGET_REF ⊖ SOURCE_REF), written as a PEFT adapter.
 

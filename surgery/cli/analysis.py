@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from surgery.cli.options import show_progress, threads_opt
+
 
 DIFF_EPILOG = """\b
 Examples:
@@ -13,6 +15,7 @@ Examples:
   surgery diff base/ sw/ --top-k 0.01 --json > sw.json
                                                     # 1% most-changed MLP neurons per layer
   surgery diff base/ sw/ --csv stats.csv --no-heads
+  surgery diff base/ sw-lora=out/sw-lora              # a PEFT adapter, applied to base/
   surgery diff base/ sw/ --top-k 50 --save-neurons sw_neurons.json
                                                     # a neuron set for transplant_neurons/reset_neurons
 """
@@ -46,11 +49,13 @@ def _parse_k(text: str):
 @click.option("--save-neurons", type=click.Path(dir_okay=False),
               help="Write the top-k neurons of the (single) expert as a neuron-set JSON file for recipes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@threads_opt
 def diff(base, experts, as_json, csv_path, plot_path, top_k, global_k, metric, neurons, heads, tol, save_neurons,
          quiet):
     """Compare EXPERT checkpoints with BASE, tensor by tensor, in bounded memory.
 
-    Each EXPERT is a path or Hub id, optionally named: name=path. Reports per tensor, layer and
+    Each EXPERT is a path or Hub id, a PEFT adapter folder on BASE, or a recipe .yaml (its result),
+    optionally named: name=path. Reports per tensor, layer and
     module group the change ‖Δ‖, ‖Δ‖/‖W‖, mean and max |Δ|, cosine to the base and the share of
     entries changed; ranks layers, MLP neurons and attention heads; and, between experts, the
     cosine and sign agreement of their task vectors and the overlap of their top-k neurons.
@@ -77,7 +82,12 @@ def diff(base, experts, as_json, csv_path, plot_path, top_k, global_k, metric, n
         raise SurgeryError("--save-neurons needs exactly one expert")
     if save_neurons and not neurons:
         raise SurgeryError("--save-neurons needs neuron scores; drop --no-neurons")
-    result = run_diff(base, named, tol=tol, neurons=neurons, heads=heads, progress=not (quiet or as_json))
+    from surgery.pipeline import open_source
+
+    base_ck = open_source(base)
+    sources = {name: open_source(ref, base=base_ck) for name, ref in named.items()}  # adapters apply to BASE
+    result = run_diff(base_ck, sources, tol=tol, neurons=neurons, heads=heads,
+                      progress=show_progress(quiet, as_json))
     if csv_path:
         result.to_csv(csv_path)
     if plot_path:

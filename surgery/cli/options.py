@@ -9,6 +9,18 @@ convert_opt = click.option("--convert-bin", is_flag=True,
                            help="Accept pickle .bin checkpoints, converting them once with torch.load(weights_only=True).")
 
 
+def _set_threads(ctx, param, value):
+    from surgery.core.threads import set_threads
+
+    return set_threads(value)
+
+
+threads_opt = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, callback=_set_threads, expose_value=False,
+    help="Torch threads for the computation. Default: SURGERY_THREADS, else OMP_NUM_THREADS, else the idle "
+         "cores (usable cores minus the 1-minute load average, at least 1). Results do not depend on it.")
+
+
 def push_options(fn):
     """--public/--revision/--create-pr/--token, shared by `surgery push` and `surgery run --push-to`."""
     for option in reversed([
@@ -21,3 +33,10 @@ def push_options(fn):
     ]):
         fn = option(fn)
     return fn
+
+
+def show_progress(*silenced: bool) -> bool:
+    """Progress bars are for a person at a terminal: not with --quiet/--json, not into logs or pipes."""
+    import sys
+
+    return not any(silenced) and sys.stderr.isatty()

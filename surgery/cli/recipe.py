@@ -6,7 +6,7 @@ import json
 
 import click
 
-from surgery.cli.options import convert_opt, push_options, recipe_arg
+from surgery.cli.options import convert_opt, push_options, recipe_arg, show_progress, threads_opt
 from surgery.errors import SurgeryError
 
 
@@ -24,11 +24,13 @@ from surgery.errors import SurgeryError
 @click.option("--fast-kernels", is_flag=True,
               help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
 @convert_opt
+@click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf values instead of refusing the output.")
+@threads_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, push_to, public, revision,
-        create_pr, token):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, allow_nonfinite, push_to, public,
+        revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
@@ -45,8 +47,9 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         from surgery.recipe.loader import load_recipe
 
         recipe = use_fast_kernels(load_recipe(recipe))
-    result = run_recipe(recipe, out, force=force, quiet=quiet or as_json, convert_bin=convert_bin,
-                        random_seed=random_seed)
+    result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
+                        convert_bin=convert_bin,
+                        random_seed=random_seed, allow_nonfinite=allow_nonfinite)
     if not quiet and not as_json:
         from surgery.io.output import format_size
 
@@ -77,6 +80,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
 @click.option("--tensors", is_flag=True, help="One line per tensor instead of per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @convert_opt
+@threads_opt
 def plan(recipe, tensors, as_json, convert_bin):
     """Dry run: show where every output tensor of RECIPE comes from, and with what weights."""
     from surgery.pipeline import build_plan
@@ -89,6 +93,7 @@ def plan(recipe, tensors, as_json, convert_bin):
 @click.command(epilog="\b\nExample:\n  surgery validate recipes/adamergex.yaml")
 @recipe_arg
 @convert_opt
+@threads_opt
 def validate(recipe, convert_bin):
     """Check RECIPE: schema, inputs, layer indices, tensor names and shapes. Writes nothing."""
     from surgery.pipeline import build_plan
@@ -110,30 +115,30 @@ def schema():
 @click.option("--dir", "folder", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo checkpoints and output go.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@threads_opt
 def demo(folder, quiet):
     """Make tiny demo checkpoints (base, math, swahili, english) and run a layer swap on them."""
     from pathlib import Path
 
-    from surgery.demo import DEMO_RECIPE, make_demo
-    from surgery.pipeline import run as run_recipe
+    from surgery.demo import DEMO_RECIPE, check_loads, make_demo
+    from surgery.io.output import demo_folder
     from surgery.pipeline import build_plan
+    from surgery.pipeline import run as run_recipe
     from surgery.recipe.loader import load_recipe
 
-    folder = Path(folder)
-    paths = make_demo(folder / "checkpoints")
-    click.echo(f"made demo checkpoints in {folder / 'checkpoints'}: {', '.join(paths)}")
-    click.echo("  swahili/english: language experts, changed mostly in layers 0-1 and 6-7; "
-               "math: task expert, changed mostly in layers 3-4")
-    adapters = sorted(p.name for p in (folder / "checkpoints").glob("lora-*"))
-    if adapters:
-        click.echo(f"  PEFT LoRA adapters of the experts: {', '.join(adapters)}")
-    recipe_path = folder / "layer_swap.yaml"
-    recipe_path.write_text(DEMO_RECIPE)
-    recipe = load_recipe(recipe_path)
-    click.echo(f"\nrecipe {recipe_path}:\n{build_plan(recipe).format()}\n")
-    result = run_recipe(recipe, folder / "out" / "math-swahili-swap", force=True, quiet=quiet)
-    click.echo(f"wrote {len(result.plan.entries)} tensors to {result.output} in {result.seconds:.1f}s")
-    click.echo(f"  files: {', '.join(result.files)}")
-    from surgery.demo import check_loads
-
-    click.echo(f"  {check_loads(result.output)}")
+    with demo_folder(Path(folder)) as folder:  # new, empty or a previous demo; removed if the demo fails
+        paths = make_demo(folder / "checkpoints")
+        click.echo(f"made demo checkpoints in {folder / 'checkpoints'}: {', '.join(paths)}")
+        click.echo("  swahili/english: language experts, changed mostly in layers 0-1 and 6-7; "
+                   "math: task expert, changed mostly in layers 3-4")
+        adapters = sorted(p.name for p in (folder / "checkpoints").glob("lora-*"))
+        if adapters:
+            click.echo(f"  PEFT LoRA adapters of the experts: {', '.join(adapters)}")
+        recipe_path = folder / "layer_swap.yaml"
+        recipe_path.write_text(DEMO_RECIPE)
+        recipe = load_recipe(recipe_path)
+        click.echo(f"\nrecipe {recipe_path}:\n{build_plan(recipe).format()}\n")
+        result = run_recipe(recipe, folder / "out" / "math-swahili-swap", force=True, quiet=quiet)
+        click.echo(f"wrote {len(result.plan.entries)} tensors to {result.output} in {result.seconds:.1f}s")
+        click.echo(f"  files: {', '.join(result.files)}")
+        click.echo(f"  {check_loads(result.output)}")

@@ -13,6 +13,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from surgery.core.finite import check_finite
 from surgery.core.graph import Node, elementwise, evaluate, refs
 from surgery.core.plan import Plan
 from surgery.io.checkpoint import Checkpoint
@@ -21,20 +22,24 @@ from surgery.io.writer import ShardedWriter
 from surgery.recipe.parsing import parse_size
 
 
-def iter_tensors(plan: Plan):
+def iter_tensors(plan: Plan, *, allow_nonfinite: bool = False):
     """Yield ``(entry, tensor)`` for every output tensor, in output order, computed as `surgery run`
     computes it. The tensor may still be float32: cast it to ``torch_dtype(entry.dtype)`` (the writer
-    does) to get the bytes `surgery run` writes. Memory holds one output tensor and its inputs."""
+    does) to get the bytes `surgery run` writes. Memory holds one output tensor and its inputs.
+    A tensor with NaN/Inf values is refused (SurgeryError naming it and its inputs) unless ``allow_nonfinite``."""
     inputs = plan.inputs
 
     def read(ref):
         return inputs[ref.input].get(ref.name)  # positioned reads: memory holds only tensors in use
 
     for e in plan.entries:
-        yield e, (compute_in_blocks(e, inputs) if _in_blocks(e, inputs) else evaluate(e.node, read))
+        tensor = compute_in_blocks(e, inputs) if _in_blocks(e, inputs) else evaluate(e.node, read)
+        if not allow_nonfinite:
+            check_finite(e, tensor, inputs)
+        yield e, tensor
 
 
-def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
+def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bool = False) -> list[str]:
     """Stream every planned tensor into shards in ``folder``; return the shard file names."""
     from tqdm.auto import tqdm
 
@@ -46,7 +51,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True) -> list[str]:
             tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
                  leave=False) as bar:
         pending = None
-        for e, tensor in iter_tensors(plan):
+        for e, tensor in iter_tensors(plan, allow_nonfinite=allow_nonfinite):
             if pending is not None:
                 pending.result()
             pending = io.submit(writer.write, e.name, tensor)
@@ -101,3 +106,12 @@ class PlanReader:
 
     def get(self, name: str):
         return self.get_float(name).to(torch_dtype(self.meta[name].dtype))
+
+    @property
+    def config(self) -> dict:
+        """The config the output would get from (before its layer count and dtype are patched)."""
+        return self.plan.inputs[self.plan.config_source].config
+
+    def close(self) -> None:
+        for ck in self.plan.inputs.values():
+            ck.close()

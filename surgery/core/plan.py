@@ -23,9 +23,9 @@ from surgery.io.safetensors import FLOAT_DTYPES, FLOATING, TensorMeta
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.core.layout import MODULE_GROUPS, MODULE_KINDS, Layout, TensorInfo
 from surgery.core.graph import Node, Ref, infer_shape, refs
+from surgery.core.layer_map import check_depths, stack_layers
 from surgery.recipe.parsing import parse_layers
 from surgery.recipe.schema import Recipe, Select
-
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Plan:
     n_source_layers: int
     annotations: list[str] = field(default_factory=list)  # lines shown above the table (selections, scores)
     layer_from: list[str] = field(default_factory=list)      # output layer -> input giving it by default
+    selections: list[dict] = field(default_factory=list)     # what operations selected, in full (neuron indices)
 
     @property
     def recipient(self) -> str:
@@ -92,6 +93,7 @@ class Plan:
             "layer_map": self.layer_map,
             "layers": self.layer_summary(),
             "annotations": self.annotations,
+            "selections": self.selections,
             "tensors": [{"name": e.name, "from": e.description, "rule": e.rule, "note": e.note,
                          "dtype": e.dtype, "shape": list(e.shape)} for e in self.entries],
         }
@@ -101,12 +103,17 @@ class Context:
     """What a planner sees: the recipe, the inputs and the current assignment of every tensor."""
 
     def __init__(self, recipe: Recipe, inputs: dict[str, TensorSource], layout: Layout, entries: list[Entry],
-                 layer_map: list[int], plan_annotations: list[str], layer_sources: list[dict] | None = None):
+                 layer_map: list[int], plan_annotations: list[str], layer_sources: list[dict] | None = None,
+                 partial: bool = False):
         self.recipe, self.inputs, self.layout = recipe, inputs, layout
+        # partial: the entries are some of the model's tensors (mergekit's per-tensor plugin methods), so a
+        # selection that matches none of them is not a user error
+        self.partial = partial
         self.entries, self.layer_map = entries, layer_map
         # output layer -> {input: source layer} where a stack segment gives an input other layers
         self.layer_sources = layer_sources or [{} for _ in layer_map]
         self.annotations = plan_annotations
+        self.selections: list[dict] = []  # full records of what operations selected (Plan.selections)
         self.path: tuple = ()
 
     @property
@@ -129,6 +136,25 @@ class Context:
     def error(self, field_path: tuple, message: str) -> SurgeryError:
         return self.recipe.error(self.path + field_path, message)
 
+    @property
+    def tag(self) -> str:
+        """The current operation as plans show it: '#2 take'."""
+        return f"#{self.path[1] + 1} {self.path[2]}"
+
+    def tied_lm_head(self) -> bool:
+        """The recipient has no lm_head tensor because its output layer is tied to the embeddings."""
+        if any(e.info.kind == "lm_head" for e in self.entries):
+            return False
+        config = self.inputs[self.recipient].config
+        return bool(config.get("tie_word_embeddings", True)) and any(e.info.kind == "embed" for e in self.entries)
+
+    def nothing_selected(self, field_path: tuple, what: str) -> SurgeryError:
+        """The error for a selection that matches no tensor (it would be a silent no-op)."""
+        if "lm_head" in what and self.tied_lm_head():
+            what = ("this model ties lm_head to the embeddings (tie_word_embeddings), so it has no lm_head "
+                    "tensor; select the embeddings (modules: [embed]) to change both")
+        return self.error(field_path, f"{self.tag} selects no tensor: {what}")
+
     def layers(self, spec, field_path: tuple) -> list[int]:
         try:
             return parse_layers(spec, self.n_layers)
@@ -147,6 +173,12 @@ class Context:
                              + f" (kinds: {', '.join(MODULE_KINDS)}; groups: {', '.join(MODULE_GROUPS)})")
         names = [_name_matcher(p) for p in sel.names or []]
         exclude = [_name_matcher(p) for p in sel.exclude or []]
+        for i, (pattern, m) in enumerate(zip(sel.names or [], names) if not self.partial else ()):
+            if not any(m(e.name) for e in self.entries):
+                raise self.nothing_selected(field_path + ("names", i), f"no tensor name matches {pattern!r}")
+        for kind in sorted(modules) if not self.partial else ():
+            if not any(e.info.kind == kind or e.info.group == kind for e in self.entries):
+                raise self.nothing_selected(field_path + ("modules",), f"the model has no {kind!r} tensor")
         out = []
         for e in self.entries:
             i = e.info
@@ -159,11 +191,14 @@ class Context:
             if any(m(e.name) for m in exclude):
                 continue
             out.append(e)
+        if not out and not self.partial:
+            given = ", ".join(f"{k}: {v}" for k, v in sel.model_dump(exclude_none=True).items())
+            raise self.nothing_selected(field_path, f"no tensor matches all of {{{given}}}")
         return out
 
     def assign(self, entry: Entry, node, note: str = "") -> None:
         entry.node, entry.note = node, note
-        entry.rule = f"#{self.path[1] + 1} {self.path[2]}"
+        entry.rule = self.tag
 
 
 def _name_matcher(pattern: str) -> Callable[[str], bool]:
@@ -200,51 +235,23 @@ def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
     layout = Layout.for_checkpoint(base)
     names = base.keys()
     n_src = layout.num_layers(names, base.config)
-    layer_map, layer_from, layer_sources = _stack(recipe, inputs, layout, n_src)
+    if not recipe.stack:
+        check_depths(recipe, inputs, layout, n_src)
+    layer_map, layer_from, layer_sources = stack_layers(recipe, inputs, layout, n_src)
     entries = _output_entries(recipe, inputs, layout, layer_map, layer_from)
     annotations: list[str] = []
     ctx = Context(recipe, inputs, layout, entries, layer_map, annotations, layer_sources)
     for i, op in enumerate(recipe.operations):
         ctx.path = ("operations", i, op.op_name)
         op.plan(ctx)
+        if not any(e.rule == ctx.tag for e in entries):
+            raise ctx.error((), f"{ctx.tag} changes no tensor: nothing it selects is affected by it")
     if any(isinstance(ck, VirtualInput) for ck in inputs.values()):
         for e in entries:
             e.node = expand_virtual(e.node, inputs)
-    plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations, layer_from)
+    plan = Plan(recipe, inputs, layout, entries, layer_map, n_src, annotations, layer_from, ctx.selections)
     _check(plan)
     return plan
-
-
-def _stack(recipe: Recipe, inputs: dict[str, TensorSource], layout: Layout, n_src: int):
-    """Output layer -> (source layer, input giving it, {other input: its source layer})."""
-    recipient = recipe.recipient_name
-    if not recipe.stack:
-        return list(range(n_src)), [recipient] * n_src, [{} for _ in range(n_src)]
-
-    def indices(spec, name, path):
-        ck = inputs[name]
-        n = n_src if name == recipient else layout.num_layers(ck.keys(), ck.config)
-        try:
-            return parse_layers(spec, n) if not isinstance(spec, list) else \
-                [j for item in spec for j in parse_layers(item, n)]
-        except ValueError as e:
-            raise recipe.error(path, f"{e} (input {name!r})" if name != recipient else str(e)) from None
-
-    layer_map, layer_from, layer_sources = [], [], []
-    for i, seg in enumerate(recipe.stack):
-        src = seg.from_ or recipient
-        own = indices(seg.layers, src, ("stack", i, "layers"))
-        others = {}
-        for name, spec in (seg.sources or {}).items():
-            others[name] = indices(spec, name, ("stack", i, "sources", name))
-            if len(others[name]) != len(own):
-                raise recipe.error(("stack", i, "sources", name), f"{len(others[name])} layers, but 'layers' "
-                                   f"has {len(own)}; each output layer needs one source layer per input")
-        for k, j in enumerate(own):
-            layer_map.append(j)
-            layer_from.append(src)
-            layer_sources.append({n: o[k] for n, o in others.items() if n != src})
-    return layer_map, layer_from, layer_sources
 
 
 def _output_entries(recipe, inputs: dict[str, TensorSource], layout: Layout, layer_map: list[int],
@@ -273,7 +280,8 @@ def _output_entries(recipe, inputs: dict[str, TensorSource], layout: Layout, lay
         for idx, name in layer_names(frm).get(src, []):
             out_name = layout.layer_name(name, out_layer)
             layers.append(((out_layer, idx), Entry(out_name, layout.info(out_name), name,
-                                                   Ref(frm, name, src, out_layer), source_input=frm)))
+                                                   Ref(frm, name, src, out_layer), source_input=frm,
+                                                   rule="recipient" if frm == recipient else f"stack from {frm}")))
     return [e for _, e in sorted(pre, key=lambda t: t[0])] + \
         [e for _, e in sorted(layers, key=lambda t: t[0])] + [e for _, e in sorted(post, key=lambda t: t[0])]
 

@@ -331,16 +331,15 @@ def _apply(kind: str, op, method: str, group, tensors: dict, layout_source, num_
     entry = Entry(name, info, name, Ref(recipient, name, info.layer, info.layer))
     # the inputs as planners see them: each role's one tensor, metadata only
     inputs = {role: _OneTensor(name, t) for role, t in tensors.items()}
-    ctx = Context(recipe, inputs, layout, [entry], list(range(n or 0)), [])
+    ctx = Context(recipe, inputs, layout, [entry], list(range(n or 0)), [], partial=True)
     ctx.path = ("operations", 0, kind)
     try:
         op.plan(ctx)
     except RecipeError as e:
-        field = e.where.rsplit(".", 1)[-1] if e.where and "." in e.where else ""
+        field = str(e.path[3]) if len(e.path) > 3 else ""  # ('operations', 0, kind, field, ...)
         field = {"weights": "weight", "expr": "weight"}.get(field, field)  # recipe field -> mergekit parameter
-        msg = str(e)[len(e.where) + 2:] if e.where else str(e)
-        where = f"parameter {field!r}" if field and field != kind else "parameters"
-        raise MergekitParameterError(f"{method}: {where}: {msg}") from None
+        where = f"parameter {field!r}" if field else "parameters"
+        raise MergekitParameterError(f"{method}: {where}: {e.message}") from None
     dtype = group.entries[0].tensor.dtype
     out = evaluate(entry.node, lambda ref: tensors[ref.input])
     return out if out.dtype == dtype else out.to(dtype)

@@ -6,11 +6,15 @@ input checks and atomic output around it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.integrations.mergekit_methods import register_all
-from surgery.io.output import atomic_dir
+from surgery.io.files import read_text
+from surgery.io.output import atomic_dir, check_target
+from surgery.recipe.loader import MAX_RECIPE_BYTES
+from surgery.recipe.locations import parse_yaml
 
 
 def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
@@ -20,7 +24,6 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
     ``mergekit.options.MergeOptions``, a dict of its fields, or None. The output appears at ``out``
     only when the merge succeeded (built in a temp dir beside it, then renamed).
     """
-    import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -33,15 +36,12 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
     else:
         path = Path(config) if not (isinstance(config, str) and "\n" in config) else None
         if path is not None:
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise SurgeryError(f"mergekit config not found: {path}")
-            text, source_name = path.read_text(encoding="utf-8"), str(path)
+            text, source_name = read_text(path, max_bytes=MAX_RECIPE_BYTES), str(path)
         else:
             text = str(config)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SurgeryError(f"{source_name or 'config'}: invalid YAML: {e}") from None
+        data, _ = parse_yaml(text, source_name or "config")  # plain YAML: no tags, bounded aliases and depth
     where = source_name or "mergekit config"
     try:
         merge_config = MergeConfiguration.model_validate(data)
@@ -55,19 +55,64 @@ def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:
         options = MergeOptions(**(options or {}))
     options.apply_global_options()
 
-    target = Path(out).resolve()
-    with atomic_dir(target, force=force) as tmp:
+    inputs = _open_models(merge_config, where)
+    protect = sorted({ck.source or ck.root for ck in inputs} | ({Path(source_name)} if source_name else set()))
+    check_target(out, force, inputs=protect)
+    _check_tokenizer(merge_config, options, inputs, where)
+    size = sum(ck.offsets[n][1] - ck.offsets[n][0] for ck in inputs[:1] for n in ck.keys())
+    target = Path(out).absolute()
+    with atomic_dir(target, force=force, inputs=protect, size=size, command="mergekit") as tmp:
         work = tmp / target.name  # the folder keeps the target's name: mergekit writes it into the model card
         try:
             run_merge(merge_config, str(work), options=options, config_source=text)
         except SurgeryError as e:
             raise SurgeryError(f"{where}: {e}") from e
-        except (ValueError, TypeError, RuntimeError, KeyError) as e:
-            raise SurgeryError(f"{where}: mergekit: {_first_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - mergekit's own failures (network, tokenizer, config): one line
+            raise SurgeryError(f"{where}: mergekit: {type(e).__name__}: {_first_line(e)}") from e
         for item in work.iterdir():
             item.rename(tmp / item.name)
         work.rmdir()
     return target
+
+
+def _open_models(merge_config, where: str) -> list:
+    """Open every model the config names as `surgery run` opens inputs: safetensors headers validated,
+    pickle-only models refused (mergekit's own loader would unpickle them)."""
+    from surgery.io.checkpoint import Checkpoint, PickleRefusedError
+
+    opened = []
+    for ref in merge_config.referenced_models():
+        model = ref.model
+        name = f"{model.path}@{model.revision}" if getattr(model, "revision", None) else str(model.path)
+        try:
+            opened.append(Checkpoint.open(name))
+        except PickleRefusedError:
+            raise SurgeryError(f"{where}: model {name!r}: only pickle .bin weights found; `surgery mergekit` never "
+                               "loads pickles (they can run code): run the config with `surgery run CONFIG -o OUT "
+                               "--convert-bin`, or convert the model to safetensors first") from None
+        except SurgeryError as e:
+            raise SurgeryError(f"{where}: model {name!r}: {e}") from None
+        if getattr(ref, "lora", None) is not None:
+            raise SurgeryError(f"{where}: model {name!r}: LoRA references ('model+lora') are not supported here; "
+                               "use an adapter input in a surgery recipe")
+    for ck in opened:
+        ck.close()
+    return opened
+
+
+def _check_tokenizer(merge_config, options, opened, where: str) -> None:
+    """mergekit copies the base model's tokenizer and fails with a traceback when it has none."""
+    if getattr(merge_config, "tokenizer_source", None) or getattr(merge_config, "tokenizer", None):
+        return
+    if not options.copy_tokenizer or not opened:
+        return
+    from surgery.io.output import TOKENIZER_FILES
+
+    base_path = str(merge_config.base_model.model.path) if merge_config.base_model else None
+    base = next((ck for ck in opened if ck.ref == base_path), opened[0])
+    if not any((base.root / f).is_file() for f in TOKENIZER_FILES):
+        raise SurgeryError(f"{where}: model {base.ref!r} has no tokenizer files to copy; add them, or pass "
+                           "--no-copy-tokenizer")
 
 
 def _check_parameter_names(merge_config, where: str) -> None:

@@ -21,10 +21,18 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from surgery.errors import SurgeryError
+from surgery.io.convert_bin import convert_bin_file
+from surgery.io.files import cache_dir, existing_path, file_stamp, stamp_of
+from surgery.io.hub_fetch import hub_blob_sha256, hub_message, quiet_hub_logs
 from surgery.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorMeta, has_torch_dtype, read_header, torch_dtype
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+class PickleRefusedError(SurgeryError):
+    """Only pickle weights were found and ``convert_bin`` was not given."""
+
 
 @runtime_checkable
 class TensorSource(Protocol):
@@ -57,6 +65,9 @@ class Checkpoint:
     meta: dict[str, TensorMeta]   # tensor name -> dtype/shape
     revision: str | None = None
     offsets: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # absolute byte ranges
+    stamps: dict[Path, tuple] = field(default_factory=dict, repr=False)  # file -> (inode, size, mtime) at open
+    from_hub: bool = False
+    source: Path | None = None    # the folder or file opened (what an output must not overlap)
     _handles: dict = field(default_factory=dict, repr=False)
 
     # ---- construction -------------------------------------------------
@@ -70,7 +81,8 @@ class Checkpoint:
         """
         text = str(ref)
         for candidate in local_candidates(text, base_dir):
-            if candidate.exists():
+            if os.path.lexists(candidate):
+                existing_path(candidate, text)  # a symlink loop or a dangling link: say so
                 return cls._open_local(text, candidate, convert_bin)
         if HUB_ID.match(text) and not text.startswith((".", "/")):
             return cls._open_hub(text, convert_bin)
@@ -79,24 +91,34 @@ class Checkpoint:
 
     @classmethod
     def _open_local(cls, ref: str, path: Path, convert_bin: bool, revision=None) -> "Checkpoint":
+        ck = cls._open_path(ref, path, convert_bin, revision)
+        ck.source = Path(os.path.abspath(path))
+        return ck
+
+    @classmethod
+    def _open_path(cls, ref: str, path: Path, convert_bin: bool, revision=None) -> "Checkpoint":
+        suffix = path.suffix  # of the name given: a Hub cache file resolves to a blob without one
         path = path.resolve()
         if path.is_file():
-            if path.suffix == ".safetensors":
+            if suffix == ".safetensors":
                 return cls._from_files(ref, path.parent, [path], revision)
-            if path.suffix in (".bin", ".pt", ".pth"):
+            if suffix in (".bin", ".pt", ".pth"):
                 return cls._from_bin(ref, path.parent, [path], convert_bin, revision)
             raise SurgeryError(f"{ref}: not a checkpoint file (expected .safetensors)")
         index = path / INDEX_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError):
-                raise SurgeryError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            weight_map = read_index(index)
             files = sorted({path / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.exists()]
+            missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise SurgeryError(f"{ref}: index lists shard(s) that are missing: {', '.join(missing)}")
-            return cls._from_files(ref, path, files, revision)
+                raise SurgeryError(f"{index}: index lists shard(s) that are missing: {', '.join(missing)}")
+            ck = cls._from_files(ref, path, files, revision)
+            for name, shard in weight_map.items():
+                if ck.weight_map.get(name) != path / shard:
+                    held = ck.weight_map.get(name)
+                    raise SurgeryError(f"{index}: tensor {name!r} is indexed in shard {shard} but "
+                                       + (f"is in {held.name}" if held else "no shard holds it"))
+            return ck
         if (path / SINGLE_NAME).exists():
             return cls._from_files(ref, path, [path / SINGLE_NAME], revision)
         files = sorted(path.glob("*.safetensors"))
@@ -109,23 +131,27 @@ class Checkpoint:
 
     @classmethod
     def _from_files(cls, ref, root, files, revision) -> "Checkpoint":
-        weight_map, meta, offsets = {}, {}, {}
+        weight_map, meta, offsets, stats = {}, {}, {}, {}
         for f in files:
             header = read_header(f)
             for name, m in header.meta.items():
+                if name in weight_map:
+                    raise SurgeryError(f"{f}: tensor {name!r} is also in {weight_map[name].name}")
                 weight_map[name] = f
                 meta[name] = m
             offsets.update(header.offsets)
-        return cls(ref=ref, root=root, weight_map=weight_map, meta=meta, revision=revision, offsets=offsets)
+            stats[f] = file_stamp(f)
+        return cls(ref=ref, root=root, weight_map=weight_map, meta=meta, revision=revision, offsets=offsets,
+                   stamps=stats)
 
     @classmethod
     def _from_bin(cls, ref, root, files, convert_bin, revision) -> "Checkpoint":
         if not convert_bin:
-            raise SurgeryError(
+            raise PickleRefusedError(
                 f"{ref}: only pickle .bin weights found ({files[0].name}). Pickle files can run code "
                 "when loaded, so they are refused. Pass --convert-bin to convert them once with "
                 "torch.load(weights_only=True) into safetensors.")
-        return cls._from_files(ref, root, [_convert_bin(f) for f in files], revision)
+        return cls._from_files(ref, root, [convert_bin_file(f) for f in files], revision)
 
     @classmethod
     def _open_hub(cls, ref: str, convert_bin: bool) -> "Checkpoint":
@@ -135,11 +161,13 @@ class Checkpoint:
 
         patterns = HUB_PATTERNS + (["*.bin"] if convert_bin else [])
         try:
-            local = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
+            with quiet_hub_logs():
+                local = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SurgeryError(f"cannot fetch {ref!r} from the Hub: {first}") from None
-        return cls._open_local(ref, Path(local), convert_bin, revision or None)
+            raise SurgeryError(f"cannot fetch {ref!r} from the Hub: {hub_message(e)}") from None
+        ck = cls._open_local(ref, Path(local), convert_bin, revision or None)
+        ck.from_hub = True
+        return ck
 
     # ---- reading ------------------------------------------------------
     def keys(self) -> list[str]:
@@ -168,7 +196,7 @@ class Checkpoint:
                 return st.get_tensor(name)
         f = self._handles.get(path)
         if f is None:
-            f = self._handles[path] = open(path, "rb", buffering=0)
+            f = self._handles[path] = self._open_file(path)
         start, end = self.offsets[name]
         shape = meta.shape
         if rows is not None:
@@ -183,7 +211,7 @@ class Checkpoint:
             while got < len(view):
                 n = os.preadv(f.fileno(), [view[got:]], start + got)
                 if n <= 0:
-                    raise SurgeryError(f"{path}: file ends inside tensor {name!r} (truncated download?)")
+                    raise SurgeryError(f"{path}: file ends inside tensor {name!r}: it changed after it was opened")
                 got += n
         return buf.view(torch_dtype(meta.dtype)).reshape(shape)
 
@@ -197,11 +225,45 @@ class Checkpoint:
     @property
     def config(self) -> dict:
         path = self.root / "config.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError) as e:
+            raise SurgeryError(f"{path}: not a valid config ({str(e).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise SurgeryError(f"{path}: not a valid config (a JSON {type(config).__name__}, not an object)")
+        return config
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of each weight file, keyed by file name."""
-        return {f.name: sha256_file(f) for f in self.files}
+        return {f.name: self.sha256(f) for f in self.files}
+
+    def sha256(self, path: Path, cancel=None) -> str:
+        """sha256 of one weight file: for a Hub input, the Hub's LFS hash (the blob's name in the cache)."""
+        known = hub_blob_sha256(path) if self.from_hub else None
+        return known or sha256_file(path, cancel=cancel)
+
+    def _open_file(self, path: Path):
+        try:
+            f = open(path, "rb", buffering=0)
+        except OSError as e:
+            raise SurgeryError(f"{path}: cannot open: {e.strerror or e} (was it deleted or moved during the run?)"
+                               ) from None
+        if path in self.stamps and stamp_of(os.fstat(f.fileno())) != self.stamps[path]:
+            f.close()
+            raise SurgeryError(f"{path}: the file changed after it was opened (replaced during the run?)")
+        return f
+
+    def check_unchanged(self) -> None:
+        """Refuse a file replaced or modified since the checkpoint was opened (the hashes would be wrong)."""
+        for path, stamp in self.stamps.items():
+            try:
+                now = file_stamp(path)
+            except SurgeryError:
+                raise SurgeryError(f"{path}: the file was deleted or moved during the run") from None
+            if now != stamp:
+                raise SurgeryError(f"{path}: the file changed during the run (replaced or modified)")
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -209,7 +271,25 @@ class Checkpoint:
         self._handles.clear()
 
 
-def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint's index: tensor name -> shard file name."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"{index}: not a valid safetensors index (not JSON: {str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise SurgeryError(f"{index}: cannot read: {e.strerror or e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise SurgeryError(f"{index}: not a valid safetensors index (weight_map must be a mapping of tensor name "
+                           "to shard file)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise SurgeryError(f"{index}: tensor {name!r}: shard {shard!r} is not a file name in the folder")
+    return weight_map
+
+
+def sha256_file(path: Path, chunk: int = 4 << 20, cancel=None) -> str:
     """sha256 of a file, remembered per (path, size, mtime) in the user cache.
 
     Hashing runs at ~0.5 GB/s, so re-running a recipe on the same multi-GB inputs would
@@ -218,7 +298,7 @@ def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    cached = _cache_dir() / "sha256" / key
+    cached = cache_dir() / "sha256" / key
     try:
         digest = cached.read_text().strip()
         if len(digest) == 64:
@@ -230,6 +310,8 @@ def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
+            if cancel is not None and cancel.is_set():
+                raise SurgeryError(f"{path}: hashing cancelled")
             h.update(view[:n])
     digest = h.hexdigest()
     try:
@@ -242,45 +324,8 @@ def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
     return digest
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
-
-
 def local_candidates(text: str, base_dir: Path | None) -> list[Path]:
     p = Path(text).expanduser()
     if p.is_absolute() or base_dir is None:
         return [p]
     return [base_dir / p, p]
-
-
-def _convert_bin(path: Path) -> Path:
-    """Convert one pickle file to safetensors in the user cache, once; return the new path."""
-    import torch
-    from safetensors.torch import save_file
-
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = _cache_dir() / "converted" / key
-    out = cache / (path.stem + ".safetensors")
-    if not out.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
-            raise SurgeryError(f"{path}: cannot load with weights_only=True: {e}") from None
-        state = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        _dedupe_shared(state)
-        tmp = out.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.rename(out)
-    return out
-
-
-def _dedupe_shared(state: dict) -> None:
-    """safetensors refuses tensors that share storage (tied weights); give each its own copy."""
-    seen = set()
-    for k, v in state.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen:
-            state[k] = v.clone()
-        seen.add(ptr)

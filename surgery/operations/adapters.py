@@ -36,6 +36,7 @@ class ApplyAdapters(Operation):
     def plan(self, ctx) -> None:
         _plan_apply(ctx, self)
 
+
 class AdaMergeX(Operation):
     """Zhao et al. 2024: A_tgt,task = A_src,task ⊕ t·(A_tgt,ref ⊖ A_src,ref), applied to the selected tensors."""
 
@@ -53,6 +54,7 @@ class AdaMergeX(Operation):
 
     def plan(self, ctx) -> None:
         _plan_adamergex(ctx, self)
+
 
 def _adapter(ctx, name: str, field: tuple) -> AdapterCheckpoint:
     ck = ctx.inputs[name]

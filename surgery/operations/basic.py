@@ -34,8 +34,8 @@ class LayerSwap(Operation):
     op_name: ClassVar[str] = "layer_swap"
 
     donor: str = Field(description="Input that gives the swapped layers.")
-    bottom: int = Field(0, ge=0, description="Number of bottom layers taken from the donor.")
-    top: int = Field(0, ge=0, description="Number of top layers taken from the donor.")
+    bottom: int = Field(0, ge=0, description="Number of bottom layers taken from the donor: output layers 0..bottom-1.")
+    top: int = Field(0, ge=0, description="Number of top layers taken from the donor, counted from the output's last layer (the recipient's, unless 'stack' rebuilds them); the donor gives its layers of the same index (a donor of another depth needs a 'stack' that maps them).")
     layers: LayerSpec | None = Field(None, description="Explicit donor layers instead of bottom/top: '0-3, 28-31'.")
     transition: int = Field(0, ge=0, description="Width of the blend zone next to each swapped block. Layer at distance d gets donor weight 1 - d/(transition+1).")
     embeddings: Source = Field("recipient", description="Embeddings from recipient, donor, or a float = donor weight in a blend.")
@@ -68,6 +68,7 @@ class LayerSwap(Operation):
                 ctx.assign(e, linear([(w, ctx.ref(donor, e)), (1.0 - w, ctx.ref(recipient, e))]), note)
 
         outer = {"embed": self.embeddings, "final_norm": self.final_norm, "lm_head": self.lm_head}
+        present = set()
         for e in ctx.entries:
             layer = e.info.layer
             if layer is not None:
@@ -77,6 +78,7 @@ class LayerSwap(Operation):
             kind = e.info.kind
             if kind == "norm" and "embed" in e.name.lower():
                 kind = "embed"  # e.g. BERT's embeddings.LayerNorm travels with the embeddings
+            present.add(kind)
             choice = outer.get(kind, "recipient")
             if choice == "donor":
                 blend(e, 1.0, "")
@@ -85,6 +87,14 @@ class LayerSwap(Operation):
                     field = {"embed": "embeddings"}.get(kind, kind)
                     raise ctx.error((field,), f"donor weight must be between 0 and 1, got {choice}")
                 blend(e, choice, "blend")
+        for kind, choice in outer.items():
+            if choice != "recipient" and choice != 0.0 and kind not in present and not ctx.partial:
+                field = {"embed": "embeddings"}.get(kind, kind)
+                if kind == "lm_head" and ctx.tied_lm_head():
+                    raise ctx.error((field,), f"{field}: {choice} changes nothing: this model ties lm_head to the "
+                                              "embeddings (tie_word_embeddings), so it has no lm_head tensor; "
+                                              f"use embeddings: {choice} to change both")
+                raise ctx.error((field,), f"{field}: {choice} changes nothing: the model has no {kind} tensor")
 
 
 class Arithmetic(Operation):

@@ -74,6 +74,7 @@ class Merge(Operation):
 
 # ---------------------------------------------------------------------------- mergekit access
 
+
 def method_names() -> list[str]:
     from mergekit import merge_methods
 
@@ -183,13 +184,19 @@ def _compute(tensors, p):
     kernel = fast_kernel(p["method"], parameters)
     if kernel is not None:
         return kernel(p["method"], tensors, ids, p["base_index"], parameters, fast=p.get("kernel") == "fast")
+    from surgery.core.threads import one_thread
+
+    # mergekit's own kernels on one torch thread: their whole-tensor sums and norms (DARE's and DELLA's
+    # rescale, model_stock's cosines) round differently for each thread count, and seeded results must not
+    # depend on the machine's cores. surgery's drivers above are elementwise and need no such care.
     call = lambda: merge_tensors(tensors, p["method"], parameters=parameters, ids=ids,  # noqa: E731
                                  base_index=p["base_index"], name=p["name"])
-    if p.get("seed") is None:
-        return call()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(p["seed"])
-        return call()
+    with one_thread():
+        if p.get("seed") is None:
+            return call()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p["seed"])
+            return call()
 
 
 def _result_dtype(params: dict, stored: tuple[str, ...]) -> str | None:

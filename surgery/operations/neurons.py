@@ -19,7 +19,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator
 
-from surgery.analysis.neuron_set import MLP_KINDS, load_neuron_set
+from surgery.analysis.neuron_set import MLP_KINDS, NEURON_FORMAT, load_neuron_set
 from surgery.core.graph import splice
 from surgery.errors import SurgeryError
 from surgery.operations.basic import LayerSwap
@@ -83,6 +83,7 @@ class RankedLayerSwap(Operation):
     def plan(self, ctx) -> None:
         _plan_ranked_layer_swap(ctx, self)
 
+
 class TransplantNeurons(Operation):
     """Copy the selected MLP neurons (rows of gate/up, columns of down) from a donor into the recipient."""
 
@@ -96,6 +97,7 @@ class TransplantNeurons(Operation):
 
     def plan(self, ctx) -> None:
         _plan_transplant_neurons(ctx, self)
+
 
 class ResetNeurons(Operation):
     """Set the selected MLP neurons of the recipient to another input's values (e.g. the base), or to zero."""
@@ -112,6 +114,7 @@ class ResetNeurons(Operation):
         _plan_reset_neurons(ctx, self)
 
 # ---------------------------------------------------------------------------- planners
+
 
 def _cached_diff(ctx, base: str, expert: str, what: str):
     from surgery.analysis.diff import diff
@@ -165,7 +168,7 @@ def _plan_ranked_layer_swap(ctx, op: RankedLayerSwap) -> None:
 
 
 def _tag(ctx) -> str:
-    return f"#{ctx.path[1] + 1} {ctx.path[2]}"
+    return ctx.tag
 
 
 def _select_neurons(ctx, ns: NeuronSet, default_expert: str | None, default_base: str | None):
@@ -243,6 +246,12 @@ def _apply_neurons(ctx, sel, src_name: str | None, what: str, src_desc: str) -> 
         raise ctx.error(("neurons",), "no MLP tensors of the selected layers were found to change")
     total = sum(len(v) for v in sel.values())
     ctx.annotations.append(f"{_tag(ctx)}: {total} neurons in {len(sel)} layers {what} ({src_desc})")
+    # the full record (plan --json, the manifest): every index, so the operation can be reproduced from it
+    # in the neuron-set file format, so that the record itself can be given back as `neurons: {file: ...}`
+    ctx.selections.append({"format": NEURON_FORMAT, "operation": _tag(ctx), "action": what, "source": src_desc,
+                           "neurons": {str(layer): [j for j, _ in picked] for layer, picked in sel.items()},
+                           "scores": {str(layer): [s for _, s in picked] for layer, picked in sel.items()
+                                      if any(s is not None for _, s in picked)}})
     for layer, picked in sel.items():
         shown = ", ".join(f"{j}" + (f" ({s:.3g})" if s is not None else "") for j, s in picked[:8])
         ctx.annotations.append(f"    L{layer}: {shown}" + (f" … (+{len(picked) - 8})" if len(picked) > 8 else ""))

@@ -8,16 +8,21 @@ mergekit configs are recognised and translated into recipes (surgery.recipe.merg
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from surgery.errors import RecipeError, did_you_mean
+from surgery.io.files import read_text
 from surgery.operations import OPERATIONS
 from surgery.recipe.locations import parse_yaml, where
 from surgery.recipe.mergekit_config import is_mergekit_config, translate
 from surgery.recipe.schema import AdapterInput, Recipe
+
+
+MAX_RECIPE_BYTES = 4 << 20  # a recipe is a few KB; neuron lists make it larger, never megabytes
 
 
 def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> Recipe:
@@ -28,11 +33,15 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
     else:
         path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
         if path is not None:
-            if not path.exists():
+            if not os.path.lexists(path):
                 raise RecipeError(f"recipe file not found: {path}")
-            text, name, base_dir = path.read_text(), str(path), base_dir or path.resolve().parent
+            text = read_text(path, max_bytes=MAX_RECIPE_BYTES)
+            name, base_dir = str(path), base_dir or path.resolve().parent
         else:
             text, name = str(source), "<recipe>"
+            if len(text) > MAX_RECIPE_BYTES:
+                raise RecipeError(f"recipe text is {len(text)} characters; larger than the "
+                                  f"{MAX_RECIPE_BYTES}-byte limit", name)
         data, lines = parse_yaml(text, name)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
@@ -53,12 +62,6 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
     recipe._source, recipe._lines, recipe._text, recipe._base_dir = name, lines, text, base_dir
     _check_names(recipe)
     return recipe
-
-
-
-
-
-
 
 
 def _validate(model: type[BaseModel], data, prefix, source, lines):
@@ -87,7 +90,10 @@ def _explain(model, err, loc) -> str:
     if kind == "missing":
         return f"missing required key {str(loc[-1])!r}"
     got = err.get("input")
-    return f"{err['msg']} (got {got!r})" if not isinstance(got, dict) else err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(got, dict) or repr(got) in msg:  # our validators already name the value
+        return msg
+    return f"{msg} (got {got!r})"
 
 
 def _fields_at(model, loc) -> list[str]:

@@ -58,6 +58,19 @@ class Select(Strict):
     names: list[str] | None = Field(None, description="Tensor-name globs ('*.mlp.*') or regexes prefixed 're:'.")
     exclude: list[str] | None = Field(None, description="Tensor-name globs or 're:' regexes to leave out.")
 
+    @field_validator("names", "exclude")
+    @classmethod
+    def _regexes(cls, v):
+        import re
+
+        for pattern in v or []:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ValueError(f"invalid regex {pattern[3:]!r}: {e}") from None
+        return v
+
 
 class Output(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype of floating tensors. Default: each tensor keeps the recipient's dtype.")
@@ -126,7 +139,7 @@ class Recipe(Strict):
         return where(self._source, self._lines, path)
 
     def error(self, path: tuple, message: str) -> RecipeError:
-        return RecipeError(message, self.where(path))
+        return RecipeError(message, self.where(path), path)
 
     def to_yaml(self) -> str:
         if self._text is not None:
