@@ -202,8 +202,10 @@ def test_push_uploads_an_adapter_to_the_hub(fam, tmp_path, monkeypatch):
         res = CliRunner().invoke(cli, ["push", str(tmp_path / "x"), "me/lora", "--token", "hf_tok"])
         assert res.exit_code == 0, res.output
         remote = hub.files("me/lora", "main")
-        for f in (tmp_path / "x").iterdir():
-            assert remote[f.name] == f.read_bytes(), f.name
+        local = {f.name: f.read_bytes() for f in (tmp_path / "x").iterdir()}
+        assert ".surgery-output" in local and ".surgery-output" not in remote  # the local marker stays local
+        assert {n: remote[n] for n in local if n != ".surgery-output"} == {n: b for n, b in local.items()
+                                                                         if n != ".surgery-output"}
         assert hub.head("me/lora").summary.startswith("Upload LORA adapter (extract-lora)")
 
 
