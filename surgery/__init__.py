@@ -26,6 +26,7 @@ _EXPORTS = {
     "save_neuron_set": "analysis.neuron_set", "load_neuron_set": "analysis.neuron_set",
     "set_threads": "core.threads",
     "search": "search", "load_search": "search.config",
+    "probe": "probing", "ProbeResult": "probing",
 }
 
 
