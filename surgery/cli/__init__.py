@@ -19,9 +19,12 @@ Examples:
   surgery run recipes/layer_swap.yaml -o out/swapped
   surgery schema > recipe.schema.json            # for editor autocompletion
   surgery diff demo/checkpoints/base sw=demo/checkpoints/swahili --plot diff.png
+  surgery data mo --langs de,fr -o data/         # parallel text from gettext catalogs
+  surgery probe base/ --text en=data/en.txt --text de=data/de.txt --save-neurons lape/
   surgery run mergekit-config.yml -o out/merged  # mergekit configs run unchanged
   surgery push out/swapped me/math-sw            # upload with a model card
   surgery eval out/swapped recipe.yaml --data sw=texts/sw.txt   # measure (recipes in memory)
+  surgery search search.yaml -o runs/sw-swap     # find the best values of a recipe (resumable)
 """
 
 
@@ -69,11 +72,12 @@ def cli(ctx, debug):
 
 
 # Every command is defined in a module of this package and added here; each imports only click at the top.
-from surgery.cli import adapters, analysis, hub, mergekit, recipe  # noqa: E402
+from surgery.cli import adapters, analysis, hub, mergekit, probe, recipe, search  # noqa: E402
 from surgery.cli import eval as eval_cli  # noqa: E402
 
 for _command in (recipe.run, recipe.plan, recipe.validate, recipe.schema, recipe.demo, analysis.diff, hub.push,
-                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command):
+                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command,
+                 search.search, probe.probe, probe.data):
     cli.add_command(_command)
 
 
