@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,11 +105,38 @@ def test_every_computing_command_takes_threads(command):
 
 
 def test_extract_lora_shows_progress(fam, tmp_path):
-    res = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "x"),
-                                   "--rank", "2", "--threads", "1"])
-    assert res.exit_code == 0, res.output
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()  # the bar is for a person at a terminal (logs and pipes get none)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "surgery", "extract-lora", str(fam["base"]), str(fam["tuned"]), "-o",
+                        str(tmp_path / "x"), "--rank", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=slave,
+                       env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    bar = b"".join(chunks).decode()
+    assert p.returncode == 0
     n = len(load(fam["base"]))
-    assert "extract-lora: 100%" in res.stderr and f"{n}/{n}" in res.stderr
+    assert "extract-lora: 100%" in bar and f"{n}/{n}" in bar
+    res = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "z"),
+                                   "--rank", "2"])
+    assert res.exit_code == 0 and "extract-lora:" not in res.stderr  # not a terminal
     quiet = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "y"),
                                      "--rank", "2", "-q"])
     assert quiet.exit_code == 0 and "extract-lora:" not in quiet.stderr
@@ -193,7 +221,9 @@ def test_push_uploads_an_adapter_to_the_hub(fam, tmp_path, monkeypatch):
         assert res.exit_code == 0, res.output
         remote = hub.files("me/lora", "main")
         for f in (tmp_path / "x").iterdir():
-            assert remote[f.name] == f.read_bytes(), f.name
+            if f.name != ".surgery-output":  # the local marker that lets --force replace the folder stays local
+                assert remote[f.name] == f.read_bytes(), f.name
+        assert ".surgery-output" not in remote
         assert hub.head("me/lora").summary.startswith("Upload LORA adapter (extract-lora)")
 
 

@@ -47,7 +47,11 @@ def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_
 
     if rank is None and energy is None:
         raise SurgeryError("give --rank R or --energy F")
-    with tqdm(desc="extract-lora", unit="tensor", disable=quiet or as_json, leave=False) as bar:
+    import sys
+
+    # a progress bar only for a person at a terminal: logs and scripts get the result or one error line
+    with tqdm(desc="extract-lora", unit="tensor", disable=quiet or as_json or not sys.stderr.isatty(),
+              leave=False) as bar:
         def progress(done: int, total: int, name: str) -> None:
             bar.total, bar.n = total, done
             bar.set_postfix_str(name, refresh=True)
