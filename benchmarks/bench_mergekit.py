@@ -2,7 +2,8 @@
 
     python benchmarks/bench_mergekit.py [--dir /tmp/bench_mergekit] [--only ties] [--repeat 1]
 
-Makes three llama-shaped checkpoints (base + two fine-tunes, ~490 MB each in bfloat16) once,
+Makes three llama-shaped checkpoints (base + two fine-tunes, ~490 MB each in bfloat16) once
+(for union_vocab also tokenizers and a fourth with two added tokens),
 then runs each config with both tools as separate processes and prints wall time and peak
 RSS (of the process tree's largest process) with the ratios mergekit / surgery. Both read the
 same files, which the first run leaves in the page cache. Outputs are compared for equality.
@@ -45,6 +46,15 @@ models:
 merge_method: ties
 base_model: {base}
 """,
+    # a chat fine-tune with two added tokens: embeddings and lm_head re-indexed to the union vocabulary
+    "union_vocab": """
+models:
+  - {{model: {chat}, parameters: {{weight: 0.6}}}}
+  - {{model: {b}, parameters: {{weight: 0.4}}}}
+merge_method: task_arithmetic
+base_model: {base}
+tokenizer_source: union
+""",
 }
 
 MEASURE = """
@@ -55,7 +65,8 @@ wall = time.perf_counter() - t
 if r.returncode:
     sys.stderr.write(r.stderr[-3000:])
     sys.exit(r.returncode)
-print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(wall, u.ru_maxrss * 1024, u.ru_utime + u.ru_stime)
 """
 
 
@@ -89,13 +100,48 @@ def make_checkpoints(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
+def add_chat_model(paths: dict[str, Path]) -> None:
+    """Tokenizers (WordLevel, vocab_size tokens) for every checkpoint, and 'chat': 'a' with two added tokens."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    chat = paths["a"].parent / "chat"
+    paths["chat"] = chat
+    if (chat / "model.safetensors").exists():
+        return
+
+    def tokenizer(added=()):
+        vocab = {"[UNK]": 0, **{f"w{j}": j for j in range(1, SHAPE["vocab_size"])}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+        if added:
+            fast.add_special_tokens({"additional_special_tokens": list(added)})
+        return fast
+
+    for name in ("base", "a", "b"):
+        tokenizer().save_pretrained(paths[name])
+    state = load_file(str(paths["a"] / "model.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[k] = torch.cat([state[k], (torch.randn(2, state[k].shape[1], generator=gen) * 0.02).bfloat16()])
+    chat.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(**{**SHAPE, "vocab_size": SHAPE["vocab_size"] + 2}, max_position_embeddings=2048,
+                tie_word_embeddings=False, architectures=["LlamaForCausalLM"]).save_pretrained(chat)
+    save_file(state, str(chat / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer(["<|im_start|>", "<|im_end|>"]).save_pretrained(chat)
+
+
+def measure(cmd: list[str]) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds) of a command."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", MEASURE, *cmd], env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr}")
-    wall, rss = r.stdout.split()
-    return float(wall), int(rss)
+    wall, rss, cpu = r.stdout.split()
+    return float(wall), int(rss), float(cpu)
 
 
 def same_output(a: Path, b: Path) -> str:
@@ -126,6 +172,8 @@ def main():
     args.dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     paths = make_checkpoints(args.dir / "models")
+    if "union_vocab" in args.only:
+        add_chat_model(paths)
     size = (paths["base"] / "model.safetensors").stat().st_size
     print(f"checkpoints: 3 x {size / 1e6:.0f} MB bf16 in {args.dir / 'models'} ({time.perf_counter() - t:.0f}s)")
     mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
@@ -135,27 +183,30 @@ def main():
         config.write_text(CONFIGS[name].format(**{k: str(v) for k, v in paths.items()}))
         best = {}
         tools = ["mergekit", "surgery"] + (["surgery --fast-kernels"] if name == "ties" else [])
-        for tool in tools:
-            for _ in range(args.repeat):
+        for _ in range(args.repeat):  # interleaved: each repeat runs every tool once
+            for tool in tools:
                 out = args.dir / f"out_{name}_{tool.replace(' --', '_')}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = ([str(mergekit_yaml), str(config), str(out), "--quiet"] if tool == "mergekit" else
                        [sys.executable, "-m", "surgery", "run", str(config), "-o", str(out), "-q", *tool.split()[1:]])
-                wall, rss = measure(cmd)
+                wall, rss, cpu = measure(cmd)
                 if tool not in best or wall < best[tool][0]:
-                    best[tool] = (wall, rss)
-        mk_t, mk_m = best["mergekit"]
+                    best[tool] = (wall, rss, cpu)
+        mk_t, mk_m, mk_c = best["mergekit"]
         for tool in tools[1:]:
             check = same_output(args.dir / f"out_{name}_mergekit", args.dir / f"out_{name}_{tool.replace(' --', '_')}")
-            s_t, s_m = best[tool]
+            s_t, s_m, s_c = best[tool]
             label = name + (" (--fast-kernels)" if "fast" in tool else "")
-            rows.append((label, mk_t, s_t, mk_t / s_t, mk_m / 1e9, s_m / 1e9, mk_m / s_m, check))
+            rows.append((label, mk_t, s_t, mk_t / s_t, mk_c, s_c, mk_c / s_c, mk_m / 1e9, s_m / 1e9, mk_m / s_m,
+                         check))
             print(f"  {label}: mergekit {mk_t:.1f}s, surgery {s_t:.1f}s ({check})", flush=True)
     print()
-    print("| config | mergekit s | surgery s | speed-up | mergekit peak RSS GB | surgery peak RSS GB | RSS ratio | output |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| config | mergekit wall s | surgery wall s | speed-up | mergekit CPU s | surgery CPU s | CPU ratio "
+          "| mergekit peak RSS GB | surgery peak RSS GB | RSS ratio | output |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.2f}x | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f}x | {r[7]} |")
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.2f}x | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.2f}x "
+              f"| {r[7]:.2f} | {r[8]:.2f} | {r[9]:.2f}x | {r[10]} |")
     print(json.dumps({"nproc": os.cpu_count()}))
 
 

@@ -139,7 +139,8 @@ def main():
         print(f"probe / {k:<7} tokens/s: wall {med[k]['wall'] / med['probe']['wall']:.2f}x, "
               f"CPU {med[k]['cpu'] / med['probe']['cpu']:.2f}x")
     print(f"peak RSS of probe: {med['probe']['peak_rss_mb']:.0f} MB at {rows['probe'][0]['texts']} texts, "
-          f"{big['peak_rss_mb']:.0f} MB at {big['texts']} texts ({big['tokens']} tokens)")
+          f"{big['peak_rss_mb']:.0f} MB at {big['texts']} texts ({big['tokens']} tokens; "
+          f"{big['tokens'] / big['wall']:.0f} tok/s wall, {big['tokens'] / big['cpu']:.0f} tok/CPU-s)")
 
 
 if __name__ == "__main__":

@@ -82,10 +82,10 @@ def main():
     import shutil
 
     import torch
-    from transformers.utils import logging
-
     from bench_eval import perturbed_copy  # SmolLM2 with 1% noise on every layer: a stand-in fine-tune
     from eval_fixtures import english_msgids
+    from transformers.utils import logging
+
     from surgery.io.gguf import smollm2_checkpoint
     from surgery.search.objective import TrialEvaluator
 

@@ -25,8 +25,8 @@ _EXPORTS = {
     "diff": "analysis.diff", "DiffResult": "analysis.diff",
     "save_neuron_set": "analysis.neuron_set", "load_neuron_set": "analysis.neuron_set",
     "set_threads": "core.threads",
-    "probe": "probing", "ProbeResult": "probing",
     "search": "search", "load_search": "search.config",
+    "probe": "probing", "ProbeResult": "probing",
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from surgery import __version__
 from surgery.adapters.extract import extract_lora as extract_from_sources
 from surgery.adapters.view import open_adapter, open_adapter_input
+from surgery.core.devices import resolve_device
 from surgery.core.execute import PlanReader, execute
 from surgery.core.layout import layout_data
 from surgery.core.plan import Plan, make_plan
@@ -25,6 +26,7 @@ from surgery.errors import SurgeryError
 from surgery.io.card import write_model_card
 from surgery.io.checkpoint import Checkpoint, TensorSource
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
+from surgery.operations.vocab import check_vocabulary, write_tokenizer
 from surgery.recipe.loader import load_recipe
 from surgery.recipe.schema import Recipe
 
@@ -32,11 +34,12 @@ MANIFEST_NAME = "surgery_manifest.json"
 RECIPE_NAME = "surgery_recipe.yaml"
 
 
-def open_inputs(recipe: Recipe, *, convert_bin: bool = False) -> dict:
-    """Open every input of a recipe: checkpoints first, then adapters over the checkpoints they apply to."""
-    out = {}
+def open_inputs(recipe: Recipe, *, convert_bin: bool = False, opened: dict | None = None) -> dict:
+    """Open every input of a recipe: checkpoints first, then adapters over the checkpoints they apply to.
+    ``opened``: inputs already open (by name), e.g. an earlier stage's output."""
+    out = dict(opened or {})
     for name, ref in recipe.inputs.items():
-        if not isinstance(ref, str):
+        if not isinstance(ref, str) or name in out:
             continue
         try:
             out[name] = Checkpoint.open(ref, convert_bin=convert_bin, base_dir=recipe.base_dir)
@@ -78,7 +81,9 @@ def extract_lora(base, tuned, out, **options):
 def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False) -> Plan:
     """Load the recipe if needed, open its inputs, and plan every output tensor (what `surgery plan` shows)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return make_plan(recipe, inputs or open_inputs(recipe, convert_bin=convert_bin))
+    plan = make_plan(recipe, inputs or open_inputs(recipe, convert_bin=convert_bin))
+    check_vocabulary(plan)
+    return plan
 
 
 @dataclass
@@ -94,19 +99,34 @@ class RunResult:
 
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
-        convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False) -> RunResult:
+        convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False,
+        inputs: dict | None = None, device: str = "cpu") -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
-    NaN or Inf values is refused unless ``allow_nonfinite``.
+    NaN or Inf values is refused unless ``allow_nonfinite``. ``inputs``: the recipe's inputs, already open
+    (default: opened here). A YAML file with several documents is a multi-stage mergekit config (see
+    ``_run_stages``). ``device``: where merge operations compute, 'cpu' (default), 'cuda' or 'auto' (cuda
+    when torch sees a GPU).
     """
     start = time.perf_counter()
+    if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) and Path(recipe).is_file():
+        from surgery.recipe.mergekit_multi import is_multi_document
+
+        from surgery.io.files import read_text
+        from surgery.recipe.loader import MAX_RECIPE_BYTES
+
+        text = read_text(Path(recipe), max_bytes=MAX_RECIPE_BYTES)
+        if is_multi_document(text):
+            return _run_stages(text, str(recipe), out, force=force, quiet=quiet, convert_bin=convert_bin,
+                               random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if random_seed is not None:
         recipe.seed = random_seed
     out = Path(out)
+    device = resolve_device(device)
     recipe_paths = [recipe._source] if recipe._text is not None and Path(str(recipe._source)).exists() else []
-    plan = build_plan(recipe, convert_bin=convert_bin)
+    plan = build_plan(recipe, inputs=inputs, convert_bin=convert_bin)
     check_target(out, force, inputs=recipe_paths + input_paths(plan.inputs.values()))
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1)
@@ -116,12 +136,8 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
             # hashing the inputs runs beside the tensor stream, on the other core; cancelled on an error
             hashes = {name: {f.name: pool.submit(ck.sha256, f, stop) for f in ck.files}
                       for name, ck in plan.inputs.items()}
-            shards = execute(plan, tmp, quiet=quiet, allow_nonfinite=allow_nonfinite)
-            tokenizer_from = recipe.output.tokenizer_from or plan.config_source
-            support = copy_support_files(plan.inputs[plan.config_source].root, tmp, plan.inputs[tokenizer_from].root)
-            if "config.json" in support:
-                config = patch_config(_read_json(tmp / "config.json"), plan)
-                write_json(tmp / "config.json", config)
+            shards = execute(plan, tmp, quiet=quiet, allow_nonfinite=allow_nonfinite, device=device)
+            write_support_files(plan, tmp)
             recipe_text = recipe.to_yaml()
             (tmp / RECIPE_NAME).write_text(recipe_text)
             write_model_card(tmp, plan, recipe_text, name=out.name)
@@ -154,10 +170,77 @@ def input_paths(sources) -> list[Path]:
     return paths
 
 
+def write_support_files(plan: Plan, folder: Path) -> None:
+    """config.json (patched to the output), generation config and tokenizer files, beside the tensors."""
+    recipe = plan.recipe
+    tokenizer_from = recipe.output.tokenizer_from or plan.config_source
+    support = copy_support_files(plan.inputs[plan.config_source].root, folder, plan.inputs[tokenizer_from].root)
+    config = patch_config(_read_json(folder / "config.json"), plan) if "config.json" in support else None
+    config = write_tokenizer(recipe, plan.inputs, tokenizer_from, folder, config)
+    if config is not None:
+        write_json(folder / "config.json", config)
+
+
+class StageOutput(PlanReader):
+    """An earlier stage of a multi-stage config as an input: its tensors computed on demand from its plan
+    (never written), its config and tokenizer files written to ``root``."""
+
+    def __init__(self, plan: Plan, root: Path, ref: str):
+        super().__init__(plan, ref)
+        self.root, self.revision, self.files = root, None, []
+        self._config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+
+    @property
+    def config(self) -> dict:
+        """The stage's written config.json (its layer count, dtype and vocabulary size patched)."""
+        return self._config
+
+
+def _run_stages(text: str, source: str, out, **options) -> RunResult:
+    """A multi-stage mergekit config (mergekit-multi) as one stream: each earlier stage the output needs is
+    planned, its small files (config, tokenizer) written to a temporary folder, and its tensors computed
+    on demand where later stages read them. A LoRA applied to a stage's output needs that output on disk:
+    then every stage is written to the temporary folder first, as mergekit-multi does."""
+    import tempfile
+
+    from surgery.recipe.loader import load_mergekit
+    from surgery.recipe.mergekit_multi import load_stages
+
+    start = time.perf_counter()
+    stages = load_stages(text, source)
+    on_disk = any(stage.applies_lora_to_stage() for stage in stages)
+    out = Path(out)
+    out = check_target(out, options.get("force", False), inputs=[Path(source)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.stages-", dir=out.parent) as tmp:
+        folders: dict[str, Path] = {}
+        staged: dict[str, StageOutput] = {}  # folder -> the stage's output, in memory
+        for i, stage in enumerate(stages):
+            recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text)
+            opened = {n: staged[ref] for n, ref in recipe.inputs.items() if isinstance(ref, str) and ref in staged}
+            inputs = open_inputs(recipe, convert_bin=options.get("convert_bin", False), opened=opened)
+            if stage is stages[-1]:
+                result = run(recipe, out, inputs=inputs, **options)
+                break
+            folder = Path(tmp) / f"stage{i}"
+            if on_disk:
+                run(recipe, folder, inputs=inputs, **options)
+            else:
+                if options.get("random_seed") is not None:
+                    recipe.seed = options["random_seed"]
+                folder.mkdir()
+                plan = build_plan(recipe, inputs=inputs)
+                write_support_files(plan, folder)
+                staged[str(folder.resolve())] = StageOutput(plan, folder, f"{source} (stage {stage.name!r})")
+            folders[stage.name] = folder.resolve()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def patch_config(config: dict, plan: Plan) -> dict:
     """Make config.json match the output: dtype, layer count and per-layer lists."""
     targets = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
-    dtype = plan.recipe.output.dtype
+    dtype = plan.recipe.output.config_dtype or plan.recipe.output.dtype
     n_out, n_src = len(plan.layer_map), plan.n_source_layers
     remap = plan.layer_map != list(range(n_src))
     per_layer = set(layout_data()["per_layer_config_keys"])
@@ -175,7 +258,9 @@ def patch_config(config: dict, plan: Plan) -> dict:
 
 
 def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
-    import torch
+    from importlib.metadata import version
+
+    from surgery.core import devices
 
     inputs = {}
     for name, ck in plan.inputs.items():
@@ -188,8 +273,8 @@ def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
         "description": plan.recipe.description,
         "seed": plan.recipe.seed,
         # bytes do not depend on it (docs/reproducibility.md); recorded to rule it out when comparing runs
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "threads": devices.threads_used,  # None: nothing was computed (a copy-only plan does not import torch)
+        "torch": version("torch"),
         "recipe": RECIPE_NAME,
         "inputs": inputs,
         "config_from": plan.config_source,

@@ -474,6 +474,11 @@ CASES = [
     ("inf-input-run", both(recipe(RECIPE_RUN), nan_input(float("inf"))), ["run", "recipe.yaml", "-o", "new/out"],
      "tensor 'model.embed_tokens.weight': 1 non-finite values (NaN/Inf) in the output; the inputs hold them: "
      "1 in bad:model.embed_tokens.weight; pass --allow-nonfinite to write them anyway"),
+    ("float16-overflow-run", recipe(RECIPE.replace("bad", "good2") + "output: {dtype: float16}\noperations:\n"
+                                    "  - arithmetic: {expr: 'base * 1e9', select: {names: ['lm_head.weight']}}\n"),
+     ["run", "recipe.yaml", "-o", "new/out"], "tensor 'lm_head.weight': {n16} values exceed the F16 range (|x| > 65504) "
+                                              "and would be written as Inf; use a wider output dtype, or pass "
+                                              "--allow-nonfinite to write them anyway"),
     ("nan-extract-lora", nan_input(float("nan"), "model.layers.0.self_attn.q_proj.weight"),
      ["extract-lora", "good", "bad", "-o", "new/lora", "--rank", "2"],
      "bad: tensor 'model.layers.0.self_attn.q_proj.weight' holds 1 non-finite values (NaN/Inf); a LoRA cannot be "
@@ -522,7 +527,12 @@ CASES = [
 @pytest.mark.parametrize("name,setup,args,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(work, name, setup, args, message):
     setup(work)
-    check(work, args, message.format(w=work))
+    n16 = None
+    if "{n16}" in message:  # the float16 overflow case's count, computed here in float32 as the run does
+        from safetensors.torch import load_file
+
+        n16 = int(((load_file(str(work / "good" / ST))["lm_head.weight"].float() * 1e9).abs() > 65504).sum())
+    check(work, args, message.format(w=work, n16=n16))
 
 
 def test_overlapping_adapter_weights_and_overflow(work):

@@ -276,3 +276,18 @@ def test_recipe_whose_config_cannot_be_built(lms, tmp_path, data):
 def test_eval_help():
     r = cli("eval", "--help")
     assert r.returncode == 0 and "Examples:" in r.stdout and "--lm-eval" in r.stdout
+
+
+def test_tokenizer_is_loaded_once_while_its_files_are_unchanged(lms, tmp_path):
+    import os
+    import shutil
+
+    from surgery.eval.model import load_tokenizer
+
+    folder = shutil.copytree(lms["a"], tmp_path / "tok")
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first
+    st = os.stat(folder / "tokenizer.json")
+    os.utime(folder / "tokenizer.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = load_tokenizer(folder)
+    assert again is not first and again("abc").input_ids == first("abc").input_ids

@@ -104,8 +104,6 @@ operations:
      "r.yaml:8: operations.0.merge.models.lang.densty: unknown parameter 'densty' for merge method 'ties'; did you mean 'density'?"),
     ("merge: {method: ties, base: base, models: {lang: {weight: 1}}, parameters: {lamda: 2}}",
      "unknown parameter 'lamda' for merge method 'ties'; did you mean 'lambda'?"),
-    ("merge: {method: ties, base: base, models: {lang: {weight: 1, normalize: false}}}",
-     "'normalize' is a shared parameter of ties; set it under 'parameters', not per model"),
     ("merge: {method: linear, models: [lang, task]}",
      "merge method 'linear' needs parameter 'weight' for every model"),
     ("merge: {method: linear, models: {lang: {weight: abc}, task: {weight: 1}}}", "bad parameter value for tensor"),
@@ -122,6 +120,26 @@ def test_bad_merge_operations(family, tmp_path, body, message):
     with pytest.raises(SurgeryError) as e:
         build_plan(load_recipe(path))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("merge: {method: ties, base: base, models: {lang: {weight: 1, normalize: false}}}",
+     ":8: operations.0.merge.models.lang.normalize: 'normalize' is a shared parameter of ties, so a per-model "
+     "value is ignored (as mergekit ignores it); set it under 'parameters'"),
+    ("merge: {method: model_stock, base: base, models: {lang: {weight: 1}, task: {}, en: {}}}",
+     "parameter 'weight' is ignored: merge method 'model_stock' does not use it"),
+    ("merge: {method: slerp, base: base, models: [lang], parameters: {t: 0.5, normalize: true}}",
+     "parameter 'normalize' is ignored: merge method 'slerp' does not use it"),
+])
+def test_parameters_mergekit_ignores_are_warnings(family, tmp_path, body, message):
+    """Names valid for other methods (or shared ones given per model) are ignored, as mergekit ignores them."""
+    from surgery import build_plan, load_recipe
+
+    path = recipe_file(tmp_path, family, f"operations:\n  - {body}\n")
+    with pytest.warns(UserWarning) as caught:
+        plan = build_plan(load_recipe(path))
+    assert any(message in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert plan.entries[0].node.op == "mergekit"
 
 
 def test_bad_merge_operation_cli_is_one_line(family, tmp_path):

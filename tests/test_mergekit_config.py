@@ -45,11 +45,19 @@ base_model: {base}
      "mk.yml:5: merge_method: unknown merge method 'tise'; did you mean 'ties'?"),
     (TIES.replace("- model: {a}", "- modle: {a}"), "models.0.modle: unknown key 'modle' in a model entry; did you mean 'model'?"),
     (TIES + "dtype: bf16\n", "mk.yml:7: dtype: unknown dtype 'bf16'"),
-    (TIES + "tokenizer_source: union\n", "tokenizer_source: union (a merged vocabulary that permutes embedding rows) is not supported"),
+    (TIES + "tokenizer_source: union\n", "mk.yml:6: base_model: the tokenizer section needs every model's tokenizer, and 'base' has no tokenizer files"),
     (TIES + "tokenizer_source: somewhere/else\n", "tokenizer_source 'somewhere/else' is not one of the config's models"),
-    (TIES + "chat_template: chatml\n", "'chat_template' is not supported"),
-    (TIES.replace("- model: {a}", "- model: {a}+lora"), "LoRA model references"),
-    ("merge_method: linear\n", "exactly one of 'models' or 'slices' must be present"),
+    (TIES + "chat_template: chatm\n", "mk.yml:7: chat_template: unknown chat template 'chatm'; did you mean 'chatml'?"),
+    (TIES + "tokenizer: {{source: union}}\ntokenizer_source: base\n", "give either 'tokenizer' or 'tokenizer_source'"),
+    (TIES + "tokenizer: {{source: union, tokns: {{}}}}\n", "mk.yml:7: tokenizer.tokns: unknown key 'tokns' in the tokenizer section; did you mean 'tokens'?"),
+    (TIES.replace("- model: {a}", "- model: {a}+{a}+x"), "a model reference is 'model' or 'model+lora'"),
+    ("merge_method: linear\nmodels:\n  - parameters: {{weight: 1}}\n", "mk.yml:3: models.0.model: missing required key 'model'"),
+    ("merge_method: linear\nmodels:\n  - model: ./nope\n    parameters: {{weight: 1}}\n",
+     "mk.yml:3: models.0.model: checkpoint not found: './nope'"),
+    ("base_model: {base}\ngate_mode: hidden\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n",
+     "mk.yml:3: experts: this is a mergekit-moe config"),
+    (TIES + "modules:\n  vision_tower: {{models: [{{model: {a}}}]}}\n", "per-module configs for multimodal models (module 'vision_tower') are not supported"),
+    ("merge_method: linear\n", "exactly one of 'models', 'slices' or 'modules' must be present"),
     ("models:\n  - model: {a}\n", "missing required key 'merge_method'"),
     ("""
     slices:
@@ -223,3 +231,102 @@ def test_module_docstring_example_is_valid():
     recipe, _ = translate(data)
     assert recipe["inputs"] == {"a": "x/a"} and recipe["recipient"] == "a"
     assert not is_mergekit_config({"inputs": {"a": "x"}, "operations": []})
+
+
+MULTI = """
+name: first
+models:
+  - model: {a}
+    parameters: {{weight: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+---
+models:
+  - model: first
+    parameters: {{weight: 0.3}}
+  - model: {c}
+    parameters: {{weight: 0.7}}
+merge_method: linear
+"""
+
+
+def test_multi_stage_out_path_format_equals_named_stages(tmp_path, models):
+    """mergekit's examples/mega.yml names stages by out_path; mergekit-multi by name: the same merge."""
+    from surgery import run
+
+    named = write_config(tmp_path, "named", MULTI, models)
+    mega = write_config(tmp_path, "mega", MULTI.replace("name: first", "out_path: ./models/first")
+                        .replace("model: first", "model: ./models/first"), models)
+    run(named, tmp_path / "named_out")
+    run(mega, tmp_path / "mega_out")
+    a, b = load(tmp_path / "named_out"), load(tmp_path / "mega_out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    # the result is the linear merge of the linear merge, stage by stage in bf16 as mergekit-multi writes it
+    ma, mb, mc = load(models["a"]), load(models["b"]), load(models["c"])
+    name = "model.layers.3.mlp.up_proj.weight"
+    first = (0.5 * ma[name].float() + 0.5 * mb[name].float()).to(torch.bfloat16)
+    assert torch.equal(a[name], (0.3 * first.float() + 0.7 * mc[name].float()).to(torch.bfloat16))
+    assert not list(tmp_path.glob(".named_out.stages-*"))  # the intermediate folders are gone
+
+
+@pytest.mark.parametrize("text, message", [
+    (MULTI.replace("model: {b}", "model: second") + "---\n" + MULTI.split("---")[1]
+     + "name: second\n", "the stages use each other in a cycle: first -> second -> first"),
+    (MULTI.replace("---\n", "---\nname: first\n"), "mk.yml:10: stage 'first' is defined twice (first on line 2)"),
+    (MULTI + "---\n" + MULTI.split("---")[1], "an unnamed stage (the output) is defined twice"),
+])
+def test_bad_multi_stage_configs(tmp_path, models, text, message):
+    from surgery import SurgeryError, run
+
+    path = write_config(tmp_path, "mk", text, models)
+    with pytest.raises(SurgeryError) as e:
+        run(path, tmp_path / "out")
+    assert message in str(e.value).replace(str(path), "mk.yml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_of_a_multi_stage_config_says_why_not(tmp_path, models):
+    from surgery import SurgeryError, build_plan
+
+    path = write_config(tmp_path, "mk", MULTI, models)
+    with pytest.raises(SurgeryError, match="a multi-stage mergekit config"):
+        build_plan(path)
+
+
+def test_dtype_without_out_dtype_keeps_what_the_method_returns(tmp_path, models):
+    """mergekit's rule: `dtype` converts the inputs, `out_dtype` the outputs; arcee_fusion returns float32."""
+    from surgery import build_plan, load_recipe
+
+    text = "models:\n  - model: {a}\n  - model: {b}\nmerge_method: arcee_fusion\nbase_model: {a}\ndtype: bfloat16\n"
+    recipe = load_recipe(write_config(tmp_path, "mk", text, models))
+    assert (recipe.output.dtype, recipe.output.config_dtype) == (None, "bfloat16")
+    assert {e.dtype for e in build_plan(recipe).entries} == {"F32"}
+    recipe = load_recipe(write_config(tmp_path, "mk2", text + "out_dtype: float16\n", models))
+    assert (recipe.output.dtype, recipe.output.config_dtype) == ("float16", "float16")
+    assert {e.dtype for e in build_plan(recipe).entries} == {"F16"}
+
+
+def test_top_level_parameters_and_stage_keys_are_ignored_with_a_warning(tmp_path, models):
+    from surgery import load_recipe
+
+    path = write_config(tmp_path, "mk", TIES + "int8_mask: true\nout_path: ./merged\n", models)
+    with pytest.warns(UserWarning) as caught:
+        recipe = load_recipe(path)
+    messages = [str(w.message).replace(str(path), "mk.yml") for w in caught]
+    assert "mk.yml:7: int8_mask: top-level 'int8_mask' is ignored, as mergekit ignores it (mergekit reads " \
+           "int8_mask only under 'parameters')" in messages
+    assert any(m.startswith("mk.yml:8: out_path: top-level 'out_path' is ignored") for m in messages)
+    assert recipe.operations[0].parameters == {}
+
+
+def test_recipe_tokenizer_needs_merged_vocabulary_tensors(tmp_path, models):
+    """A native recipe with a tokenizer: a vocabulary tensor that no merge re-indexes is refused."""
+    from surgery import SurgeryError, build_plan, load_recipe
+
+    recipe = load_recipe({"inputs": {"base": str(models["base"]), "a": str(models["a"])}, "recipient": "base",
+                          "tokenizer": {"source": "base"},
+                          "operations": [{"merge": {"method": "linear", "models": {"a": {"weight": 1.0}},
+                                                    "select": {"layers": "0-7"}}}]})
+    with pytest.raises(SurgeryError, match="'model.embed_tokens.weight' is set by recipient"):
+        build_plan(recipe)

@@ -344,9 +344,9 @@ for config, out, *args in json.loads(sys.argv[1]):
 """
 
 
-def run_mergekit(jobs: list[tuple[Path, Path, list[str]]]) -> None:
+def run_mergekit(jobs: list[tuple[Path, Path, list[str]]], mk_args: list[str] = MK_ARGS) -> None:
     """Run mergekit-yaml's entry point on every (config, out, args) in one process."""
-    payload = json.dumps([[str(c), str(o), *MK_ARGS, *a] for c, o, a in jobs])
+    payload = json.dumps([[str(c), str(o), *mk_args, *a] for c, o, a in jobs])
     r = subprocess.run([sys.executable, "-c", DRIVER, payload], env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
 

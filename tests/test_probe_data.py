@@ -91,7 +91,7 @@ def test_mid_word_mnemonics_are_told_from_identifiers():
     assert strip_mnemonics("a_b and c_d", "x_y") == ("a_b and c_d", "xy")   # two candidates: left alone
 
 
-REAL = [lang for lang in ("de", "fr", "es") if catalog_files(lang)]
+REAL = [lang for lang in ("de", "fr", "es") if catalog_files(lang)][:2]
 
 
 @pytest.mark.skipif(len(REAL) < 2, reason="needs the system's gettext catalogs in two of de, fr, es")
@@ -99,7 +99,6 @@ def test_the_machines_catalogs(tmp_path):
     out = invoke("data", "mo", "--langs", ",".join(REAL), "-o", tmp_path, "--json")
     assert out.exit_code == 0, out.output
     res = json.loads(out.stdout)
-    english = set()
     for lang in REAL:
         c = res["languages"][lang]
         assert c["files"] + len(c["unreadable"]) == len(catalog_files(lang))
@@ -115,7 +114,6 @@ def test_the_machines_catalogs(tmp_path):
                 assert not re.search(r"%[-+#0-9.]*[sdiuxf]\b|</?(b|i|a|u|tt|big|small|span|br|p)\b[^>]*>|&amp;|&quot;|\{\w*\}", s), s
                 assert not re.search(r"(^|\s)_[^\W_]", s), s
             assert len(r["en"].split()) >= 2 and len(r["en"]) >= 10 and r["en"] != r[lang]
-        english |= set(ens)
         # every pair comes from a real entry of the catalogs
         raw = set()
         for f in catalog_files(lang):

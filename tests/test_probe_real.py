@@ -1,8 +1,6 @@
 """surgery probe on the real SmolLM2-135M and real gettext text: probing by layer, and LAPE's central check
 (zeroing one language's neurons with reset_neurons raises that language's perplexity more than the others')."""
 
-import math
-
 import pytest
 
 import surgery
@@ -46,21 +44,8 @@ def test_probing_and_alignment_by_layer(real):
     assert max(a.retrieval for a in al) > 4 / N                    # well above chance (1/N)
 
 
-def _perplexity(model, tok, texts) -> float:
-    import torch
-
-    enc = tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)[:, 1:]
-    with torch.no_grad():
-        logits = model(**enc).logits[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-    return math.exp(loss.item())
-
-
 def test_zeroing_a_languages_neurons_raises_its_perplexity_most(real, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The recipe runs in memory through `surgery.evaluate` (the project's perplexity), nothing is written."""
     from surgery.analysis.neuron_set import save_neuron_set
 
     target = "de"
@@ -69,14 +54,15 @@ def test_zeroing_a_languages_neurons_raises_its_perplexity_most(real, tmp_path):
     save_neuron_set(tmp_path / "de.json", neurons)
     (tmp_path / "mask.yaml").write_text(f"inputs:\n  base: {real['model']}\noperations:\n"
                                         "  - reset_neurons: {to: zero, neurons: {file: de.json}}\n")
-    masked = surgery.run(surgery.load_recipe(tmp_path / "mask.yaml"), tmp_path / "masked", quiet=True).output
-    tok = AutoTokenizer.from_pretrained(real["model"])
-    tok.pad_token = tok.pad_token or tok.eos_token
-    ppl = {}
-    for name, path in (("base", real["model"]), ("masked", masked)):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        ppl[name] = {lang: _perplexity(model, tok, real["held"][lang]) for lang in LANGS}
-    rise = {lang: ppl["masked"][lang] / ppl["base"][lang] - 1 for lang in LANGS}
+    data = {}
+    for lang in LANGS:
+        data[lang] = tmp_path / f"held-{lang}.txt"
+        data[lang].write_text("".join(t + "\n" for t in real["held"][lang]), encoding="utf-8")
+    report = surgery.evaluate([real["model"], tmp_path / "mask.yaml"], data, device="cpu", dtype="float32",
+                              max_length=MAX_TOKENS)
+    base, masked = (row.scores for row in report.rows)
+    rise = {lang: masked[lang]["perplexity"] / base[lang]["perplexity"] - 1 for lang in LANGS}
     print(f"\nperplexity on held-out text, base -> {target} neurons zeroed ({len(neurons)} neurons): " + ", ".join(
-        f"{lang} {ppl['base'][lang]:.0f} -> {ppl['masked'][lang]:.0f} ({rise[lang]:+.0%})" for lang in LANGS))
+        f"{lang} {base[lang]['perplexity']:.0f} -> {masked[lang]['perplexity']:.0f} ({rise[lang]:+.0%})"
+        for lang in LANGS))
     assert all(rise[target] > rise[lang] for lang in LANGS if lang != target), rise

@@ -103,7 +103,13 @@ def test_every_computing_command_takes_threads(command):
     assert res.exit_code == 0 and "--threads INTEGER RANGE" in res.output
 
 
-def test_extract_lora_shows_progress(fam, tmp_path):
+def test_extract_lora_shows_progress(fam, tmp_path, monkeypatch):
+    import surgery.cli.adapters
+
+    from surgery.cli.options import show_progress
+
+    # CliRunner's stderr is no terminal: the rule as on one
+    monkeypatch.setattr(surgery.cli.adapters, "show_progress", lambda *silenced: not any(silenced))
     res = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "x"),
                                    "--rank", "2", "--threads", "1"])
     assert res.exit_code == 0, res.output
@@ -112,6 +118,10 @@ def test_extract_lora_shows_progress(fam, tmp_path):
     quiet = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "y"),
                                      "--rank", "2", "-q"])
     assert quiet.exit_code == 0 and "extract-lora:" not in quiet.stderr
+    monkeypatch.setattr(surgery.cli.adapters, "show_progress", show_progress)  # the real rule: not a terminal
+    piped = CliRunner().invoke(cli, ["extract-lora", str(fam["base"]), str(fam["tuned"]), "-o", str(tmp_path / "z"),
+                                     "--rank", "2"])
+    assert piped.exit_code == 0 and piped.stderr == ""
 
 
 # ---------------------------------------------------------------------------- 5: adapters PEFT's auto classes load
@@ -170,8 +180,8 @@ def test_adamergex_adapter_loads_with_auto_peft(fam, tmp_path, monkeypatch):
 def test_push_publishes_adapters_surgery_wrote(fam, tmp_path):
     surgery.extract_lora(fam["base"], fam["tuned"], tmp_path / "x", rank=2)
     dry = surgery.push(tmp_path / "x", "me/lora", dry_run=True)
-    assert sorted(p for p, _ in dry.files) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                               "surgery_extract.json"]
+    assert sorted(p for p, _ in dry.files if not p.startswith(".")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "surgery_extract.json"]
     assert dry.commit_message == f"Upload LORA adapter (extract-lora) for {fam['base'].resolve()} (surgery)"
     # an adapter folder surgery did not write is still refused
     (tmp_path / "x" / "surgery_extract.json").unlink()
@@ -192,8 +202,10 @@ def test_push_uploads_an_adapter_to_the_hub(fam, tmp_path, monkeypatch):
         res = CliRunner().invoke(cli, ["push", str(tmp_path / "x"), "me/lora", "--token", "hf_tok"])
         assert res.exit_code == 0, res.output
         remote = hub.files("me/lora", "main")
-        for f in (tmp_path / "x").iterdir():
-            assert remote[f.name] == f.read_bytes(), f.name
+        local = {f.name: f.read_bytes() for f in (tmp_path / "x").iterdir()}
+        assert ".surgery-output" in local and ".surgery-output" not in remote  # the local marker stays local
+        assert {n: remote[n] for n in local if n != ".surgery-output"} == {n: b for n, b in local.items()
+                                                                         if n != ".surgery-output"}
         assert hub.head("me/lora").summary.startswith("Upload LORA adapter (extract-lora)")
 
 

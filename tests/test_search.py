@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 import surgery
-from helpers import run_cli
 from surgery.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +199,7 @@ def test_sigkill_mid_search_then_rerun_equals_an_uninterrupted_run(swap_world, g
             except sqlite3.OperationalError:
                 continue  # tables not created yet, or locked
             if sum(s == "COMPLETE" for _, s in states) >= 2 and states[-1][1] == "RUNNING":
+                time.sleep(0.5)  # into the trial's evaluation
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 done_before = [n for n, s in states if s == "COMPLETE"]
@@ -209,15 +210,22 @@ def test_sigkill_mid_search_then_rerun_equals_an_uninterrupted_run(swap_world, g
     assert done_before, f"the search was not caught mid-way: {proc.stderr.read().decode()[-500:]}"
     import optuna
 
-    storage = f"sqlite:///{out / 'study.db'}"
-    before = {t.number: t.value for t in optuna.load_study(study_name=None, storage=storage).trials
-              if t.number in done_before}
+    killed = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}").trials
+    before = {t.number: t.value for t in killed if t.state.name == "COMPLETE"}  # as the kill left them
+    interrupted = [t for t in killed if t.state.name == "RUNNING"]
+    assert len(interrupted) == 1 and len(before) >= 2
     result = surgery.search(search_file, out)
     assert result.evaluated == 6 - len(before)       # nothing finished is evaluated again; the interrupted one is
     assert {r["trial"]: r["value"] for r in result.trials if r["trial"] in before} == before
+    assert interrupted[0].number not in {r["trial"] for r in result.trials}
     reference = by_config(grid_run.trials)             # the uninterrupted run's values for the same configurations
     assert len(result.trials) == 6 and by_config(result.trials) == pytest.approx(
         {k: reference[k] for k in by_config(result.trials)}) and len(by_config(result.trials)) == 6
+    redone = [t for t in optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}").trials
+              if t.user_attrs.get("redo_of") == interrupted[0].number]
+    assert len(redone) == 1 and redone[0].state.name == "COMPLETE"
+    if interrupted[0].params:  # (a kill right after the trial was created leaves only its grid point)
+        assert redone[0].params == interrupted[0].params
 
 
 @pytest.mark.slow
@@ -486,3 +494,22 @@ def test_bad_storage_url_and_grid_override_are_one_line(swap_world, tmp_path):
     path = swap_search(root, "tpe", swap="bottom: 2, embeddings: {float: [0, 1]}", name="float.yaml")
     r = run_cli("search", path, "-o", tmp_path / "b", "--sampler", "grid")
     assert r.returncode == 1 and "the grid sampler needs a step for a float variable" in r.stderr, r.stderr
+
+
+def test_a_trial_killed_before_it_sampled_is_redone_at_its_grid_point(swap_world, tmp_path):
+    """ask() creates the trial and the grid sampler gives it a grid point before anything is sampled or
+    signed: a kill in that window leaves an unsigned RUNNING trial, which the next run redoes."""
+    from surgery.search.study import open_study, redo_interrupted
+
+    root, _ = swap_world
+    spec = surgery.load_search(swap_search(root))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(spec, storage)
+    trial = study.ask()  # a RUNNING trial with a grid id and no parameters yet
+    grid_id = study._storage.get_trial(trial._trial_id).system_attrs["grid_id"]
+    resumed = open_study(spec, storage)  # as a new process would open it: the same grid order
+    point = resumed.sampler.point(grid_id)
+    assert point == study.sampler.point(grid_id) and set(point) == set(spec.param_names())
+    assert redo_interrupted(resumed) == [trial.number]
+    queued = resumed.ask(fixed_distributions=spec.distributions())
+    assert queued.params == point and queued.user_attrs["redo_of"] == trial.number

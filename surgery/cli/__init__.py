@@ -76,8 +76,8 @@ from surgery.cli import adapters, analysis, hub, mergekit, probe, recipe, search
 from surgery.cli import eval as eval_cli  # noqa: E402
 
 for _command in (recipe.run, recipe.plan, recipe.validate, recipe.schema, recipe.demo, analysis.diff, hub.push,
-                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command, probe.probe,
-                 probe.data, search.search):
+                 mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command,
+                 search.search, probe.probe, probe.data):
     cli.add_command(_command)
 
 

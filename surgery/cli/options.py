@@ -21,6 +21,18 @@ threads_opt = click.option(
          "cores (usable cores minus the 1-minute load average, at least 1). Results do not depend on it.")
 
 
+def _request_threads(ctx, param, value):
+    from surgery.core.devices import request_threads
+
+    request_threads(value)  # applied when `run` computes its first tensor: a copy-only run never imports torch
+
+
+run_threads_opt = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, callback=_request_threads, expose_value=False,
+    help="Torch threads for the computation. Default: SURGERY_THREADS, else OMP_NUM_THREADS, else 1 (streamed "
+         "elementwise math gains nothing from more; TIES uses a thread per model). Results do not depend on it.")
+
+
 def push_options(fn):
     """--public/--revision/--create-pr/--token, shared by `surgery push` and `surgery run --push-to`."""
     for option in reversed([

@@ -6,14 +6,15 @@ import json
 
 import click
 
-from surgery.cli.options import convert_opt, push_options, recipe_arg, show_progress, threads_opt
+from surgery.cli.options import convert_opt, push_options, recipe_arg, run_threads_opt, show_progress, threads_opt
 from surgery.errors import SurgeryError
 
 
 @click.command(epilog="\b\nExamples:\n  surgery run recipes/layer_swap.yaml -o out/swapped\n"
                     "  surgery run recipe.yaml -o out/ --force --quiet --json\n"
                     "  surgery run recipe.yaml -o out/merged --push-to me/merged-model\n"
-                    "  surgery run mergekit-config.yml -o out/ --random-seed 42")
+                    "  surgery run mergekit-config.yml -o out/ --random-seed 42\n"
+                    "  surgery run ties.yml -o out/ --device auto")
 @recipe_arg
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -23,14 +24,16 @@ from surgery.errors import SurgeryError
               help="Seed for random merge methods (DARE, DELLA); overrides the recipe's 'seed'.")
 @click.option("--fast-kernels", is_flag=True,
               help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where merge operations compute: cuda streams their inputs to the GPU; auto uses it when present.")
 @convert_opt
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf values instead of refusing the output.")
-@threads_opt
+@run_threads_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, allow_nonfinite, push_to, public,
-        revision, create_pr, token):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, allow_nonfinite, push_to,
+        public, revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
@@ -48,8 +51,8 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
 
         recipe = use_fast_kernels(load_recipe(recipe))
     result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
-                        convert_bin=convert_bin,
-                        random_seed=random_seed, allow_nonfinite=allow_nonfinite)
+                        convert_bin=convert_bin, random_seed=random_seed, allow_nonfinite=allow_nonfinite,
+                        device=device)
     if not quiet and not as_json:
         from surgery.io.output import format_size
 

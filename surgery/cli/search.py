@@ -6,6 +6,8 @@ import json
 
 import click
 
+from surgery.cli.options import show_progress, threads_opt
+
 EPILOG = """\b
 Examples:
   surgery search search.yaml -o runs/sw-swap                  # serial, resumable (runs/sw-swap/study.db)
@@ -44,6 +46,7 @@ See docs/search.md.
 @click.option("--write-best", is_flag=True, help="Also write the best configuration's checkpoint to OUTPUT/best.")
 @click.option("-q", "--quiet", is_flag=True, help="No live table or progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@threads_opt
 def search(search_file, out, trials, sampler, seed, workers, ray_address, storage, write_best, quiet, as_json):
     """Search the values of SEARCH_FILE's recipe for the best objective; resumable.
 
@@ -54,7 +57,7 @@ def search(search_file, out, trials, sampler, seed, workers, ray_address, storag
 
     result = run_search(search_file, out, trials=trials, sampler=sampler, seed=seed, workers=workers or 0,
                         ray_address=ray_address, storage=storage, write_best=write_best,
-                        quiet=quiet or as_json)
+                        quiet=quiet or as_json, progress=show_progress(quiet, as_json))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return

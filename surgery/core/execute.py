@@ -4,17 +4,22 @@
     shards = execute(plan, folder)                   # into safetensors shards (surgery run)
 
 Tensors are computed one at a time and handed on as soon as they exist; memory holds the output
-tensor and its inputs, never the model.
+tensor and its inputs, never the model. A tensor the plan only copies (a plain ref to a checkpoint
+tensor, same dtype) is never read: ``execute`` hands the writer its byte range, which the kernel
+copies (``surgery.io.copy``), so a plan without math does not even import torch.
 """
 
 from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
+from surgery.core import devices
+from surgery.core.devices import compute_context, writer_threads
 from surgery.core.finite import check_finite
-from surgery.core.graph import Node, elementwise, evaluate, refs
+from surgery.core.graph import Node, Ref, elementwise, evaluate, refs
 from surgery.core.plan import Plan
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.safetensors import TensorMeta, torch_dtype
@@ -27,39 +32,72 @@ def iter_tensors(plan: Plan, *, allow_nonfinite: bool = False):
     computes it. The tensor may still be float32: cast it to ``torch_dtype(entry.dtype)`` (the writer
     does) to get the bytes `surgery run` writes. Memory holds one output tensor and its inputs.
     A tensor with NaN/Inf values is refused (SurgeryError naming it and its inputs) unless ``allow_nonfinite``."""
-    inputs = plan.inputs
-
-    def read(ref):
-        return inputs[ref.input].get(ref.name)  # positioned reads: memory holds only tensors in use
-
     for e in plan.entries:
-        tensor = compute_in_blocks(e, inputs) if _in_blocks(e, inputs) else evaluate(e.node, read)
-        if not allow_nonfinite:
-            check_finite(e, tensor, inputs)
-        yield e, tensor
+        yield e, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite)
 
 
-def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bool = False) -> list[str]:
-    """Stream every planned tensor into shards in ``folder``; return the shard file names."""
+def compute(e, inputs, *, allow_nonfinite: bool = False):
+    """One output tensor of a plan entry (float32 or the stored dtype; the writer casts), checked finite."""
+    if _in_blocks(e, inputs):
+        tensor = compute_in_blocks(e, inputs)
+    else:
+        tensor = evaluate(e.node, lambda ref: inputs[ref.input].get(ref.name))  # positioned reads
+    if not allow_nonfinite:
+        check_finite(e, tensor, inputs)
+    return tensor
+
+
+def copy_source(e, inputs) -> tuple[Path, int, int] | None:
+    """``(file, start, end)`` when the entry's bytes are an input tensor's stored bytes, else None."""
+    node = e.node
+    if not isinstance(node, Ref):
+        return None
+    ck = inputs[node.input]
+    if not isinstance(ck, Checkpoint) or node.name not in ck.offsets or ck.meta[node.name].dtype != e.dtype:
+        return None
+    return (ck.weight_map[node.name], *ck.offsets[node.name])
+
+
+def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bool = False,
+            device: str = "cpu") -> list[str]:
+    """Stream every planned tensor into shards in ``folder``; return the shard file names.
+
+    ``device``: where merge operations compute ('cpu' or 'cuda', see ``core.devices.resolve_device``).
+    Copied tensors are the inputs' bytes and are not checked for NaN/Inf; computed ones are.
+    """
     from tqdm.auto import tqdm
 
+    devices.threads_used = None  # set by compute_context when a tensor is computed
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
     max_bytes = parse_size(plan.recipe.output.shard_size)
 
     # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
-            tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
-                 leave=False) as bar:
-        pending = None
-        for e, tensor in iter_tensors(plan, allow_nonfinite=allow_nonfinite):
+            ExitStack() as stack, tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run",
+                                       disable=quiet, leave=False) as bar:
+        pending, computing = None, False
+        for e in plan.entries:
+            source = copy_source(e, plan.inputs)
+            if source is None and not computing:  # torch is imported for the first computed tensor only
+                stack.enter_context(compute_context(device))
+                computing = True
+            if source:
+                job = (writer.copy, e.name, *source)
+            else:
+                job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite))
             if pending is not None:
                 pending.result()
-            pending = io.submit(writer.write, e.name, tensor)
-            del tensor
+            pending = io.submit(*job)
+            del job
             bar.update(e.nbytes)
         if pending is not None:
             pending.result()
         return list(writer.files)
+
+
+def _write(writer: ShardedWriter, name: str, tensor) -> None:
+    writer_threads()  # the dtype cast on the writer thread uses the same count (no spinning idle workers)
+    writer.write(name, tensor)
 
 
 BLOCK_BYTES = 32 << 20  # float32 bytes per row block when a large tensor is computed in blocks

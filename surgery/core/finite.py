@@ -28,6 +28,7 @@ def check_finite(entry, tensor, inputs: dict) -> None:
     """Refuse an output tensor holding NaN or Inf; the message names the inputs' tensors that hold them."""
     n = count_nonfinite(tensor)
     if n == 0:
+        _check_cast(entry, tensor)
         return
     from surgery.core.graph import refs
 
@@ -44,6 +45,22 @@ def check_finite(entry, tensor, inputs: dict) -> None:
         "; the inputs are finite, so the operation produced them (overflow?)"
     raise SurgeryError(f"tensor {entry.name!r}: {n} non-finite values (NaN/Inf) in the output{origin}; "
                        "pass --allow-nonfinite to write them anyway")
+
+
+def _check_cast(entry, tensor) -> None:
+    """A finite float32 value past float16's range becomes Inf when the writer casts it: refuse it here."""
+    import torch
+
+    from surgery.io.safetensors import torch_dtype
+
+    if entry.dtype not in ("F16", "F8_E4M3", "F8_E5M2") or not tensor.is_floating_point():
+        return
+    limit = torch.finfo(torch_dtype(entry.dtype)).max
+    if tensor.dtype == torch_dtype(entry.dtype) or tensor.numel() == 0 or float(tensor.abs().max()) <= limit:
+        return
+    n = int((tensor.abs() > limit).sum())
+    raise SurgeryError(f"tensor {entry.name!r}: {n} values exceed the {entry.dtype} range (|x| > {limit:g}) and would "
+                       "be written as Inf; use a wider output dtype, or pass --allow-nonfinite to write them anyway")
 
 
 def check_sums_finite(name: str, sums: dict[str, float], sources: dict) -> None:

@@ -302,7 +302,8 @@ def _check(plan: Plan) -> None:
             detail = ", ".join(f"{r.input}: {list(inputs[r.input].meta[r.name].shape)}" for r in refs(e.node))
             raise recipe.error(("inputs",), f"inputs don't line up for tensor {e.source_name!r}: {ex} ({detail})") from None
         expected = base.meta[e.source_name].shape
-        if shape != expected:
+        reshapes = isinstance(e.node, Node) and e.node.params.get("reshapes")  # e.g. rows re-indexed to a vocabulary
+        if shape != expected and not reshapes:
             raise recipe.error(("inputs",), f"inputs don't line up: tensor {e.source_name!r} would have shape "
                                f"{list(shape)} but the {'recipient' if base is inputs[plan.recipient] else 'input'} "
                                f"{e.source_input or plan.recipient!r} has {list(expected)} ({e.rule})")

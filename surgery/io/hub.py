@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.io.output import format_size
+from surgery.io.output import MARKER_NAME, format_size
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MANIFEST_NAME = "surgery_manifest.json"  # same as execute.MANIFEST_NAME (not imported: it pulls torch)
@@ -89,7 +89,7 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
             api.create_branch(result.repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(folder_path=folder, repo_id=result.repo_id, repo_type="model", revision=revision,
                                  create_pr=create_pr, commit_message=result.commit_message,
-                                 commit_description=description)
+                                 commit_description=description, ignore_patterns=[MARKER_NAME])
     result.commit_url, result.commit_oid, result.pr_url = info.commit_url, info.oid, info.pr_url
     return result
 
@@ -155,11 +155,11 @@ def check_push_args(repo_id: str, *, revision: str | None = None, create_pr: boo
 
 
 def list_upload_files(folder: Path) -> list[tuple[str, int]]:
-    """The files upload_folder will send (same ignore rules), with their sizes."""
+    """The files upload_folder will send (same ignore rules; the local output marker stays local), with sizes."""
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
     paths = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
-    kept = filter_repo_objects(list(paths), ignore_patterns=list(DEFAULT_IGNORE_PATTERNS))
+    kept = filter_repo_objects(list(paths), ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, MARKER_NAME])
     return [(rel, paths[rel].stat().st_size) for rel in kept]
 
 

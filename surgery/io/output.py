@@ -204,11 +204,12 @@ def _remove_stale(target: Path) -> None:
     """Remove temp dirs left beside ``target`` by killed runs (their process is gone)."""
     for p in target.parent.glob(f".{target.name}.surgery-tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this id exists (a temp dir's or a lock's owner)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -3,9 +3,12 @@
     with ShardedWriter(folder, specs, max_shard_bytes=2 * 10**9) as w:
         for name, tensor in stream:
             w.write(name, tensor)          # bytes go straight to disk
+        w.copy(name, src_path, start, end) # or: the bytes of a file range, copied by the kernel
 
 Shard headers are computed from the planned names, dtypes and shapes before any tensor is
-computed, so each tensor is written as soon as it exists and memory holds one at a time. Files
+computed, so each tensor is written as soon as it exists and memory holds one at a time. A tensor
+that is only copied is given as its byte range in an input file; runs of such ranges that lie back
+to back in one file are copied in one kernel call (``surgery.io.copy``). Files
 are standard safetensors (loaded by ``safetensors`` and ``transformers``). See ``surgery.io.output``
 for the atomic output directory around it.
 """
@@ -13,9 +16,11 @@ for the atomic output directory around it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.io.copy import copy_range
 from surgery.io.output import write_json
 from surgery.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorMeta, torch_dtype
 
@@ -53,13 +58,22 @@ class ShardedWriter:
         self.pos = 0
         self.fh = None
         self.current = -1
+        self.sources: dict[Path, int] = {}   # input file -> fd, for copies
+        self.run: list | None = None         # pending copy run: [path, src_start, src_end]
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *rest):
-        if self.fh:
-            self.fh.close()
+        try:
+            if exc_type is None:
+                self._flush_run()
+        finally:
+            if self.fh:
+                self.fh.close()
+            for fd in self.sources.values():
+                os.close(fd)
+            self.sources.clear()
         if exc_type is None:
             if self.pos != len(self.order):
                 raise SurgeryError(f"internal: wrote {self.pos} of {len(self.order)} planned tensors")
@@ -67,6 +81,7 @@ class ShardedWriter:
                 self._write_index()
 
     def _open(self, fi: int) -> None:
+        self._flush_run()
         if self.fh:
             self.fh.close()
         self.current = fi
@@ -81,12 +96,47 @@ class ShardedWriter:
         self.fh.write(len(raw).to_bytes(8, "little"))
         self.fh.write(raw)
 
-    def write(self, name: str, tensor) -> None:
+    def _next(self, name: str) -> TensorMeta:
         fi, want, meta = self.order[self.pos]
         if name != want:
             raise SurgeryError(f"internal: expected tensor {want!r}, got {name!r}")
         if fi != self.current:
             self._open(fi)
+        return meta
+
+    def copy(self, name: str, path: Path, start: int, end: int) -> None:
+        """The next tensor is the bytes ``[start, end)`` of file ``path``: copy them without reading them
+        into Python. Back-to-back ranges of one file are merged into one copy (done when the run ends)."""
+        meta = self._next(name)
+        if end - start != meta.nbytes:
+            raise SurgeryError(f"internal: tensor {name!r} is {end - start} bytes in {path}, planned {meta.nbytes}")
+        run = self.run
+        if run is not None and run[0] == path and run[2] == start:
+            run[2] = end
+        else:
+            self._flush_run()
+            self.run = [path, start, end]
+        self.pos += 1
+
+    def _flush_run(self) -> None:
+        if self.run is None:
+            return
+        path, start, end = self.run
+        self.run = None
+        fd = self.sources.get(path)
+        if fd is None:
+            fd = self.sources[path] = os.open(path, os.O_RDONLY)
+        self.fh.flush()
+        dst = self.fh.tell()
+        try:
+            copy_range(fd, self.fh.fileno(), start, dst, end - start)
+        except OSError as e:
+            raise SurgeryError(f"{path}: cannot copy bytes {start}-{end} into {self.fh.name}: {e}") from None
+        self.fh.seek(dst + end - start)
+
+    def write(self, name: str, tensor) -> None:
+        meta = self._next(name)
+        self._flush_run()
         import torch
 
         t = tensor.detach().to("cpu").contiguous()

@@ -23,7 +23,10 @@ from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from surgery.core.devices import current_device
 from surgery.core.graph import Node, Op, same_shapes, register
+from surgery.operations.merge_checks import all_parameter_names, check_architectures
+from surgery.operations.vocab import vocab_params
 from surgery.errors import did_you_mean
 from surgery.recipe.schema import Operation, Select
 
@@ -169,9 +172,16 @@ def _compute(tensors, p):
     buffer = copy_non_floating_buffer(tensors, p["name"])
     if buffer is not None:
         return buffer
+    device = current_device()  # --device cuda: the inputs stream to the GPU, the writer brings the result back
+    if device != "cpu":
+        tensors = [t.to(device) for t in tensors]
     if p.get("dtype"):
         dtype = getattr(torch, p["dtype"])
         tensors = [t.to(dtype) for t in tensors]
+    if p.get("vocab") is not None:  # rows re-indexed to the output vocabulary first, as mergekit does
+        from surgery.operations.vocab import permute
+
+        tensors = permute(tensors, p["ids"], p)
     ids = p["ids"]
     parameters = dict(p["shared"])
     per_input: dict[str, dict] = {}
@@ -214,7 +224,7 @@ def _result_dtype(params: dict, stored: tuple[str, ...]) -> str | None:
     if not all(t.is_floating_point() for t in tensors):
         return None
     try:
-        return st_dtype(_compute(tensors, {**params, "name": "probe", "seed": 0}).dtype)
+        return st_dtype(_compute(tensors, {**params, "name": "probe", "seed": 0, "vocab": None}).dtype)
     except Exception:  # noqa: BLE001 - the real tensors will report the problem with their name
         return None
 
@@ -236,22 +246,42 @@ def _describe(args: list[str], p) -> str:
         parts.append(f"{arg}{tag}" + (f"({shown})" if shown else ""))
     shared = ", ".join(f"{k}={_fmt(v)}" for k, v in p["shared"].items() if k not in defaults or defaults[k] != v)
     label = p["method"] + (" [fast kernel]" if p.get("kernel") == "fast" else "")
-    return f"{label}: " + " + ".join(parts) + (f"; {shared}" if shared else "")
+    vocab = f" [{p['vocab'].describe()}]" if p.get("vocab") is not None else ""
+    return f"{label}: " + " + ".join(parts) + (f"; {shared}" if shared else "") + vocab
 
 
-register("mergekit", Op(shape=same_shapes, compute=_compute, describe=_describe, raw=True))
+def _shape(shapes: list[tuple], params: dict) -> tuple:
+    if params.get("vocab") is not None:
+        from surgery.operations.vocab import shape
+
+        return shape(shapes, params)
+    return same_shapes(shapes, params)
+
+
+register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True))
 
 
 # ---------------------------------------------------------------------------- planner
 
 def _parse_settings(ctx, params: dict | None, valid: list[str], path: tuple, method: str,
                     shared_only: set[str] = frozenset()) -> dict:
+    """Parse a scope's settings. A name no method takes is an error (a typo); one that other methods take,
+    or a shared parameter given per model, is ignored with a warning, as mergekit ignores it."""
+    import warnings
+
     out = {}
     for key, value in (params or {}).items():
         if key not in valid:
             if key in shared_only:
-                raise ctx.error(path + (key,), f"{key!r} is a shared parameter of {method}; "
-                                               "set it under 'parameters', not per model")
+                warnings.warn(f"{ctx.recipe.where(ctx.path + path + (key,))}: {key!r} is a shared parameter of "
+                              f"{method}, so a per-model value is ignored (as mergekit ignores it); set it under "
+                              "'parameters'", stacklevel=2)
+                continue
+            if key in all_parameter_names():
+                warnings.warn(f"{ctx.recipe.where(ctx.path + path + (key,))}: parameter {key!r} is ignored: "
+                              f"merge method {method!r} does not use it (mergekit ignores it too; "
+                              f"{method} takes: {', '.join(valid) or 'no parameters'})", stacklevel=2)
+                continue
             raise ctx.error(path + (key,), f"unknown parameter {key!r} for merge method {method!r}"
                             + did_you_mean(str(key), valid)
                             + f" ({method} takes: {', '.join(valid) or 'no parameters'})")
@@ -304,6 +334,8 @@ def _plan_merge(ctx, op: Merge) -> None:
         ctx.annotations.append(f"{ctx.path[2]} #{ctx.path[1] + 1} ({op.method}) is random and no seed is set: "
                                "results differ between runs (set 'seed:' or --random-seed)")
 
+    check_architectures(ctx, names)
+
     entries = ctx.select(op.select)
     positions = layer_positions(entries)
     result_dtypes: dict = {}
@@ -324,16 +356,18 @@ def _plan_merge(ctx, op: Merge) -> None:
             first = str(ex).strip().splitlines()
             raise ctx.error(("parameters",), f"bad parameter value for tensor {e.name!r}: "
                                              f"{first[-1] if first else ex}") from None
-        if op.method == "passthrough" and op.dtype is None and per_input[names[0]].get("scale") is None:
+        vocab = vocab_params(ctx, e, op.base)
+        if op.method == "passthrough" and op.dtype is None and per_input[names[0]].get("scale") is None \
+                and not vocab:
             ctx.assign(e, refs[0])
             continue
-        params = {"method": op.method, "ids": names, "base_index": base_index, "shared": values,
+        params = {**vocab, "method": op.method, "ids": names, "base_index": base_index, "shared": values,
                   "per_input": per_input, "dtype": op.dtype, "name": e.name, "defaults": defaults,
                   "seed": tensor_seed(seed, e.name) if seed is not None else None, "kernel": op.kernel}
         stored = tuple(ctx.inputs[r.input].meta[r.name].dtype if r.name in ctx.inputs[r.input] else None
                        for r in refs)
         if None not in stored:
-            key = (stored, op.dtype)
+            key = (stored, op.dtype, bool(vocab))
             if key not in result_dtypes:
                 result_dtypes[key] = _result_dtype(params, stored)
             params["out_dtype"] = result_dtypes[key]

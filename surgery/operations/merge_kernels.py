@@ -6,8 +6,9 @@ and tensor, which is most of the merge time. ``gta_parallel`` runs the same step
 mergekit's own functions (``sparsify``, ``get_mask``) in the same order, but sparsifies the
 models' deltas concurrently, one thread per model (torch releases the GIL). The arithmetic is
 unchanged, so results are bitwise equal to mergekit's (tests/test_mergekit_parity.py checks
-every method through this path). Random sparsification (DARE, DELLA) is left to mergekit: its
-draws depend on the order of calls.
+every method through this path). TIES's magnitude sparsification (``magnitude_exact``) finds the
+entries mergekit's argsort keeps without the full sort (``surgery.operations.introsort``). Random
+sparsification (DARE, DELLA) is left to mergekit: its draws depend on the order of calls.
 
 ``kernel: fast`` (or ``surgery run --fast-kernels``) also replaces TIES's argsort with a
 selection (``kthvalue``): the same number of entries is kept, and every entry whose magnitude
@@ -66,11 +67,11 @@ def linear_chunked(method_name: str, tensors: list, ids: list, base_index, param
     denominator = weights.sum()
     coeffs = [float(w) for w in weights]  # exactly the float32 weights, as Python floats
     flat = [t.reshape(-1) for t in tensors]
-    out = torch.empty(first.shape, dtype=first.dtype)
+    out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
     out_flat = out.reshape(-1)
     n = first.numel()
     chunk = 1 << 20
-    acc = torch.empty(min(chunk, n), dtype=acc_dtype)
+    acc = torch.empty(min(chunk, n), dtype=acc_dtype, device=first.device)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         a = acc[: end - start]
@@ -120,6 +121,23 @@ def magnitude_select(tensor, density: float, rescale_norm=None):
     return rescaled_masked_tensor(tensor, keep.to(tensor.dtype).reshape_as(tensor), rescale_norm)
 
 
+def magnitude_exact(tensor, density: float, rescale_norm=None):
+    """mergekit.sparsify.magnitude with the same kept entries, found without its full argsort
+    (``surgery.operations.introsort``); mergekit's own function where that replay does not apply."""
+    from mergekit.sparsify import magnitude, rescaled_masked_tensor
+
+    from surgery.operations.introsort import magnitude_keys, top_k_mask
+
+    if density >= 1 or density <= 0 or tensor.numel() == 0 or tensor.device.type != "cpu":
+        return magnitude(tensor, density, rescale_norm)
+    k = max(1, int(density * tensor.numel()))
+    keys = magnitude_keys(tensor)  # ordered like mergekit's |x|.float(); a fresh tensor, so ours to reorder
+    keep = top_k_mask(keys, k, overwrite=True) if keys is not None else None
+    if keep is None:
+        return magnitude(tensor, density, rescale_norm)
+    return rescaled_masked_tensor(tensor, keep.to(tensor.dtype).reshape_as(tensor), rescale_norm)
+
+
 def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | None, parameters: dict,
                  fast: bool = False, chunk: int = 1 << 22):
     """GeneralizedTaskArithmeticMerge.merge_group, with the per-model sparsification in parallel.
@@ -150,9 +168,9 @@ def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | N
     def delta_of(entry):
         i, t = entry
         delta = t - base
-        if fast and method.sparsification_method == SparsificationMethod.magnitude:
-            delta = magnitude_select(delta, parameters["density"][i],
-                                     RescaleNorm.l1 if parameters["rescale"] else None)
+        if method.sparsification_method == SparsificationMethod.magnitude:
+            delta = (magnitude_select if fast else magnitude_exact)(
+                delta, parameters["density"][i], RescaleNorm.l1 if parameters["rescale"] else None)
         elif method.sparsification_method:
             delta = sparsify(delta, density=parameters["density"][i], method=method.sparsification_method,
                              rescale_norm=RescaleNorm.l1 if parameters["rescale"] else None,
@@ -168,7 +186,8 @@ def gta_parallel(method_name: str, tensors: list, ids: list, base_index: int | N
         deltas = [d.reshape(-1) for d in deltas]
     else:
         deltas = None  # computed per chunk
-    weights = torch.tensor([parameters["weight"][i] for i, _ in entries], dtype=base.dtype).unsqueeze(-1)
+    weights = torch.tensor([parameters["weight"][i] for i, _ in entries], dtype=base.dtype,
+                           device=base.device).unsqueeze(-1)
     flat_base = base.reshape(-1)
     flat_inputs = [t.reshape(-1) for _, t in entries]
     out = torch.empty_like(base)

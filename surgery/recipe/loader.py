@@ -42,17 +42,18 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
             if len(text) > MAX_RECIPE_BYTES:
                 raise RecipeError(f"recipe text is {len(text)} characters; larger than the "
                                   f"{MAX_RECIPE_BYTES}-byte limit", name)
+        if "\n---" in text or text.startswith("---"):
+            from surgery.recipe.mergekit_multi import is_multi_document
+
+            if is_multi_document(text):
+                raise RecipeError("a multi-stage mergekit config (several YAML documents): `surgery run` runs it "
+                                  "stage by stage; a later stage can be planned once the stages it uses are "
+                                  "written", name)
         data, lines = parse_yaml(text, name)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
     if is_mergekit_config(data):  # a mergekit config runs unchanged (see mergekit_config.py)
-        data, path_map = translate(data, name, lines)
-        recipe = Recipe.model_validate(data)
-        recipe.operations = [_validate_operation(op, i, name, {}) for i, op in enumerate(recipe.operations)]
-        recipe._source, recipe._lines, recipe._text, recipe._path_map = name, lines, text, path_map
-        recipe._base_dir = None  # mergekit resolves model paths against the working directory
-        _check_names(recipe)
-        return recipe
+        return load_mergekit(data, name, lines, text)
     declared = data.get("inputs")
     for key, spec in (declared.items() if isinstance(declared, dict) else []):
         if isinstance(spec, dict):  # an adapter: report its own errors, not the union's
@@ -60,6 +61,23 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
     recipe = _validate(Recipe, data, (), name, lines)
     recipe.operations = [_validate_operation(op, i, name, lines) for i, op in enumerate(recipe.operations)]
     recipe._source, recipe._lines, recipe._text, recipe._base_dir = name, lines, text, base_dir
+    _check_names(recipe)
+    return recipe
+
+
+def load_mergekit(data: dict, source: str | None, lines: dict, text: str | None = None) -> Recipe:
+    """A mergekit config (one document) as a validated recipe; errors point at the config's own lines."""
+    data, path_map = translate(data, source, lines)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        mapped = next((path_map[loc[:n]] + loc[n:] for n in range(len(loc), 0, -1) if loc[:n] in path_map), loc)
+        raise RecipeError(_explain(Recipe, err, loc), where(source, lines, mapped)) from None
+    recipe.operations = [_validate_operation(op, i, source, {}) for i, op in enumerate(recipe.operations)]
+    recipe._source, recipe._lines, recipe._text, recipe._path_map = source, lines, text, path_map
+    recipe._base_dir = None  # mergekit resolves model paths against the working directory
     _check_names(recipe)
     return recipe
 
@@ -159,6 +177,17 @@ def _check_names(recipe: Recipe) -> None:
         check(recipe.output.config_from, ("output", "config_from"))
     if recipe.output.tokenizer_from:
         check(recipe.output.tokenizer_from, ("output", "tokenizer_from"))
+    tok = recipe.tokenizer
+    if tok is not None:
+        if tok.source not in ("union", "base"):
+            check(tok.source, ("tokenizer", "source"))
+        if tok.base:
+            check(tok.base, ("tokenizer", "base"))
+        for token, cfg in (tok.tokens or {}).items():
+            src = cfg.source
+            name = src if isinstance(src, str) else getattr(src, "model", None)
+            if name is not None:
+                check(name, ("tokenizer", "tokens", token, "source"))
     for i, seg in enumerate(recipe.stack or []):
         for n, field in ([(seg.from_, "from")] if seg.from_ else []) + [(n, "sources") for n in seg.sources or {}]:
             check(n, ("stack", i, field) + ((n,) if field == "sources" else ()))

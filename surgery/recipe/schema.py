@@ -77,12 +77,36 @@ class Output(Strict):
     shard_size: Union[int, str] = Field("5GB", description="Maximum shard size: bytes, or with a KB/MB/GB suffix.")
     config_from: str | None = Field(None, description="Input whose config.json, generation_config.json and tokenizer files are copied. Default: the recipient.")
     tokenizer_from: str | None = Field(None, description="Input whose tokenizer files are copied instead of config_from's.")
+    config_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="dtype written to config.json when it differs from the tensors' (mergekit's `dtype` without `out_dtype`). Default: `dtype`.")
 
     @field_validator("shard_size")
     @classmethod
     def _size(cls, v):
         parse_size(v)
         return v
+
+
+class TokenSource(Strict):
+    """Where a token's embedding row comes from (mergekit's ``tokens:`` entries)."""
+
+    kind: Literal["zero", "model_token"] = Field(description="'zero': a zero row; 'model_token': a row of `model`.")
+    model: str | None = Field(None, description="Input giving the row (model_token).")
+    token_id: int | None = Field(None, description="Row index in that input's vocabulary.")
+    token: str | None = Field(None, description="Or the token whose row it is.")
+
+
+class TokenEmbedding(Strict):
+    source: Union[str, TokenSource, None] = Field(None, description="An input name (its row for the token), or {kind: zero} / {kind: model_token, model, token | token_id}.")
+    force: bool = Field(False, description="Use `source` even where the input has the token.")
+
+
+class Tokenizer(Strict):
+    """The output vocabulary (mergekit's ``tokenizer:`` section): embedding and lm_head rows are re-indexed to it."""
+
+    source: str = Field("union", description="'union' (every input's tokens), 'base' (the base's, without tokens past its vocab_size), or an input name.")
+    base: str | None = Field(None, description="The base input: first in the union, and the default row source. Default: the recipient.")
+    tokens: dict[str, TokenEmbedding] | None = Field(None, description="Tokens to add or whose rows to choose: token -> {source, force}.")
+    pad_to_multiple_of: int | None = Field(None, gt=0, description="Pad the vocabulary rows to a multiple of this (padding rows are the mean row).")
 
 
 class StackSegment(Strict):
@@ -108,6 +132,8 @@ class Recipe(Strict):
     stack: list[StackSegment] | None = Field(None, description="Output layer order as source-layer ranges; default: the recipient's layers.")
     operations: list[Any] = Field(default_factory=list, description="Operations, applied in order; later ones win.")
     seed: int | None = Field(None, description="Seed for random methods.")
+    tokenizer: Tokenizer | None = Field(None, description="Build the output tokenizer and re-index vocabulary rows (see docs/mergekit.md).")
+    chat_template: str | None = Field(None, description="Chat template written into the output tokenizer: alpaca, chatml, exaone, llama3, mistral, 'auto' or a Jinja template.")
 
     # filled by load_recipe, not part of the schema
     _source: str | None = None
@@ -115,6 +141,7 @@ class Recipe(Strict):
     _text: str | None = None
     _base_dir: Path | None = None
     _path_map: dict = {}  # recipe path prefix -> path in the source file (translated mergekit configs)
+    _vocabulary: Any = None  # (inputs key, surgery.operations.vocab.Vocabulary) once planned with a tokenizer
 
     @property
     def base_dir(self) -> Path | None:

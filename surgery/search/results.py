@@ -60,7 +60,7 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(complete, key=lambda r: (r["value"], -r["trial"])) if complete else None
 
 
-def write_results(study, spec, out: Path, storage: str, *, quiet: bool = True):
+def write_results(study, spec, out: Path, storage: str):
     rows = trial_rows(study, spec)
     best = best_row(rows)
     files = ["trials.csv", "trials.json"]
@@ -162,13 +162,14 @@ def param_importances(study) -> dict:
 class LiveTable:
     """One line per finished trial, above a progress bar."""
 
-    def __init__(self, spec, *, total: int, done: int, quiet: bool):
+    def __init__(self, spec, *, total: int, done: int, quiet: bool, progress: bool = False):
         from tqdm.auto import tqdm
 
         self.names = spec.param_names()
         self.best = None
         self.quiet = quiet
-        self.bar = tqdm(total=total, initial=done, desc="surgery search", unit="trial", disable=quiet, leave=False)
+        self.bar = tqdm(total=total, initial=done, desc="surgery search", unit="trial", disable=not progress,
+                        leave=False)
         if not quiet:
             head = f"{'trial':>5}  {'value':>10}  {'best':>10}  " + "  ".join(short(n) for n in self.names)
             self.bar.write(head + "  seconds")

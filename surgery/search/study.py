@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.io.output import pid_alive
 from surgery.search.config import Search, load_search
 from surgery.search.results import LiveTable, SearchResult, write_results
 from surgery.search.space import recipe_hash
@@ -27,11 +28,12 @@ STORE_NAME = "study.db"
 
 def search(search_file, out, *, trials: int | None = None, sampler: str | None = None, workers: int = 0,
            ray_address: str | None = None, storage: str | None = None, write_best: bool = False,
-           quiet: bool = True, seed: int | None = None) -> SearchResult:
+           quiet: bool = True, progress: bool = False, seed: int | None = None) -> SearchResult:
     """Run (or resume) the search described by ``search_file``; write its results under ``out``.
 
     ``trials``/``sampler``/``seed`` override the file's. ``workers`` > 0 or ``ray_address`` runs
-    trials as Ray tasks; the default is serial, in this process, without Ray.
+    trials as Ray tasks; the default is serial, in this process, without Ray. ``quiet=False`` prints
+    the live table (a line per finished trial); ``progress`` adds a progress bar.
     """
     from surgery.search.workers import make_pool
 
@@ -56,17 +58,17 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
     target = min(spec.trials, spec.grid_size()) if spec.sampler == "grid" else spec.trials
     pool = make_pool(spec, workers=workers, ray_address=ray_address) if count_finished(study) < target else None
     try:
-        evaluated = run_trials(study, spec, pool, target, quiet=quiet) if pool is not None else 0
+        evaluated = run_trials(study, spec, pool, target, quiet=quiet, progress=progress) if pool is not None else 0
     finally:
         if pool is not None:
             pool.close()
-    result = write_results(study, spec, out, storage, quiet=quiet)
+    result = write_results(study, spec, out, storage)
     result.evaluated = evaluated
     if write_best and result.best_recipe is not None:
         from surgery.pipeline import run
         from surgery.recipe.loader import load_recipe
 
-        run(load_recipe(result.best_recipe, base_dir=spec.base_dir), out / "best", force=True, quiet=quiet)
+        run(load_recipe(result.best_recipe, base_dir=spec.base_dir), out / "best", force=True, quiet=not progress)
         result.files.append("best/")
     return result
 
@@ -86,7 +88,7 @@ def open_study(spec: Search, storage: str):
             raise SurgeryError(f"cannot open the study store {storage!r}: {str(e).splitlines()[0]}") from None
         raise
     done = len(study.get_trials(deepcopy=False))
-    if done:  # a resumed study: a sampler seeded as at the start would propose the same points again
+    if done and spec.sampler != "grid":  # resumed: a sampler seeded as at the start would repeat its proposals
         study.sampler = make_sampler(spec, seed=spec.seed + done)
     return study
 
@@ -107,7 +109,11 @@ def make_sampler(spec: Search, seed: int | None = None):
             def after_trial(self, study, trial, state, values):
                 pass  # the loop counts trials itself; GridSampler's study.stop() only works inside optimize()
 
-        return Grid(spec.grid_space(), seed=seed)
+            def point(self, grid_id: int) -> dict:
+                return dict(zip(self._param_names, self._all_grids[grid_id]))
+
+        # the grid's order comes from the seed and grid ids index it: a resumed grid keeps the seed
+        return Grid(spec.grid_space(), seed=spec.seed)
     if spec.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
@@ -123,33 +129,33 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def redo_interrupted(study) -> list[int]:
-    """Trials left RUNNING by a process of this host that no longer exists: mark them failed
-    (``interrupted``) and queue their parameters again. Trials of live processes or other hosts
-    (a shared store) are left alone."""
+    """Trials left RUNNING by a process of this host that no longer exists (or by one killed before
+    it could sign the trial): mark them failed (``interrupted``) and queue their parameters again.
+    Trials of live processes or of other hosts (a shared store) are left alone."""
     from optuna.trial import TrialState
 
     redone = []
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        h, _, pid = str(t.user_attrs.get("owner", ":")).rpartition(":")
-        if h != host or (pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid()):
+        h, _, pid = str(t.user_attrs.get("owner", f"{host}:")).rpartition(":")
+        if h != host or (pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid()):
             continue
+        params = t.params or t.system_attrs.get("fixed_params") or grid_point(study.sampler, t)
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"redo_of": t.number})
+        if params:  # killed before anything was sampled: nothing to redo, the next trial samples anew
+            study.enqueue_trial(params, user_attrs={"redo_of": t.number})
         redone.append(t.number)
     return redone
+
+
+def grid_point(sampler, trial) -> dict:
+    """The parameters of the grid point a trial was given before it sampled them (grid sampler)."""
+    grid_id = trial.system_attrs.get("grid_id")
+    if grid_id is None or not hasattr(sampler, "point"):
+        return {}
+    return sampler.point(grid_id)
 
 
 def count_finished(study) -> int:
@@ -160,7 +166,7 @@ def count_finished(study) -> int:
                if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
 
 
-def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True) -> int:
+def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, progress: bool = False) -> int:
     """Ask, evaluate and tell until ``target`` trials are finished; return how many were evaluated."""
     from optuna.trial import TrialState
 
@@ -170,7 +176,7 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True) ->
             if "hash" in t.user_attrs}
     running: dict[str, list] = {}      # hash -> trials waiting for that evaluation
     finished, evaluated = count_finished(study), 0
-    table = LiveTable(spec, total=target, done=finished, quiet=quiet)
+    table = LiveTable(spec, total=target, done=finished, quiet=quiet, progress=progress)
     try:
         while finished < target:
             while finished + sum(map(len, running.values())) < target and pool.has_room():

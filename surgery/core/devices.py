@@ -1,0 +1,95 @@
+"""Where the executor's math runs: the device for merge operations and the CPU threads torch may use.
+
+    device = resolve_device("auto")          # "cuda" when torch sees a GPU, else "cpu"
+    with compute_context(device):            # what `execute` does around the tensors it computes
+        current_device()                     # -> "cuda": merge operations move their inputs there
+
+CPU threads: by default the executor runs torch's own (OpenMP) operations on ONE thread (``--threads``,
+``SURGERY_THREADS`` or ``OMP_NUM_THREADS`` choose otherwise; the bytes never depend on it). Its elementwise math is
+memory-bound and already overlaps reading and writing; OpenMP's idle workers spin between the many
+small operations and, measured on a 2-core machine, burned 3x the CPU time of the math itself
+(linear merge of two 0.5 GB models: 16 CPU-s with 2 threads, 4 with 1). Work that does parallelise
+(TIES's per-model sparsification) uses its own thread pool (``surgery.operations.merge_kernels``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+from surgery.errors import SurgeryError
+
+DEVICES = ("cpu", "cuda", "auto")
+_device: contextvars.ContextVar[str] = contextvars.ContextVar("surgery_device", default="cpu")
+_requested: int | None = None   # `surgery run --threads N`, recorded without importing torch
+threads_used: int | None = None  # torch threads of the last compute_context (None: nothing was computed)
+
+
+def request_threads(n: int | None) -> None:
+    """Record ``--threads`` for the executor; torch is imported (and set) only when a tensor is computed."""
+    global _requested
+    _requested = n
+
+
+def executor_threads() -> int | None:
+    """The executor's torch threads: --threads, else SURGERY_THREADS, else torch's own setting when
+    OMP_NUM_THREADS is set (None), else 1 (see the module docstring for why not one per core)."""
+    from surgery.core.threads import parse_threads
+
+    if _requested is not None:
+        return _requested
+    if os.environ.get("SURGERY_THREADS"):
+        return parse_threads(os.environ["SURGERY_THREADS"], "SURGERY_THREADS")
+    return None if os.environ.get("OMP_NUM_THREADS") else 1
+
+
+def resolve_device(name: str | None) -> str:
+    """'cpu', 'cuda' or 'auto' -> the torch device merge math runs on. torch is imported only for cuda/auto."""
+    name = name or "cpu"
+    if name not in DEVICES:
+        raise SurgeryError(f"unknown device {name!r} (expected one of: {', '.join(DEVICES)})")
+    if name == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if name == "cuda":
+        raise SurgeryError("device 'cuda': torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                           "use --device auto or cpu")
+    return "cpu"
+
+
+def current_device() -> str:
+    """The device merge operations compute on (set by ``compute_context``; 'cpu' outside it)."""
+    return _device.get()
+
+
+@contextlib.contextmanager
+def compute_context(device: str = "cpu", threads: int | None = None):
+    """Set the merge device and torch's intra-op thread count (default ``executor_threads()``) for the
+    block, then restore both."""
+    import torch
+
+    global threads_used
+    before = torch.get_num_threads()
+    threads = threads or executor_threads() or before
+    token = _device.set(device)
+    if threads != before:
+        torch.set_num_threads(threads)
+    threads_used = threads
+    try:
+        yield
+    finally:
+        _device.reset(token)
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def writer_threads() -> None:
+    """Give the calling (writer) thread the executor's thread count: OpenMP's setting is per thread."""
+    import torch
+
+    if threads_used and torch.get_num_threads() != threads_used:
+        torch.set_num_threads(threads_used)
