@@ -104,10 +104,11 @@ def test_free_space_is_checked_before_writing(good, tmp_path, monkeypatch):
 def test_disk_full_while_writing_cleans_up_and_says_how_much(good, tmp_path, monkeypatch):
     from surgery.io.writer import ShardedWriter
 
-    def full(self, name, tensor):
+    def full(self, name, *data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ShardedWriter, "write", full)
+    monkeypatch.setattr(ShardedWriter, "write", full)  # computed tensors
+    monkeypatch.setattr(ShardedWriter, "copy", full)   # copied byte ranges (this plan copies every tensor)
     with pytest.raises(surgery.SurgeryError) as e:
         surgery.run({"inputs": {"a": str(good)}}, tmp_path / "new" / "out")
     plan = surgery.build_plan({"inputs": {"a": str(good)}})
