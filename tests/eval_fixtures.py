@@ -63,3 +63,23 @@ def english_msgids(n: int, locale: str = "de") -> list[str]:
         found.update(k for k in catalog if isinstance(k, str) and 30 <= len(k) <= 120 and len(k.split()) >= 5
                      and re.fullmatch(r"[A-Z][a-z]+( [a-z]+[,.]?)+", k))
     return sorted(found)[:n]
+
+
+def write_mc_task(folder: Path, data_file: Path, metrics=("acc", "acc_norm")) -> Path:
+    """A local lm-evaluation-harness multiple-choice task 'local_mc' over a JSONL of {prompt, choices, label}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = "".join(f"  - metric: {m}\n" for m in metrics)
+    path = folder / "local_mc.yaml"
+    path.write_text(f"""task: local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+{listed}""")
+    return path

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from eval_fixtures import CHOICES, GENERATION, TEXTS, tiny_lm, write_jsonl, write_text
+from eval_fixtures import CHOICES, GENERATION, TEXTS, tiny_lm, write_jsonl, write_mc_task, write_text
 from helpers import load, raw_bytes, run_cli
 from surgery.errors import SurgeryError
 
@@ -153,21 +153,7 @@ def test_lm_eval_local_task_matches_builtin_multiple_choice(lms, data, tmp_path,
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "local_mc.yaml").write_text(f"""task: local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data['mc']}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
+    write_mc_task(tasks, data["mc"])
     # float32 models: lm-eval takes the log-softmax in the model's dtype, the built-in one in float32
     report = surgery.evaluate([lms["ta"], recipe(lms, "ta", "tb")], {"mc": data["mc"]}, lm_eval="local_mc",
                               include_path=tasks, device="cpu")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_fixtures import write_mc_task
 from helpers import run_cli
 
 import surgery
@@ -420,20 +421,7 @@ def test_mergekit_evolve_config_runs_through_lm_eval(demo_dir, tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ck = demo_dir / "checkpoints"
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "local_mc.yaml").write_text(f"""task: local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-""")
+    write_mc_task(tmp_path / "tasks", tmp_path / "mc.jsonl", metrics=("acc",))
     path = write_search(tmp_path, "evolve.yml", f"""\
 genome:
   models: [{ck / 'math'}, {ck / 'swahili'}]
