@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery import __version__
-from surgery.adapters.extract import extract_lora as extract_from_sources
-from surgery.adapters.view import open_adapter, open_adapter_input
 from surgery.core.devices import resolve_device
 from surgery.core.execute import PlanReader, execute
 from surgery.core.layout import layout_data
@@ -38,6 +36,8 @@ def open_inputs(recipe: Recipe, *, convert_bin: bool = False, opened: dict | Non
     """Open every input of a recipe: checkpoints first, then adapters over the checkpoints they apply to.
     ``opened``: inputs already open (by name), e.g. an earlier stage's output."""
     out = dict(opened or {})
+    if any(not isinstance(spec, str) for spec in recipe.inputs.values()):
+        from surgery.adapters.view import open_adapter_input  # only recipes with adapter inputs need it
     for name, ref in recipe.inputs.items():
         if not isinstance(ref, str) or name in out:
             continue
@@ -66,6 +66,8 @@ def open_source(ref, *, base: TensorSource | None = None, convert_bin: bool = Fa
             raise SurgeryError(f"{ref}: the recipe changes the layer count; use its written output instead")
         return PlanReader(plan, str(ref))
     if isinstance(base, Checkpoint) and (Path(ref) / "adapter_config.json").is_file():
+        from surgery.adapters.view import open_adapter
+
         return open_adapter(ref, base)
     return Checkpoint.open(ref, convert_bin=convert_bin)
 
@@ -73,6 +75,8 @@ def open_source(ref, *, base: TensorSource | None = None, convert_bin: bool = Fa
 def extract_lora(base, tuned, out, **options):
     """``tuned − base`` as a PEFT LoRA adapter in ``out``; ``base`` and ``tuned`` are anything
     ``open_source`` opens. Options: see ``surgery.adapters.extract.extract_lora``."""
+    from surgery.adapters.extract import extract_lora as extract_from_sources
+
     base = open_source(base)
     tuned = open_source(tuned, base=base)
     return extract_from_sources(base, tuned, out, inputs=input_paths([base, tuned]), **options)

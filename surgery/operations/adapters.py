@@ -15,7 +15,6 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from surgery.adapters.view import AdapterCheckpoint, apply_terms
 from surgery.errors import SurgeryError
 from surgery.core.graph import Node, Ref
 from surgery.recipe.schema import Operation, Select
@@ -57,6 +56,8 @@ class AdaMergeX(Operation):
 
 
 def _adapter(ctx, name: str, field: tuple) -> AdapterCheckpoint:
+    from surgery.adapters.view import AdapterCheckpoint  # imported by recipes that use adapters only
+
     ck = ctx.inputs[name]
     if not isinstance(ck, AdapterCheckpoint):
         raise ctx.error(field, f"input {name!r} is a checkpoint, not an adapter (declare it as "
@@ -116,6 +117,8 @@ def _plan_adamergex(ctx, op: AdaMergeX) -> None:
 
 def _paired(ctx, views, name, under, op: AdaMergeX, ref: Ref):
     """Factor-wise combination: the three adapters must have matching terms on this tensor."""
+    from surgery.adapters.view import apply_terms
+
     task, tgt, src = views
     terms = [v.adapter.terms.get(name, []) for v in views]
     kinds = [sorted(t.kind for t in ts) for ts in terms]

@@ -26,7 +26,7 @@ Source = Union[Literal["recipient", "donor"], float]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class AdapterInput(Strict):
@@ -121,7 +121,7 @@ class StackSegment(Strict):
     layers: LayerSpec = Field(description="Source layer indices, in order: '0-15'.")
     from_: str | None = Field(None, alias="from", description="Input these layers come from. Default: the recipient.")
     sources: dict[str, LayerSpec] | None = Field(None, description="Other inputs' source layers for the same output layers: {b: '4-7'}.")
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, defer_build=True)
 
 
 class Recipe(Strict):
