@@ -121,7 +121,7 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         from surgery.recipe.loader import MAX_RECIPE_BYTES
 
         text = read_text(Path(recipe), max_bytes=MAX_RECIPE_BYTES)
-        if is_multi_document(text):
+        if "---" in text and is_multi_document(text):  # several documents need a '---' line (PyYAML)
             return _run_stages(text, str(recipe), out, force=force, quiet=quiet, convert_bin=convert_bin,
                                random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)

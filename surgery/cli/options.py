@@ -33,6 +33,11 @@ run_threads_opt = click.option(
          "elementwise math gains nothing from more; TIES uses a thread per model). Results do not depend on it.")
 
 
+plan_threads_opt = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, callback=_request_threads, expose_value=False,
+    help="Accepted as `run` accepts it. Planning computes no tensor, so it does not import torch for threads.")
+
+
 def push_options(fn):
     """--public/--revision/--create-pr/--token, shared by `surgery push` and `surgery run --push-to`."""
     for option in reversed([

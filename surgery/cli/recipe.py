@@ -6,7 +6,8 @@ import json
 
 import click
 
-from surgery.cli.options import convert_opt, push_options, recipe_arg, run_threads_opt, show_progress, threads_opt
+from surgery.cli.options import (convert_opt, plan_threads_opt, push_options, recipe_arg, run_threads_opt, show_progress,
+                                 threads_opt)
 from surgery.errors import SurgeryError
 
 
@@ -83,7 +84,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
 @click.option("--tensors", is_flag=True, help="One line per tensor instead of per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @convert_opt
-@threads_opt
+@plan_threads_opt
 def plan(recipe, tensors, as_json, convert_bin):
     """Dry run: show where every output tensor of RECIPE comes from, and with what weights."""
     from surgery.pipeline import build_plan
@@ -96,7 +97,7 @@ def plan(recipe, tensors, as_json, convert_bin):
 @click.command(epilog="\b\nExample:\n  surgery validate recipes/adamergex.yaml")
 @recipe_arg
 @convert_opt
-@threads_opt
+@plan_threads_opt
 def validate(recipe, convert_bin):
     """Check RECIPE: schema, inputs, layer indices, tensor names and shapes. Writes nothing."""
     from surgery.pipeline import build_plan

@@ -105,7 +105,7 @@ ScalarOrGradient = Union[Scalar, list[Scalar]]
 
 
 class Condition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     value: ScalarOrGradient
     filter: str | None = None
 
