@@ -6,7 +6,8 @@
 Tensors are computed one at a time and handed on as soon as they exist; memory holds the output
 tensor and its inputs, never the model. A tensor the plan only copies (a plain ref to a checkpoint
 tensor, same dtype) is never read: ``execute`` hands the writer its byte range, which the kernel
-copies (``surgery.io.copy``), so a plan without math does not even import torch.
+copies (``surgery.io.copy``), and weighted sums of stored tensors (swap transitions, arithmetic) are computed
+with numpy (``core.host_math``, the same bytes), so such plans never import torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-from surgery.core import devices
+from surgery.core import devices, host_math
 from surgery.core.devices import compute_context, writer_threads
 from surgery.core.finite import check_finite
 from surgery.core.graph import Node, Ref, elementwise, evaluate, refs
@@ -78,11 +79,14 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
         pending, computing = None, False
         for e in plan.entries:
             source = copy_source(e, plan.inputs)
-            if source is None and not computing:  # torch is imported for the first computed tensor only
+            host = source is None and device == "cpu" and not allow_nonfinite and host_math.supported(e, plan.inputs)
+            if source is None and not host and not computing:  # torch: for the first tensor that needs it
                 stack.enter_context(compute_context(device))
                 computing = True
             if source:
                 job = (writer.copy, e.name, *source)
+            elif host:  # weighted sums of stored tensors: numpy, the same bytes without importing torch
+                job = (writer.write, e.name, host_math.compute(e, plan.inputs))
             else:
                 job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite))
             if pending is not None:
