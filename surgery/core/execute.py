@@ -37,9 +37,13 @@ def iter_tensors(plan: Plan, *, allow_nonfinite: bool = False):
         yield e, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite)
 
 
-def compute(e, inputs, *, allow_nonfinite: bool = False):
-    """One output tensor of a plan entry (float32 or the stored dtype; the writer casts), checked finite."""
-    if _in_blocks(e, inputs):
+def compute(e, inputs, *, allow_nonfinite: bool = False, leaves: list | None = None):
+    """One output tensor of a plan entry (float32 or the stored dtype; the writer casts), checked finite.
+    ``leaves``: the entry's input tensors already read (``_read_leaves``)."""
+    if leaves is not None:
+        it = iter(leaves)  # evaluate visits the leaves in refs() order
+        tensor = evaluate(e.node, lambda ref: next(it))
+    elif _in_blocks(e, inputs):
         tensor = compute_in_blocks(e, inputs)
     else:
         tensor = evaluate(e.node, lambda ref: inputs[ref.input].get(ref.name))  # positioned reads
@@ -72,23 +76,29 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
     max_bytes = parse_size(plan.recipe.output.shard_size)
 
-    # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
+    # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1, and reading the inputs of the next
+    # tensor computed with torch overlaps computing this one: at most two outputs and two inputs' sets in memory.
+    kinds = [_kind(e, plan.inputs, device, allow_nonfinite) for e in plan.entries]
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
-            ExitStack() as stack, tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run",
-                                       disable=quiet, leave=False) as bar:
-        pending, computing = None, False
-        for e in plan.entries:
-            source = copy_source(e, plan.inputs)
-            host = source is None and device == "cpu" and not allow_nonfinite and host_math.supported(e, plan.inputs)
-            if source is None and not host and not computing:  # torch: for the first tensor that needs it
-                stack.enter_context(compute_context(device))
-                computing = True
-            if source:
-                job = (writer.copy, e.name, *source)
-            elif host:  # weighted sums of stored tensors: numpy, the same bytes without importing torch
+            ThreadPoolExecutor(max_workers=1) as reader, ExitStack() as stack, \
+            tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
+                 leave=False) as bar:
+        pending, prefetched = None, {}
+        for i, e in enumerate(plan.entries):
+            kind = kinds[i]
+            if kind == "copy":
+                job = (writer.copy, e.name, *copy_source(e, plan.inputs))
+            elif kind == "host":  # weighted sums of stored tensors: numpy, the same bytes without importing torch
                 job = (writer.write, e.name, host_math.compute(e, plan.inputs))
             else:
-                job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite))
+                if devices.threads_used is None:  # torch: for the first tensor that needs it
+                    stack.enter_context(compute_context(device))
+                reads = prefetched.pop(i, None)
+                nxt = next((j for j in range(i + 1, len(kinds)) if kinds[j] == "torch"), None)
+                if nxt is not None and _prefetchable(plan.entries[nxt], plan.inputs):
+                    prefetched[nxt] = reader.submit(_read_leaves, plan.entries[nxt], plan.inputs)
+                job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite,
+                                                       leaves=reads.result() if reads else None))
             if pending is not None:
                 pending.result()
             pending = io.submit(*job)
@@ -97,6 +107,26 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
         if pending is not None:
             pending.result()
         return list(writer.files)
+
+
+def _kind(e, inputs, device: str, allow_nonfinite: bool) -> str:
+    """'copy' (the input's bytes), 'host' (numpy, ``core.host_math``) or 'torch'."""
+    if copy_source(e, inputs):
+        return "copy"
+    if device == "cpu" and not allow_nonfinite and host_math.supported(e, inputs):
+        return "host"
+    return "torch"
+
+
+def _prefetchable(e, inputs) -> bool:
+    """Read ahead whole tensors of checkpoint files (not those computed in row blocks, not virtual inputs)."""
+    return not _in_blocks(e, inputs) and all(isinstance(inputs[r.input], Checkpoint) for r in refs(e.node))
+
+
+def _read_leaves(e, inputs) -> list:
+    """Every leaf tensor of an entry's tree, in ``refs`` order (a ref used twice is read twice: ops may
+    modify their arguments)."""
+    return [inputs[r.input].get(r.name) for r in refs(e.node)]
 
 
 def _write(writer: ShardedWriter, name: str, tensor) -> None:
