@@ -79,6 +79,8 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
     # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1, and reading the inputs of the next
     # tensor computed with torch overlaps computing this one: at most two outputs and two inputs' sets in memory.
     kinds = [_kind(e, plan.inputs, device, allow_nonfinite) for e in plan.entries]
+    torch_at = [i for i, k in enumerate(kinds) if k == "torch"]
+    following = dict(zip(torch_at, torch_at[1:]))  # torch entry -> the next one
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
             ThreadPoolExecutor(max_workers=1) as reader, ExitStack() as stack, \
             tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
@@ -94,7 +96,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
                 if devices.threads_used is None:  # torch: for the first tensor that needs it
                     stack.enter_context(compute_context(device))
                 reads = prefetched.pop(i, None)
-                nxt = next((j for j in range(i + 1, len(kinds)) if kinds[j] == "torch"), None)
+                nxt = following.get(i)
                 if nxt is not None and _prefetchable(plan.entries[nxt], plan.inputs):
                     prefetched[nxt] = reader.submit(_read_leaves, plan.entries[nxt], plan.inputs)
                 job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite,
