@@ -38,7 +38,7 @@ def test_layer_swap_bytes_and_ramped_transition(family, tmp_path):
         elif w == 0:
             assert raw_bytes(t) == raw_bytes(task[name]), name
         else:
-            blend = (lang[name].float() * w).add_(task[name].float(), alpha=1 - w).to(torch.bfloat16)
+            blend = (lang[name].float() * w + task[name].float() * (1 - w)).to(torch.bfloat16)
             assert torch.equal(t, blend), name
             if not torch.equal(task[name], lang[name]):
                 assert not torch.equal(t, task[name]) and not torch.equal(t, lang[name])
@@ -51,7 +51,7 @@ def test_layer_swap_explicit_layers_and_outer_tensors(family, tmp_path):
     got, lang, task = load(out), load(family["lang"]), load(family["task"])
     assert torch.equal(got["model.embed_tokens.weight"], lang["model.embed_tokens.weight"])
     assert torch.equal(got["model.norm.weight"], task["model.norm.weight"])
-    head = (lang["lm_head.weight"].float() * 0.25).add_(task["lm_head.weight"].float(), alpha=0.75)
+    head = lang["lm_head.weight"].float() * 0.25 + task["lm_head.weight"].float() * 0.75
     assert torch.equal(got["lm_head.weight"], head.to(torch.bfloat16))
     for n in got:
         if layer_of(n) in (0, 6, 7):
@@ -66,8 +66,7 @@ def test_arithmetic_equals_expression(family, tmp_path):
     got = load(out)
     t, lang, en = load(family["task"]), load(family["lang"]), load(family["en"])
     for n in got:
-        want = t[n].float() * 1.0
-        want.add_(lang[n].float(), alpha=0.5).add_(en[n].float(), alpha=-0.5)
+        want = t[n].float() * 1.0 + lang[n].float() * 0.5 + en[n].float() * -0.5
         assert got[n].dtype == torch.float32
         assert torch.equal(got[n], want), n
     # not a no-op
@@ -83,8 +82,7 @@ def test_task_arithmetic_with_base_and_negative_coefficient(family, tmp_path):
     b, t, lang = load(family["base"]), load(family["task"]), load(family["lang"])
     n = "model.layers.3.mlp.down_proj.weight"
     # coefficients collapse to task*1 + lang*(-0.5) + base*0.5, applied in that order
-    want = t[n].float() * 1.0
-    want.add_(lang[n].float(), alpha=-0.5).add_(b[n].float(), alpha=0.5)
+    want = t[n].float() * 1.0 + lang[n].float() * -0.5 + b[n].float() * 0.5
     assert torch.equal(got[n], want)
     # outside the selection: the recipient's bytes, cast to float32
     assert torch.equal(got["model.layers.3.self_attn.q_proj.weight"], b["model.layers.3.self_attn.q_proj.weight"].float())
@@ -101,7 +99,7 @@ def test_later_operations_win_and_selection_kinds(family, tmp_path):
     surgery.run(recipe(family, ops), out)
     got, lang, task, en = load(out), load(family["lang"]), load(family["task"]), load(family["en"])
     q1 = "model.layers.1.self_attn.q_proj.weight"
-    assert torch.equal(got[q1], (task[q1].float() * 0.75).add_(lang[q1].float(), alpha=0.25).to(torch.bfloat16))
+    assert torch.equal(got[q1], (task[q1].float() * 0.75 + lang[q1].float() * 0.25).to(torch.bfloat16))
     assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], lang["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(got["model.layers.2.mlp.down_proj.weight"], en["model.layers.2.mlp.down_proj.weight"])
     assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], lang["model.layers.2.mlp.up_proj.weight"])
@@ -139,7 +137,7 @@ def test_other_architectures_swap_and_load(arch, tmp_path):
         if layer in (0, 7):
             assert torch.equal(t, wb[n]), n
         elif layer in (1, 6):
-            assert torch.equal(t, (wb[n].float() * 0.5).add_(wa[n].float(), alpha=0.5)), n
+            assert torch.equal(t, wb[n].float() * 0.5 + wa[n].float() * 0.5), n
         else:
             assert torch.equal(t, wa[n]), n
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -286,6 +284,7 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path):
 def test_large_tensors_computed_in_row_blocks_give_the_same_bytes(family, tmp_path, monkeypatch):
     import surgery.core.execute as ex
 
+    monkeypatch.setenv("SURGERY_NUMPY", "0")  # the torch path (tests/test_host_math.py: the numpy path's blocks)
     r = recipe(family, [{"arithmetic": {"expr": "task + 0.3*(lang - en)"}},
                         {"layer_swap": {"donor": "lang", "bottom": 1, "top": 1, "transition": 2, "lm_head": 0.3}}])
     surgery.run(r, tmp_path / "whole")

@@ -6,7 +6,8 @@
 Tensors are computed one at a time and handed on as soon as they exist; memory holds the output
 tensor and its inputs, never the model. A tensor the plan only copies (a plain ref to a checkpoint
 tensor, same dtype) is never read: ``execute`` hands the writer its byte range, which the kernel
-copies (``surgery.io.copy``), so a plan without math does not even import torch.
+copies (``surgery.io.copy``), and weighted sums of stored tensors (swap transitions, arithmetic) are computed
+with numpy (``core.host_math``, the same bytes), so such plans never import torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-from surgery.core import devices
+from surgery.core import devices, host_math
 from surgery.core.devices import compute_context, writer_threads
 from surgery.core.finite import check_finite
 from surgery.core.graph import Node, Ref, elementwise, evaluate, refs
@@ -36,9 +37,13 @@ def iter_tensors(plan: Plan, *, allow_nonfinite: bool = False):
         yield e, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite)
 
 
-def compute(e, inputs, *, allow_nonfinite: bool = False):
-    """One output tensor of a plan entry (float32 or the stored dtype; the writer casts), checked finite."""
-    if _in_blocks(e, inputs):
+def compute(e, inputs, *, allow_nonfinite: bool = False, leaves: list | None = None):
+    """One output tensor of a plan entry (float32 or the stored dtype; the writer casts), checked finite.
+    ``leaves``: the entry's input tensors already read (``_read_leaves``)."""
+    if leaves is not None:
+        it = iter(leaves)  # evaluate visits the leaves in refs() order
+        tensor = evaluate(e.node, lambda ref: next(it))
+    elif _in_blocks(e, inputs):
         tensor = compute_in_blocks(e, inputs)
     else:
         tensor = evaluate(e.node, lambda ref: inputs[ref.input].get(ref.name))  # positioned reads
@@ -71,20 +76,31 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
     max_bytes = parse_size(plan.recipe.output.shard_size)
 
-    # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1: at most two outputs in memory.
+    # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1, and reading the inputs of the next
+    # tensor computed with torch overlaps computing this one: at most two outputs and two inputs' sets in memory.
+    kinds = [_kind(e, plan.inputs, device, allow_nonfinite) for e in plan.entries]
+    torch_at = [i for i, k in enumerate(kinds) if k == "torch"]
+    following = dict(zip(torch_at, torch_at[1:]))  # torch entry -> the next one
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
-            ExitStack() as stack, tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run",
-                                       disable=quiet, leave=False) as bar:
-        pending, computing = None, False
-        for e in plan.entries:
-            source = copy_source(e, plan.inputs)
-            if source is None and not computing:  # torch is imported for the first computed tensor only
-                stack.enter_context(compute_context(device))
-                computing = True
-            if source:
-                job = (writer.copy, e.name, *source)
+            ThreadPoolExecutor(max_workers=1) as reader, ExitStack() as stack, \
+            tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
+                 leave=False) as bar:
+        pending, prefetched = None, {}
+        for i, e in enumerate(plan.entries):
+            kind = kinds[i]
+            if kind == "copy":
+                job = (writer.copy, e.name, *copy_source(e, plan.inputs))
+            elif kind == "host":  # weighted sums of stored tensors: numpy, the same bytes without importing torch
+                job = (writer.write, e.name, host_math.compute(e, plan.inputs))
             else:
-                job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite))
+                if devices.threads_used is None:  # torch: for the first tensor that needs it
+                    stack.enter_context(compute_context(device))
+                reads = prefetched.pop(i, None)
+                nxt = following.get(i)
+                if nxt is not None and _prefetchable(plan.entries[nxt], plan.inputs):
+                    prefetched[nxt] = reader.submit(_read_leaves, plan.entries[nxt], plan.inputs)
+                job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite,
+                                                       leaves=reads.result() if reads else None))
             if pending is not None:
                 pending.result()
             pending = io.submit(*job)
@@ -93,6 +109,26 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
         if pending is not None:
             pending.result()
         return list(writer.files)
+
+
+def _kind(e, inputs, device: str, allow_nonfinite: bool) -> str:
+    """'copy' (the input's bytes), 'host' (numpy, ``core.host_math``) or 'torch'."""
+    if copy_source(e, inputs):
+        return "copy"
+    if device == "cpu" and not allow_nonfinite and host_math.supported(e, inputs):
+        return "host"
+    return "torch"
+
+
+def _prefetchable(e, inputs) -> bool:
+    """Read ahead whole tensors of checkpoint files (not those computed in row blocks, not virtual inputs)."""
+    return not _in_blocks(e, inputs) and all(isinstance(inputs[r.input], Checkpoint) for r in refs(e.node))
+
+
+def _read_leaves(e, inputs) -> list:
+    """Every leaf tensor of an entry's tree, in ``refs`` order (a ref used twice is read twice: ops may
+    modify their arguments)."""
+    return [inputs[r.input].get(r.name) for r in refs(e.node)]
 
 
 def _write(writer: ShardedWriter, name: str, tensor) -> None:

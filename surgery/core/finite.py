@@ -13,7 +13,13 @@ from surgery.errors import SurgeryError
 
 
 def count_nonfinite(tensor) -> int:
-    """Number of NaN/Inf elements (0 for integer tensors)."""
+    """Number of NaN/Inf elements (0 for integer tensors) of a torch tensor or a float32 numpy array."""
+    if _is_numpy(tensor):
+        import numpy as np
+
+        if tensor.size == 0 or np.isfinite(tensor.sum()):
+            return 0
+        return int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
     import torch
 
     if not tensor.is_floating_point() or tensor.numel() == 0:
@@ -27,9 +33,15 @@ def count_nonfinite(tensor) -> int:
 def check_finite(entry, tensor, inputs: dict) -> None:
     """Refuse an output tensor holding NaN or Inf; the message names the inputs' tensors that hold them."""
     n = count_nonfinite(tensor)
-    if n == 0:
-        _check_cast(entry, tensor)
-        return
+    if n:
+        raise nonfinite_error(entry, n, inputs)
+    n = count_over_range(entry, tensor)
+    if n:
+        raise over_range_error(entry, n)
+
+
+def nonfinite_error(entry, n: int, inputs: dict) -> SurgeryError:
+    """The refusal of a computed tensor with ``n`` NaN/Inf values, naming the inputs' tensors that hold them."""
     from surgery.core.graph import refs
 
     culprits = []
@@ -43,24 +55,42 @@ def check_finite(entry, tensor, inputs: dict) -> None:
             culprits.append(f"{k} in {src.ref}:{ref.name}")
     origin = ("; the inputs hold them: " + ", ".join(dict.fromkeys(culprits))) if culprits else \
         "; the inputs are finite, so the operation produced them (overflow?)"
-    raise SurgeryError(f"tensor {entry.name!r}: {n} non-finite values (NaN/Inf) in the output{origin}; "
-                       "pass --allow-nonfinite to write them anyway")
+    return SurgeryError(f"tensor {entry.name!r}: {n} non-finite values (NaN/Inf) in the output{origin}; "
+                        "pass --allow-nonfinite to write them anyway")
 
 
-def _check_cast(entry, tensor) -> None:
-    """A finite float32 value past float16's range becomes Inf when the writer casts it: refuse it here."""
-    import torch
+NARROW = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}  # largest finite value of each narrow dtype
 
+
+def count_over_range(entry, tensor) -> int:
+    """Finite float32 values past the output dtype's range (the writer's cast would make them Inf)."""
+    limit = NARROW.get(entry.dtype)
+    if limit is None:
+        return 0
+    if _is_numpy(tensor):
+        if tensor.dtype.kind != "f" or tensor.itemsize < 4 or tensor.size == 0:
+            return 0
+        if max(-float(tensor.min()), float(tensor.max())) <= limit:
+            return 0
+        import numpy as np
+
+        return int(np.count_nonzero(np.abs(tensor) > limit))
     from surgery.io.safetensors import torch_dtype
 
-    if entry.dtype not in ("F16", "F8_E4M3", "F8_E5M2") or not tensor.is_floating_point():
-        return
-    limit = torch.finfo(torch_dtype(entry.dtype)).max
-    if tensor.dtype == torch_dtype(entry.dtype) or tensor.numel() == 0 or float(tensor.abs().max()) <= limit:
-        return
-    n = int((tensor.abs() > limit).sum())
-    raise SurgeryError(f"tensor {entry.name!r}: {n} values exceed the {entry.dtype} range (|x| > {limit:g}) and would "
-                       "be written as Inf; use a wider output dtype, or pass --allow-nonfinite to write them anyway")
+    if not tensor.is_floating_point() or tensor.dtype == torch_dtype(entry.dtype) or tensor.numel() == 0 \
+            or float(tensor.abs().max()) <= limit:
+        return 0
+    return int((tensor.abs() > limit).sum())
+
+
+def over_range_error(entry, n: int) -> SurgeryError:
+    return SurgeryError(f"tensor {entry.name!r}: {n} values exceed the {entry.dtype} range (|x| > "
+                        f"{NARROW[entry.dtype]:g}) and would be written as Inf; use a wider output dtype, or pass "
+                        "--allow-nonfinite to write them anyway")
+
+
+def _is_numpy(x) -> bool:
+    return type(x).__module__ == "numpy"
 
 
 def check_sums_finite(name: str, sums: dict[str, float], sources: dict) -> None:

@@ -51,6 +51,9 @@ class Op:
     # True when output element i depends only on element i of each argument, so the executor may compute
     # a large tensor in row blocks (bitwise the same: the float32 steps per element don't change)
     elementwise: bool = False
+    # optional: the same computation on float32 numpy arrays, bitwise equal to ``compute`` (IEEE float32 steps,
+    # no fused multiply-add); plans built only from such ops compute without importing torch (core.host_math)
+    numpy: Callable[[list, dict], Any] | None = None
 
 
 OPS: dict[str, Op] = {}
@@ -114,12 +117,15 @@ register("take", Op(shape=same_shapes, compute=lambda ts, p: ts[0], describe=lam
 
 # ---------------------------------------------------------------------------- linear
 
+# Weighted sums are rounded step by step in float32, out = t0*c0, then out += ti*ci (a product and a sum, each
+# rounded): not torch's fused ``add_(t, alpha=c)``, whose vector and scalar paths round differently and which
+# numpy cannot reproduce. The torch and numpy kernels below are bitwise equal (tests/test_host_math.py).
+
 def _linear(tensors, params):
-    coeffs = params["coeffs"]
-    out = tensors[0] * coeffs[0]
-    for c, t in zip(coeffs[1:], tensors[1:]):
-        out.add_(t, alpha=c)
-    return out
+    acc = None
+    for i, t in enumerate(tensors):
+        acc = _linear_fold(acc, t, i, params)
+    return acc
 
 
 def _fmt_coeff(c: float) -> str:
@@ -138,11 +144,29 @@ def _describe_linear(args: list[str], params) -> str:
 
 def _linear_fold(acc, t, i, params):
     c = params["coeffs"][i]
-    return t * c if acc is None else acc.add_(t, alpha=c)  # the same steps as _linear, one arg at a time
+    if acc is None:
+        return t * c
+    return acc.add_(t if c == 1.0 else t * c)
+
+
+def _linear_numpy(arrays, params):
+    import numpy as np
+
+    out = None
+    for c, a in zip(params["coeffs"], arrays):
+        c = np.float32(c)
+        if out is None:
+            out = a * c
+        elif c == 1:
+            out += a
+        else:
+            a *= c  # the argument arrays are the evaluator's own float32 copies
+            out += a
+    return out
 
 
 register("linear", Op(shape=same_shapes, compute=_linear, describe=_describe_linear, fold=_linear_fold,
-                      elementwise=True))
+                      elementwise=True, numpy=_linear_numpy))
 
 
 def linear(terms: list[tuple[float, Any]]):

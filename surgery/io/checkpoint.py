@@ -194,9 +194,6 @@ class Checkpoint:
 
             with safe_open(str(path), framework="pt") as st:
                 return st.get_tensor(name)
-        f = self._handles.get(path)
-        if f is None:
-            f = self._handles[path] = self._open_file(path)
         start, end = self.offsets[name]
         shape = meta.shape
         if rows is not None:
@@ -206,14 +203,21 @@ class Checkpoint:
             shape = (b - a, *shape[1:])
         buf = torch.empty(end - start, dtype=torch.uint8) if out is None else out[:end - start]
         if end > start:
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < len(view):
-                n = os.preadv(f.fileno(), [view[got:]], start + got)
-                if n <= 0:
-                    raise SurgeryError(f"{path}: file ends inside tensor {name!r}: it changed after it was opened")
-                got += n
+            self.read_into(name, memoryview(buf.numpy()), start)
         return buf.view(torch_dtype(meta.dtype)).reshape(shape)
+
+    def read_into(self, name: str, view: memoryview, start: int) -> None:
+        """Fill ``view`` with bytes of ``name``'s file from absolute offset ``start`` (positioned reads)."""
+        path = self.weight_map[name]
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = self._open_file(path)
+        got = 0
+        while got < len(view):
+            n = os.preadv(f.fileno(), [view[got:]], start + got)
+            if n <= 0:
+                raise SurgeryError(f"{path}: file ends inside tensor {name!r}: it changed after it was opened")
+            got += n
 
     def get_float(self, name: str):
         return self.get(name).float()

@@ -135,8 +135,17 @@ class ShardedWriter:
         self.fh.seek(dst + end - start)
 
     def write(self, name: str, tensor) -> None:
+        """Append a tensor: a torch tensor (cast to the planned dtype here) or a numpy array that already
+        holds the planned dtype's bytes (``core.host_math``: bfloat16 as uint16)."""
         meta = self._next(name)
         self._flush_run()
+        if type(tensor).__module__ == "numpy":
+            if tuple(tensor.shape) != meta.shape or tensor.nbytes != meta.nbytes:
+                raise SurgeryError(f"internal: tensor {name!r} has shape {list(tensor.shape)} ({tensor.dtype}), "
+                                   f"planned {list(meta.shape)} {meta.dtype}")
+            self.fh.write(memoryview(tensor.reshape(-1).view("uint8")) if tensor.size else b"")
+            self.pos += 1
+            return
         import torch
 
         t = tensor.detach().to("cpu").contiguous()
