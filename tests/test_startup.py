@@ -35,9 +35,9 @@ def probe(*args) -> dict:
 
 
 def heavy(modules: list[str]) -> list[str]:
-    """Modules a copy-only run has no use for: tensor libraries, the Hub client and card code, the
+    """Modules a quiet copy-only run has no use for: tensor libraries, progress bars, the Hub client and card code, the
     adapter machinery, and the subpackages of other commands."""
-    roots = ("torch", "numpy", "safetensors", "transformers", "mergekit", "peft", "huggingface_hub")
+    roots = ("torch", "numpy", "safetensors", "transformers", "mergekit", "peft", "huggingface_hub", "tqdm", "asyncio")
     ours = ("surgery.adapters", "surgery.analysis.", "surgery.eval", "surgery.probing", "surgery.search",
             "surgery.integrations")
     return [m for m in modules if (m.split(".")[0] in roots or m.startswith(ours))

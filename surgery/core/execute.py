@@ -70,8 +70,6 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
     ``device``: where merge operations compute ('cpu' or 'cuda', see ``core.devices.resolve_device``).
     Copied tensors are the inputs' bytes and are not checked for NaN/Inf; computed ones are.
     """
-    from tqdm.auto import tqdm
-
     devices.threads_used = None  # set by compute_context when a tensor is computed
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
     max_bytes = parse_size(plan.recipe.output.shard_size)
@@ -83,8 +81,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
     following = dict(zip(torch_at, torch_at[1:]))  # torch entry -> the next one
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
             ThreadPoolExecutor(max_workers=1) as reader, ExitStack() as stack, \
-            tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="surgery run", disable=quiet,
-                 leave=False) as bar:
+            _progress(plan.total_bytes, quiet) as bar:
         pending, prefetched = None, {}
         for i, e in enumerate(plan.entries):
             kind = kinds[i]
@@ -109,6 +106,26 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
         if pending is not None:
             pending.result()
         return list(writer.files)
+
+
+def _progress(total: int, quiet: bool):
+    """tqdm's byte bar, or (quiet) a stand-in that costs nothing: importing tqdm.auto pulls in asyncio."""
+    if quiet:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="surgery run", leave=False)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
 
 
 def _kind(e, inputs, device: str, allow_nonfinite: bool) -> str:
