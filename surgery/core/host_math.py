@@ -19,7 +19,6 @@ and one block of each input.
 
 from __future__ import annotations
 
-import math
 import os
 
 from surgery.core.graph import OPS, Node, Ref, refs

@@ -11,13 +11,16 @@ allowed (e.g. a task LoRA applied to a merged model) and noted in the plan.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
 from surgery.errors import SurgeryError
 from surgery.core.graph import Node, Ref
 from surgery.recipe.schema import Operation, Select
+
+if TYPE_CHECKING:
+    from surgery.adapters.view import AdapterCheckpoint
 
 
 class ApplyAdapters(Operation):
