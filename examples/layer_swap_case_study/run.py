@@ -173,10 +173,13 @@ def main(argv=None) -> int:
                ("table_data", "surgery eval (table)", lambda: exp.table(rows, save)),
                ("probe", "surgery probe", exp.probe), ("masking", "LAPE masking", exp.masking),
                ("search", "surgery search", lambda: exp.search(rows, save))]
+    loads = []  # the 1-minute load average at each stage's start (others' work slows the stage times)
     for key, name, fn in stages:
         if key in ("probe", "masking", "search") and key in results:
             continue
         threads.adjust(log)
+        loads.append(os.getloadavg()[0])
+        results["machine"]["load_average_range"] = [min(loads), max(loads)]
         with log.stage(name):
             value = fn()
         if key == "table_data":
