@@ -20,7 +20,7 @@ from pathlib import Path
 from surgery.core import devices, host_math
 from surgery.core.devices import compute_context, writer_threads
 from surgery.core.finite import check_finite
-from surgery.core.graph import Node, Ref, elementwise, evaluate, refs
+from surgery.core.graph import BLOCK_BYTES, Node, Ref, elementwise, evaluate, refs, row_blocks
 from surgery.core.plan import Plan
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.safetensors import TensorMeta, torch_dtype
@@ -76,7 +76,8 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
 
     # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1, and reading the inputs of the next
     # tensor computed with torch overlaps computing this one: at most two outputs and two inputs' sets in memory.
-    kinds = [_kind(e, plan.inputs, device, allow_nonfinite) for e in plan.entries]
+    sources = [copy_source(e, plan.inputs) for e in plan.entries]
+    kinds = ["copy" if src else _kind(e, plan.inputs, device, allow_nonfinite) for e, src in zip(plan.entries, sources)]
     torch_at = [i for i, k in enumerate(kinds) if k == "torch"]
     following = dict(zip(torch_at, torch_at[1:]))  # torch entry -> the next one
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
@@ -86,7 +87,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
         for i, e in enumerate(plan.entries):
             kind = kinds[i]
             if kind == "copy":
-                job = (writer.copy, e.name, *copy_source(e, plan.inputs))
+                job = (writer.copy, e.name, *sources[i])
             elif kind == "host":  # weighted sums of stored tensors: numpy, the same bytes without importing torch
                 job = (writer.write, e.name, host_math.compute(e, plan.inputs))
             else:
@@ -129,9 +130,7 @@ class _NoBar:
 
 
 def _kind(e, inputs, device: str, allow_nonfinite: bool) -> str:
-    """'copy' (the input's bytes), 'host' (numpy, ``core.host_math``) or 'torch'."""
-    if copy_source(e, inputs):
-        return "copy"
+    """How a computed entry is computed: 'host' (numpy, ``core.host_math``) or 'torch'."""
     if device == "cpu" and not allow_nonfinite and host_math.supported(e, inputs):
         return "host"
     return "torch"
@@ -153,9 +152,6 @@ def _write(writer: ShardedWriter, name: str, tensor) -> None:
     writer.write(name, tensor)
 
 
-BLOCK_BYTES = 32 << 20  # float32 bytes per row block when a large tensor is computed in blocks
-
-
 def _in_blocks(e, inputs) -> bool:
     """Compute in row blocks: a large tensor whose tree is elementwise math over file-backed inputs."""
     return (isinstance(e.node, Node) and len(e.shape) >= 1 and e.shape[0] > 1
@@ -169,10 +165,7 @@ def compute_in_blocks(e, inputs):
     import torch
 
     out = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
-    row_floats = max(1, out[0].numel())
-    step = max(1, BLOCK_BYTES // (4 * row_floats))
-    for a in range(0, e.shape[0], step):
-        b = min(e.shape[0], a + step)
+    for a, b in row_blocks(e.shape, BLOCK_BYTES):
         out[a:b] = evaluate(e.node, lambda ref: inputs[ref.input].get(ref.name, rows=(a, b)))
     return out
 

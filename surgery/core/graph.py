@@ -8,6 +8,7 @@ three functions: its output shape, its computation, and a one-line description f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -75,6 +76,17 @@ def refs(node) -> list[Ref]:
 def elementwise(node) -> bool:
     """True if every op in the tree is elementwise (see Op.elementwise)."""
     return isinstance(node, Ref) or (OPS[node.op].elementwise and all(elementwise(a) for a in node.args))
+
+
+BLOCK_BYTES = 32 << 20  # float32 bytes per row block when a large elementwise tensor is computed in blocks
+
+
+def row_blocks(shape: tuple, block_bytes: int):
+    """``(a, b)`` row ranges along the first axis covering ``shape``, each about ``block_bytes`` of float32."""
+    rows = shape[0] if shape else 1
+    step = max(1, block_bytes // (4 * max(1, math.prod(shape[1:]))))
+    for a in range(0, rows, step):
+        yield a, min(rows, a + step)
 
 
 def infer_shape(node, shape_of: Callable[[Ref], tuple]) -> tuple:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import os
 
-from surgery.core.graph import OPS, Node, Ref, refs
+from surgery.core.graph import BLOCK_BYTES, OPS, Node, Ref, refs, row_blocks
 from surgery.io.checkpoint import Checkpoint
 
 HOST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "uint16"}  # safetensors dtype -> numpy storage
-BLOCK_BYTES = 32 << 20
 
 
 def supported(entry, inputs) -> bool:
@@ -54,15 +53,13 @@ def compute(entry, inputs):
 
     shape = entry.shape
     out = np.empty(shape, dtype=HOST_DTYPES[entry.dtype])
-    rows = shape[0] if shape else 1
-    flat = out.reshape(rows, -1)
-    step = max(1, BLOCK_BYTES // (4 * max(1, flat.shape[1])))
+    flat = out.reshape(shape[0] if shape else 1, -1)
     nonfinite = over_range = 0
     with np.errstate(all="ignore"):  # overflow is counted and refused below, as on the torch path
-        for a in range(0, rows, step):
-            b = min(rows, a + step)
-            block = evaluate(entry.node, lambda ref: to_float32(read(inputs[ref.input], ref.name, (a, b) if shape
-                                                                     else None), inputs[ref.input].meta[ref.name].dtype))
+        for a, b in row_blocks(shape, BLOCK_BYTES):
+            rows = (a, b) if shape else None
+            block = evaluate(entry.node, lambda ref: to_float32(read(inputs[ref.input], ref.name, rows),
+                                                                inputs[ref.input].meta[ref.name].dtype))
             nonfinite += finite.count_nonfinite(block)
             over_range += finite.count_over_range(entry, block)
             flat[a:b] = from_float32(block, entry.dtype).reshape(b - a, -1)
@@ -84,11 +81,7 @@ def read(ck: Checkpoint, name: str, rows: tuple[int, int] | None):
     """The stored bytes of ``name`` (rows ``a:b`` of its first axis) as a uint8 numpy array."""
     import numpy as np
 
-    start, end = ck.offsets[name]
-    shape = ck.meta[name].shape
-    if rows is not None:
-        row_bytes = (end - start) // shape[0]
-        start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+    start, end = ck.byte_range(name, rows)
     buf = np.empty(end - start, dtype=np.uint8)
     ck.read_into(name, memoryview(buf), start)
     return buf

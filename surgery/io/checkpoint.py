@@ -194,17 +194,20 @@ class Checkpoint:
 
             with safe_open(str(path), framework="pt") as st:
                 return st.get_tensor(name)
-        start, end = self.offsets[name]
-        shape = meta.shape
-        if rows is not None:
-            a, b = rows
-            row_bytes = (end - start) // shape[0]
-            start, end = start + a * row_bytes, start + b * row_bytes
-            shape = (b - a, *shape[1:])
+        start, end = self.byte_range(name, rows)
+        shape = meta.shape if rows is None else (rows[1] - rows[0], *meta.shape[1:])
         buf = torch.empty(end - start, dtype=torch.uint8) if out is None else out[:end - start]
         if end > start:
             self.read_into(name, memoryview(buf.numpy()), start)
         return buf.view(torch_dtype(meta.dtype)).reshape(shape)
+
+    def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Absolute ``(start, end)`` in its file of tensor ``name``, or of its rows ``a:b`` along the first axis."""
+        start, end = self.offsets[name]
+        if rows is None:
+            return start, end
+        row_bytes = (end - start) // self.meta[name].shape[0]
+        return start + rows[0] * row_bytes, start + rows[1] * row_bytes
 
     def read_into(self, name: str, view: memoryview, start: int) -> None:
         """Fill ``view`` with bytes of ``name``'s file from absolute offset ``start`` (positioned reads)."""
