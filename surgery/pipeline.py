@@ -36,8 +36,6 @@ def open_inputs(recipe: Recipe, *, convert_bin: bool = False, opened: dict | Non
     """Open every input of a recipe: checkpoints first, then adapters over the checkpoints they apply to.
     ``opened``: inputs already open (by name), e.g. an earlier stage's output."""
     out = dict(opened or {})
-    if any(not isinstance(spec, str) for spec in recipe.inputs.values()):
-        from surgery.adapters.view import open_adapter_input  # only recipes with adapter inputs need it
     for name, ref in recipe.inputs.items():
         if not isinstance(ref, str) or name in out:
             continue
@@ -48,6 +46,8 @@ def open_inputs(recipe: Recipe, *, convert_bin: bool = False, opened: dict | Non
     for name, spec in recipe.inputs.items():
         if isinstance(spec, str):
             continue
+        from surgery.adapters.view import open_adapter_input  # only recipes with adapter inputs need it
+
         try:
             out.update(open_adapter_input(name, spec, out, base_dir=recipe.base_dir, convert_bin=convert_bin))
         except SurgeryError as e:

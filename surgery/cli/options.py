@@ -27,15 +27,16 @@ def _request_threads(ctx, param, value):
     request_threads(value)  # applied when `run` computes its first tensor: a copy-only run never imports torch
 
 
-run_threads_opt = click.option(
-    "--threads", type=click.IntRange(min=1), default=None, callback=_request_threads, expose_value=False,
-    help="Torch threads for the computation. Default: SURGERY_THREADS, else OMP_NUM_THREADS, else 1 (streamed "
-         "elementwise math gains nothing from more; TIES uses a thread per model). Results do not depend on it.")
+def _requested_threads_opt(help: str):
+    return click.option("--threads", type=click.IntRange(min=1), default=None, callback=_request_threads,
+                        expose_value=False, help=help)
 
 
-plan_threads_opt = click.option(
-    "--threads", type=click.IntRange(min=1), default=None, callback=_request_threads, expose_value=False,
-    help="Accepted as `run` accepts it. Planning computes no tensor, so it does not import torch for threads.")
+run_threads_opt = _requested_threads_opt(
+    "Torch threads for the computation. Default: SURGERY_THREADS, else OMP_NUM_THREADS, else 1 (streamed "
+    "elementwise math gains nothing from more; TIES uses a thread per model). Results do not depend on it.")
+plan_threads_opt = _requested_threads_opt(
+    "Accepted as `run` accepts it. Planning computes no tensor, so it does not import torch for threads.")
 
 
 def push_options(fn):
