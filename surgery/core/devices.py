@@ -45,17 +45,18 @@ def executor_threads() -> int | None:
 
 
 def resolve_device(name: str | None) -> str:
-    """'cpu', 'cuda' or 'auto' -> the torch device merge math runs on. torch is imported only for cuda/auto."""
+    """'cpu', 'cuda' (or 'cuda:N') or 'auto' -> the torch device math runs on (merges, `surgery eval`). torch is
+    imported only for cuda/auto."""
     name = name or "cpu"
-    if name not in DEVICES:
+    if name not in DEVICES and not name.startswith("cuda:"):
         raise SurgeryError(f"unknown device {name!r} (expected one of: {', '.join(DEVICES)})")
     if name == "cpu":
         return "cpu"
     import torch
 
     if torch.cuda.is_available():
-        return "cuda"
-    if name == "cuda":
+        return "cuda" if name == "auto" else name
+    if name != "auto":
         raise SurgeryError("device 'cuda': torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                            "use --device auto or cpu")
     return "cpu"

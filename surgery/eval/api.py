@@ -73,7 +73,8 @@ def evaluate_recipe(recipe, datasets: list[Dataset], *, device: str = "auto", dt
     evaluate it on ``datasets`` (from ``load_datasets``, loaded once and reused), free it, and return
     {data name: {metric: value}}. ``recipe``: a ``Recipe``, a path or a dict; ``plan``: an already
     built plan of it; ``options``: those of ``evaluate_model`` (lm_eval, batch_size, chat, ...)."""
-    from surgery.eval.model import recipe_model, resolve_device
+    from surgery.core.devices import resolve_device
+    from surgery.eval.model import recipe_model
 
     model, tok = recipe_model(recipe, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer, plan=plan)
     try:
@@ -86,7 +87,8 @@ def evaluate_recipe(recipe, datasets: list[Dataset], *, device: str = "auto", dt
 def evaluate_checkpoint(path, datasets: list[Dataset], *, device: str = "auto", dtype: str | None = None,
                         tokenizer: str | Path | None = None, **options) -> dict[str, dict[str, float]]:
     """Load a checkpoint directory with transformers and evaluate it like ``evaluate_recipe``."""
-    from surgery.eval.model import load_checkpoint_model, resolve_device
+    from surgery.core.devices import resolve_device
+    from surgery.eval.model import load_checkpoint_model
 
     model, tok = load_checkpoint_model(path, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer)
     try:
@@ -124,7 +126,8 @@ def evaluate(targets, data=None, *, lm_eval=None, include_path=None, limit: int 
     ``lm_eval``: task names (a list or 'a,b'); ``include_path``: a folder of local task YAMLs.
     ``limit``: items per data set (a random subset drawn with ``seed``) and per lm-eval task.
     ``tokenizer``: a folder whose tokenizer replaces the targets' own."""
-    from surgery.eval.model import resolve_device, torch_dtype_of
+    from surgery.core.devices import resolve_device
+    from surgery.eval.model import torch_dtype_of
 
     if isinstance(targets, (str, Path, dict)) or not isinstance(targets, (list, tuple)):
         targets = [targets]

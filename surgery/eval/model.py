@@ -20,18 +20,6 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model
                      "spiece.model")
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SurgeryError("--device cuda: no CUDA device is available")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise SurgeryError(f"--device {device!r}: expected auto, cpu or cuda")
-    return device
-
-
 def torch_dtype_of(dtype: str | None):
     import torch
 
