@@ -79,6 +79,8 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
     sources = [copy_source(e, plan.inputs) for e in plan.entries]
     kinds = ["copy" if src else _kind(e, plan.inputs, device, allow_nonfinite) for e, src in zip(plan.entries, sources)]
     torch_at = [i for i, k in enumerate(kinds) if k == "torch"]
+    if "host" in kinds or torch_at:
+        devices.keep_freed_memory()  # computed tensors allocate and free buffers of a few sizes, over and over
     following = dict(zip(torch_at, torch_at[1:]))  # torch entry -> the next one
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
             ThreadPoolExecutor(max_workers=1) as reader, ExitStack() as stack, \
