@@ -4,7 +4,6 @@ the written-out method specs equal mergekit's registry; such merges never import
 import itertools
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +67,10 @@ def numpy_bits(tensors, p, stored):
     return out.tobytes()
 
 
-LINEAR_WEIGHTS = ([0.5, 0.5], [0.6, 0.4], [1 / 3, 2.75, -0.125], [1.0, -1.0], [1 + 2 ** -23, 1.0],
-                  [0.3, 0.2, 0.5, 1e-3], [0.75])
+# weights whose products with every value of the dtype are exact in float32 (numpy); the rest stay on torch
+LINEAR_WEIGHTS = ([0.5, 0.5], [0.25, 0.75], [1.0, -1.0], [0.5, -0.25, 0.125], [0.375, 0.625, 0.5, 1.0], [0.75],
+                  [0.6, 0.4], [1 / 3, 2 / 3], [1.5, -0.5], [1.0, 1 + 2 ** -23])
+INEXACT = ([0.6, 0.4], [1 / 3, 2 / 3], [1.5, -0.5], [1.0, 1 + 2 ** -23])
 
 
 @pytest.mark.parametrize("dtype", list(TORCH))
@@ -79,32 +80,12 @@ def test_linear_is_bitwise_mergekit(dtype, weights, normalize, monkeypatch):
     ids = [f"m{i}" for i in range(len(weights))]
     tensors = [hard_values(5003, seed=i, dtype=dtype) for i in range(len(weights))]
     p = params("linear", ids, weights, normalize=normalize)
-    assert merge_numpy.supports(p, [dtype] * len(ids))
-    want = mergekit(tensors, p, monkeypatch)
-    assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
-
-
-def round_f32(x: Fraction) -> float:
-    """The float32 nearest to x, ties to even (exact: no float64 step)."""
-    f = np.float32(float(x))
-    near = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
-    best = min(near, key=lambda c: (abs(Fraction(float(c)) - x), int(np.array(c).view(np.int32)) & 1))
-    return float(best)
-
-
-def test_linear_fused_step_on_float32_midpoints(monkeypatch):
-    # x1*c lands exactly halfway between two float32s and a tiny accumulator (x0) decides the fused rounding,
-    # which float64 alone (one rounding there that drops x0, then ties-to-even) gets wrong for half of them
-    n, c = 64, 1.0 + 2 ** -23
-    x0 = torch.tensor([(-1.0) ** i * 2.0 ** -(60 + i) for i in range(n)], dtype=torch.float32)
-    x1 = torch.tensor([1.5 * 2.0 ** (i % 8 - 4) for i in range(n)], dtype=torch.float32)
-    p = params("linear", ["a", "b"], [1.0, c], normalize=False)
-    want = mergekit([x0, x1], p, monkeypatch)
-    exact = [round_f32(Fraction(float(a)) + Fraction(float(b)) * Fraction(c)) for a, b in zip(x0, x1)]
-    assert want.tolist() == exact  # torch's addcmul is fused
-    plain = (x1.double() * c + x0.double()).float()
-    assert (plain != want).sum() == n // 2  # float64 alone is not enough
-    assert numpy_bits([x0, x1], p, ["F32", "F32"]) == raw_bytes(want)
+    # float32 inputs have 24 bits and subnormals down to 2**-149: only weights 0 and ±1 give exact products
+    expected = weights not in INEXACT and (dtype != "F32" or all(abs(w) in (0, 1) for w in weights))
+    assert merge_numpy.supports(p, [dtype] * len(ids)) == expected
+    if expected:
+        want = mergekit(tensors, p, monkeypatch)
+        assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
 
 
 TA_CASES = [([0.6, 0.4], {}), ([0.5, 0.5], {"normalize": True}), ([0.3, -0.7, 1.2], {"lambda": 0.7}),
@@ -131,7 +112,7 @@ def test_task_arithmetic_is_bitwise_mergekit(dtype, weights, shared, monkeypatch
 def test_conversions_and_promotion_are_mergekit(method, stored, dtype, monkeypatch):
     ids = ["a", "b", "base"]
     tensors = [hard_values(3001, seed=20 + i, dtype="F16").to(TORCH[s]) for i, s in enumerate(stored)]
-    p = params(method, ids, [0.6, 0.4, 0.2][:3 if method == "linear" else 2] + ([None] if method != "linear" else []),
+    p = params(method, ids, ([1.0, -1.0, 1.0] if method == "linear" else [0.6, 0.4]) + ([None] if method != "linear" else []),
                base="base" if method != "linear" else None, dtype=dtype)
     if not merge_numpy.supports(p, stored):
         assert method == "linear" and dtype is None  # linear over mixed dtypes: mergekit's own kernel
@@ -143,22 +124,35 @@ def test_conversions_and_promotion_are_mergekit(method, stored, dtype, monkeypat
 
 
 def test_what_the_kernels_leave_to_torch():
-    assert not merge_numpy.supports(params("linear", list("abcde"), [0.2] * 5), ["BF16"] * 5)  # 5-term sum order
-    assert merge_numpy.supports(params("linear", list("abcde"), [0.2] * 5, normalize=False), ["BF16"] * 5)
+    assert not merge_numpy.supports(params("linear", list("abcde"), [0.25] * 5), ["BF16"] * 5)  # 5-term sum order
+    assert merge_numpy.supports(params("linear", list("abcde"), [0.25] * 5, normalize=False), ["BF16"] * 5)
+    assert not merge_numpy.supports(params("linear", ["a", "b"], [0.6, 0.4]), ["BF16"] * 2)  # fused steps
+    assert merge_numpy.supports(params("linear", ["a", "b"], [0.5, 0.5]), ["F16"] * 2)
     assert not merge_numpy.supports(params("task_arithmetic", list("abcdef"), [0.2] * 5 + [None], base="f"),
                                     ["BF16"] * 6)
     assert not merge_numpy.supports(params("linear", ["a", "b"], [0.5, 0.5], dtype="float64"), ["BF16"] * 2)
     assert not merge_numpy.supports({**params("linear", ["a"], [1.0]), "method": "ties"}, ["BF16"])
 
 
-def test_exact_product_rule_by_brute_force():
-    """exact_product(c, BF16) holds exactly when x*c is a float32 for every bfloat16 x."""
-    x = (np.arange(0, 0x7F80, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)  # every finite bf16 >= 0
-    for c in (0.5, 0.75, 0.6, 1 / 3, 2 ** -20, 1 + 2 ** -15, 1 + 2 ** -16, 255 / 256, 1.5, 0.0, -0.375):
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_exact_product_rule_by_brute_force(dtype):
+    """exact_product(c, dtype) holds exactly when x*c is a float32 for every finite x of the dtype (and |c| <= 1)."""
+    if dtype == "BF16":
+        x = (np.arange(0, 0x7F80, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        x = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    for c in (0.5, 0.75, 0.6, 1 / 3, 2 ** -20, 2 ** -126, 1.0, 255 / 256, 8191 / 8192, 65535 / 65536, 1.5, 0.0,
+              -0.375, -1.0):
         c32 = float(np.float32(c))
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", under="ignore"):
             exact = np.array_equal((x * c32).astype(np.float32).astype(np.float64), x * c32)
-        assert merge_numpy.exact_product(c32, "BF16") == (exact and abs(c32) <= 1), c
+        assert merge_numpy.exact_product(c32, dtype) == (exact and abs(c32) <= 1), (dtype, c)
+
+
+def test_exact_product_on_float32():
+    assert merge_numpy.exact_product(1.0, "F32") and merge_numpy.exact_product(-1.0, "F32")
+    tiny = np.float32(2 ** -149)  # the smallest subnormal: halving it is not exact
+    assert np.float32(tiny * np.float32(0.5)) * 2 != tiny and not merge_numpy.exact_product(0.5, "F32")
 
 
 def test_written_out_specs_are_mergekit_registry():
@@ -193,7 +187,8 @@ def test_written_out_specs_are_mergekit_registry():
 
 
 def merge_recipe(family, method, **extra):
-    models = {"lang": {"weight": 0.6}, "task": {"weight": 0.4}}
+    w = (0.75, 0.25) if method == "linear" else (0.6, 0.4)  # linear: products exact in float32 (numpy)
+    models = {"lang": {"weight": w[0]}, "task": {"weight": w[1]}}
     op = {"method": method, "models": models, **({"base": "en"} if method == "task_arithmetic" else {}), **extra}
     return {"inputs": {k: str(v) for k, v in family.items()}, "recipient": "task", "operations": [{"merge": op}]}
 
