@@ -20,6 +20,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #define THRESHOLD 16 /* libstdc++ _S_threshold */
 #define BLOCK 256    /* entries scanned at a time by the block partition */
@@ -33,10 +36,25 @@ static int floor_log2(Py_ssize_t n) {
     return r;
 }
 
+/* malloc, on huge pages where the kernel gives them on request (as numpy does for large arrays): the
+   permutation is touched once per 4 KiB page otherwise, and those page faults cost as much as a partition */
+static void *alloc_big(size_t bytes) {
+#if defined(MADV_HUGEPAGE) && defined(_POSIX_C_SOURCE) && _POSIX_C_SOURCE >= 200112L
+    if (bytes >= ((size_t)4 << 20)) {
+        void *p = NULL;
+        if (posix_memalign(&p, (size_t)2 << 20, bytes) != 0)
+            return NULL;
+        madvise(p, bytes, MADV_HUGEPAGE);
+        return p;
+    }
+#endif
+    return malloc(bytes);
+}
+
 /* 1: exact, 0: not exact, -1: out of memory */
 #define DEFINE_TOPK(NAME, KEY, IDX)                                                                  \
     static int NAME(KEY *v, Py_ssize_t n, Py_ssize_t k, unsigned char *mask) {                      \
-        IDX *perm = (IDX *)malloc((size_t)(n > 0 ? n : 1) * sizeof(IDX));                            \
+        IDX *perm = (IDX *)alloc_big((size_t)(n > 0 ? n : 1) * sizeof(IDX));                            \
         if (perm == NULL)                                                                           \
             return -1;                                                                              \
         for (Py_ssize_t i = 0; i < n; i++)                                                          \
