@@ -13,7 +13,7 @@ while they have not crossed) finds the same k entries in O(n) instead of O(n log
 ``top_k_mask`` returns None where replaying is not exact (NaNs, introsort's heapsort fallback after
 its depth limit, non-CPU tensors); callers then sort as mergekit does. ``tests/test_introsort.py``
 checks the result against ``torch.argsort`` on inputs full of ties. The replay runs in a compiled kernel
-(``_introsort.c``, built by ``setup.py``; ~10x faster) where it is built, else in vectorised numpy
+(``_introsort.c``, built by ``setup.py``; 3-4x faster than numpy) where it is built, else in vectorised numpy
 (``_replay``); ``SURGERY_NATIVE=0`` forces the numpy replay.
 """
 
