@@ -253,6 +253,10 @@ def test_top_k_mask_numpy_validates_its_input():
         top_k_mask_numpy(np.zeros(4, dtype=np.int16), 5)
     keys = np.array([3, 1, 2, 2, 5], dtype=np.float64)  # other dtypes: the numpy replay
     assert top_k_mask_numpy(keys, 2).tolist() == [True, False, False, False, True]
+    keys = np.array([9, 3, 1, 7, 2, 8, 2, 5], dtype=np.int16)
+    keys.flags.writeable = False  # copied first, as a strided view is
+    assert top_k_mask_numpy(keys, 2).tolist() == [True, False, False, False, False, True, False, False]
+    assert top_k_mask_numpy(keys[::-2], 2).tolist() == [False, True, True, False]  # 5, 8, 7, 3
 
 
 def test_native_kernel_checks_its_buffers():

@@ -56,9 +56,10 @@ def top_k_mask_numpy(keys, k: int):
         return None  # a NaN (or inf - inf): let the real sort decide
     if k in (0, n):
         return np.full(n, k == n, dtype=bool)
+    if not (keys.flags.c_contiguous and keys.flags.writeable):
+        keys = keys.copy()
     native = _native()
-    if native is not None and keys.dtype in (np.int16, np.int32, np.float32) and keys.flags.c_contiguous \
-            and keys.flags.writeable:
+    if native is not None and keys.dtype in (np.int16, np.int32, np.float32):
         mask = np.empty(n, dtype=bool)
         return mask if native.top_k(keys, k, mask) else None
     return _replay(keys, k)
