@@ -51,6 +51,18 @@ static void *alloc_big(size_t bytes) {
     return malloc(bytes);
 }
 
+/* swap positions x and y of the keys v and of the permutation perm */
+#define SWAP(KEY, IDX, x, y)                                                                         \
+    do {                                                                                             \
+        Py_ssize_t x_ = (x), y_ = (y);                                                               \
+        KEY tv_ = v[x_];                                                                             \
+        v[x_] = v[y_];                                                                               \
+        v[y_] = tv_;                                                                                 \
+        IDX ti_ = perm[x_];                                                                          \
+        perm[x_] = perm[y_];                                                                         \
+        perm[y_] = ti_;                                                                              \
+    } while (0)
+
 /* 1: exact, 0: not exact, -1: out of memory */
 #define DEFINE_TOPK(NAME, KEY, IDX)                                                                  \
     static int NAME(KEY *v, Py_ssize_t n, Py_ssize_t k, unsigned char *mask) {                      \
@@ -73,12 +85,8 @@ static void *alloc_big(size_t bytes) {
                 m = vb > vc ? b : va > vc ? c : a;                                                  \
             else                                                                                    \
                 m = va > vc ? a : vb > vc ? c : b;                                                  \
-            KEY p = v[m];                                                                           \
-            IDX pp = perm[m];                                                                       \
-            v[m] = v[lo];                                                                           \
-            perm[m] = perm[lo];                                                                     \
-            v[lo] = p;                                                                              \
-            perm[lo] = pp;                                                                          \
+            SWAP(KEY, IDX, lo, m);                                                                  \
+            KEY p = v[lo];                                                                          \
             /* __unguarded_partition(lo + 1, hi, lo): Hoare's scans pair the t-th entry <= p from the      \
                left with the t-th entry >= p from the right; far from the crossing, find them a block at a   \
                time without branches (BlockQuicksort), then finish with the scalar scans */                 \
@@ -109,13 +117,7 @@ static void *alloc_big(size_t bytes) {
                 }                                                                                       \
                 int pairs = nl - il < nr - ir ? nl - il : nr - ir;                                      \
                 for (int t = 0; t < pairs; t++) {                                                       \
-                    Py_ssize_t x = bl + offl[il + t], y = br - offr[ir + t];                            \
-                    KEY tv = v[x];                                                                      \
-                    v[x] = v[y];                                                                        \
-                    v[y] = tv;                                                                          \
-                    IDX ti = perm[x];                                                                   \
-                    perm[x] = perm[y];                                                                  \
-                    perm[y] = ti;                                                                       \
+                    SWAP(KEY, IDX, bl + offl[il + t], br - offr[ir + t]);                           \
                 }                                                                                       \
                 il += pairs;                                                                            \
                 ir += pairs;                                                                            \
@@ -133,12 +135,7 @@ static void *alloc_big(size_t bytes) {
                     --l;                                                                                \
                 if (!(f < l))                                                                           \
                     break;                                                                              \
-                KEY t = v[f];                                                                           \
-                v[f] = v[l];                                                                            \
-                v[l] = t;                                                                               \
-                IDX ti = perm[f];                                                                       \
-                perm[f] = perm[l];                                                                      \
-                perm[l] = ti;                                                                           \
+                SWAP(KEY, IDX, f, l);                                                               \
                 ++f;                                                                                    \
             }                                                                                           \
             if (k <= f) /* everything from the cut on sorts after position k */                     \
