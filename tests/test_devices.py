@@ -42,6 +42,7 @@ def test_merge_moves_inputs_to_the_current_device(family, tmp_path, monkeypatch)
         return real()
 
     monkeypatch.setattr(merge_mod, "current_device", spy)
+    monkeypatch.setenv("SURGERY_NUMPY", "0")  # the torch kernels (on the CPU, linear merges compute in numpy)
     config = {"inputs": {k: str(v) for k, v in family.items()}, "recipient": "base",
               "operations": [{"merge": {"method": "linear", "models": {"lang": {"weight": 0.5},
                                                                        "task": {"weight": 0.5}}}}]}

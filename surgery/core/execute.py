@@ -12,7 +12,10 @@ with numpy (``core.host_math``, the same bytes), so such plans never import torc
 
 from __future__ import annotations
 
+import importlib
 import math
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -74,16 +77,22 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
     max_bytes = parse_size(plan.recipe.output.shard_size)
 
-    # Writing tensor i (dtype cast + disk) overlaps computing tensor i+1, and reading the inputs of the next
-    # tensor computed with torch overlaps computing this one: at most two outputs and two inputs' sets in memory.
+    # Writing (dtype cast + disk; copies by the kernel) runs on one I/O thread, in plan order, while this thread
+    # computes the next tensors: copies queue without limit (they hold no memory), computed tensors up to
+    # PENDING_BYTES (at least one). Reading the inputs of the next tensor computed with torch overlaps computing
+    # this one.
     sources = [copy_source(e, plan.inputs) for e in plan.entries]
     kinds = ["copy" if src else _kind(e, plan.inputs, device, allow_nonfinite) for e, src in zip(plan.entries, sources)]
     torch_at = [i for i, k in enumerate(kinds) if k == "torch"]
+    if "host" in kinds or torch_at:
+        devices.keep_freed_memory()  # computed tensors allocate and free buffers of a few sizes, over and over
+    if "host" in kinds:  # import numpy while the copies before the first computed tensor run
+        threading.Thread(target=importlib.import_module, args=("numpy",), daemon=True).start()
     following = dict(zip(torch_at, torch_at[1:]))  # torch entry -> the next one
     with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
             ThreadPoolExecutor(max_workers=1) as reader, ExitStack() as stack, \
             _progress(plan.total_bytes, quiet) as bar:
-        pending, prefetched = None, {}
+        pending, prefetched = _Pending(), {}
         for i, e in enumerate(plan.entries):
             kind = kinds[i]
             if kind == "copy":
@@ -99,14 +108,38 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
                     prefetched[nxt] = reader.submit(_read_leaves, plan.entries[nxt], plan.inputs)
                 job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite,
                                                        leaves=reads.result() if reads else None))
-            if pending is not None:
-                pending.result()
-            pending = io.submit(*job)
+            pending.add(io.submit(*job), e.nbytes if kind != "copy" else 0)
             del job
             bar.update(e.nbytes)
-        if pending is not None:
-            pending.result()
+        pending.drain(0)
         return list(writer.files)
+
+
+PENDING_BYTES = 256 << 20  # computed bytes that may wait for the writer
+
+
+class _Pending:
+    """The writer's queued jobs: futures with the bytes of the computed tensors they hold."""
+
+    def __init__(self):
+        self.jobs: deque = deque()
+        self.nbytes = 0
+
+    def add(self, future, nbytes: int) -> None:
+        self.jobs.append((future, nbytes))
+        self.nbytes += nbytes
+        self.drain(PENDING_BYTES)
+
+    def drain(self, limit: int) -> None:
+        """Wait for jobs in order until at most ``limit`` computed bytes wait (one job at least may); a job's
+        error is raised as soon as it is seen."""
+        while self.jobs:
+            future, nbytes = self.jobs[0]
+            if not (future.done() or limit == 0 or (self.nbytes > limit and len(self.jobs) > 1)):
+                return
+            self.jobs.popleft()
+            self.nbytes -= nbytes
+            future.result()
 
 
 def _progress(total: int, quiet: bool):

@@ -55,6 +55,9 @@ class Op:
     # optional: the same computation on float32 numpy arrays, bitwise equal to ``compute`` (IEEE float32 steps,
     # no fused multiply-add); plans built only from such ops compute without importing torch (core.host_math)
     numpy: Callable[[list, dict], Any] | None = None
+    # raw ops with a numpy kernel: numpy(arrays, params, stored_dtypes), used where numpy_when(params,
+    # stored_dtypes) holds (the arrays are float32 holding the stored values; the result is float32)
+    numpy_when: Callable[[dict, list], bool] | None = None
 
 
 OPS: dict[str, Op] = {}

@@ -13,7 +13,7 @@ torch may differ, so runs that allow non-finite values take the torch path.
 
 ``SURGERY_NUMPY=0`` in the environment turns this path off (for comparisons; the bytes are the same).
 
-The tensor is computed in row blocks (``BLOCK_BYTES`` of float32 per input), so memory holds the output
+The tensor is computed in row blocks (``HOST_BLOCK_BYTES`` of float32 per input), so memory holds the output
 and one block of each input.
 """
 
@@ -21,32 +21,48 @@ from __future__ import annotations
 
 import os
 
-from surgery.core.graph import BLOCK_BYTES, OPS, Node, Ref, refs, row_blocks
+from surgery.core.graph import OPS, Node, Ref, refs, row_blocks
 from surgery.io.checkpoint import Checkpoint
 
 HOST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "uint16"}  # safetensors dtype -> numpy storage
+# float32 bytes per input and row block: numpy makes one pass per step, so blocks that stay in the cache
+# (a few MB) are ~2x faster than the torch path's 32 MB blocks
+HOST_BLOCK_BYTES = 4 << 20
 
 
 def supported(entry, inputs) -> bool:
     """True when every op of the entry's tree has a numpy kernel and every tensor (inputs, output) is
     float32, float16 or bfloat16 in a checkpoint file."""
-    if entry.dtype not in HOST_DTYPES or not _numpy_ops(entry.node) or os.environ.get("SURGERY_NUMPY") == "0":
+    if entry.dtype not in HOST_DTYPES or os.environ.get("SURGERY_NUMPY") == "0":
         return False
     for r in refs(entry.node):
         ck = inputs[r.input]
         if not isinstance(ck, Checkpoint) or r.name not in ck.offsets or ck.meta[r.name].dtype not in HOST_DTYPES:
             return False
-    return True
+    return _numpy_ops(entry.node, inputs)
 
 
-def _numpy_ops(node) -> bool:
-    return isinstance(node, Ref) or (isinstance(node, Node) and OPS[node.op].numpy is not None
-                                     and all(_numpy_ops(a) for a in node.args))
+def _numpy_ops(node, inputs) -> bool:
+    if isinstance(node, Ref):
+        return True
+    op = OPS[node.op] if isinstance(node, Node) else None
+    if op is None or op.numpy is None:
+        return False
+    if op.raw:  # the kernel reads its arguments' stored dtypes: they must be checkpoint tensors
+        return all(isinstance(a, Ref) for a in node.args) and (
+            op.numpy_when is None or op.numpy_when(node.params, [_stored(inputs, a) for a in node.args]))
+    return all(_numpy_ops(a, inputs) for a in node.args)
+
+
+def _stored(inputs, ref: Ref) -> str:
+    return inputs[ref.input].meta[ref.name].dtype
 
 
 def compute(entry, inputs):
     """The entry's tensor in its stored dtype (a numpy array; bfloat16 as uint16 bit patterns), refused like
-    the torch path's (``core.finite``) when it holds NaN/Inf or values past a float16 output's range."""
+    the torch path's (``core.finite``) when it holds NaN/Inf or values past a float16 output's range.
+
+    Row blocks are computed on ``host_threads()`` threads (numpy releases the GIL inside each step)."""
     import numpy as np
 
     from surgery.core import finite
@@ -54,15 +70,24 @@ def compute(entry, inputs):
     shape = entry.shape
     out = np.empty(shape, dtype=HOST_DTYPES[entry.dtype])
     flat = out.reshape(shape[0] if shape else 1, -1)
-    nonfinite = over_range = 0
-    with np.errstate(all="ignore"):  # overflow is counted and refused below, as on the torch path
-        for a, b in row_blocks(shape, BLOCK_BYTES):
-            rows = (a, b) if shape else None
-            block = evaluate(entry.node, lambda ref: to_float32(read(inputs[ref.input], ref.name, rows),
-                                                                inputs[ref.input].meta[ref.name].dtype))
-            nonfinite += finite.count_nonfinite(block)
-            over_range += finite.count_over_range(entry, block)
-            flat[a:b] = from_float32(block, entry.dtype).reshape(b - a, -1)
+
+    # a raw op's numpy kernel returns values of its own result dtype (``out_dtype``, as plan.py reads it)
+    exact = isinstance(entry.node, Node) and OPS[entry.node.op].raw and entry.node.params.get("out_dtype") == entry.dtype
+
+    def block(rows):
+        a, b = rows
+        with np.errstate(all="ignore"):  # overflow is counted and refused below, as on the torch path
+            values = evaluate(entry.node, lambda ref: to_float32(read(inputs[ref.input], ref.name, rows if shape
+                                                                       else None), _stored(inputs, ref)),
+                              lambda ref: _stored(inputs, ref))
+            from_float32(values.reshape(b - a, -1), entry.dtype, flat[a:b], exact)
+            return finite.count_nonfinite(values), finite.count_over_range(entry, values)
+
+    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES))
+    counts = [block(blocks[0])]  # the first block alone: it opens the input files
+    if len(blocks) > 1:
+        counts += _pool().map(block, blocks[1:]) if host_threads() > 1 else map(block, blocks[1:])
+    nonfinite, over_range = (sum(c) for c in zip(*counts))
     if nonfinite:
         raise finite.nonfinite_error(entry, nonfinite, inputs)
     if over_range:
@@ -70,11 +95,40 @@ def compute(entry, inputs):
     return out
 
 
-def evaluate(node, read):
-    """A tree of numpy-capable ops over float32 arrays (``read(ref)`` returns a fresh float32 array)."""
+_POOL = None
+
+
+def host_threads() -> int:
+    """Threads for the row blocks: --threads or SURGERY_THREADS when given, else the usable cores (at most
+    4: the steps are memory-bound). numpy's threads do not spin while waiting, unlike torch's OpenMP ones
+    (``core.devices``), so a busy machine costs them little."""
+    from surgery.core import devices
+    from surgery.core.threads import usable_cores
+
+    if devices._requested is not None or os.environ.get("SURGERY_THREADS"):
+        return devices.executor_threads() or 1
+    return min(4, usable_cores())
+
+
+def _pool():
+    global _POOL
+    if _POOL is None or _POOL._max_workers != host_threads():
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=host_threads(), thread_name_prefix="surgery-host")
+    return _POOL
+
+
+def evaluate(node, read, stored):
+    """A tree of numpy-capable ops over float32 arrays (``read(ref)`` returns a fresh float32 array;
+    ``stored(ref)``: its safetensors dtype, for raw ops)."""
     if isinstance(node, Ref):
         return read(node)
-    return OPS[node.op].numpy([evaluate(a, read) for a in node.args], node.params)
+    op = OPS[node.op]
+    arrays = [evaluate(a, read, stored) for a in node.args]
+    if op.raw:
+        return op.numpy(arrays, node.params, [stored(a) for a in node.args])
+    return op.numpy(arrays, node.params)
 
 
 def read(ck: Checkpoint, name: str, rows: tuple[int, int] | None):
@@ -99,18 +153,21 @@ def to_float32(raw, dtype: str):
     return out.view(np.float32)
 
 
-def from_float32(x, dtype: str):
-    """float32 -> the stored dtype, rounded to nearest even (bfloat16 as uint16 bit patterns)."""
+def from_float32(x, dtype: str, out, exact: bool = False) -> None:
+    """float32 -> the stored dtype into ``out``, rounded to nearest even (bfloat16 as uint16 bit patterns).
+    ``exact``: x holds values of ``dtype`` already (a merge kernel's result), so bfloat16 is just the high half."""
     import numpy as np
 
     if dtype == "F32":
-        return x
-    if dtype == "F16":
-        return x.astype(np.float16)
-    u = x.view(np.uint32)
-    bias = u >> 16
-    bias &= 1
-    bias += 0x7FFF
-    bias += u  # u + bias wraps only for NaN payloads, which this path never writes (see the module docstring)
-    bias >>= 16
-    return bias.astype(np.uint16)
+        out[...] = x
+    elif dtype == "F16":
+        out[...] = x.astype(np.float16)  # numpy's casts do not write into an existing array any faster
+    elif exact:
+        np.right_shift(x.view(np.uint32), 16, out=out, casting="unsafe")
+    else:
+        u = x.view(np.uint32)
+        bias = u >> 16
+        bias &= 1
+        bias += 0x7FFF
+        bias += u  # u + bias wraps only for NaN payloads, which this path never writes (see the module docstring)
+        np.right_shift(bias, 16, out=out, casting="unsafe")

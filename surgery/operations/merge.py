@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from surgery.core.devices import current_device
 from surgery.core.graph import Node, Op, same_shapes, register
 from surgery.operations.merge_checks import all_parameter_names, check_architectures
+from surgery.operations.merge_specs import spec_of
 from surgery.operations.vocab import vocab_params
 from surgery.errors import did_you_mean
 from surgery.recipe.schema import Operation, Select
@@ -75,27 +76,7 @@ class Merge(Operation):
     def plan(self, ctx) -> None:
         _plan_merge(ctx, self)
 
-# ---------------------------------------------------------------------------- mergekit access
-
-
-def method_names() -> list[str]:
-    from mergekit import merge_methods
-
-    return [m.spec.name for m in merge_methods.registered_methods()]
-
-
-def get_method(name: str):
-    """The registered mergekit method, or a SurgeryError with a did-you-mean."""
-    from mergekit import merge_methods
-
-    from surgery.errors import SurgeryError
-
-    names = method_names()
-    if name not in names:
-        raise SurgeryError(f"unknown merge method {name!r}" + did_you_mean(name, names)
-                           + f" (mergekit methods: {', '.join(sorted(names))})")
-    return merge_methods.get(name)
-
+# ---------------------------------------------------------------------------- parameter settings
 
 # mergekit's parameter settings (mergekit/config.py), mirrored here because importing
 # mergekit.config pulls in peft and transformers (~4 s). Same types and the same resolution;
@@ -215,6 +196,12 @@ def _result_dtype(params: dict, stored: tuple[str, ...]) -> str | None:
     mergekit writes a method's result in the dtype it comes out in (arcee_fusion returns float32
     for bfloat16 inputs), so the plan does the same unless an output dtype is set.
     """
+    from surgery.operations.merge_numpy import merge_dtype
+
+    if params["method"] in ("linear", "task_arithmetic") and params.get("vocab") is None:
+        known = merge_dtype(params, list(stored))  # these methods return their merge dtype: no torch needed
+        if known is not None:
+            return known
     import torch
 
     from surgery.io.safetensors import st_dtype, torch_dtype
@@ -258,7 +245,20 @@ def _shape(shapes: list[tuple], params: dict) -> tuple:
     return same_shapes(shapes, params)
 
 
-register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True))
+def _numpy(arrays, params, stored):
+    from surgery.operations import merge_numpy
+
+    return merge_numpy.compute(arrays, params, stored)
+
+
+def _numpy_when(params, stored) -> bool:
+    from surgery.operations import merge_numpy
+
+    return merge_numpy.supports(params, stored)
+
+
+register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, numpy=_numpy,
+                        numpy_when=_numpy_when))
 
 
 # ---------------------------------------------------------------------------- planner
@@ -306,27 +306,25 @@ def _plan_merge(ctx, op: Merge) -> None:
     from surgery.errors import SurgeryError
 
     try:
-        method = get_method(op.method)
+        spec = spec_of(op.method)
     except SurgeryError as e:
         raise ctx.error(("method",), str(e)) from None
-    spec = method.spec
     names = op.inputs_in_order()
     try:
-        method.validate_inputs(names, op.base)
+        spec.validate_inputs(names, op.base)
     except ValueError as e:
         msg = str(e).replace("Merge method", f"merge method {op.method!r}")
         raise ctx.error(("base",) if "base" in msg.lower() else ("models",), msg) from None
     if len(set(names)) != len(names):
         raise ctx.error(("models",), "an input is listed twice")
 
-    shared_specs = list(spec.shared_parameters)
-    input_specs = list(spec.input_parameters)
+    shared_specs, input_specs = spec.shared, spec.per_input
     all_names = [p.name for p in spec.parameters]
     shared = _parse_settings(ctx, op.parameters, all_names, ("parameters",), op.method)
     per_model = {m: _parse_settings(ctx, op.model_parameters(m), [p.name for p in input_specs],
                                     ("models", m), op.method, {p.name for p in shared_specs})
                  for m in op.model_names()}
-    base_index = names.index(op.base) if op.base and spec.contract.base.value != "ignored" else None
+    base_index = names.index(op.base) if op.base and spec.base != "ignored" else None
     defaults = {p.name: p.default for p in spec.parameters if not p.required}
     seed = ctx.recipe.seed
     random = op.method in RANDOM_METHODS
@@ -348,7 +346,7 @@ def _plan_merge(ctx, op: Merge) -> None:
             for m, r in zip(names, refs):
                 is_base = base_index is not None and m == op.base
                 per_input[m] = {p.name: resolve(p, [per_model.get(m, {}).get(p.name), shared.get(p.name)], r.name, t)
-                                for p in input_specs if not (is_base and p.scope.value == "non_base")}
+                                for p in input_specs if not (is_base and p.scope == "non_base")}
         except KeyError as ex:
             raise ctx.error(("models",), f"merge method {op.method!r} needs parameter {ex.args[0]!r} for every "
                                          f"model (tensor {e.name!r}); set it per model or under 'parameters'") from None

@@ -156,10 +156,10 @@ class _Translator:
             raise self.error((), "exactly one of 'models', 'slices' or 'modules' must be present")
 
         from surgery.errors import SurgeryError
-        from surgery.operations.merge import get_method
+        from surgery.operations.merge_specs import spec_of
 
         try:
-            spec = get_method(str(method)).spec
+            spec = spec_of(str(method))
         except SurgeryError as e:
             raise self.error(("merge_method",), str(e)) from None
         base = self.model(d["base_model"], ("base_model",)) if d.get("base_model") is not None else None
@@ -229,7 +229,7 @@ class _Translator:
             raise self.error(prefix + ("slices",), "slices must be a list of {sources: [...]}")
         stack, per_slice = [], []
         out_start = 0
-        base_policy = spec.contract.base.value
+        base_policy = spec.base
         for i, sl in enumerate(slices):
             path = prefix + ("slices", i)
             self.check_keys(sl, SLICE_KEYS, path, "a slice")
