@@ -10,7 +10,8 @@
  *
  * top_k(keys, k, mask) -> bool
  *   keys: writable C-contiguous buffer of int16 ('h'), int32 ('i'/'l' of size 4) or float32 ('f'), no NaN;
- *         reordered in place as introsort would (the side of each cut without position k only as a set).
+ *         reordered in place as introsort's partitions on the path of position k leave it (the segments
+ *         off that path are not sorted further).
  *   mask: writable buffer of len(keys) bytes; set to 1 at the original indices of the first k entries.
  *   Returns True where the replay is exact (mask filled), False where it is not (mask undefined).
  * The GIL is released while it runs.
