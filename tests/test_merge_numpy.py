@@ -213,10 +213,11 @@ def test_merge_runs_write_the_same_bytes_through_numpy_and_torch(family, tmp_pat
         assert all(x[n].dtype == y[n].dtype and raw_bytes(x[n]) == raw_bytes(y[n]) for n in x), a
 
 
-def test_linear_merge_never_imports_torch_or_mergekit(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_such_merges_never_import_torch_or_mergekit(family, tmp_path, monkeypatch, method):
     import json
 
-    r = merge_recipe(family, "linear")
+    r = merge_recipe(family, method)
     (tmp_path / "r.json").write_text(json.dumps(r))
     code = ("import sys; from surgery.cli import cli\n"
             "try:\n    cli(['run', sys.argv[1], '-o', sys.argv[2], '-q'])\nexcept SystemExit as e:\n"
@@ -227,7 +228,7 @@ def test_linear_merge_never_imports_torch_or_mergekit(family, tmp_path, monkeypa
                        capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin"})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
-    monkeypatch.setenv("SURGERY_MERGEKIT_KERNELS", "1")  # mergekit's own linear kernel
+    monkeypatch.setenv("SURGERY_MERGEKIT_KERNELS", "1")  # mergekit's own kernel
     monkeypatch.setenv("SURGERY_NUMPY", "0")
     surgery.run(r, tmp_path / "mergekit")
     got, want = load(tmp_path / "out"), load(tmp_path / "mergekit")
