@@ -1,10 +1,38 @@
-"""The exact TIES selection without sorting equals mergekit's argsort (ties included), and its fallbacks."""
+"""The exact TIES selection without sorting equals mergekit's argsort (ties included), and its fallbacks.
 
+Every exactness test runs twice: on the compiled kernel (``_introsort.c``) and on the numpy replay
+(``SURGERY_NATIVE=0``)."""
+
+import functools
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import pytest
 import torch
 
 from surgery.operations import introsort
-from surgery.operations.introsort import top_k_mask
+from surgery.operations.introsort import top_k_mask, top_k_mask_numpy
+
+
+@pytest.fixture(params=["native", "numpy"])
+def impl(request, monkeypatch):
+    """Run the test on one implementation, and check that it is the one that ran."""
+    if request.param == "numpy":
+        monkeypatch.setenv("SURGERY_NATIVE", "0")
+    else:
+        monkeypatch.delenv("SURGERY_NATIVE", raising=False)
+        if introsort._native() is None:
+            if shutil.which("cc"):
+                pytest.fail("the compiled kernel surgery/operations/_introsort.c is not built: run "
+                            "`python setup.py build_ext --inplace` (or `pip install -e .`)")
+            pytest.skip("no C compiler: the compiled kernel cannot be built here")
+    replay, calls = introsort._replay, []
+    monkeypatch.setattr(introsort, "_replay", lambda *a: calls.append(1) or replay(*a))
+    yield request.param
+    assert bool(calls) == (request.param == "numpy")
 
 
 def argsort_mask(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -30,7 +58,7 @@ def inputs(seed: int):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_same_entries_as_torch_argsort(seed):
+def test_same_entries_as_torch_argsort(seed, impl):
     ties_seen = 0
     for w, k in inputs(seed):
         got = top_k_mask(w, k)
@@ -44,7 +72,7 @@ def test_same_entries_as_torch_argsort(seed):
     assert ties_seen > 20
 
 
-def test_ties_are_not_decided_by_lowest_index():
+def test_ties_are_not_decided_by_lowest_index(impl):
     # the point of replaying introsort: a stable rule (lowest index first) keeps different entries
     w = (torch.randn(100_000, generator=torch.Generator().manual_seed(3)) * 0.002).bfloat16().float().abs()
     k = w.numel() // 2
@@ -54,7 +82,7 @@ def test_ties_are_not_decided_by_lowest_index():
     assert torch.equal(top_k_mask(w, k), argsort_mask(w, k))
 
 
-def test_overwrite_reorders_the_input_only_when_asked():
+def test_overwrite_reorders_the_input_only_when_asked(impl):
     w = torch.rand(50_000)
     before = w.clone()
     top_k_mask(w, 1000)
@@ -63,18 +91,71 @@ def test_overwrite_reorders_the_input_only_when_asked():
     assert torch.equal(mask, argsort_mask(before, 1000)) and not torch.equal(w, before)
 
 
-def test_falls_back_where_replay_is_not_exact(monkeypatch):
+def test_falls_back_where_replay_is_not_exact(impl):
     w = torch.rand(1000)
     w[5] = float("nan")
     assert top_k_mask(w, 10) is None
+    assert top_k_mask_numpy(w.numpy().copy(), 10) is None
     assert top_k_mask(torch.rand(4, 4), 3) is None  # not 1-D
-    monkeypatch.setattr(introsort, "_partition", lambda *a: None)
-    assert top_k_mask(torch.rand(1000), 10) is None
     assert torch.equal(top_k_mask(torch.rand(10), 0), torch.zeros(10, dtype=torch.bool))
     assert torch.equal(top_k_mask(torch.rand(10), 10), torch.ones(10, dtype=torch.bool))
+    top_k_mask(torch.rand(1000), 10)  # (the fixture checks that a replay ran)
 
 
-def test_magnitude_exact_equals_mergekit_magnitude():
+def test_numpy_replay_falls_back_where_a_scan_would_leave_the_segment(monkeypatch):
+    monkeypatch.setenv("SURGERY_NATIVE", "0")
+    monkeypatch.setattr(introsort, "_partition", lambda *a: None)
+    assert top_k_mask(torch.rand(1000), 10) is None
+
+
+def antiqsort(n: int, k: int) -> tuple[np.ndarray, int]:
+    """McIlroy's adversary ("A killer adversary for quicksort") against introsort's partitions on the segment
+    holding position k: values stay undecided ("gas", above all others) until compared, the pivot candidate is
+    then frozen to the smallest value yet. Returns the values and the depth left (0: introsort heapsorts)."""
+    gas, solid, candidate, val = n + 1, [0], [None], [n + 1] * n
+
+    def gt(x, y):  # torch's descending comparator, deciding gas lazily
+        if val[x] == gas and val[y] == gas:
+            z = x if x == candidate[0] else y
+            val[z], solid[0] = solid[0], solid[0] + 1
+        candidate[0] = x if val[x] == gas else y if val[y] == gas else candidate[0]
+        return val[x] > val[y]
+
+    a, lo, hi, depth = list(range(n)), 0, n, 2 * (n.bit_length() - 1)
+    while hi - lo > 16 and lo < k < hi and depth:
+        depth -= 1
+        x, b, c = lo + 1, lo + (hi - lo) // 2, hi - 1
+        if gt(a[x], a[b]):
+            m = b if gt(a[b], a[c]) else c if gt(a[x], a[c]) else x
+        else:
+            m = x if gt(a[x], a[c]) else c if gt(a[b], a[c]) else b
+        a[lo], a[m] = a[m], a[lo]
+        f, last = lo + 1, hi
+        while True:
+            while gt(a[f], a[lo]):
+                f += 1
+            last -= 1
+            while gt(a[lo], a[last]):
+                last -= 1
+            if f >= last:
+                break
+            a[f], a[last] = a[last], a[f]
+            f += 1
+        lo, hi = (lo, f) if k <= f else (f, hi)
+    return np.array(val, dtype=np.float32), depth
+
+
+@pytest.mark.parametrize("n", [100, 3000])
+def test_depth_limit_falls_back(n, impl):
+    w, depth = antiqsort(n, n // 3)
+    assert depth == 0  # introsort would heapsort: its order is not replayed
+    assert top_k_mask(torch.from_numpy(w), n // 3) is None
+    assert top_k_mask_numpy(w.astype(np.int32), n // 3) is None
+    w[np.arange(0, n, 7)] = n + 1  # the adversary's input spoiled: introsort no longer runs out of depth
+    assert torch.equal(top_k_mask(torch.from_numpy(w), n // 3), argsort_mask(torch.from_numpy(w), n // 3))
+
+
+def test_magnitude_exact_equals_mergekit_magnitude(impl):
     from mergekit.sparsify import RescaleNorm, magnitude
 
     from surgery.operations.merge_kernels import magnitude_exact
@@ -87,7 +168,7 @@ def test_magnitude_exact_equals_mergekit_magnitude():
         assert got.dtype == want.dtype and torch.equal(got.view(torch.int16), want.view(torch.int16)), density
 
 
-def test_magnitude_exact_leaves_float32_input_alone():
+def test_magnitude_exact_leaves_float32_input_alone(impl):
     from mergekit.sparsify import magnitude
 
     from surgery.operations.merge_kernels import magnitude_exact
@@ -99,7 +180,7 @@ def test_magnitude_exact_leaves_float32_input_alone():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_integer_magnitude_keys_select_like_the_float_sort(dtype):
+def test_integer_magnitude_keys_select_like_the_float_sort(dtype, impl):
     from surgery.operations.introsort import magnitude_keys
 
     g = torch.Generator().manual_seed(6)
@@ -115,3 +196,92 @@ def test_integer_magnitude_keys_select_like_the_float_sort(dtype):
     assert magnitude_keys(nan) is None
     assert magnitude_keys(torch.tensor([1.0, float("inf")], dtype=dtype)) is not None
     assert magnitude_keys(torch.ones(3, dtype=torch.float64)) is None
+
+
+@functools.lru_cache(maxsize=None)
+def large_delta(dtype: torch.dtype) -> torch.Tensor:
+    """3M bf16-like fine-tune deltas: heavy ties among the magnitudes (bfloat16 has 128 per octave)."""
+    g = torch.Generator().manual_seed(7)
+    n = 3_000_000
+    delta = (torch.randn(n, generator=g) * 0.02).to(dtype) - (torch.randn(n, generator=g) * 0.02).to(dtype)
+    delta[::11] = 0.0
+    return delta
+
+
+@functools.lru_cache(maxsize=None)
+def large_expected(dtype: torch.dtype, k: int) -> torch.Tensor:
+    return argsort_mask(large_delta(dtype).abs().float(), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_large_inputs_keep_what_torch_argsort_keeps(dtype, impl):
+    delta = large_delta(dtype)
+    n = delta.numel()
+    for k in (n // 2, n // 10):
+        want = large_expected(dtype, k)
+        keys = introsort.magnitude_keys(delta).numpy().copy()  # int16 for bfloat16, int32 for float32
+        assert keys.dtype == (np.int16 if dtype == torch.bfloat16 else np.int32)
+        assert np.array_equal(top_k_mask_numpy(keys, k), want.numpy()), (dtype, k)
+        floats = delta.abs().float().numpy().copy()  # float32 keys
+        assert np.array_equal(top_k_mask_numpy(floats, k), want.numpy()), (dtype, k)
+
+
+def test_int16_keys_at_the_ends_of_their_range(impl):
+    # the final insertion sort's order among the last <= 16 entries: -(-2**15) overflows int16
+    g = torch.Generator().manual_seed(8)
+    for _ in range(200):
+        n = int(torch.randint(17, 400, (1,), generator=g))
+        keys = torch.tensor([-2**15, -1, 0, 1, 2**15 - 1], dtype=torch.int16)[torch.randint(0, 5, (n,), generator=g)]
+        k = int(torch.randint(1, n, (1,), generator=g))
+        got = top_k_mask_numpy(keys.numpy().copy(), k)
+        assert np.array_equal(got, argsort_mask(keys.float(), k).numpy()), (n, k)
+
+
+def test_concurrent_calls_in_threads(impl):
+    delta = large_delta(torch.bfloat16)[:1_000_000]
+    want = argsort_mask(delta.abs().float(), 300_000).numpy()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: top_k_mask_numpy(introsort.magnitude_keys(delta).numpy().copy(), 300_000),
+                                range(4)))
+    assert all(np.array_equal(r, want) for r in results)
+
+
+def test_top_k_mask_numpy_validates_its_input():
+    with pytest.raises(ValueError, match="1-D"):
+        top_k_mask_numpy(np.zeros((2, 2), dtype=np.int16), 1)
+    with pytest.raises(ValueError, match="k=5"):
+        top_k_mask_numpy(np.zeros(4, dtype=np.int16), 5)
+    keys = np.array([3, 1, 2, 2, 5], dtype=np.float64)  # other dtypes: the numpy replay
+    assert top_k_mask_numpy(keys, 2).tolist() == [True, False, False, False, True]
+    keys = np.array([9, 3, 1, 7, 2, 8, 2, 5], dtype=np.int16)
+    keys.flags.writeable = False  # copied first, as a strided view is
+    assert top_k_mask_numpy(keys, 2).tolist() == [True, False, False, False, False, True, False, False]
+    assert top_k_mask_numpy(keys[::-2], 2).tolist() == [False, True, True, False]  # 5, 8, 7, 3
+
+
+def test_native_kernel_checks_its_buffers():
+    native = introsort._native()
+    if native is None:
+        pytest.skip("the compiled kernel is not built (the `impl` tests fail for it where a compiler exists)")
+    keys = np.array([1.0, 3.0, 2.0], dtype=np.float32)
+    mask = np.zeros(3, dtype=bool)
+    assert native.top_k(keys, 2, mask) is True and mask.tolist() == [False, True, True]
+    with pytest.raises(TypeError, match="int16, int32 or float32"):
+        native.top_k(np.zeros(3, dtype=np.float64), 1, mask)
+    with pytest.raises(ValueError, match="mask has 2 bytes"):
+        native.top_k(np.zeros(3, dtype=np.int16), 1, np.zeros(2, dtype=bool))
+    with pytest.raises(ValueError, match="outside"):
+        native.top_k(np.zeros(3, dtype=np.int16), 4, mask)
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        native.top_k(np.zeros(3, dtype=np.int16)[::-1], 1, mask)  # not contiguous
+    frozen = np.zeros(3, dtype=np.int16)
+    frozen.flags.writeable = False
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        native.top_k(frozen, 1, mask)
+
+
+def test_forced_numpy_replay_and_no_torch_at_import():
+    code = ("import sys, os; os.environ['SURGERY_NATIVE'] = '0'; from surgery.operations import introsort; "
+            "assert 'torch' not in sys.modules; assert introsort._native() is None; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"

@@ -12,7 +12,9 @@ while they have not crossed) finds the same k entries in O(n) instead of O(n log
 
 ``top_k_mask`` returns None where replaying is not exact (NaNs, introsort's heapsort fallback after
 its depth limit, non-CPU tensors); callers then sort as mergekit does. ``tests/test_introsort.py``
-checks the result against ``torch.argsort`` on inputs full of ties.
+checks the result against ``torch.argsort`` on inputs full of ties. The replay runs in a compiled kernel
+(``_introsort.c``, built by ``setup.py``; 3-4x faster than numpy) where it is built, else in vectorised numpy
+(``_replay``); ``SURGERY_NATIVE=0`` forces the numpy replay.
 """
 
 from __future__ import annotations
@@ -29,17 +31,58 @@ def top_k_mask(w, k: int, *, overwrite: bool = False):
     ``w`` may also be integer keys that compare (<, ==) exactly as the float values would: see
     ``magnitude_keys`` (half the bytes to move for bfloat16).
     """
-    import numpy as np
     import torch
 
-    n = w.numel()
-    if w.device.type != "cpu" or w.dim() != 1 or not 0 <= k <= n:
+    if w.device.type != "cpu" or w.dim() != 1 or not 0 <= k <= w.numel():
         return None
-    if n and w.is_floating_point() and math.isnan(float(w.sum(dtype=torch.float64))):
+    if w.dtype == torch.bfloat16:
+        w, overwrite = w.float(), True  # numpy has no bfloat16; float32 orders the same
+    keys = w.numpy() if overwrite else w.numpy().copy()  # the array as introsort rearranges it
+    mask = top_k_mask_numpy(keys, k)
+    return None if mask is None else torch.from_numpy(mask)
+
+
+def top_k_mask_numpy(keys, k: int):
+    """``top_k_mask`` on a 1-D numpy array of keys, which it may reorder: a bool array, or None where
+    replaying introsort is not exact (NaNs, its heapsort fallback). int16, int32 and float32 keys go to the
+    compiled kernel (``_introsort.c``) unless it is not built or ``SURGERY_NATIVE=0``; others to the numpy
+    replay."""
+    import numpy as np
+
+    n = keys.size
+    if keys.ndim != 1 or not 0 <= k <= n:
+        raise ValueError(f"top_k_mask_numpy: need 1-D keys and 0 <= k <= {n}, got shape {keys.shape}, k={k}")
+    if n and keys.dtype.kind == "f" and math.isnan(float(keys.sum(dtype=np.float64))):
         return None  # a NaN (or inf - inf): let the real sort decide
     if k in (0, n):
-        return torch.full((n,), k == n, dtype=torch.bool)
-    vals = w.numpy() if overwrite else w.numpy().copy()  # the array as introsort rearranges it
+        return np.full(n, k == n, dtype=bool)
+    if not (keys.flags.c_contiguous and keys.flags.writeable):
+        keys = keys.copy()
+    native = _native()
+    if native is not None and keys.dtype in (np.int16, np.int32, np.float32):
+        mask = np.empty(n, dtype=bool)
+        return mask if native.top_k(keys, k, mask) else None
+    return _replay(keys, k)
+
+
+def _native():
+    """The compiled kernel, or None (not built, or SURGERY_NATIVE=0)."""
+    import importlib
+    import os
+
+    if os.environ.get("SURGERY_NATIVE", "1") == "0":
+        return None
+    try:  # by name: ``from surgery.operations import _introsort`` reads as importing the package (a cycle)
+        return importlib.import_module("surgery.operations._introsort")
+    except ImportError:
+        return None
+
+
+def _replay(vals, k: int):
+    """The numpy replay of introsort's partitions around position k (0 < k < n); reorders vals."""
+    import numpy as np
+
+    n = vals.size
     perm = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # original index at each position
     lo, hi, depth = 0, n, 2 * (n.bit_length() - 1)  # std::__lg(n) * 2
     while hi - lo > THRESHOLD and lo < k < hi:
@@ -55,9 +98,11 @@ def top_k_mask(w, k: int, *, overwrite: bool = False):
             lo = cut
     mask = np.zeros(n, dtype=bool)
     mask[perm[:lo if lo < k < hi else min(k, hi)]] = True
-    if lo < k < hi:  # the final insertion sort is stable within the segment
-        mask[perm[lo:hi][np.argsort(-vals[lo:hi], kind="stable")[:k - lo]]] = True
-    return torch.from_numpy(mask)
+    if lo < k < hi:  # the final insertion sort is stable within the segment (Python ints: no overflow)
+        seg = vals[lo:hi].tolist()
+        order = sorted(range(hi - lo), key=lambda i: -seg[i])[:k - lo]
+        mask[perm[lo:hi][order]] = True
+    return mask
 
 
 def _partition(vals, perm, lo: int, hi: int, k: int) -> int | None:
