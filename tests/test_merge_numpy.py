@@ -2,6 +2,7 @@
 the written-out method specs equal mergekit's registry; such merges never import torch or mergekit."""
 
 import itertools
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,21 @@ from surgery.operations.merge import _compute
 from surgery.operations.merge_specs import LOCAL, REQUIRED, from_mergekit, get_method
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+@pytest.fixture(params=["native", "numpy"])
+def impl(request, monkeypatch):
+    """Run the test on the compiled kernels (_elementwise.c) or the numpy steps."""
+    if request.param == "numpy":
+        monkeypatch.setenv("SURGERY_NATIVE", "0")
+    else:
+        monkeypatch.delenv("SURGERY_NATIVE", raising=False)
+        if merge_numpy.native("BF16") is None:
+            if shutil.which("cc"):
+                pytest.fail("the compiled kernels surgery/operations/_elementwise.c are not built: run "
+                            "`python setup.py build_ext --inplace` (or `pip install -e .`)")
+            pytest.skip("no C compiler: the compiled kernels cannot be built here")
+    return request.param
 
 
 def hard_values(n: int, seed: int, dtype: str) -> torch.Tensor:
@@ -76,16 +92,54 @@ INEXACT = ([0.6, 0.4], [1 / 3, 2 / 3], [1.5, -0.5], [1.0, 1 + 2 ** -23])
 @pytest.mark.parametrize("dtype", list(TORCH))
 @pytest.mark.parametrize("weights", LINEAR_WEIGHTS)
 @pytest.mark.parametrize("normalize", [True, False])
-def test_linear_is_bitwise_mergekit(dtype, weights, normalize, monkeypatch):
+def test_linear_is_bitwise_mergekit(dtype, weights, normalize, monkeypatch, impl):
     ids = [f"m{i}" for i in range(len(weights))]
     tensors = [hard_values(5003, seed=i, dtype=dtype) for i in range(len(weights))]
     p = params("linear", ids, weights, normalize=normalize)
-    # float32 inputs have 24 bits and subnormals down to 2**-149: only weights 0 and ±1 give exact products
-    expected = weights not in INEXACT and (dtype != "F32" or all(abs(w) in (0, 1) for w in weights))
+    # numpy has no fused multiply-add: only weights whose products are exact in float32 (float32 inputs have 24 bits
+    # and subnormals down to 2**-149: only 0 and ±1); the compiled kernel takes any weight (float16: numpy only)
+    expected = (impl == "native" and dtype != "F16") or (
+        weights not in INEXACT and (dtype != "F32" or all(abs(w) in (0, 1) for w in weights)))
     assert merge_numpy.supports(p, [dtype] * len(ids)) == expected
     if expected:
         want = mergekit(tensors, p, monkeypatch)
         assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
+
+
+def test_native_linear_is_fused_on_float32_midpoints(monkeypatch, impl):
+    # x1*c lands exactly halfway between two float32s and a tiny accumulator (x0) decides the fused rounding,
+    # which a multiply then an add (or float64 alone: one rounding that drops x0) gets wrong for half of them
+    n, c = 64, 1.0 + 2 ** -23
+    x0 = torch.tensor([(-1.0) ** i * 2.0 ** -(60 + i) for i in range(n)], dtype=torch.float32)
+    x1 = torch.tensor([1.5 * 2.0 ** (i % 8 - 4) for i in range(n)], dtype=torch.float32)
+    p = params("linear", ["a", "b"], [1.0, c], normalize=False)
+    assert merge_numpy.supports(p, ["F32", "F32"]) == (impl == "native")
+    if impl == "numpy":
+        return
+    want = mergekit([x0, x1], p, monkeypatch)
+    assert ((x1.double() * c + x0.double()).float() != want).sum() == n // 2  # the case needs the fused step
+    assert numpy_bits([x0, x1], p, ["F32", "F32"]) == raw_bytes(want)
+
+
+def test_native_kernels_check_their_buffers():
+    kernels = merge_numpy.native("BF16")
+    if kernels is None:
+        pytest.skip("the compiled kernels are not built (the `impl` tests fail for them where a compiler exists)")
+    x, out = np.ones(4, np.float32), np.empty(4, np.float32)
+    kernels.linear(out, [x, x * 2], [0.5, 0.25], None, False)
+    assert out.tolist() == [1.0] * 4
+    kernels.task_arithmetic(out, x, [x * 3], [0.5], None, 2.0, True)
+    assert out.tolist() == [3.0] * 4  # 1 + (3 - 1) * 0.5 * 2
+    with pytest.raises(ValueError, match="float32 buffer of the output's length"):
+        kernels.linear(out, [np.ones(3, np.float32)], [1.0], None, False)
+    with pytest.raises(ValueError, match="float32 buffer of the output's length"):
+        kernels.linear(out, [np.ones(4, np.float64)], [1.0], None, False)
+    with pytest.raises(ValueError, match="expected 2 values"):
+        kernels.linear(out, [x, x], [1.0], None, False)
+    with pytest.raises(ValueError, match="between 1 and 64 inputs"):
+        kernels.linear(out, [], [], None, False)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        kernels.linear(np.empty(8, np.float32)[::2], [x], [1.0], None, False)  # not contiguous
 
 
 TA_CASES = [([0.6, 0.4], {}), ([0.5, 0.5], {"normalize": True}), ([0.3, -0.7, 1.2], {"lambda": 0.7}),
@@ -95,7 +149,7 @@ TA_CASES = [([0.6, 0.4], {}), ([0.5, 0.5], {"normalize": True}), ([0.3, -0.7, 1.
 
 @pytest.mark.parametrize("dtype", list(TORCH))
 @pytest.mark.parametrize("weights, shared", TA_CASES)
-def test_task_arithmetic_is_bitwise_mergekit(dtype, weights, shared, monkeypatch):
+def test_task_arithmetic_is_bitwise_mergekit(dtype, weights, shared, monkeypatch, impl):
     ids = [f"m{i}" for i in range(len(weights))] + ["base"]
     tensors = [hard_values(5003, seed=10 + i, dtype=dtype) for i in range(len(ids))]
     tensors = [t if i == len(ids) - 1 else (tensors[-1].float() + t.float() * 0.01).to(t.dtype)
@@ -109,7 +163,7 @@ def test_task_arithmetic_is_bitwise_mergekit(dtype, weights, shared, monkeypatch
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 @pytest.mark.parametrize("stored, dtype", [(["BF16", "F32", "BF16"], "float16"), (["F16", "BF16", "F16"], None),
                                            (["BF16", "BF16", "BF16"], "float32")])
-def test_conversions_and_promotion_are_mergekit(method, stored, dtype, monkeypatch):
+def test_conversions_and_promotion_are_mergekit(method, stored, dtype, monkeypatch, impl):
     ids = ["a", "b", "base"]
     tensors = [hard_values(3001, seed=20 + i, dtype="F16").to(TORCH[s]) for i, s in enumerate(stored)]
     p = params(method, ids, ([1.0, -1.0, 1.0] if method == "linear" else [0.6, 0.4]) + ([None] if method != "linear" else []),
@@ -123,7 +177,8 @@ def test_conversions_and_promotion_are_mergekit(method, stored, dtype, monkeypat
     assert same(numpy_bits(tensors, p, stored), want)
 
 
-def test_what_the_kernels_leave_to_torch():
+def test_what_the_kernels_leave_to_torch(monkeypatch):
+    monkeypatch.setenv("SURGERY_NATIVE", "0")
     assert not merge_numpy.supports(params("linear", list("abcde"), [0.25] * 5), ["BF16"] * 5)  # 5-term sum order
     assert merge_numpy.supports(params("linear", list("abcde"), [0.25] * 5, normalize=False), ["BF16"] * 5)
     assert not merge_numpy.supports(params("linear", ["a", "b"], [0.6, 0.4]), ["BF16"] * 2)  # fused steps
@@ -186,16 +241,17 @@ def test_written_out_specs_are_mergekit_registry():
                 assert a == b, (name, p.name, value)
 
 
-def merge_recipe(family, method, **extra):
-    w = (0.75, 0.25) if method == "linear" else (0.6, 0.4)  # linear: products exact in float32 (numpy)
+def merge_recipe(family, method, w=None, **extra):
+    w = w or ((0.75, 0.25) if method == "linear" else (0.6, 0.4))  # linear: products exact in float32 (numpy)
     models = {"lang": {"weight": w[0]}, "task": {"weight": w[1]}}
     op = {"method": method, "models": models, **({"base": "en"} if method == "task_arithmetic" else {}), **extra}
     return {"inputs": {k: str(v) for k, v in family.items()}, "recipient": "task", "operations": [{"merge": op}]}
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
-def test_merge_runs_write_the_same_bytes_through_numpy_and_torch(family, tmp_path, monkeypatch, method):
-    r = merge_recipe(family, method, parameters={"normalize": True})
+def test_merge_runs_write_the_same_bytes_through_numpy_and_torch(family, tmp_path, monkeypatch, method, impl):
+    inexact = (0.6, 0.4) if impl == "native" else None  # the compiled kernel's fused steps, in a whole run
+    r = merge_recipe(family, method, w=inexact, parameters={"normalize": True})
     r32 = {**r, "output": {"dtype": "float32"}}
     surgery.run(r32, tmp_path / "numpy")
     surgery.run(r, tmp_path / "numpy16")

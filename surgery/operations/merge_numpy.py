@@ -56,8 +56,21 @@ def supports(params: dict, stored: list[str]) -> bool:
     terms = len(params["ids"]) - (params["base_index"] is not None)
     if params["method"] == "linear":
         return (terms <= MAX_TERMS or not shared.get("normalize", True)) and \
-            all(exact_product(c, dtype) for c in _linear_coeffs(params))
+            (native(dtype) is not None or all(exact_product(c, dtype) for c in _linear_coeffs(params)))
     return terms <= MAX_TERMS
+
+
+def native(dtype: str):
+    """The compiled kernels (``_elementwise.c``: the same steps in one pass, with a real fused multiply-add) for
+    bfloat16 and float32 merges, or None: not built, another dtype, or ``SURGERY_NATIVE=0``."""
+    if dtype not in ("BF16", "F32") or os.environ.get("SURGERY_NATIVE") == "0":
+        return None
+    import importlib
+
+    try:
+        return importlib.import_module("surgery.operations._elementwise")
+    except ImportError:
+        return None
 
 
 def _linear_coeffs(params: dict) -> list[float]:
@@ -78,7 +91,7 @@ def compute(arrays: list, params: dict, stored: list[str]):
     if params.get("dtype"):  # mergekit's `dtype`: the inputs are converted first
         arrays = [a if s == dtype else _round(a.copy(), dtype, np.empty(a.shape, np.uint32))
                   for a, s in zip(arrays, stored)]
-    flat = [a.reshape(-1) for a in arrays]
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
     n = flat[0].size
     out = np.empty(n, dtype=np.float32)
     kernel = _linear if params["method"] == "linear" else _task_arithmetic
@@ -86,7 +99,7 @@ def compute(arrays: list, params: dict, stored: list[str]):
     scratch = np.empty(min(n, SUB_BLOCK), dtype=np.uint32)
     for start in range(0, n, SUB_BLOCK):
         end = min(n, start + SUB_BLOCK)
-        out[start:end] = step([a[start:end] for a in flat], scratch[:end - start])
+        step([a[start:end] for a in flat], out[start:end], scratch[:end - start])
     return out.reshape(arrays[0].shape)
 
 
@@ -141,17 +154,23 @@ def exact_product(c: float, dtype: str) -> bool:
 def _linear(params: dict, dtype: str):
     import numpy as np
 
-    coeffs = [np.float32(c) for c in _linear_coeffs(params)]  # every x * c is exact (``supports``)
+    coeffs = [np.float32(c) for c in _linear_coeffs(params)]
     denominator = np.float32(_fsum32(coeffs)) if params["shared"].get("normalize", True) else None
+    kernels = native(dtype)
+    if kernels is not None:
+        def native_step(xs, out, scratch):
+            kernels.linear(out, xs, [float(c) for c in coeffs],
+                           None if denominator is None else float(denominator), dtype == "BF16")
+        return native_step
 
-    def step(xs, scratch):
+    def step(xs, out, scratch):  # every x * c is exact here (``supports``)
         acc = xs[0] * coeffs[0]
         acc += np.float32(0)  # addcmul onto zeros: -0 + 0 = +0
         for x, c in zip(xs[1:], coeffs[1:]):
             acc += x * c  # the exact product, rounded once with the sum: torch's fused step
         if denominator is not None:
             acc /= denominator
-        return _round(acc, dtype, scratch)
+        out[...] = _round(acc, dtype, scratch)
     return step
 
 
@@ -167,12 +186,19 @@ def _task_arithmetic(params: dict, dtype: str):
         if abs(divisor) < _scalar(1e-8, dtype):
             divisor = 1.0
     lam = float(shared.get("lambda", 1.0))
-    rest = [k for k in range(len(params["ids"])) if k != params["base_index"]]
+    at = params["base_index"]
+    rest = [k for k in range(len(params["ids"])) if k != at]
+    kernels = native(dtype)
+    if kernels is not None and rest:
+        def native_step(xs, out, scratch):
+            kernels.task_arithmetic(out, xs[at], [xs[k] for k in rest], weights, divisor, lam, dtype == "BF16")
+        return native_step
 
-    def step(xs, scratch):
-        base = xs[params["base_index"]]
+    def step(xs, out, scratch):
+        base = xs[at]
         if not rest:
-            return base.copy()
+            out[...] = base
+            return
         mixed = None
         for k, w in zip(rest, weights):
             d = _round(xs[k] - base, dtype, scratch)
@@ -191,5 +217,5 @@ def _task_arithmetic(params: dict, dtype: str):
             mixed *= np.float32(lam)
             _round(mixed, dtype, scratch)
         mixed += base
-        return _round(mixed, dtype, scratch)
+        out[...] = _round(mixed, dtype, scratch)
     return step

@@ -1,0 +1,229 @@
+/* mergekit's linear and task arithmetic, one pass per block (surgery.operations.merge_numpy).
+ *
+ * The same steps as merge_numpy's numpy kernels, which document them, without a pass over memory per step:
+ *
+ * linear(out, inputs, coeffs, denominator, bf16) -> None
+ *   acc = +0; acc = fmaf(x_i, c_i, acc) for each input (torch's addcmul_ is a fused multiply-add);
+ *   acc /= denominator unless it is None; rounded to bfloat16 when bf16 is true.
+ * task_arithmetic(out, base, inputs, weights, divisor, lam, bf16) -> None
+ *   with r() rounding to bfloat16 when bf16 is true (identity otherwise): d_i = r(r(x_i - base) * w_i);
+ *   mixed = r(+0 + d_0 + d_1 + ...); mixed = r(mixed / divisor) unless divisor is None; mixed = r(mixed * lam)
+ *   unless lam == 1; out = r(base + mixed).
+ *
+ * Every buffer is C-contiguous float32 of one length (the inputs hold the exact values of their stored dtype;
+ * out receives float32 values exact in the merge dtype). Compiled with -ffp-contract=off: the only fused step
+ * is the explicit fmaf. The GIL is released while a kernel runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_INPUTS 64
+
+/* float32 -> the nearest bfloat16, ties to even (torch's rounding), as a float32; branch-free, so the loops
+   below vectorise. NaN stays NaN (the caller refuses non-finite results). */
+static inline float round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    u = (u & 0x7fffffffu) > 0x7f800000u ? u : r;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#define TILE 512 /* entries per tile: the loops over one input at a time stay in L1 */
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+/* one clone with the FMA instruction, chosen at load time where the CPU has it; the default clone calls
+   libm's fmaf, which is the same correctly rounded fused operation */
+#define FMA_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define FMA_CLONES
+#endif
+
+FMA_CLONES
+static void linear_loop(float *restrict out, const float **in, const float *c, int m, Py_ssize_t n, int normalize,
+                        float den, int bf16) {
+    float acc[TILE];
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += TILE) {
+        Py_ssize_t len = n - j0 < TILE ? n - j0 : TILE;
+        for (Py_ssize_t j = 0; j < len; j++)
+            acc[j] = 0.0f;
+        for (int i = 0; i < m; i++) {
+            const float *restrict x = in[i] + j0;
+            float ci = c[i];
+            for (Py_ssize_t j = 0; j < len; j++)
+                acc[j] = fmaf(x[j], ci, acc[j]);
+        }
+        for (Py_ssize_t j = 0; j < len; j++) {
+            float a = normalize ? acc[j] / den : acc[j];
+            out[j0 + j] = bf16 ? round_bf16(a) : a;
+        }
+    }
+}
+
+/* the same steps with and without the bfloat16 rounding, each a loop the compiler vectorises */
+#define TA_LOOP(NAME, R)                                                                                     \
+    static void NAME(float *restrict out, const float *restrict base, const float **in, const float *w, int m,    \
+                     Py_ssize_t n, int normalize, float divisor, int scale, float lam) {                     \
+        float acc[TILE];                                                                                     \
+        for (Py_ssize_t j0 = 0; j0 < n; j0 += TILE) {                                                        \
+            Py_ssize_t len = n - j0 < TILE ? n - j0 : TILE;                                                  \
+            const float *restrict b = base + j0;                                                             \
+            for (Py_ssize_t j = 0; j < len; j++)                                                             \
+                acc[j] = 0.0f;                                                                               \
+            for (int i = 0; i < m; i++) {                                                                    \
+                const float *restrict x = in[i] + j0;                                                        \
+                float wi = w[i];                                                                             \
+                for (Py_ssize_t j = 0; j < len; j++)                                                         \
+                    acc[j] += R(R(x[j] - b[j]) * wi);                                                        \
+            }                                                                                                \
+            for (Py_ssize_t j = 0; j < len; j++) {                                                           \
+                float mixed = R(acc[j]);                                                                     \
+                if (normalize)                                                                               \
+                    mixed = R(mixed / divisor);                                                              \
+                if (scale)                                                                                   \
+                    mixed = R(mixed * lam);                                                                  \
+                out[j0 + j] = R(b[j] + mixed);                                                               \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+#define SAME(x) (x)
+TA_LOOP(task_arithmetic_bf16, round_bf16)
+TA_LOOP(task_arithmetic_f32, SAME)
+
+/* the buffers of out and of each input; returns the inputs' count, or -1 with an exception set */
+static int get_buffers(PyObject *out_obj, PyObject *seq, Py_buffer *out, Py_buffer *in, const float **ptrs) {
+    if (PyObject_GetBuffer(out_obj, out, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    PyObject *fast = PySequence_Fast(seq, "inputs must be a sequence of float32 buffers");
+    int m = fast ? (int)PySequence_Fast_GET_SIZE(fast) : -1;
+    if (fast && (m < 1 || m > MAX_INPUTS)) {
+        PyErr_Format(PyExc_ValueError, "between 1 and %d inputs, got %d", MAX_INPUTS, m);
+        m = -1;
+    }
+    int got = 0;
+    for (; m > 0 && got < m; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &in[got], PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+            break;
+        if (in[got].len != out->len || strcmp(in[got].format ? in[got].format : "B", "f") != 0) {
+            PyErr_SetString(PyExc_ValueError, "every input must be a float32 buffer of the output's length");
+            got++;
+            break;
+        }
+        ptrs[got] = (const float *)in[got].buf;
+    }
+    Py_XDECREF(fast);
+    if (m > 0 && got == m && strcmp(out->format ? out->format : "B", "f") != 0)
+        PyErr_SetString(PyExc_ValueError, "out must be a float32 buffer");
+    if (PyErr_Occurred()) {
+        for (int i = 0; i < got; i++)
+            PyBuffer_Release(&in[i]);
+        PyBuffer_Release(out);
+        return -1;
+    }
+    return m;
+}
+
+static void release(Py_buffer *out, Py_buffer *in, int m) {
+    for (int i = 0; i < m; i++)
+        PyBuffer_Release(&in[i]);
+    PyBuffer_Release(out);
+}
+
+/* a sequence of m Python floats as float32 */
+static int get_floats(PyObject *seq, float *dst, int m, const char *what) {
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (!fast)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != m) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %d values", what, m);
+        Py_DECREF(fast);
+        return -1;
+    }
+    for (int i = 0; i < m; i++) {
+        double v = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        dst[i] = (float)v;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+static PyObject *linear(PyObject *self, PyObject *args) {
+    PyObject *out_obj, *inputs, *coeffs, *den_obj;
+    int bf16;
+    if (!PyArg_ParseTuple(args, "OOOOp:linear", &out_obj, &inputs, &coeffs, &den_obj, &bf16))
+        return NULL;
+    Py_buffer out, in[MAX_INPUTS];
+    const float *ptrs[MAX_INPUTS];
+    float c[MAX_INPUTS];
+    int m = get_buffers(out_obj, inputs, &out, in, ptrs);
+    if (m < 0)
+        return NULL;
+    double den = den_obj == Py_None ? 1.0 : PyFloat_AsDouble(den_obj);
+    if (get_floats(coeffs, c, m, "coeffs") < 0 || (den == -1.0 && PyErr_Occurred())) {
+        release(&out, in, m);
+        return NULL;
+    }
+    Py_ssize_t n = out.len / 4;
+    Py_BEGIN_ALLOW_THREADS;
+    linear_loop((float *)out.buf, ptrs, c, m, n, den_obj != Py_None, (float)den, bf16);
+    Py_END_ALLOW_THREADS;
+    release(&out, in, m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *task_arithmetic(PyObject *self, PyObject *args) {
+    PyObject *out_obj, *base_obj, *inputs, *weights, *div_obj;
+    double lam;
+    int bf16;
+    if (!PyArg_ParseTuple(args, "OOOOOdp:task_arithmetic", &out_obj, &base_obj, &inputs, &weights, &div_obj, &lam,
+                          &bf16))
+        return NULL;
+    Py_buffer out, in[MAX_INPUTS], base;
+    const float *ptrs[MAX_INPUTS];
+    float w[MAX_INPUTS];
+    int m = get_buffers(out_obj, inputs, &out, in, ptrs);
+    if (m < 0)
+        return NULL;
+    if (PyObject_GetBuffer(base_obj, &base, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        release(&out, in, m);
+        return NULL;
+    }
+    double divisor = div_obj == Py_None ? 1.0 : PyFloat_AsDouble(div_obj);
+    if (base.len != out.len || strcmp(base.format ? base.format : "B", "f") != 0)
+        PyErr_SetString(PyExc_ValueError, "base must be a float32 buffer of the output's length");
+    if (PyErr_Occurred() || get_floats(weights, w, m, "weights") < 0) {
+        PyBuffer_Release(&base);
+        release(&out, in, m);
+        return NULL;
+    }
+    Py_ssize_t n = out.len / 4;
+    Py_BEGIN_ALLOW_THREADS;
+    (bf16 ? task_arithmetic_bf16 : task_arithmetic_f32)((float *)out.buf, (const float *)base.buf, ptrs, w, m, n,
+                                                        div_obj != Py_None, (float)divisor, lam != 1.0, (float)lam);
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&base);
+    release(&out, in, m);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"linear", linear, METH_VARARGS,
+     "linear(out, inputs, coeffs, denominator, bf16): mergekit's linear on float32 buffers (see the module)."},
+    {"task_arithmetic", task_arithmetic, METH_VARARGS,
+     "task_arithmetic(out, base, inputs, weights, divisor, lam, bf16): mergekit's task arithmetic (see the "
+     "module)."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_elementwise",
+                                    "Compiled kernels of surgery.operations.merge_numpy.", -1, methods};
+
+PyMODINIT_FUNC PyInit__elementwise(void) { return PyModule_Create(&module); }
