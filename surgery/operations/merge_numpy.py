@@ -7,18 +7,21 @@ array holds the exact values of its input's stored dtype. They repeat mergekit's
   input, ``result /= sum(weights)``, cast to the inputs' dtype. torch's addcmul is a FUSED multiply-add
   (one rounding of ``acc + x*w``), which numpy does not have. Where ``x*w`` is exact in float32 for every
   value x of the dtype (weights with few significant bits and |w| <= 1, like 0.5, 0.25 or 0.75 on bfloat16
-  inputs: ``exact_product``), a float32 add of the product is that fused step. Other weights stay on torch:
-  emulating the fused step in float64 (exact product, then a fix for sums that land on a float32 midpoint)
-  was measured at 9.3 CPU-s for two 0.5 GB models against 5.7 for torch, import included.
+  inputs: ``exact_product``), a float32 add of the product is that fused step. The compiled kernel
+  (``_elementwise.c``) has ``fmaf`` and takes any weight; without it, other weights stay on torch
+  (emulating the fused step in float64, with a fix for sums that land on a float32 midpoint, was measured
+  at 9.3 CPU-s for two 0.5 GB models against 5.7 for torch, import included).
 * task arithmetic (generalized_task_arithmetic.py without sparsification or consensus): every step in
   the merge dtype, i.e. a float32 operation rounded to bfloat16/float16 (what torch's reduced-precision
   kernels do): ``d = x - base``, ``d *= weight`` (the weight rounded to the dtype), ``mixed = sum(d)``
   (a float32 sum from +0 in input order, rounded once), ``mixed /= sum(weights)`` when normalizing, ``*= lambda``,
   ``base + mixed``.
 
+For bfloat16 and float32 merges the same steps run in one pass per block in C (``_elementwise.c``, built by
+``pip install``; ``native``), numpy making one pass over memory per step otherwise (~40 for task arithmetic).
 Where the order of torch's reductions is not left to right (more than 4 terms in a sum) or a case is
 not covered (other dtypes, vocabulary merges), ``supports`` says no and the torch kernels run. tests/
-test_merge_numpy.py compares these kernels with mergekit's own on inputs full of edge cases.
+test_merge_numpy.py compares both implementations with mergekit's own kernels on inputs full of edge cases.
 """
 
 from __future__ import annotations
