@@ -160,6 +160,65 @@ def test_task_arithmetic_is_bitwise_mergekit(dtype, weights, shared, monkeypatch
     assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
 
 
+TIES_CASES = [([0.5, 0.5], [0.5, 0.5], {}), ([0.3, -0.7, 1.2], [0.3, 1.0, 0.9], {"lambda": 0.7}),
+              ([1.0], [0.2], {"normalize": False}), ([0.25, 0.25, 0.25, 0.5], [0.5, 0.0, 0.7, 0.1], {}),
+              ([0.6, 0.4], [1.0, 1.0], {"int8_mask": True})]
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+@pytest.mark.parametrize("weights, densities, shared", TIES_CASES)
+def test_ties_is_bitwise_mergekit(dtype, weights, densities, shared, monkeypatch, impl):
+    ids = [f"m{i}" for i in range(len(weights))] + ["base"]
+    g = torch.Generator().manual_seed(7)
+    base = hard_values(6007, seed=30, dtype=dtype)
+    # experts near the base, with many equal magnitudes (ties at the density threshold) and opposite signs
+    tensors = [(base.float() + torch.randint(-3, 4, base.shape, generator=g).float() * 2 ** -9).to(base.dtype)
+               for _ in weights] + [base]
+    p = params("ties", ids, weights + [None], base="base", **shared)
+    for i, density in zip(ids, densities):
+        p["per_input"][i]["density"] = density
+    assert merge_numpy.supports(p, [dtype] * len(ids)) == (impl == "native")
+    if impl == "native":
+        want = mergekit(tensors, p, monkeypatch)
+        assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
+        assert not merge_numpy.elementwise(p) and merge_numpy.elementwise({**p, "method": "linear"})
+
+
+def test_ties_falls_back_to_the_real_sort_where_the_replay_is_not_exact(monkeypatch):
+    if merge_numpy.native("BF16") is None or merge_numpy._top_k() is None:
+        pytest.skip("the compiled kernels are not built (the `impl` tests fail for them where a compiler exists)")
+    calls = []
+    monkeypatch.setattr(merge_numpy, "_top_k", lambda: lambda keys, k: calls.append(k))  # "not exact": None
+    base = hard_values(3001, seed=40, dtype="BF16")
+    tensors = [(base.float() + torch.randn(base.shape) * 0.01).bfloat16() for _ in range(2)] + [base]
+    p = params("ties", ["a", "b", "base"], [0.5, 0.5, None], base="base")
+    for i in ("a", "b"):
+        p["per_input"][i]["density"] = 0.3
+    want = mergekit(tensors, p, monkeypatch)
+    assert same(numpy_bits(tensors, p, ["BF16"] * 3), want)
+    assert calls == [900, 900]
+
+
+def test_ties_refuses_nan_like_the_torch_path(family, tmp_path, monkeypatch):
+    from helpers import save_checkpoint, tiny_config
+
+    state = load(family["lang"])
+    n = "model.layers.0.mlp.down_proj.weight"
+    state[n] = state[n].clone()
+    state[n][0, :3] = float("nan")
+    bad = save_checkpoint(tmp_path / "bad", state, tiny_config("llama"), dtype=torch.bfloat16)
+    r = merge_recipe({**family, "lang": bad}, "ties")
+    r["operations"][0]["merge"]["models"] = {"lang": {"weight": 0.5, "density": 0.5},
+                                             "task": {"weight": 0.5, "density": 0.5}}
+    errors = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SURGERY_NUMPY", flag)
+        with pytest.raises(surgery.SurgeryError) as e:
+            surgery.run(r, tmp_path / f"out{flag}")
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and n in errors[0] and "NaN" in errors[0]
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 @pytest.mark.parametrize("stored, dtype", [(["BF16", "F32", "BF16"], "float16"), (["F16", "BF16", "F16"], None),
                                            (["BF16", "BF16", "BF16"], "float32")])
@@ -244,7 +303,7 @@ def test_written_out_specs_are_mergekit_registry():
 def merge_recipe(family, method, w=None, **extra):
     w = w or ((0.75, 0.25) if method == "linear" else (0.6, 0.4))  # linear: products exact in float32 (numpy)
     models = {"lang": {"weight": w[0]}, "task": {"weight": w[1]}}
-    op = {"method": method, "models": models, **({"base": "en"} if method == "task_arithmetic" else {}), **extra}
+    op = {"method": method, "models": models, **({"base": "en"} if method != "linear" else {}), **extra}
     return {"inputs": {k: str(v) for k, v in family.items()}, "recipient": "task", "operations": [{"merge": op}]}
 
 

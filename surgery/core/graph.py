@@ -58,6 +58,8 @@ class Op:
     # raw ops with a numpy kernel: numpy(arrays, params, stored_dtypes), used where numpy_when(params,
     # stored_dtypes) holds (the arrays are float32 holding the stored values; the result is float32)
     numpy_when: Callable[[dict, list], bool] | None = None
+    # raw ops: whether this node's numpy kernel may run on row blocks (None: yes); False: whole tensors
+    numpy_elementwise: Callable[[dict], bool] | None = None
 
 
 OPS: dict[str, Op] = {}

@@ -54,6 +54,15 @@ def _numpy_ops(node, inputs) -> bool:
     return all(_numpy_ops(a, inputs) for a in node.args)
 
 
+def _blockwise(node) -> bool:
+    """Whether every op of the tree may run on row blocks (a raw op's kernel may need whole tensors)."""
+    if isinstance(node, Ref):
+        return True
+    op = OPS[node.op]
+    return (not op.raw or op.numpy_elementwise is None or op.numpy_elementwise(node.params)) and \
+        all(_blockwise(a) for a in node.args)
+
+
 def _stored(inputs, ref: Ref) -> str:
     return inputs[ref.input].meta[ref.name].dtype
 
@@ -83,7 +92,7 @@ def compute(entry, inputs):
             from_float32(values.reshape(b - a, -1), entry.dtype, flat[a:b], exact)
             return finite.count_nonfinite(values), finite.count_over_range(entry, values)
 
-    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES))
+    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES)) if _blockwise(entry.node) else [(0, shape[0] if shape else 1)]
     counts = [block(blocks[0])]  # the first block alone: it opens the input files
     if len(blocks) > 1:
         counts += _pool().map(block, blocks[1:]) if host_threads() > 1 else map(block, blocks[1:])

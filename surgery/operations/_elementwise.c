@@ -10,6 +10,11 @@
  *   mixed = r(+0 + d_0 + d_1 + ...); mixed = r(mixed / divisor) unless divisor is None; mixed = r(mixed * lam)
  *   unless lam == 1; out = r(base + mixed).
  *
+ * ties(out, base, deltas, weights, normalize, lam, bf16) -> None
+ *   the deltas already sparsified (kept entries, ±0 elsewhere): d_i = r(delta_i * w_i); the sign elected by
+ *   r(+0 + sum d_i) (>= 0: +1, else -1); mixed = r(+0 + the d_i of that sign); divisor = r(+0 + their w_i),
+ *   1 where 0; mixed = r(mixed / divisor) when normalize; r(mixed * lam) unless lam == 1; out = r(base + mixed).
+ *
  * Every buffer is C-contiguous float32 of one length (the inputs hold the exact values of their stored dtype;
  * out receives float32 values exact in the merge dtype). Compiled with -ffp-contract=off: the only fused step
  * is the explicit fmaf. The GIL is released while a kernel runs.
@@ -94,6 +99,59 @@ static void linear_loop(float *restrict out, const float **in, const float *c, i
 #define SAME(x) (x)
 TA_LOOP(task_arithmetic_bf16, round_bf16)
 TA_LOOP(task_arithmetic_f32, SAME)
+
+/* TIES after sparsification: the deltas (kept entries, ±0 elsewhere) weighted, the sign elected by their sum,
+   the deltas agreeing with it summed and divided by the sum of their weights */
+#define TIES_MAX 8 /* models per TIES merge in the compiled kernel (each needs a tile of scratch) */
+#define TIES_LOOP(NAME, R)                                                                                   \
+    static void NAME(float *restrict out, const float *restrict base, const float **in, const float *w, int m,    \
+                     Py_ssize_t n, int normalize, int scale, float lam) {                                    \
+        float d[TIES_MAX][TILE], sw[TILE], mixed[TILE], div[TILE];                                           \
+        int up[TILE];                                                                                        \
+        for (Py_ssize_t j0 = 0; j0 < n; j0 += TILE) {                                                        \
+            Py_ssize_t len = n - j0 < TILE ? n - j0 : TILE;                                                  \
+            for (Py_ssize_t j = 0; j < len; j++)                                                             \
+                sw[j] = mixed[j] = div[j] = 0.0f;                                                            \
+            for (int i = 0; i < m; i++) {                                                                    \
+                const float *restrict x = in[i] + j0;                                                        \
+                float wi = w[i], *restrict di = d[i];                                                        \
+                for (Py_ssize_t j = 0; j < len; j++) {                                                       \
+                    di[j] = R(x[j] * wi);                                                                    \
+                    sw[j] += di[j];                                                                          \
+                }                                                                                            \
+            }                                                                                                \
+            for (Py_ssize_t j = 0; j < len; j++)                                                             \
+                up[j] = R(sw[j]) >= 0.0f; /* the elected sign: + (also for NaN: - ) */                       \
+            for (int i = 0; i < m; i++) {                                                                    \
+                const float *restrict di = d[i];                                                             \
+                float wi = w[i];                                                                             \
+                for (Py_ssize_t j = 0; j < len; j++) {                                                       \
+                    /* agree: 1.0 or 0.0; d * 0.0 is ±0, which changes no sum that starts from +0 (and NaN   \
+                       stays NaN, as in mergekit's deltas * mask). Products, not branches: signs are random */ \
+                    int pos = di[j] > 0.0f, neg = di[j] < 0.0f;                                              \
+                    float agree = (float)((pos & up[j]) | (neg & (up[j] ^ 1)));                              \
+                    mixed[j] += di[j] * agree;                                                               \
+                    div[j] += wi * agree;                                                                    \
+                }                                                                                            \
+            }                                                                                                \
+            if (normalize) /* a divisor of 0 becomes 1 */                                                    \
+                for (Py_ssize_t j = 0; j < len; j++) {                                                       \
+                    float dv = R(div[j]);                                                                    \
+                    mixed[j] = R(R(mixed[j]) / (dv + (float)(dv == 0.0f)));                                  \
+                }                                                                                            \
+            else                                                                                             \
+                for (Py_ssize_t j = 0; j < len; j++)                                                         \
+                    mixed[j] = R(mixed[j]);                                                                  \
+            if (scale)                                                                                       \
+                for (Py_ssize_t j = 0; j < len; j++)                                                         \
+                    mixed[j] = R(mixed[j] * lam);                                                            \
+            for (Py_ssize_t j = 0; j < len; j++)                                                             \
+                out[j0 + j] = R(base[j0 + j] + mixed[j]);                                                    \
+        }                                                                                                    \
+    }
+
+TIES_LOOP(ties_bf16, round_bf16)
+TIES_LOOP(ties_f32, SAME)
 
 /* the buffers of out and of each input; returns the inputs' count, or -1 with an exception set */
 static int get_buffers(PyObject *out_obj, PyObject *seq, Py_buffer *out, Py_buffer *in, const float **ptrs) {
@@ -215,7 +273,44 @@ static PyObject *task_arithmetic(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *ties(PyObject *self, PyObject *args) {
+    PyObject *out_obj, *base_obj, *inputs, *weights;
+    int normalize, bf16;
+    double lam;
+    if (!PyArg_ParseTuple(args, "OOOOpdp:ties", &out_obj, &base_obj, &inputs, &weights, &normalize, &lam, &bf16))
+        return NULL;
+    Py_buffer out, in[MAX_INPUTS], base;
+    const float *ptrs[MAX_INPUTS];
+    float w[MAX_INPUTS];
+    int m = get_buffers(out_obj, inputs, &out, in, ptrs);
+    if (m < 0)
+        return NULL;
+    if (PyObject_GetBuffer(base_obj, &base, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        release(&out, in, m);
+        return NULL;
+    }
+    if (base.len != out.len || strcmp(base.format ? base.format : "B", "f") != 0)
+        PyErr_SetString(PyExc_ValueError, "base must be a float32 buffer of the output's length");
+    else if (m > TIES_MAX)
+        PyErr_Format(PyExc_ValueError, "at most %d deltas, got %d", TIES_MAX, m);
+    if (PyErr_Occurred() || get_floats(weights, w, m, "weights") < 0) {
+        PyBuffer_Release(&base);
+        release(&out, in, m);
+        return NULL;
+    }
+    Py_ssize_t n = out.len / 4;
+    Py_BEGIN_ALLOW_THREADS;
+    (bf16 ? ties_bf16 : ties_f32)((float *)out.buf, (const float *)base.buf, ptrs, w, m, n, normalize, lam != 1.0,
+                                  (float)lam);
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&base);
+    release(&out, in, m);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"ties", ties, METH_VARARGS,
+     "ties(out, base, deltas, weights, normalize, lam, bf16): TIES after sparsification (see the module)."},
     {"linear", linear, METH_VARARGS,
      "linear(out, inputs, coeffs, denominator, bf16): mergekit's linear on float32 buffers (see the module)."},
     {"task_arithmetic", task_arithmetic, METH_VARARGS,

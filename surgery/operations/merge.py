@@ -196,10 +196,10 @@ def _result_dtype(params: dict, stored: tuple[str, ...]) -> str | None:
     mergekit writes a method's result in the dtype it comes out in (arcee_fusion returns float32
     for bfloat16 inputs), so the plan does the same unless an output dtype is set.
     """
-    from surgery.operations.merge_numpy import merge_dtype
+    from surgery.operations import merge_numpy
 
-    if params["method"] in ("linear", "task_arithmetic") and params.get("vocab") is None:
-        known = merge_dtype(params, list(stored))  # these methods return their merge dtype: no torch needed
+    if params["method"] in merge_numpy.METHODS and params.get("vocab") is None:
+        known = merge_numpy.merge_dtype(params, list(stored))  # these methods return their merge dtype: no torch needed
         if known is not None:
             return known
     import torch
@@ -257,8 +257,14 @@ def _numpy_when(params, stored) -> bool:
     return merge_numpy.supports(params, stored)
 
 
+def _numpy_elementwise(params) -> bool:
+    from surgery.operations import merge_numpy
+
+    return merge_numpy.elementwise(params)
+
+
 register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, numpy=_numpy,
-                        numpy_when=_numpy_when))
+                        numpy_when=_numpy_when, numpy_elementwise=_numpy_elementwise))
 
 
 # ---------------------------------------------------------------------------- planner

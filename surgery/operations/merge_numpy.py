@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 import os
 
-METHODS = ("linear", "task_arithmetic")
+METHODS = ("linear", "task_arithmetic", "ties")
+ELEMENTWISE = ("linear", "task_arithmetic")  # TIES sparsifies whole tensors first
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # significant bits and lowest set bit (log2) of the values of each dtype
 PRECISION = {"BF16": (8, -133), "F16": (11, -24), "F32": (24, -149)}
@@ -57,6 +58,9 @@ def supports(params: dict, stored: list[str]) -> bool:
         return False
     shared = params["shared"]
     terms = len(params["ids"]) - (params["base_index"] is not None)
+    if params["method"] == "ties":  # the compiled kernels only: exact top-k and the sign election
+        return (terms <= MAX_TERMS and native(dtype) is not None and params.get("kernel", "exact") == "exact"
+                and not shared.get("rescale", False) and _top_k() is not None)
     if params["method"] == "linear":
         return (terms <= MAX_TERMS or not shared.get("normalize", True)) and \
             (native(dtype) is not None or all(exact_product(c, dtype) for c in _linear_coeffs(params)))
@@ -86,6 +90,18 @@ def _linear_coeffs(params: dict) -> list[float]:
     return [f32(float(params["per_input"][i]["weight"])) for i in params["ids"]]
 
 
+def _top_k():
+    """introsort.top_k_mask_numpy when its compiled kernel is built (TIES's exact top-k), else None."""
+    from surgery.operations import introsort
+
+    return introsort.top_k_mask_numpy if introsort._native() is not None else None
+
+
+def elementwise(params: dict) -> bool:
+    """Whether the node's kernel works on row blocks (TIES needs whole tensors)."""
+    return params["method"] in ELEMENTWISE
+
+
 def compute(arrays: list, params: dict, stored: list[str]):
     """The merged block as float32 values exactly representable in the merge dtype."""
     import numpy as np
@@ -97,6 +113,9 @@ def compute(arrays: list, params: dict, stored: list[str]):
     flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
     n = flat[0].size
     out = np.empty(n, dtype=np.float32)
+    if params["method"] == "ties":
+        _ties(flat, out, params, dtype)
+        return out.reshape(arrays[0].shape)
     kernel = _linear if params["method"] == "linear" else _task_arithmetic
     step = kernel(params, dtype)
     scratch = np.empty(min(n, SUB_BLOCK), dtype=np.uint32)
@@ -222,3 +241,58 @@ def _task_arithmetic(params: dict, dtype: str):
         mixed += base
         out[...] = _round(mixed, dtype, scratch)
     return step
+
+
+def _ties(flat: list, out, params: dict, dtype: str) -> None:
+    """mergekit's TIES (generalized_task_arithmetic.py, magnitude sparsification, sign consensus by sum) on whole
+    tensors: each model's delta ``r(x - base)`` keeps the entries mergekit's argsort puts first (the exact top-k
+    replay, ``introsort``), the others become ±0 (``delta * mask``); the models sparsify on parallel threads
+    (the kernels release the GIL); the compiled ``ties`` kernel does the rest in one pass."""
+    import numpy as np
+
+    from surgery.operations.merge_kernels import _pool
+
+    at = params["base_index"]
+    base = flat[at]
+    entries = [(k, i) for k, i in enumerate(params["ids"]) if k != at]
+    if not entries:
+        out[...] = base
+        return
+    weights = [_scalar(float(params["per_input"][i]["weight"]), dtype) for _, i in entries]
+    shared = params["shared"]
+
+    def sparsify(entry):
+        k, i = entry
+        delta = _round(flat[k] - base, dtype, np.empty(base.size, np.uint32))
+        density = float(params["per_input"][i]["density"])
+        if density >= 1:
+            return delta
+        if density <= 0 or delta.size == 0:
+            return np.zeros_like(delta)
+        keep = max(1, int(density * delta.size))
+        if dtype == "BF16":  # the magnitude's bit pattern orders like the magnitude (introsort.magnitude_keys)
+            keys = ((delta.view(np.uint32) >> 16) & 0x7FFF).astype(np.int16)
+            nan = keys.max() > 0x7F80
+        else:
+            keys = (delta.view(np.uint32) & 0x7FFFFFFF).view(np.int32)
+            nan = keys.max() > 0x7F800000
+        mask = None if nan else _top_k()(keys, keep)
+        if mask is None:  # NaN, or introsort's heapsort fallback: the real sort decides, as in mergekit
+            mask = _argsort_mask(delta, keep)
+        delta *= mask
+        return delta
+
+    deltas = list(_pool().map(sparsify, entries)) if len(entries) > 1 else [sparsify(entries[0])]
+    _kernels = native(dtype)
+    _kernels.ties(out, base, deltas, weights, bool(shared.get("normalize", True)), float(shared.get("lambda", 1.0)),
+                  dtype == "BF16")
+
+
+def _argsort_mask(delta, keep: int):
+    """What mergekit keeps: the first ``keep`` of torch's descending argsort of |delta|."""
+    import numpy as np
+    import torch
+
+    mask = np.zeros(delta.size, dtype=bool)
+    mask[torch.argsort(torch.from_numpy(np.abs(delta)), descending=True)[:keep].numpy()] = True
+    return mask

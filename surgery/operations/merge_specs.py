@@ -1,8 +1,8 @@
 """The parameter specs of mergekit's merge methods, as the planner reads them.
 
 ``spec_of(name)`` returns a ``Spec``: the method's parameters (name, type, scope, default) and its
-input contract. For the methods surgery computes itself without torch (``linear`` and
-``task_arithmetic``: ``operations.merge_numpy``), the spec is written out here, so planning and running
+input contract. For the methods surgery computes itself without torch (``linear``,
+``task_arithmetic`` and ``ties``: ``operations.merge_numpy``), the spec is written out here, so planning and running
 such a merge never imports mergekit (whose registry imports torch: ~2.5 CPU-s, more than the merge of a
 0.5 GB model). Every other method's spec is read from mergekit's registry. tests/test_merge_numpy.py
 compares the written-out specs field by field, and their input checks message by message, with
@@ -87,6 +87,7 @@ LOCAL = {
     "linear": Spec("linear", (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
                    "ignored", _contract("ignored")),
     "task_arithmetic": Spec("task_arithmetic", _task_arithmetic_params(False), "required", _contract("required")),
+    "ties": Spec("ties", _task_arithmetic_params(True), "required", _contract("required")),
 }
 
 
