@@ -1,4 +1,5 @@
-"""mergekit's ``linear`` and ``task_arithmetic`` in numpy, bit for bit, so such merges never import torch.
+"""mergekit's ``linear``, ``task_arithmetic`` and ``ties`` without torch, bit for bit, so such merges never import
+torch or mergekit.
 
 ``core.host_math`` runs these kernels on row blocks of float32 arrays (every step is elementwise); each
 array holds the exact values of its input's stored dtype. They repeat mergekit's torch steps:
@@ -16,6 +17,13 @@ array holds the exact values of its input's stored dtype. They repeat mergekit's
   kernels do): ``d = x - base``, ``d *= weight`` (the weight rounded to the dtype), ``mixed = sum(d)``
   (a float32 sum from +0 in input order, rounded once), ``mixed /= sum(weights)`` when normalizing, ``*= lambda``,
   ``base + mixed``.
+
+* ties (the same file, magnitude sparsification and sign consensus by sum), on whole tensors: each model's
+  ``r(x - base)`` keeps the entries mergekit's unstable argsort puts first (``introsort``'s exact replay,
+  compiled), the others become ±0; then ``d = r(delta * weight)``, the sign elected by ``r(+0 + sum d)``,
+  the agreeing deltas summed and divided by the sum of their weights (a divisor of 0 is 1), ``lambda``,
+  ``base + mixed``. Only with the compiled kernels (else mergekit's path with surgery's drivers,
+  ``merge_kernels.gta_parallel``).
 
 For bfloat16 and float32 merges the same steps run in one pass per block in C (``_elementwise.c``, built by
 ``pip install``; ``native``), numpy making one pass over memory per step otherwise (~40 for task arithmetic).
