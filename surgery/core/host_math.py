@@ -26,7 +26,7 @@ from surgery.io.checkpoint import Checkpoint
 
 HOST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "uint16"}  # safetensors dtype -> numpy storage
 # float32 bytes per input and row block: numpy makes one pass per step, so blocks that stay in the cache
-# (a few MB) are ~2x faster than the torch path's 32 MB blocks
+# (a few MB) are faster (task arithmetic: 0.40 s per 32.8M entries in 4 MB blocks, 0.74 s in 16 MB ones)
 HOST_BLOCK_BYTES = 4 << 20
 
 
