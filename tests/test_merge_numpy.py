@@ -73,6 +73,19 @@ def same(got: bytes, want: torch.Tensor) -> bool:
     return torch.equal(nan, g.isnan()) and raw_bytes(g[~nan]) == raw_bytes(want[~nan])
 
 
+def stored_bits(tensors, p, stored):
+    """The compiled kernels' bfloat16-in, bfloat16-out form (host_math's direct path), or None where it does not
+    apply; also checks the non-finite count it returns."""
+    raws = [t.contiguous().view(torch.uint8).numpy().copy() for t in tensors]
+    out = np.empty(tensors[0].numel(), dtype=np.uint16)
+    bad = merge_numpy.compute_stored(raws, p, stored, "BF16", out)
+    if bad is None:
+        return None
+    got = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    assert bad == int((~torch.isfinite(got)).sum())
+    return out.tobytes()
+
+
 def numpy_bits(tensors, p, stored):
     arrays = [host_math.to_float32(t.contiguous().view(torch.uint8).numpy().copy(), s) for t, s in zip(tensors, stored)]
     dtype = merge_numpy.merge_dtype(p, stored)
@@ -104,6 +117,9 @@ def test_linear_is_bitwise_mergekit(dtype, weights, normalize, monkeypatch, impl
     if expected:
         want = mergekit(tensors, p, monkeypatch)
         assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
+        direct = stored_bits(tensors, p, [dtype] * len(ids))
+        assert (direct is not None) == (impl == "native" and dtype == "BF16")
+        assert direct is None or same(direct, want)
 
 
 def test_native_linear_is_fused_on_float32_midpoints(monkeypatch, impl):
@@ -130,10 +146,26 @@ def test_native_kernels_check_their_buffers():
     assert out.tolist() == [1.0] * 4
     kernels.task_arithmetic(out, x, [x * 3], [0.5], None, 2.0, True)
     assert out.tolist() == [3.0] * 4  # 1 + (3 - 1) * 0.5 * 2
-    with pytest.raises(ValueError, match="float32 buffer of the output's length"):
+    with pytest.raises(ValueError, match="buffer of the output's type and length"):
         kernels.linear(out, [np.ones(3, np.float32)], [1.0], None, False)
-    with pytest.raises(ValueError, match="float32 buffer of the output's length"):
+    with pytest.raises(ValueError, match="buffer of the output's type and length"):
         kernels.linear(out, [np.ones(4, np.float64)], [1.0], None, False)
+    with pytest.raises(ValueError, match="buffer of the output's type and length"):
+        kernels.linear(out, [np.ones(4, np.uint16)], [1.0], None, False)  # bfloat16 inputs, float32 out
+    with pytest.raises(ValueError, match="float32 or uint16"):
+        kernels.linear(np.empty(4, np.float64), [x], [1.0], None, False)
+    one = np.full(4, 0x3F80, np.uint16)  # bfloat16 1.0
+    big = np.full(4, 0x7F7F, np.uint16)  # the largest finite bfloat16
+    out16 = np.empty(4, np.uint16)
+    assert kernels.linear(out16, [one, one], [0.5, 0.25], None, False) == 0
+    assert out16.tolist() == [0x3F40] * 4  # 0.75
+    low = np.full(4, 0xFF7F, np.uint16)  # the lowest finite bfloat16
+    assert kernels.task_arithmetic(out16, low, [big], [1.0], None, 1.0, True) == 4  # big - low overflows
+    assert out16.tolist() == [0x7F80] * 4
+    assert kernels.task_arithmetic(out16, one, [big], [1.0], None, 1.0, True) == 0  # 1 + (big - 1) = big
+    assert out16.tolist() == [0x7F7F] * 4
+    with pytest.raises(ValueError, match="at most 8 bfloat16 inputs"):
+        kernels.linear(out16, [one] * 9, [0.1] * 9, None, False)
     with pytest.raises(ValueError, match="expected 2 values"):
         kernels.linear(out, [x, x], [1.0], None, False)
     with pytest.raises(ValueError, match="between 1 and 64 inputs"):
@@ -158,6 +190,9 @@ def test_task_arithmetic_is_bitwise_mergekit(dtype, weights, shared, monkeypatch
     assert merge_numpy.supports(p, [dtype] * len(ids))
     want = mergekit(tensors, p, monkeypatch)
     assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
+    direct = stored_bits(tensors, p, [dtype] * len(ids))
+    assert (direct is not None) == (impl == "native" and dtype == "BF16")
+    assert direct is None or same(direct, want)
 
 
 TIES_CASES = [([0.5, 0.5], [0.5, 0.5], {}), ([0.3, -0.7, 1.2], [0.3, 1.0, 0.9], {"lambda": 0.7}),
@@ -199,7 +234,8 @@ def test_ties_falls_back_to_the_real_sort_where_the_replay_is_not_exact(monkeypa
     assert calls == [900, 900]
 
 
-def test_ties_refuses_nan_like_the_torch_path(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_nan_is_refused_like_on_the_torch_path(family, tmp_path, monkeypatch, method, impl):
     from helpers import save_checkpoint, tiny_config
 
     state = load(family["lang"])
@@ -207,9 +243,10 @@ def test_ties_refuses_nan_like_the_torch_path(family, tmp_path, monkeypatch):
     state[n] = state[n].clone()
     state[n][0, :3] = float("nan")
     bad = save_checkpoint(tmp_path / "bad", state, tiny_config("llama"), dtype=torch.bfloat16)
-    r = merge_recipe({**family, "lang": bad}, "ties")
-    r["operations"][0]["merge"]["models"] = {"lang": {"weight": 0.5, "density": 0.5},
-                                             "task": {"weight": 0.5, "density": 0.5}}
+    r = merge_recipe({**family, "lang": bad}, method)
+    if method == "ties":
+        r["operations"][0]["merge"]["models"] = {"lang": {"weight": 0.5, "density": 0.5},
+                                                 "task": {"weight": 0.5, "density": 0.5}}
     errors = []
     for flag in ("1", "0"):
         monkeypatch.setenv("SURGERY_NUMPY", flag)

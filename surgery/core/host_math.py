@@ -83,8 +83,17 @@ def compute(entry, inputs):
     # a raw op's numpy kernel returns values of its own result dtype (``out_dtype``, as plan.py reads it)
     exact = isinstance(entry.node, Node) and OPS[entry.node.op].raw and entry.node.params.get("out_dtype") == entry.dtype
 
+    node = entry.node
+    direct = isinstance(node, Node) and OPS[node.op].raw and OPS[node.op].numpy_stored is not None
+
     def block(rows):
         a, b = rows
+        if direct:  # stored bytes in, stored bytes out (a compiled kernel): no float32 copies
+            raws = [read(inputs[r.input], r.name, rows if shape else None) for r in node.args]
+            bad = OPS[node.op].numpy_stored(raws, node.params, [_stored(inputs, r) for r in node.args], entry.dtype,
+                                            flat[a:b])
+            if bad is not None:
+                return bad, 0
         with np.errstate(all="ignore"):  # overflow is counted and refused below, as on the torch path
             values = evaluate(entry.node, lambda ref: to_float32(read(inputs[ref.input], ref.name, rows if shape
                                                                        else None), _stored(inputs, ref)),

@@ -15,6 +15,10 @@
  *   r(+0 + sum d_i) (>= 0: +1, else -1); mixed = r(+0 + the d_i of that sign); divisor = r(+0 + their w_i),
  *   1 where 0; mixed = r(mixed / divisor) when normalize; r(mixed * lam) unless lam == 1; out = r(base + mixed).
  *
+ * linear and task_arithmetic also take bfloat16 buffers (uint16 bit patterns, at most 8 inputs) for inputs, base and
+ * out: the result is rounded to bfloat16 and written as such, and the call returns the number of non-finite
+ * results (the float32 form returns None).
+ *
  * Every buffer is C-contiguous float32 of one length (the inputs hold the exact values of their stored dtype;
  * out receives float32 values exact in the merge dtype). Compiled with -ffp-contract=off: the only fused step
  * is the explicit fmaf. The GIL is released while a kernel runs.
@@ -153,11 +157,79 @@ TA_LOOP(task_arithmetic_f32, SAME)
 TIES_LOOP(ties_bf16, round_bf16)
 TIES_LOOP(ties_f32, SAME)
 
+/* bfloat16 in and out (uint16 bit patterns): each tile is widened to float32 in the cache, computed by the
+   loops above, and narrowed (the values are bfloat16 already: the high half); returns the non-finite count */
+#define IO_MAX 8
+
+static inline float widen(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static Py_ssize_t narrow(uint16_t *restrict out, const float *restrict x, Py_ssize_t len) {
+    Py_ssize_t bad = 0;
+    for (Py_ssize_t j = 0; j < len; j++) {
+        uint32_t u;
+        memcpy(&u, &x[j], 4);
+        out[j] = (uint16_t)(u >> 16);
+        bad += (u & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad;
+}
+
+static void widen_tile(float *restrict dst, const uint16_t *restrict src, Py_ssize_t len) {
+    for (Py_ssize_t j = 0; j < len; j++)
+        dst[j] = widen(src[j]);
+}
+
+static Py_ssize_t linear_io(uint16_t *out, const uint16_t **in, const float *c, int m, Py_ssize_t n, int normalize,
+                            float den) {
+    float t[IO_MAX][TILE], r[TILE];
+    const float *tp[IO_MAX];
+    Py_ssize_t bad = 0;
+    for (int i = 0; i < m; i++)
+        tp[i] = t[i];
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += TILE) {
+        Py_ssize_t len = n - j0 < TILE ? n - j0 : TILE;
+        for (int i = 0; i < m; i++)
+            widen_tile(t[i], in[i] + j0, len);
+        linear_loop(r, tp, c, m, len, normalize, den, 1);
+        bad += narrow(out + j0, r, len);
+    }
+    return bad;
+}
+
+static Py_ssize_t task_arithmetic_io(uint16_t *out, const uint16_t *base, const uint16_t **in, const float *w, int m,
+                                     Py_ssize_t n, int normalize, float divisor, int scale, float lam) {
+    float t[IO_MAX][TILE], b[TILE], r[TILE];
+    const float *tp[IO_MAX];
+    Py_ssize_t bad = 0;
+    for (int i = 0; i < m; i++)
+        tp[i] = t[i];
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += TILE) {
+        Py_ssize_t len = n - j0 < TILE ? n - j0 : TILE;
+        for (int i = 0; i < m; i++)
+            widen_tile(t[i], in[i] + j0, len);
+        widen_tile(b, base + j0, len);
+        task_arithmetic_bf16(r, b, tp, w, m, len, normalize, divisor, scale, lam);
+        bad += narrow(out + j0, r, len);
+    }
+    return bad;
+}
+
 /* the buffers of out and of each input; returns the inputs' count, or -1 with an exception set */
-static int get_buffers(PyObject *out_obj, PyObject *seq, Py_buffer *out, Py_buffer *in, const float **ptrs) {
+static int get_buffers(PyObject *out_obj, PyObject *seq, Py_buffer *out, Py_buffer *in, const void **ptrs) {
     if (PyObject_GetBuffer(out_obj, out, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
-    PyObject *fast = PySequence_Fast(seq, "inputs must be a sequence of float32 buffers");
+    const char *fmt = out->format ? out->format : "B";
+    if (strcmp(fmt, "f") != 0 && strcmp(fmt, "H") != 0) {
+        PyErr_SetString(PyExc_ValueError, "out must be a float32 or uint16 (bfloat16 bits) buffer");
+        PyBuffer_Release(out);
+        return -1;
+    }
+    PyObject *fast = PySequence_Fast(seq, "inputs must be a sequence of buffers");
     int m = fast ? (int)PySequence_Fast_GET_SIZE(fast) : -1;
     if (fast && (m < 1 || m > MAX_INPUTS)) {
         PyErr_Format(PyExc_ValueError, "between 1 and %d inputs, got %d", MAX_INPUTS, m);
@@ -167,16 +239,16 @@ static int get_buffers(PyObject *out_obj, PyObject *seq, Py_buffer *out, Py_buff
     for (; m > 0 && got < m; got++) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &in[got], PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
             break;
-        if (in[got].len != out->len || strcmp(in[got].format ? in[got].format : "B", "f") != 0) {
-            PyErr_SetString(PyExc_ValueError, "every input must be a float32 buffer of the output's length");
+        if (in[got].len != out->len || strcmp(in[got].format ? in[got].format : "B", fmt) != 0) {
+            PyErr_SetString(PyExc_ValueError, "every input must be a buffer of the output's type and length");
             got++;
             break;
         }
-        ptrs[got] = (const float *)in[got].buf;
+        ptrs[got] = in[got].buf;
     }
     Py_XDECREF(fast);
-    if (m > 0 && got == m && strcmp(out->format ? out->format : "B", "f") != 0)
-        PyErr_SetString(PyExc_ValueError, "out must be a float32 buffer");
+    if (m > 0 && fmt[0] == 'H' && m > IO_MAX)
+        PyErr_Format(PyExc_ValueError, "at most %d bfloat16 inputs, got %d", IO_MAX, m);
     if (PyErr_Occurred()) {
         for (int i = 0; i < got; i++)
             PyBuffer_Release(&in[i]);
@@ -220,7 +292,7 @@ static PyObject *linear(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOp:linear", &out_obj, &inputs, &coeffs, &den_obj, &bf16))
         return NULL;
     Py_buffer out, in[MAX_INPUTS];
-    const float *ptrs[MAX_INPUTS];
+    const void *ptrs[MAX_INPUTS];
     float c[MAX_INPUTS];
     int m = get_buffers(out_obj, inputs, &out, in, ptrs);
     if (m < 0)
@@ -230,11 +302,17 @@ static PyObject *linear(PyObject *self, PyObject *args) {
         release(&out, in, m);
         return NULL;
     }
-    Py_ssize_t n = out.len / 4;
+    int io = out.itemsize == 2;
+    Py_ssize_t n = out.len / out.itemsize, bad = 0;
     Py_BEGIN_ALLOW_THREADS;
-    linear_loop((float *)out.buf, ptrs, c, m, n, den_obj != Py_None, (float)den, bf16);
+    if (io)
+        bad = linear_io((uint16_t *)out.buf, (const uint16_t **)ptrs, c, m, n, den_obj != Py_None, (float)den);
+    else
+        linear_loop((float *)out.buf, (const float **)ptrs, c, m, n, den_obj != Py_None, (float)den, bf16);
     Py_END_ALLOW_THREADS;
     release(&out, in, m);
+    if (io)
+        return PyLong_FromSsize_t(bad);
     Py_RETURN_NONE;
 }
 
@@ -246,7 +324,7 @@ static PyObject *task_arithmetic(PyObject *self, PyObject *args) {
                           &bf16))
         return NULL;
     Py_buffer out, in[MAX_INPUTS], base;
-    const float *ptrs[MAX_INPUTS];
+    const void *ptrs[MAX_INPUTS];
     float w[MAX_INPUTS];
     int m = get_buffers(out_obj, inputs, &out, in, ptrs);
     if (m < 0)
@@ -256,20 +334,28 @@ static PyObject *task_arithmetic(PyObject *self, PyObject *args) {
         return NULL;
     }
     double divisor = div_obj == Py_None ? 1.0 : PyFloat_AsDouble(div_obj);
-    if (base.len != out.len || strcmp(base.format ? base.format : "B", "f") != 0)
-        PyErr_SetString(PyExc_ValueError, "base must be a float32 buffer of the output's length");
+    if (base.len != out.len || strcmp(base.format ? base.format : "B", out.format ? out.format : "B") != 0)
+        PyErr_SetString(PyExc_ValueError, "base must be a buffer of the output's type and length");
     if (PyErr_Occurred() || get_floats(weights, w, m, "weights") < 0) {
         PyBuffer_Release(&base);
         release(&out, in, m);
         return NULL;
     }
-    Py_ssize_t n = out.len / 4;
+    int io = out.itemsize == 2, normalize = div_obj != Py_None;
+    Py_ssize_t n = out.len / out.itemsize, bad = 0;
     Py_BEGIN_ALLOW_THREADS;
-    (bf16 ? task_arithmetic_bf16 : task_arithmetic_f32)((float *)out.buf, (const float *)base.buf, ptrs, w, m, n,
-                                                        div_obj != Py_None, (float)divisor, lam != 1.0, (float)lam);
+    if (io)
+        bad = task_arithmetic_io((uint16_t *)out.buf, (const uint16_t *)base.buf, (const uint16_t **)ptrs, w, m, n,
+                                 normalize, (float)divisor, lam != 1.0, (float)lam);
+    else
+        (bf16 ? task_arithmetic_bf16 : task_arithmetic_f32)((float *)out.buf, (const float *)base.buf,
+                                                            (const float **)ptrs, w, m, n, normalize, (float)divisor,
+                                                            lam != 1.0, (float)lam);
     Py_END_ALLOW_THREADS;
     PyBuffer_Release(&base);
     release(&out, in, m);
+    if (io)
+        return PyLong_FromSsize_t(bad);
     Py_RETURN_NONE;
 }
 
@@ -280,7 +366,7 @@ static PyObject *ties(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOpdp:ties", &out_obj, &base_obj, &inputs, &weights, &normalize, &lam, &bf16))
         return NULL;
     Py_buffer out, in[MAX_INPUTS], base;
-    const float *ptrs[MAX_INPUTS];
+    const void *ptrs[MAX_INPUTS];
     float w[MAX_INPUTS];
     int m = get_buffers(out_obj, inputs, &out, in, ptrs);
     if (m < 0)
@@ -289,8 +375,10 @@ static PyObject *ties(PyObject *self, PyObject *args) {
         release(&out, in, m);
         return NULL;
     }
-    if (base.len != out.len || strcmp(base.format ? base.format : "B", "f") != 0)
-        PyErr_SetString(PyExc_ValueError, "base must be a float32 buffer of the output's length");
+    if (out.itemsize != 4)
+        PyErr_SetString(PyExc_ValueError, "ties: out must be a float32 buffer");
+    else if (base.len != out.len || strcmp(base.format ? base.format : "B", "f") != 0)
+        PyErr_SetString(PyExc_ValueError, "base must be a buffer of the output's type and length");
     else if (m > TIES_MAX)
         PyErr_Format(PyExc_ValueError, "at most %d deltas, got %d", TIES_MAX, m);
     if (PyErr_Occurred() || get_floats(weights, w, m, "weights") < 0) {
@@ -300,8 +388,8 @@ static PyObject *ties(PyObject *self, PyObject *args) {
     }
     Py_ssize_t n = out.len / 4;
     Py_BEGIN_ALLOW_THREADS;
-    (bf16 ? ties_bf16 : ties_f32)((float *)out.buf, (const float *)base.buf, ptrs, w, m, n, normalize, lam != 1.0,
-                                  (float)lam);
+    (bf16 ? ties_bf16 : ties_f32)((float *)out.buf, (const float *)base.buf, (const float **)ptrs, w, m, n, normalize,
+                                  lam != 1.0, (float)lam);
     Py_END_ALLOW_THREADS;
     PyBuffer_Release(&base);
     release(&out, in, m);

@@ -257,6 +257,12 @@ def _numpy_when(params, stored) -> bool:
     return merge_numpy.supports(params, stored)
 
 
+def _numpy_stored(raws, params, stored, out_dtype, out):
+    from surgery.operations import merge_numpy
+
+    return merge_numpy.compute_stored(raws, params, stored, out_dtype, out)
+
+
 def _numpy_elementwise(params) -> bool:
     from surgery.operations import merge_numpy
 
@@ -264,7 +270,7 @@ def _numpy_elementwise(params) -> bool:
 
 
 register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, numpy=_numpy,
-                        numpy_when=_numpy_when, numpy_elementwise=_numpy_elementwise))
+                        numpy_when=_numpy_when, numpy_elementwise=_numpy_elementwise, numpy_stored=_numpy_stored))
 
 
 # ---------------------------------------------------------------------------- planner

@@ -181,11 +181,56 @@ def exact_product(c: float, dtype: str) -> bool:
     return (((1 << x_bits) - 1) * odd).bit_length() <= 24 and low + x_low >= -149
 
 
-def _linear(params: dict, dtype: str):
+def compute_stored(raws: list, params: dict, stored: list[str], out_dtype: str, out):
+    """bfloat16 in, bfloat16 out, through the compiled kernels (no float32 copies of the inputs or the output):
+    fills ``out`` (uint16 bit patterns) and returns its count of non-finite values; None where this does not apply
+    (then ``compute`` runs on float32 arrays)."""
+    if (params["method"] not in ELEMENTWISE or out_dtype != "BF16" or set(stored) != {"BF16"}
+            or merge_dtype(params, stored) != "BF16" or len(raws) > IO_MAX or native("BF16") is None):
+        return None
+    import numpy as np
+
+    xs = [r.view(np.uint16) for r in raws]
+    dest = out.reshape(-1)
+    if params["method"] == "linear":
+        coeffs, denominator = _linear_setup(params)
+        return native("BF16").linear(dest, xs, [float(c) for c in coeffs],
+                                     None if denominator is None else float(denominator), True)
+    at, rest, weights, divisor, lam = _task_arithmetic_setup(params, "BF16")
+    if not rest:
+        return None
+    return native("BF16").task_arithmetic(dest, xs[at], [xs[k] for k in rest], weights, divisor, lam, True)
+
+
+IO_MAX = 8  # inputs of the compiled kernels' bfloat16 form
+
+
+def _linear_setup(params: dict):
+    """float32 coefficients and the float32 sum mergekit divides by (None without normalize)."""
     import numpy as np
 
     coeffs = [np.float32(c) for c in _linear_coeffs(params)]
-    denominator = np.float32(_fsum32(coeffs)) if params["shared"].get("normalize", True) else None
+    return coeffs, (np.float32(_fsum32(coeffs)) if params["shared"].get("normalize", True) else None)
+
+
+def _task_arithmetic_setup(params: dict, dtype: str):
+    """The base's position, the others', their weights and divisor in the merge dtype, lambda."""
+    shared = params["shared"]
+    at = params["base_index"]
+    rest = [k for k in range(len(params["ids"])) if k != at]
+    weights = [_scalar(float(params["per_input"][params["ids"][k]]["weight"]), dtype) for k in rest]
+    divisor = None
+    if shared.get("normalize", False):
+        divisor = _scalar(_fsum32(weights), dtype)
+        if abs(divisor) < _scalar(1e-8, dtype):
+            divisor = 1.0
+    return at, rest, weights, divisor, float(shared.get("lambda", 1.0))
+
+
+def _linear(params: dict, dtype: str):
+    import numpy as np
+
+    coeffs, denominator = _linear_setup(params)
     kernels = native(dtype)
     if kernels is not None:
         def native_step(xs, out, scratch):
@@ -207,17 +252,7 @@ def _linear(params: dict, dtype: str):
 def _task_arithmetic(params: dict, dtype: str):
     import numpy as np
 
-    shared = params["shared"]
-    entries = [i for k, i in enumerate(params["ids"]) if k != params["base_index"]]
-    weights = [_scalar(float(params["per_input"][i]["weight"]), dtype) for i in entries]
-    divisor = None
-    if shared.get("normalize", False):
-        divisor = _scalar(_fsum32(weights), dtype)
-        if abs(divisor) < _scalar(1e-8, dtype):
-            divisor = 1.0
-    lam = float(shared.get("lambda", 1.0))
-    at = params["base_index"]
-    rest = [k for k in range(len(params["ids"])) if k != at]
+    at, rest, weights, divisor, lam = _task_arithmetic_setup(params, dtype)
     kernels = native(dtype)
     if kernels is not None and rest:
         def native_step(xs, out, scratch):
