@@ -78,7 +78,7 @@ def stored_bits(tensors, p, stored):
     apply; also checks the non-finite count it returns."""
     raws = [t.contiguous().view(torch.uint8).numpy().copy() for t in tensors]
     out = np.empty(tensors[0].numel(), dtype=np.uint16)
-    bad = merge_numpy.compute_stored(raws, p, stored, "BF16", out)
+    bad = merge_numpy.compute_stored(lambda: raws, p, stored, "BF16", out)
     if bad is None:
         return None
     got = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)

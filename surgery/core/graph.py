@@ -60,9 +60,10 @@ class Op:
     numpy_when: Callable[[dict, list], bool] | None = None
     # raw ops: whether this node's numpy kernel may run on row blocks (None: yes); False: whole tensors
     numpy_elementwise: Callable[[dict], bool] | None = None
-    # raw ops: the node from stored bytes to stored bytes, numpy_stored(raw_uint8_arrays, params, stored_dtypes,
-    # out_dtype, out) -> the non-finite count, or None where it does not apply (then numpy on float32 arrays)
-    numpy_stored: Callable[[list, dict, list, str, Any], int | None] | None = None
+    # raw ops: the node from stored bytes to stored bytes, numpy_stored(read_raws, params, stored_dtypes, out_dtype,
+    # out) -> the non-finite count, or None where it does not apply (then numpy on float32 arrays); read_raws()
+    # returns the arguments' stored bytes (uint8 arrays), called only where it applies
+    numpy_stored: Callable[[Callable, dict, list, str, Any], int | None] | None = None
 
 
 OPS: dict[str, Op] = {}

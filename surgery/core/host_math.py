@@ -89,7 +89,7 @@ def compute(entry, inputs):
     def block(rows):
         a, b = rows
         if direct:  # stored bytes in, stored bytes out (a compiled kernel): no float32 copies
-            raws = [read(inputs[r.input], r.name, rows if shape else None) for r in node.args]
+            raws = lambda: [read(inputs[r.input], r.name, rows if shape else None) for r in node.args]  # noqa: E731
             bad = OPS[node.op].numpy_stored(raws, node.params, [_stored(inputs, r) for r in node.args], entry.dtype,
                                             flat[a:b])
             if bad is not None:

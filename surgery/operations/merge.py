@@ -257,10 +257,10 @@ def _numpy_when(params, stored) -> bool:
     return merge_numpy.supports(params, stored)
 
 
-def _numpy_stored(raws, params, stored, out_dtype, out):
+def _numpy_stored(read_raws, params, stored, out_dtype, out):
     from surgery.operations import merge_numpy
 
-    return merge_numpy.compute_stored(raws, params, stored, out_dtype, out)
+    return merge_numpy.compute_stored(read_raws, params, stored, out_dtype, out)
 
 
 def _numpy_elementwise(params) -> bool:

@@ -181,16 +181,16 @@ def exact_product(c: float, dtype: str) -> bool:
     return (((1 << x_bits) - 1) * odd).bit_length() <= 24 and low + x_low >= -149
 
 
-def compute_stored(raws: list, params: dict, stored: list[str], out_dtype: str, out):
+def compute_stored(read_raws, params: dict, stored: list[str], out_dtype: str, out):
     """bfloat16 in, bfloat16 out, through the compiled kernels (no float32 copies of the inputs or the output):
     fills ``out`` (uint16 bit patterns) and returns its count of non-finite values; None where this does not apply
-    (then ``compute`` runs on float32 arrays)."""
+    (then ``compute`` runs on float32 arrays). ``read_raws()``: the inputs' stored bytes."""
     if (params["method"] not in ELEMENTWISE or out_dtype != "BF16" or set(stored) != {"BF16"}
-            or merge_dtype(params, stored) != "BF16" or len(raws) > IO_MAX or native("BF16") is None):
+            or merge_dtype(params, stored) != "BF16" or len(stored) > IO_MAX or native("BF16") is None):
         return None
     import numpy as np
 
-    xs = [r.view(np.uint16) for r in raws]
+    xs = [r.view(np.uint16) for r in read_raws()]
     dest = out.reshape(-1)
     if params["method"] == "linear":
         coeffs, denominator = _linear_setup(params)
