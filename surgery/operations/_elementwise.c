@@ -286,6 +286,27 @@ static int get_floats(PyObject *seq, float *dst, int m, const char *what) {
     return 0;
 }
 
+/* out, the inputs, a base of out's type and length, and one weight per input; returns the inputs' count, or -1
+   with an exception set and every buffer released */
+static int get_group(PyObject *out_obj, PyObject *base_obj, PyObject *inputs, PyObject *weights, Py_buffer *out,
+                     Py_buffer *in, Py_buffer *base, const void **ptrs, float *w) {
+    int m = get_buffers(out_obj, inputs, out, in, ptrs);
+    if (m < 0)
+        return -1;
+    if (PyObject_GetBuffer(base_obj, base, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        release(out, in, m);
+        return -1;
+    }
+    if (base->len != out->len || strcmp(base->format ? base->format : "B", out->format ? out->format : "B") != 0)
+        PyErr_SetString(PyExc_ValueError, "base must be a buffer of the output's type and length");
+    if (PyErr_Occurred() || get_floats(weights, w, m, "weights") < 0) {
+        PyBuffer_Release(base);
+        release(out, in, m);
+        return -1;
+    }
+    return m;
+}
+
 static PyObject *linear(PyObject *self, PyObject *args) {
     PyObject *out_obj, *inputs, *coeffs, *den_obj;
     int bf16;
@@ -326,17 +347,11 @@ static PyObject *task_arithmetic(PyObject *self, PyObject *args) {
     Py_buffer out, in[MAX_INPUTS], base;
     const void *ptrs[MAX_INPUTS];
     float w[MAX_INPUTS];
-    int m = get_buffers(out_obj, inputs, &out, in, ptrs);
+    int m = get_group(out_obj, base_obj, inputs, weights, &out, in, &base, ptrs, w);
     if (m < 0)
         return NULL;
-    if (PyObject_GetBuffer(base_obj, &base, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
-        release(&out, in, m);
-        return NULL;
-    }
     double divisor = div_obj == Py_None ? 1.0 : PyFloat_AsDouble(div_obj);
-    if (base.len != out.len || strcmp(base.format ? base.format : "B", out.format ? out.format : "B") != 0)
-        PyErr_SetString(PyExc_ValueError, "base must be a buffer of the output's type and length");
-    if (PyErr_Occurred() || get_floats(weights, w, m, "weights") < 0) {
+    if (divisor == -1.0 && PyErr_Occurred()) {
         PyBuffer_Release(&base);
         release(&out, in, m);
         return NULL;
@@ -368,20 +383,14 @@ static PyObject *ties(PyObject *self, PyObject *args) {
     Py_buffer out, in[MAX_INPUTS], base;
     const void *ptrs[MAX_INPUTS];
     float w[MAX_INPUTS];
-    int m = get_buffers(out_obj, inputs, &out, in, ptrs);
+    int m = get_group(out_obj, base_obj, inputs, weights, &out, in, &base, ptrs, w);
     if (m < 0)
         return NULL;
-    if (PyObject_GetBuffer(base_obj, &base, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
-        release(&out, in, m);
-        return NULL;
-    }
     if (out.itemsize != 4)
         PyErr_SetString(PyExc_ValueError, "ties: out must be a float32 buffer");
-    else if (base.len != out.len || strcmp(base.format ? base.format : "B", "f") != 0)
-        PyErr_SetString(PyExc_ValueError, "base must be a buffer of the output's type and length");
     else if (m > TIES_MAX)
         PyErr_Format(PyExc_ValueError, "at most %d deltas, got %d", TIES_MAX, m);
-    if (PyErr_Occurred() || get_floats(weights, w, m, "weights") < 0) {
+    if (PyErr_Occurred()) {
         PyBuffer_Release(&base);
         release(&out, in, m);
         return NULL;
