@@ -67,15 +67,9 @@ def top_k_mask_numpy(keys, k: int):
 
 def _native():
     """The compiled kernel, or None (not built, or SURGERY_NATIVE=0)."""
-    import importlib
-    import os
+    from surgery.operations import native
 
-    if os.environ.get("SURGERY_NATIVE", "1") == "0":
-        return None
-    try:  # by name: ``from surgery.operations import _introsort`` reads as importing the package (a cycle)
-        return importlib.import_module("surgery.operations._introsort")
-    except ImportError:
-        return None
+    return native.load("_introsort")
 
 
 def _replay(vals, k: int):

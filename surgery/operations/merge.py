@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.core.devices import current_device
 from surgery.core.graph import Node, Op, same_shapes, register
+from surgery.operations import merge_numpy  # no heavy imports: numpy and the kernels load when a merge computes
 from surgery.operations.merge_checks import all_parameter_names, check_architectures
 from surgery.operations.merge_specs import spec_of
 from surgery.operations.vocab import vocab_params
@@ -196,8 +197,6 @@ def _result_dtype(params: dict, stored: tuple[str, ...]) -> str | None:
     mergekit writes a method's result in the dtype it comes out in (arcee_fusion returns float32
     for bfloat16 inputs), so the plan does the same unless an output dtype is set.
     """
-    from surgery.operations import merge_numpy
-
     if params["method"] in merge_numpy.METHODS and params.get("vocab") is None:
         known = merge_numpy.merge_dtype(params, list(stored))  # these methods return their merge dtype: no torch needed
         if known is not None:
@@ -245,32 +244,9 @@ def _shape(shapes: list[tuple], params: dict) -> tuple:
     return same_shapes(shapes, params)
 
 
-def _numpy(arrays, params, stored):
-    from surgery.operations import merge_numpy
-
-    return merge_numpy.compute(arrays, params, stored)
-
-
-def _numpy_when(params, stored) -> bool:
-    from surgery.operations import merge_numpy
-
-    return merge_numpy.supports(params, stored)
-
-
-def _numpy_stored(read_raws, params, stored, out_dtype, out):
-    from surgery.operations import merge_numpy
-
-    return merge_numpy.compute_stored(read_raws, params, stored, out_dtype, out)
-
-
-def _numpy_elementwise(params) -> bool:
-    from surgery.operations import merge_numpy
-
-    return merge_numpy.elementwise(params)
-
-
-register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, numpy=_numpy,
-                        numpy_when=_numpy_when, numpy_elementwise=_numpy_elementwise, numpy_stored=_numpy_stored))
+register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, numpy=merge_numpy.compute,
+                        numpy_when=merge_numpy.supports, numpy_elementwise=merge_numpy.elementwise,
+                        numpy_stored=merge_numpy.compute_stored))
 
 
 # ---------------------------------------------------------------------------- planner

@@ -78,24 +78,14 @@ def supports(params: dict, stored: list[str]) -> bool:
 def native(dtype: str):
     """The compiled kernels (``_elementwise.c``: the same steps in one pass, with a real fused multiply-add) for
     bfloat16 and float32 merges, or None: not built, another dtype, or ``SURGERY_NATIVE=0``."""
-    if dtype not in ("BF16", "F32") or os.environ.get("SURGERY_NATIVE") == "0":
-        return None
-    import importlib
+    from surgery.operations import native as compiled
 
-    try:
-        return importlib.import_module("surgery.operations._elementwise")
-    except ImportError:
-        return None
+    return compiled.load("_elementwise") if dtype in ("BF16", "F32") else None
 
 
 def _linear_coeffs(params: dict) -> list[float]:
     """The weights as mergekit's linear uses them: float32."""
-    import struct
-
-    def f32(w: float) -> float:
-        return struct.unpack("f", struct.pack("f", w))[0] if abs(w) < 3.4e38 else math.copysign(math.inf, w)
-
-    return [f32(float(params["per_input"][i]["weight"])) for i in params["ids"]]
+    return [_scalar(float(params["per_input"][i]["weight"]), "F32") for i in params["ids"]]
 
 
 def _top_k():
@@ -153,7 +143,8 @@ def _scalar(value: float, dtype: str) -> float:
     """A Python float as torch makes a tensor of ``dtype`` from it (via float32)."""
     import numpy as np
 
-    x = np.array([value], dtype=np.float32)
+    with np.errstate(over="ignore"):  # past float32's range: ±inf, as torch makes it
+        x = np.array([value], dtype=np.float32)
     return float(_round(x, dtype, np.empty(1, np.uint32))[0])
 
 
@@ -326,8 +317,7 @@ def _ties(flat: list, out, params: dict, dtype: str) -> None:
         return delta
 
     deltas = list(_pool().map(sparsify, entries)) if len(entries) > 1 else [sparsify(entries[0])]
-    _kernels = native(dtype)
-    _kernels.ties(out, base, deltas, weights, bool(shared.get("normalize", True)), float(shared.get("lambda", 1.0)),
+    native(dtype).ties(out, base, deltas, weights, bool(shared.get("normalize", True)), float(shared.get("lambda", 1.0)),
                   dtype == "BF16")
 
 
