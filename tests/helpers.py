@@ -127,3 +127,61 @@ def run_cli(*args, cwd=None, env: dict | None = None):
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         stderr += "".join(traceback.format_exception(res.exception))
     return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=stderr)
+
+
+# run `python -m surgery ARGS...` as the console does, then report what the process imported and built
+PROBE = """
+import json, runpy, sys
+args = json.loads(sys.argv[1])
+sys.argv = ["surgery", *args]
+try:
+    runpy.run_module("surgery", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert not e.code, e.code
+from surgery.operations import OPERATIONS
+from surgery.operations.merge import Condition
+built = sorted(n for n, m in OPERATIONS.items() if m.__pydantic_complete__)
+print(json.dumps({"modules": sorted(sys.modules), "built": built, "condition": Condition.__pydantic_complete__}))
+"""
+
+
+def probe(*args) -> dict:
+    """`surgery ARGS...` in a fresh process: ``modules`` it imported, recipe models ``built``, ``condition``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", PROBE, json.dumps([str(a) for a in args])], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def use_implementation(name: str, monkeypatch, kernel: str) -> None:
+    """Select the compiled kernels ('native') or the numpy code ('numpy') for a test; a kernel that is not built
+    fails the test where a C compiler exists (and skips it where none does)."""
+    import shutil
+
+    import pytest
+
+    from surgery.operations import native
+
+    if name == "numpy":
+        monkeypatch.setenv("SURGERY_NATIVE", "0")
+        return
+    monkeypatch.delenv("SURGERY_NATIVE", raising=False)
+    if native.load(kernel) is None:
+        if shutil.which("cc"):
+            pytest.fail(f"the compiled kernel surgery/operations/{kernel}.c is not built: run "
+                        "`python setup.py build_ext --inplace` (or `pip install -e .`)")
+        pytest.skip("no C compiler: the compiled kernels cannot be built here")
+
+
+def with_nan(source: Path, folder: Path, name: str, index) -> Path:
+    """A copy of checkpoint ``source`` (bfloat16) whose tensor ``name`` holds NaN at ``index``."""
+    state = load(source)
+    state[name] = state[name].clone()
+    state[name][index] = float("nan")
+    return save_checkpoint(folder, state, tiny_config("llama"), dtype=torch.bfloat16)

@@ -1,13 +1,9 @@
 """core.host_math: weighted sums in numpy, bitwise equal to the torch path, and plans that never import torch."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from helpers import load, raw_bytes
+from helpers import load, probe, raw_bytes, with_nan
 
 import surgery
 from surgery.core import host_math
@@ -100,28 +96,16 @@ def test_swap_with_transitions_never_imports_torch(family, tmp_path):
     (tmp_path / "r.yaml").write_text(
         f"inputs: {{lang: {family['lang']}, task: {family['task']}}}\nrecipient: task\n"
         "operations:\n  - layer_swap: {donor: lang, bottom: 2, top: 1, transition: 2}\n")
-    code = ("import sys; from surgery.cli import cli\n"
-            "try:\n    cli(['run', sys.argv[1], '-o', sys.argv[2], '-q'])\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\n"
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.yaml"), str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin"})
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[]"
+    modules = probe("run", tmp_path / "r.yaml", "-o", tmp_path / "out", "-q")["modules"]
+    assert [m for m in modules if m == "torch" or m.startswith("torch.")] == []
     got, lang, task = load(tmp_path / "out"), load(family["lang"]), load(family["task"])
     n = "model.layers.2.self_attn.q_proj.weight"  # transition: donor weight 2/3
     assert raw_bytes(got[n]) == raw_bytes((lang[n].float() * (2 / 3) + task[n].float() * (1 / 3)).to(torch.bfloat16))
 
 
 def test_numpy_path_refuses_nan_like_the_torch_path(tmp_path, family, monkeypatch):
-    from helpers import save_checkpoint, tiny_config
-
-    state = load(family["lang"])
     n = "model.layers.2.mlp.down_proj.weight"
-    state[n] = state[n].clone()
-    state[n][0, 0] = float("nan")
-    bad = save_checkpoint(tmp_path / "bad", state, tiny_config("llama"), dtype=torch.bfloat16)
+    bad = with_nan(family["lang"], tmp_path / "bad", n, (0, 0))
     r = recipe({"task": family["task"], "lang": bad}, [{"layer_swap": {"donor": "lang", "bottom": 2, "top": 1,
                                                                        "transition": 2}}])
     errors = []

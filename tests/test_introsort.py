@@ -4,7 +4,6 @@ Every exactness test runs twice: on the compiled kernel (``_introsort.c``) and o
 (``SURGERY_NATIVE=0``)."""
 
 import functools
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from helpers import use_implementation
 
 from surgery.operations import introsort
 from surgery.operations.introsort import top_k_mask, top_k_mask_numpy
@@ -20,15 +20,7 @@ from surgery.operations.introsort import top_k_mask, top_k_mask_numpy
 @pytest.fixture(params=["native", "numpy"])
 def impl(request, monkeypatch):
     """Run the test on one implementation, and check that it is the one that ran."""
-    if request.param == "numpy":
-        monkeypatch.setenv("SURGERY_NATIVE", "0")
-    else:
-        monkeypatch.delenv("SURGERY_NATIVE", raising=False)
-        if introsort._native() is None:
-            if shutil.which("cc"):
-                pytest.fail("the compiled kernel surgery/operations/_introsort.c is not built: run "
-                            "`python setup.py build_ext --inplace` (or `pip install -e .`)")
-            pytest.skip("no C compiler: the compiled kernel cannot be built here")
+    use_implementation(request.param, monkeypatch, "_introsort")
     replay, calls = introsort._replay, []
     monkeypatch.setattr(introsort, "_replay", lambda *a: calls.append(1) or replay(*a))
     yield request.param

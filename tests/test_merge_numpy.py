@@ -2,15 +2,11 @@
 the written-out method specs equal mergekit's registry; such merges never import torch or mergekit."""
 
 import itertools
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import load, raw_bytes
+from helpers import load, probe, raw_bytes, use_implementation, with_nan
 
 import surgery
 from surgery.core import host_math
@@ -24,15 +20,7 @@ TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 @pytest.fixture(params=["native", "numpy"])
 def impl(request, monkeypatch):
     """Run the test on the compiled kernels (_elementwise.c) or the numpy steps."""
-    if request.param == "numpy":
-        monkeypatch.setenv("SURGERY_NATIVE", "0")
-    else:
-        monkeypatch.delenv("SURGERY_NATIVE", raising=False)
-        if merge_numpy.native("BF16") is None:
-            if shutil.which("cc"):
-                pytest.fail("the compiled kernels surgery/operations/_elementwise.c are not built: run "
-                            "`python setup.py build_ext --inplace` (or `pip install -e .`)")
-            pytest.skip("no C compiler: the compiled kernels cannot be built here")
+    use_implementation(request.param, monkeypatch, "_elementwise")
     return request.param
 
 
@@ -236,13 +224,8 @@ def test_ties_falls_back_to_the_real_sort_where_the_replay_is_not_exact(monkeypa
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
 def test_nan_is_refused_like_on_the_torch_path(family, tmp_path, monkeypatch, method, impl):
-    from helpers import save_checkpoint, tiny_config
-
-    state = load(family["lang"])
     n = "model.layers.0.mlp.down_proj.weight"
-    state[n] = state[n].clone()
-    state[n][0, :3] = float("nan")
-    bad = save_checkpoint(tmp_path / "bad", state, tiny_config("llama"), dtype=torch.bfloat16)
+    bad = with_nan(family["lang"], tmp_path / "bad", n, (0, slice(0, 3)))
     r = merge_recipe({**family, "lang": bad}, method)
     if method == "ties":
         r["operations"][0]["merge"]["models"] = {"lang": {"weight": 0.5, "density": 0.5},
@@ -366,15 +349,8 @@ def test_such_merges_never_import_torch_or_mergekit(family, tmp_path, monkeypatc
 
     r = merge_recipe(family, method)
     (tmp_path / "r.json").write_text(json.dumps(r))
-    code = ("import sys; from surgery.cli import cli\n"
-            "try:\n    cli(['run', sys.argv[1], '-o', sys.argv[2], '-q'])\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mergekit'}))")
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json"), str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin"})
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[]"
+    modules = probe("run", tmp_path / "r.json", "-o", tmp_path / "out", "-q")["modules"]
+    assert sorted({m.split(".")[0] for m in modules} & {"torch", "mergekit"}) == []
     monkeypatch.setenv("SURGERY_MERGEKIT_KERNELS", "1")  # mergekit's own kernel
     monkeypatch.setenv("SURGERY_NUMPY", "0")
     surgery.run(r, tmp_path / "mergekit")

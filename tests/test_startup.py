@@ -2,36 +2,10 @@
 model lists, which do not depend on the machine's load)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# run `python -m surgery ARGS...` as the console does, then report what the process imported and built
-PROBE = """
-import json, runpy, sys
-args = json.loads(sys.argv[1])
-sys.argv = ["surgery", *args]
-try:
-    runpy.run_module("surgery", run_name="__main__", alter_sys=True)
-except SystemExit as e:
-    assert not e.code, e.code
-from surgery.operations import OPERATIONS
-from surgery.operations.merge import Condition
-built = sorted(n for n, m in OPERATIONS.items() if m.__pydantic_complete__)
-print(json.dumps({"modules": sorted(sys.modules), "built": built, "condition": Condition.__pydantic_complete__}))
-"""
-
-
-def probe(*args) -> dict:
-    res = subprocess.run([sys.executable, "-c", PROBE, json.dumps([str(a) for a in args])], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
+from helpers import probe
 
 
 def heavy(modules: list[str]) -> list[str]:
