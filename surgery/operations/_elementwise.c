@@ -184,36 +184,35 @@ static void widen_tile(float *restrict dst, const uint16_t *restrict src, Py_ssi
         dst[j] = widen(src[j]);
 }
 
-static Py_ssize_t linear_io(uint16_t *out, const uint16_t **in, const float *c, int m, Py_ssize_t n, int normalize,
-                            float den) {
-    float t[IO_MAX][TILE], r[TILE];
-    const float *tp[IO_MAX];
-    Py_ssize_t bad = 0;
-    for (int i = 0; i < m; i++)
-        tp[i] = t[i];
-    for (Py_ssize_t j0 = 0; j0 < n; j0 += TILE) {
-        Py_ssize_t len = n - j0 < TILE ? n - j0 : TILE;
-        for (int i = 0; i < m; i++)
-            widen_tile(t[i], in[i] + j0, len);
-        linear_loop(r, tp, c, m, len, normalize, den, 1);
-        bad += narrow(out + j0, r, len);
-    }
-    return bad;
+/* what a tile of a merge needs besides its inputs */
+struct merge_args {
+    const float *w; /* coefficients (linear) or weights (task arithmetic), one per input */
+    int m, normalize, scale;
+    float div, lam; /* linear's denominator or task arithmetic's divisor; lambda */
+};
+
+static void linear_tile(float *r, const float **t, Py_ssize_t len, const struct merge_args *a) {
+    linear_loop(r, t, a->w, a->m, len, a->normalize, a->div, 1);
 }
 
-static Py_ssize_t task_arithmetic_io(uint16_t *out, const uint16_t *base, const uint16_t **in, const float *w, int m,
-                                     Py_ssize_t n, int normalize, float divisor, int scale, float lam) {
-    float t[IO_MAX][TILE], b[TILE], r[TILE];
-    const float *tp[IO_MAX];
+static void task_arithmetic_tile(float *r, const float **t, Py_ssize_t len, const struct merge_args *a) {
+    task_arithmetic_bf16(r, t[a->m], t, a->w, a->m, len, a->normalize, a->div, a->scale, a->lam); /* base: last */
+}
+
+/* k bfloat16 arrays widened one tile at a time, the tile computed, the result narrowed into out */
+static Py_ssize_t io_tiles(uint16_t *out, const uint16_t **in, int k, Py_ssize_t n,
+                           void (*tile)(float *, const float **, Py_ssize_t, const struct merge_args *),
+                           const struct merge_args *a) {
+    float t[IO_MAX + 1][TILE], r[TILE];
+    const float *tp[IO_MAX + 1];
     Py_ssize_t bad = 0;
-    for (int i = 0; i < m; i++)
+    for (int i = 0; i < k; i++)
         tp[i] = t[i];
     for (Py_ssize_t j0 = 0; j0 < n; j0 += TILE) {
         Py_ssize_t len = n - j0 < TILE ? n - j0 : TILE;
-        for (int i = 0; i < m; i++)
+        for (int i = 0; i < k; i++)
             widen_tile(t[i], in[i] + j0, len);
-        widen_tile(b, base + j0, len);
-        task_arithmetic_bf16(r, b, tp, w, m, len, normalize, divisor, scale, lam);
+        tile(r, tp, len, a);
         bad += narrow(out + j0, r, len);
     }
     return bad;
@@ -326,9 +325,10 @@ static PyObject *linear(PyObject *self, PyObject *args) {
     int io = out.itemsize == 2;
     Py_ssize_t n = out.len / out.itemsize, bad = 0;
     Py_BEGIN_ALLOW_THREADS;
-    if (io)
-        bad = linear_io((uint16_t *)out.buf, (const uint16_t **)ptrs, c, m, n, den_obj != Py_None, (float)den);
-    else
+    if (io) {
+        struct merge_args a = {c, m, den_obj != Py_None, 0, (float)den, 1.0f};
+        bad = io_tiles((uint16_t *)out.buf, (const uint16_t **)ptrs, m, n, linear_tile, &a);
+    } else
         linear_loop((float *)out.buf, (const float **)ptrs, c, m, n, den_obj != Py_None, (float)den, bf16);
     Py_END_ALLOW_THREADS;
     release(&out, in, m);
@@ -359,10 +359,13 @@ static PyObject *task_arithmetic(PyObject *self, PyObject *args) {
     int io = out.itemsize == 2, normalize = div_obj != Py_None;
     Py_ssize_t n = out.len / out.itemsize, bad = 0;
     Py_BEGIN_ALLOW_THREADS;
-    if (io)
-        bad = task_arithmetic_io((uint16_t *)out.buf, (const uint16_t *)base.buf, (const uint16_t **)ptrs, w, m, n,
-                                 normalize, (float)divisor, lam != 1.0, (float)lam);
-    else
+    if (io) {
+        const uint16_t *all[IO_MAX + 1];
+        memcpy(all, ptrs, m * sizeof(*all));
+        all[m] = (const uint16_t *)base.buf;
+        struct merge_args a = {w, m, normalize, lam != 1.0, (float)divisor, (float)lam};
+        bad = io_tiles((uint16_t *)out.buf, all, m + 1, n, task_arithmetic_tile, &a);
+    } else
         (bf16 ? task_arithmetic_bf16 : task_arithmetic_f32)((float *)out.buf, (const float *)base.buf,
                                                             (const float **)ptrs, w, m, n, normalize, (float)divisor,
                                                             lam != 1.0, (float)lam);
