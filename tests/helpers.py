@@ -185,3 +185,18 @@ def with_nan(source: Path, folder: Path, name: str, index) -> Path:
     state[name] = state[name].clone()
     state[name][index] = float("nan")
     return save_checkpoint(folder, state, tiny_config("llama"), dtype=torch.bfloat16)
+
+
+def errors_numpy_and_torch(recipe, folder: Path, monkeypatch) -> list[str]:
+    """The SurgeryError messages of one recipe run on the numpy path, then on the torch path (SURGERY_NUMPY)."""
+    import pytest
+
+    import surgery
+
+    errors = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SURGERY_NUMPY", flag)
+        with pytest.raises(surgery.SurgeryError) as e:
+            surgery.run(recipe, folder / f"out{flag}")
+        errors.append(str(e.value))
+    return errors

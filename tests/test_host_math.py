@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import load, probe, raw_bytes, with_nan
+from helpers import errors_numpy_and_torch, load, probe, raw_bytes, with_nan
 
 import surgery
 from surgery.core import host_math
@@ -108,11 +108,6 @@ def test_numpy_path_refuses_nan_like_the_torch_path(tmp_path, family, monkeypatc
     bad = with_nan(family["lang"], tmp_path / "bad", n, (0, 0))
     r = recipe({"task": family["task"], "lang": bad}, [{"layer_swap": {"donor": "lang", "bottom": 2, "top": 1,
                                                                        "transition": 2}}])
-    errors = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("SURGERY_NUMPY", flag)
-        with pytest.raises(surgery.SurgeryError) as e:
-            surgery.run(r, tmp_path / f"out{flag}")
-        errors.append(str(e.value))
+    errors = errors_numpy_and_torch(r, tmp_path, monkeypatch)
     assert errors[0] == errors[1]
     assert f"tensor {n!r}: 1 non-finite values (NaN/Inf) in the output; the inputs hold them: 1 in " in errors[0]

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from helpers import load, probe, raw_bytes, use_implementation, with_nan
+from helpers import errors_numpy_and_torch, load, probe, raw_bytes, use_implementation, with_nan
 
 import surgery
 from surgery.core import host_math
@@ -230,12 +230,7 @@ def test_nan_is_refused_like_on_the_torch_path(family, tmp_path, monkeypatch, me
     if method == "ties":
         r["operations"][0]["merge"]["models"] = {"lang": {"weight": 0.5, "density": 0.5},
                                                  "task": {"weight": 0.5, "density": 0.5}}
-    errors = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("SURGERY_NUMPY", flag)
-        with pytest.raises(surgery.SurgeryError) as e:
-            surgery.run(r, tmp_path / f"out{flag}")
-        errors.append(str(e.value))
+    errors = errors_numpy_and_torch(r, tmp_path, monkeypatch)
     assert errors[0] == errors[1] and n in errors[0] and "NaN" in errors[0]
 
 
