@@ -43,7 +43,6 @@ DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # significant bits and lowest set bit (log2) of the values of each dtype
 PRECISION = {"BF16": (8, -133), "F16": (11, -24), "F32": (24, -149)}
 MAX_TERMS = 4  # torch's float32 sums of up to 4 terms go left to right (checked in the tests); beyond, pairwise
-SUB_BLOCK = 1 << 20  # entries per step: the scratch arrays stay in cache
 
 
 def merge_dtype(params: dict, stored: list[str]) -> str | None:
@@ -116,10 +115,7 @@ def compute(arrays: list, params: dict, stored: list[str]):
         return out.reshape(arrays[0].shape)
     kernel = _linear if params["method"] == "linear" else _task_arithmetic
     step = kernel(params, dtype)
-    scratch = np.empty(min(n, SUB_BLOCK), dtype=np.uint32)
-    for start in range(0, n, SUB_BLOCK):
-        end = min(n, start + SUB_BLOCK)
-        step([a[start:end] for a in flat], out[start:end], scratch[:end - start])
+    step(flat, out, np.empty(n, dtype=np.uint32))  # host_math's row blocks already keep the arrays cache-sized
     return out.reshape(arrays[0].shape)
 
 
