@@ -6,8 +6,9 @@
 Tensors are computed one at a time and handed on as soon as they exist; memory holds the output
 tensor and its inputs, never the model. A tensor the plan only copies (a plain ref to a checkpoint
 tensor, same dtype) is never read: ``execute`` hands the writer its byte range, which the kernel
-copies (``surgery.io.copy``), and weighted sums of stored tensors (swap transitions, arithmetic) are computed
-with numpy (``core.host_math``, the same bytes), so such plans never import torch.
+copies (``surgery.io.copy``), and weighted sums of stored tensors (swap transitions, arithmetic) and linear,
+task-arithmetic and TIES merges are computed without torch (``core.host_math``: numpy and compiled kernels, the
+same bytes), so such plans never import it.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
             kind = kinds[i]
             if kind == "copy":
                 job = (writer.copy, e.name, *sources[i])
-            elif kind == "host":  # weighted sums of stored tensors: numpy, the same bytes without importing torch
+            elif kind == "host":  # numpy and compiled kernels (core.host_math): the same bytes without torch
                 job = (writer.write, e.name, host_math.compute(e, plan.inputs))
             else:
                 if devices.threads_used is None:  # torch: for the first tensor that needs it

@@ -52,8 +52,8 @@ class Op:
     # True when output element i depends only on element i of each argument, so the executor may compute
     # a large tensor in row blocks (bitwise the same: the float32 steps per element don't change)
     elementwise: bool = False
-    # optional: the same computation on float32 numpy arrays, bitwise equal to ``compute`` (IEEE float32 steps,
-    # no fused multiply-add); plans built only from such ops compute without importing torch (core.host_math)
+    # optional: the same computation on float32 numpy arrays, bitwise equal to ``compute``; plans built only from
+    # such ops compute without importing torch (core.host_math)
     numpy: Callable[[list, dict], Any] | None = None
     # raw ops with a numpy kernel: numpy(arrays, params, stored_dtypes), used where numpy_when(params,
     # stored_dtypes) holds (the arrays are float32 holding the stored values; the result is float32)

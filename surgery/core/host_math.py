@@ -1,4 +1,5 @@
-"""Torch-free math: plans whose computed tensors are weighted sums of stored tensors, in numpy.
+"""Torch-free math: entries whose ops all have numpy kernels (weighted sums; linear, task-arithmetic and TIES
+merges, ``operations.merge_numpy``), computed without importing torch.
 
     if host_math.supported(entry, plan.inputs):
         data = host_math.compute(entry, plan.inputs)   # the entry's stored bytes, as a numpy array
