@@ -141,7 +141,9 @@ def redo_interrupted(study) -> list[int]:
         h, _, pid = str(t.user_attrs.get("owner", f"{host}:")).rpartition(":")
         if h != host or (pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid()):
             continue
-        params = t.params or t.system_attrs.get("fixed_params") or grid_point(study.sampler, t)
+        # the whole point first: a kill inside ask() can leave some of the parameters sampled, and the
+        # grid sampler refuses a queued trial that fixes only some of them
+        params = t.system_attrs.get("fixed_params") or grid_point(study.sampler, t) or t.params
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if params:  # killed before anything was sampled: nothing to redo, the next trial samples anew
