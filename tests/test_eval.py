@@ -56,7 +56,7 @@ def test_limit_draws_a_seeded_subset_in_file_order(data):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"text": "ok"}', '{"text": "a"'], r"bad.jsonl:2: invalid JSON"),
+    (['{"text": "ok"}', '{"text": "a"'], r"bad.jsonl:2: invalid JSON \(Expecting ',' delimiter at column 13\)"),
     (['{"prompt": "p", "answer": 1}', '', '{"text": "x"}'], r"bad.jsonl:3: a text record in a file of generation records"),
     (['{"prompt": "p", "choices": ["a"], "label": 0}'], r"bad.jsonl:1: 'choices' must be a list of at least two"),
     (['{"prompt": "p", "choices": ["a", "b"], "label": 2}'], r"bad.jsonl:1: 'label' must be an index"),

@@ -161,15 +161,24 @@ def test_several_models_and_labels_file(wired, tmp_path):
     ("mismatch", "bad.jsonl:2: mismatched line: keys ['a', 'c'], but line 1 has ['a', 'b']"),
     ("missing", "bad2.jsonl:1: mismatched line: both 'a' and 'b' need a non-empty sentence"),
     ("one-lang", "--save-neurons needs LAPE: texts in at least two languages"),
+    # the JSONL and UTF-8 checks are the evaluator's (surgery.io.files): one message for both commands
+    ("not-json", "bad3.jsonl:3: invalid JSON (Expecting ',' delimiter at column 11)"),  # blank lines count
+    ("not-object", "bad4.jsonl:1: expected a JSON object, got list"),
+    ("labels-utf8", "bad5.jsonl: not UTF-8 text (byte 0xff at offset 10)"),
 ])
 def test_input_errors_are_one_line(wired, tmp_path, case, message):
     root = wired["root"]
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.jsonl").write_text('{"a": "a1 a2", "b": "b1 b2"}\n{"a": "a3", "c": "b3"}\n')
     (tmp_path / "bad2.jsonl").write_text('{"a": "a1 a2", "b": ""}\n')
+    (tmp_path / "bad3.jsonl").write_text('{"a": "x", "b": "y"}\n\n{"a": "x" "b": "y"}\n')
+    (tmp_path / "bad4.jsonl").write_text('["a", "b"]\n')
+    (tmp_path / "bad5.jsonl").write_bytes(b'{"text": "\xff", "label": 1}\n')
     args = {"empty": ["--text", f"a={tmp_path / 'empty.txt'}", "--text", f"b={root / 'b.txt'}"],
             "mismatch": ["--parallel", tmp_path / "bad.jsonl"], "missing": ["--parallel", tmp_path / "bad2.jsonl"],
-            "one-lang": ["--text", f"a={root / 'a.txt'}", "--save-neurons", tmp_path / "x"]}[case]
+            "one-lang": ["--text", f"a={root / 'a.txt'}", "--save-neurons", tmp_path / "x"],
+            "not-json": ["--parallel", tmp_path / "bad3.jsonl"], "not-object": ["--parallel", tmp_path / "bad4.jsonl"],
+            "labels-utf8": ["--labels", tmp_path / "bad5.jsonl"]}[case]
     out = invoke("probe", wired["model"], *args, "-q")
     assert out.exit_code == 1
     assert out.output.count("\n") == 1 and out.output.startswith("error: ") and message in out.output

@@ -13,12 +13,12 @@ Other keys are ignored. A malformed line is an error naming ``file:line``.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.io.files import json_lines, read_text
 
 KINDS = ("text", "generation", "choice")
 
@@ -52,10 +52,7 @@ def load_dataset(name: str, path: str | Path, *, limit: int | None = None, seed:
     path = Path(path)
     if not path.is_file():
         raise SurgeryError(f"{path}: data file not found" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SurgeryError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path)
     if path.suffix == ".jsonl":
         kind, items = _read_jsonl(path, text)
     elif path.suffix == ".txt":
@@ -89,16 +86,8 @@ def load_datasets(data, *, limit: int | None = None, seed: int = 0) -> list[Data
 
 def _read_jsonl(path: Path, text: str) -> tuple[str, list]:
     kind, items = None, []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, record in json_lines(path, text):
         where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SurgeryError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise SurgeryError(f"{where}: expected a JSON object, got {type(record).__name__}")
         this = _kind(record, where)
         if kind is not None and this != kind:
             raise SurgeryError(f"{where}: a {this} record in a file of {kind} records")

@@ -3,12 +3,14 @@ unreadable or non-UTF-8 files, and stamps that detect a file replaced or modifie
 
     existing_path(Path("model"), "model")     # resolved path, or SurgeryError('model: symlink loop at model')
     text = read_text(Path("recipe.yaml"))      # str, or SurgeryError('recipe.yaml: not UTF-8 text (...)')
+    for lineno, record in json_lines(path, text): ...   # JSONL: one object a line, blank lines skipped
     stamp = file_stamp(path)                   # compare later: (device, inode, size, mtime)
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -62,3 +64,18 @@ def read_text(path: Path, what: str | None = None, max_bytes: int | None = None)
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SurgeryError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def json_lines(path: Path, text: str):
+    """``(line number, object)`` for each non-blank line of a JSONL text read from ``path``; a line that is not
+    JSON, or not a JSON object, is refused with the file and line."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SurgeryError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise SurgeryError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record

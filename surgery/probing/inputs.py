@@ -10,11 +10,11 @@ Errors name the file and line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.io.files import json_lines, read_text
 
 
 @dataclass
@@ -33,14 +33,14 @@ class ProbeData:
     parallel: list[Parallel] = field(default_factory=list)
 
 
-def _lines(path: Path) -> list[tuple[int, str]]:
+def _read(path: Path) -> str:
     if not path.is_file():
         raise SurgeryError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SurgeryError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return read_text(path)
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    return [(i, line.strip()) for i, line in enumerate(_read(path).splitlines(), 1) if line.strip()]
 
 
 def read_texts(path) -> list[str]:
@@ -52,17 +52,10 @@ def read_texts(path) -> list[str]:
 
 
 def _json_lines(path: Path):
-    rows = _lines(path)
-    if not rows:
+    records = list(json_lines(path, _read(path)))
+    if not records:
         raise SurgeryError(f"{path}: no lines (the file is empty)")
-    for no, line in rows:
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise SurgeryError(f"{path}:{no}: not a JSON object ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise SurgeryError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
-        yield no, obj
+    return records
 
 
 def read_labels(path) -> list[tuple[str, str]]:
