@@ -42,6 +42,6 @@ QUICK = Settings("quick", math_train=400, math_steps=12, math_batch=8, lang_step
                  math_dev=12, text_eval=40, probe_texts=30, hand=((6, 2, 1),), search_trials=2, mask_langs=("de",),
                  other_langs=("fr",))
 SMOKE = Settings("smoke", math_train=64, math_steps=2, math_batch=4, lang_steps=2, lang_batch=2, seq_len=32,
-                 math_test=6, math_dev=4, text_eval=8, probe_texts=12, eval_batch=8, max_new_tokens=8,
+                 math_test=4, math_dev=4, text_eval=4, probe_texts=12, eval_batch=8, max_new_tokens=8,
                  hand=((6, 2, 1),), search_trials=2, mask_langs=("de",), other_langs=("fr",))
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
