@@ -136,6 +136,44 @@ def test_evaluate_recipe_reuses_loaded_data(lms, data):
     assert first != evaluate_checkpoint(lms["a"], datasets, device="cpu", max_new_tokens=4)
 
 
+def test_evaluated_models_are_freed_with_a_full_collection_only_where_a_cycle_needs_it(lms, data, monkeypatch):
+    """A search evaluates one model per trial: each must be freed when its scores are back, and a full
+    gc.collect() (~0.7 s with torch and transformers loaded) is paid only where a reference cycle holds the model
+    (transformers' from_pretrained leaves some, e.g. through exceptions caught during its first imports)."""
+    import gc
+    import weakref
+
+    from surgery.eval import api, model as eval_model
+
+    built, collections = [], []
+
+    def spy(name, cycle):
+        real = getattr(eval_model, name)
+
+        def load(*args, **kw):
+            model, tok = real(*args, **kw)
+            if cycle:
+                object.__setattr__(model, "_cycle", [model])
+            built.append([weakref.ref(p) for p in model.parameters()])
+            return model, tok
+        return load
+
+    real_collect = gc.collect
+    monkeypatch.setattr(api.gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
+    datasets = api.load_datasets({"t": data["text"]})
+    gc.disable()  # no automatic collection: what frees the models is evaluate_*'s doing
+    try:
+        for name, cycle, evaluate, target in (("recipe_model", False, api.evaluate_recipe, recipe(lms)),
+                                              ("load_checkpoint_model", True, api.evaluate_checkpoint, lms["a"])):
+            monkeypatch.setattr(eval_model, name, spy(name, cycle))
+            del collections[:]
+            evaluate(target, datasets, device="cpu")
+            assert built[-1] and all(r() is None for r in built[-1]), name
+            assert collections == ([1] if cycle else []), name
+    finally:
+        gc.enable()
+
+
 def test_dtype_option_casts_after_the_exact_weights(lms):
     from surgery.eval.model import recipe_model
 

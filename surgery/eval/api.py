@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
+import weakref
 from pathlib import Path
 
 from surgery.errors import SurgeryError
@@ -76,12 +77,8 @@ def evaluate_recipe(recipe, datasets: list[Dataset], *, device: str = "auto", dt
     from surgery.core.devices import resolve_device
     from surgery.eval.model import recipe_model
 
-    model, tok = recipe_model(recipe, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer, plan=plan)
-    try:
-        return evaluate_model(model, tok, datasets, **options)
-    finally:
-        del model
-        gc.collect()
+    loaded = list(recipe_model(recipe, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer, plan=plan))
+    return _evaluate_then_free(loaded, datasets, options)
 
 
 def evaluate_checkpoint(path, datasets: list[Dataset], *, device: str = "auto", dtype: str | None = None,
@@ -90,12 +87,22 @@ def evaluate_checkpoint(path, datasets: list[Dataset], *, device: str = "auto", 
     from surgery.core.devices import resolve_device
     from surgery.eval.model import load_checkpoint_model
 
-    model, tok = load_checkpoint_model(path, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer)
+    loaded = list(load_checkpoint_model(path, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer))
+    return _evaluate_then_free(loaded, datasets, options)
+
+
+def _evaluate_then_free(loaded: list, datasets, options: dict) -> dict[str, dict[str, float]]:
+    """``evaluate_model`` of ``loaded`` = [model, tokenizer], the only reference to the model, which is then freed:
+    by reference count where nothing cycles back to it (the models ``recipe_model`` builds), else by a full
+    collection (transformers' ``from_pretrained`` leaves reference cycles). A full collection walks every object
+    torch and transformers created, ~0.7 s: a search paid it for every trial while it was unconditional."""
+    model = weakref.ref(loaded[0])
     try:
-        return evaluate_model(model, tok, datasets, **options)
+        return evaluate_model(*loaded, datasets, **options)
     finally:
-        del model
-        gc.collect()
+        loaded.clear()
+        if model() is not None:
+            gc.collect()
 
 
 def target_kind(target) -> str:
