@@ -195,15 +195,16 @@ def test_sigkill_mid_search_then_rerun_equals_an_uninterrupted_run(swap_world, g
             if not (out / "study.db").exists():
                 continue
             try:
-                with sqlite3.connect(out / "study.db") as db:
-                    states = db.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+                with sqlite3.connect(out / "study.db") as db:  # (state, signed: its recipe is being evaluated)
+                    states = db.execute("SELECT number, state, EXISTS(SELECT 1 FROM trial_user_attributes a WHERE "
+                                        "a.trial_id = t.trial_id AND a.key = 'hash') FROM trials t ORDER BY number"
+                                        ).fetchall()
             except sqlite3.OperationalError:
                 continue  # tables not created yet, or locked
-            if sum(s == "COMPLETE" for _, s in states) >= 2 and states[-1][1] == "RUNNING":
-                time.sleep(0.5)  # into the trial's evaluation
-                proc.send_signal(signal.SIGKILL)
+            if sum(s == "COMPLETE" for _, s, _ in states) >= 2 and states[-1][1:] == ("RUNNING", 1):
+                proc.send_signal(signal.SIGKILL)  # in the trial's evaluation (or, rarely, already in the next ask)
                 proc.wait()
-                done_before = [n for n, s in states if s == "COMPLETE"]
+                done_before = [n for n, s, _ in states if s == "COMPLETE"]
                 break
     finally:
         if proc.poll() is None:
@@ -224,6 +225,9 @@ def test_sigkill_mid_search_then_rerun_equals_an_uninterrupted_run(swap_world, g
         {k: reference[k] for k in by_config(result.trials)}) and len(by_config(result.trials)) == 6
     redone = [t for t in optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}").trials
               if t.user_attrs.get("redo_of") == interrupted[0].number]
+    if "grid_id" not in interrupted[0].system_attrs:  # killed inside ask() before the grid sampler gave it a
+        assert redone == []                           # point: nothing to redo, the grid samples that point anew
+        return
     assert len(redone) == 1 and redone[0].state.name == "COMPLETE"
     # a kill inside ask() leaves none or some of the parameters: the redo runs the whole grid point
     assert interrupted[0].params.items() <= redone[0].params.items() and len(redone[0].params) == 2
@@ -482,6 +486,23 @@ def test_bad_storage_url_and_grid_override_are_one_line(swap_world, tmp_path):
     path = swap_search(root, "tpe", swap="bottom: 2, embeddings: {float: [0, 1]}", name="float.yaml")
     r = run_cli("search", path, "-o", tmp_path / "b", "--sampler", "grid")
     assert r.returncode == 1 and "the grid sampler needs a step for a float variable" in r.stderr, r.stderr
+
+
+def test_a_trial_killed_before_the_grid_gave_it_a_point_is_not_redone(swap_world, tmp_path):
+    """ask() creates the trial, then the grid sampler gives it a point: a kill in between leaves a RUNNING trial
+    with nothing to redo. It is marked interrupted, nothing is queued, and the next trial gets a grid point anew."""
+    from surgery.search.study import count_finished, open_study, redo_interrupted
+
+    root, _ = swap_world
+    spec = surgery.load_search(swap_search(root))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(spec, storage)
+    number = study._storage.get_trial(study._storage.create_new_trial(study._study_id)).number
+    resumed = open_study(spec, storage)
+    assert redo_interrupted(resumed) == [number] and count_finished(resumed) == 0
+    nxt = resumed.ask(fixed_distributions=spec.distributions())
+    assert "redo_of" not in nxt.user_attrs and set(nxt.params) == set(spec.param_names())
+    assert "grid_id" in resumed._storage.get_trial(nxt._trial_id).system_attrs
 
 
 @pytest.mark.parametrize("sampled", [0, 1], ids=["before-sampling", "mid-sampling"])
