@@ -160,6 +160,17 @@ def test_native_kernels_check_their_buffers():
         kernels.linear(out, [], [], None, False)
     with pytest.raises(ValueError, match="not C-contiguous"):
         kernels.linear(np.empty(8, np.float32)[::2], [x], [1.0], None, False)  # not contiguous
+    # task arithmetic and TIES take a base too (one argument group in the C code)
+    with pytest.raises(ValueError, match="base must be a buffer of the output's type and length"):
+        kernels.task_arithmetic(out, np.ones(5, np.float32), [x], [1.0], None, 1.0, False)
+    with pytest.raises(TypeError):
+        kernels.task_arithmetic(out, x, [x], [1.0], "two", 1.0, False)  # the divisor
+    with pytest.raises(ValueError, match="ties: out must be a float32 buffer"):
+        kernels.ties(out16, one, [one], [1.0], True, 1.0, True)
+    with pytest.raises(ValueError, match="at most 8 deltas, got 9"):
+        kernels.ties(out, x, [x] * 9, [0.1] * 9, True, 1.0, False)
+    with pytest.raises(ValueError, match="weights: expected 2 values"):
+        kernels.ties(out, x, [x, x], [1.0], True, 1.0, False)
 
 
 TA_CASES = [([0.6, 0.4], {}), ([0.5, 0.5], {"normalize": True}), ([0.3, -0.7, 1.2], {"lambda": 0.7}),

@@ -285,25 +285,39 @@ static int get_floats(PyObject *seq, float *dst, int m, const char *what) {
     return 0;
 }
 
-/* out, the inputs, a base of out's type and length, and one weight per input; returns the inputs' count, or -1
-   with an exception set and every buffer released */
-static int get_group(PyObject *out_obj, PyObject *base_obj, PyObject *inputs, PyObject *weights, Py_buffer *out,
-                     Py_buffer *in, Py_buffer *base, const void **ptrs, float *w) {
-    int m = get_buffers(out_obj, inputs, out, in, ptrs);
-    if (m < 0)
+/* what task arithmetic and TIES take: out, the inputs, a base of out's type and length, one weight per input */
+struct group {
+    Py_buffer out, base, in[MAX_INPUTS];
+    const void *ptrs[MAX_INPUTS];
+    float w[MAX_INPUTS];
+    int m; /* the inputs' count */
+};
+
+/* 0, or -1 with an exception set and every buffer released */
+static int open_group(PyObject *out_obj, PyObject *base_obj, PyObject *inputs, PyObject *weights, struct group *g) {
+    g->m = get_buffers(out_obj, inputs, &g->out, g->in, g->ptrs);
+    if (g->m < 0)
         return -1;
-    if (PyObject_GetBuffer(base_obj, base, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
-        release(out, in, m);
+    if (PyObject_GetBuffer(base_obj, &g->base, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        release(&g->out, g->in, g->m);
         return -1;
     }
-    if (base->len != out->len || strcmp(base->format ? base->format : "B", out->format ? out->format : "B") != 0)
+    const char *bf = g->base.format ? g->base.format : "B", *of = g->out.format ? g->out.format : "B";
+    if (g->base.len != g->out.len || strcmp(bf, of) != 0)
         PyErr_SetString(PyExc_ValueError, "base must be a buffer of the output's type and length");
-    if (PyErr_Occurred() || get_floats(weights, w, m, "weights") < 0) {
-        PyBuffer_Release(base);
-        release(out, in, m);
+    if (PyErr_Occurred() || get_floats(weights, g->w, g->m, "weights") < 0) {
+        PyBuffer_Release(&g->base);
+        release(&g->out, g->in, g->m);
         return -1;
     }
-    return m;
+    return 0;
+}
+
+/* NULL (the exception set by the caller, or already set), after releasing every buffer of the group */
+static PyObject *close_group(struct group *g) {
+    PyBuffer_Release(&g->base);
+    release(&g->out, g->in, g->m);
+    return NULL;
 }
 
 static PyObject *linear(PyObject *self, PyObject *args) {
@@ -341,37 +355,29 @@ static PyObject *task_arithmetic(PyObject *self, PyObject *args) {
     PyObject *out_obj, *base_obj, *inputs, *weights, *div_obj;
     double lam;
     int bf16;
+    struct group g;
     if (!PyArg_ParseTuple(args, "OOOOOdp:task_arithmetic", &out_obj, &base_obj, &inputs, &weights, &div_obj, &lam,
-                          &bf16))
-        return NULL;
-    Py_buffer out, in[MAX_INPUTS], base;
-    const void *ptrs[MAX_INPUTS];
-    float w[MAX_INPUTS];
-    int m = get_group(out_obj, base_obj, inputs, weights, &out, in, &base, ptrs, w);
-    if (m < 0)
+                          &bf16) ||
+        open_group(out_obj, base_obj, inputs, weights, &g) < 0)
         return NULL;
     double divisor = div_obj == Py_None ? 1.0 : PyFloat_AsDouble(div_obj);
-    if (divisor == -1.0 && PyErr_Occurred()) {
-        PyBuffer_Release(&base);
-        release(&out, in, m);
-        return NULL;
-    }
-    int io = out.itemsize == 2, normalize = div_obj != Py_None;
-    Py_ssize_t n = out.len / out.itemsize, bad = 0;
+    if (divisor == -1.0 && PyErr_Occurred())
+        return close_group(&g);
+    int m = g.m, io = g.out.itemsize == 2, normalize = div_obj != Py_None;
+    Py_ssize_t n = g.out.len / g.out.itemsize, bad = 0;
     Py_BEGIN_ALLOW_THREADS;
     if (io) {
         const uint16_t *all[IO_MAX + 1];
-        memcpy(all, ptrs, m * sizeof(*all));
-        all[m] = (const uint16_t *)base.buf;
-        struct merge_args a = {w, m, normalize, lam != 1.0, (float)divisor, (float)lam};
-        bad = io_tiles((uint16_t *)out.buf, all, m + 1, n, task_arithmetic_tile, &a);
+        memcpy(all, g.ptrs, m * sizeof(*all));
+        all[m] = (const uint16_t *)g.base.buf;
+        struct merge_args a = {g.w, m, normalize, lam != 1.0, (float)divisor, (float)lam};
+        bad = io_tiles((uint16_t *)g.out.buf, all, m + 1, n, task_arithmetic_tile, &a);
     } else
-        (bf16 ? task_arithmetic_bf16 : task_arithmetic_f32)((float *)out.buf, (const float *)base.buf,
-                                                            (const float **)ptrs, w, m, n, normalize, (float)divisor,
-                                                            lam != 1.0, (float)lam);
+        (bf16 ? task_arithmetic_bf16 : task_arithmetic_f32)((float *)g.out.buf, (const float *)g.base.buf,
+                                                            (const float **)g.ptrs, g.w, m, n, normalize,
+                                                            (float)divisor, lam != 1.0, (float)lam);
     Py_END_ALLOW_THREADS;
-    PyBuffer_Release(&base);
-    release(&out, in, m);
+    close_group(&g);
     if (io)
         return PyLong_FromSsize_t(bad);
     Py_RETURN_NONE;
@@ -381,30 +387,24 @@ static PyObject *ties(PyObject *self, PyObject *args) {
     PyObject *out_obj, *base_obj, *inputs, *weights;
     int normalize, bf16;
     double lam;
-    if (!PyArg_ParseTuple(args, "OOOOpdp:ties", &out_obj, &base_obj, &inputs, &weights, &normalize, &lam, &bf16))
+    struct group g;
+    if (!PyArg_ParseTuple(args, "OOOOpdp:ties", &out_obj, &base_obj, &inputs, &weights, &normalize, &lam, &bf16) ||
+        open_group(out_obj, base_obj, inputs, weights, &g) < 0)
         return NULL;
-    Py_buffer out, in[MAX_INPUTS], base;
-    const void *ptrs[MAX_INPUTS];
-    float w[MAX_INPUTS];
-    int m = get_group(out_obj, base_obj, inputs, weights, &out, in, &base, ptrs, w);
-    if (m < 0)
-        return NULL;
-    if (out.itemsize != 4)
+    if (g.out.itemsize != 4) {
         PyErr_SetString(PyExc_ValueError, "ties: out must be a float32 buffer");
-    else if (m > TIES_MAX)
-        PyErr_Format(PyExc_ValueError, "at most %d deltas, got %d", TIES_MAX, m);
-    if (PyErr_Occurred()) {
-        PyBuffer_Release(&base);
-        release(&out, in, m);
-        return NULL;
+        return close_group(&g);
     }
-    Py_ssize_t n = out.len / 4;
+    if (g.m > TIES_MAX) {
+        PyErr_Format(PyExc_ValueError, "at most %d deltas, got %d", TIES_MAX, g.m);
+        return close_group(&g);
+    }
+    Py_ssize_t n = g.out.len / 4;
     Py_BEGIN_ALLOW_THREADS;
-    (bf16 ? ties_bf16 : ties_f32)((float *)out.buf, (const float *)base.buf, (const float **)ptrs, w, m, n, normalize,
-                                  lam != 1.0, (float)lam);
+    (bf16 ? ties_bf16 : ties_f32)((float *)g.out.buf, (const float *)g.base.buf, (const float **)g.ptrs, g.w, g.m, n,
+                                  normalize, lam != 1.0, (float)lam);
     Py_END_ALLOW_THREADS;
-    PyBuffer_Release(&base);
-    release(&out, in, m);
+    close_group(&g);
     Py_RETURN_NONE;
 }
 
