@@ -81,28 +81,29 @@ def compute(entry, inputs):
     out = np.empty(shape, dtype=HOST_DTYPES[entry.dtype])
     flat = out.reshape(shape[0] if shape else 1, -1)
 
-    # a raw op's numpy kernel returns values of its own result dtype (``out_dtype``, as plan.py reads it)
-    exact = isinstance(entry.node, Node) and OPS[entry.node.op].raw and entry.node.params.get("out_dtype") == entry.dtype
-
     node = entry.node
-    direct = isinstance(node, Node) and OPS[node.op].raw and OPS[node.op].numpy_stored is not None
+    raw = OPS[node.op] if isinstance(node, Node) and OPS[node.op].raw else None
+    # a raw op's numpy kernel returns values of its own result dtype (``out_dtype``, as plan.py reads it)
+    exact = raw is not None and node.params.get("out_dtype") == entry.dtype
 
     def block(rows):
         a, b = rows
-        if direct:  # stored bytes in, stored bytes out (a compiled kernel): no float32 copies
-            raws = lambda: [read(inputs[r.input], r.name, rows if shape else None) for r in node.args]  # noqa: E731
-            bad = OPS[node.op].numpy_stored(raws, node.params, [_stored(inputs, r) for r in node.args], entry.dtype,
-                                            flat[a:b])
+
+        def stored_bytes(ref):
+            return read(inputs[ref.input], ref.name, rows if shape else None)
+
+        if raw is not None and raw.numpy_stored is not None:  # stored bytes in and out (a compiled kernel)
+            bad = raw.numpy_stored(lambda: [stored_bytes(r) for r in node.args], node.params,
+                                   [_stored(inputs, r) for r in node.args], entry.dtype, flat[a:b])
             if bad is not None:
                 return bad, 0
         with np.errstate(all="ignore"):  # overflow is counted and refused below, as on the torch path
-            values = evaluate(entry.node, lambda ref: to_float32(read(inputs[ref.input], ref.name, rows if shape
-                                                                       else None), _stored(inputs, ref)),
+            values = evaluate(node, lambda ref: to_float32(stored_bytes(ref), _stored(inputs, ref)),
                               lambda ref: _stored(inputs, ref))
             from_float32(values.reshape(b - a, -1), entry.dtype, flat[a:b], exact)
             return finite.count_nonfinite(values), finite.count_over_range(entry, values)
 
-    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES)) if _blockwise(entry.node) else [(0, shape[0] if shape else 1)]
+    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES)) if _blockwise(node) else [(0, flat.shape[0])]
     counts = [block(blocks[0])]  # the first block alone: it opens the input files
     if len(blocks) > 1:
         counts += _pool().map(block, blocks[1:]) if host_threads() > 1 else map(block, blocks[1:])
