@@ -172,57 +172,31 @@ def compute_stored(read_raws, params: dict, stored: list[str], out_dtype: str, o
     """bfloat16 in, bfloat16 out, through the compiled kernels (no float32 copies of the inputs or the output):
     fills ``out`` (uint16 bit patterns) and returns its count of non-finite values; None where this does not apply
     (then ``compute`` runs on float32 arrays). ``read_raws()``: the inputs' stored bytes."""
-    if (params["method"] not in ELEMENTWISE or out_dtype != "BF16" or set(stored) != {"BF16"}
+    base_only = params["method"] == "task_arithmetic" and len(stored) == 1  # (its kernel needs a model)
+    if (params["method"] not in ELEMENTWISE or out_dtype != "BF16" or set(stored) != {"BF16"} or base_only
             or merge_dtype(params, stored) != "BF16" or len(stored) > IO_MAX or native("BF16") is None):
         return None
     import numpy as np
 
-    xs = [r.view(np.uint16) for r in read_raws()]
-    dest = out.reshape(-1)
-    if params["method"] == "linear":
-        coeffs, denominator = _linear_setup(params)
-        return native("BF16").linear(dest, xs, [float(c) for c in coeffs],
-                                     None if denominator is None else float(denominator), True)
-    at, rest, weights, divisor, lam = _task_arithmetic_setup(params, "BF16")
-    if not rest:
-        return None
-    return native("BF16").task_arithmetic(dest, xs[at], [xs[k] for k in rest], weights, divisor, lam, True)
+    step = (_linear if params["method"] == "linear" else _task_arithmetic)(params, "BF16")  # the compiled kernel's
+    return step([r.view(np.uint16) for r in read_raws()], out.reshape(-1), None)
 
 
 IO_MAX = 8  # inputs of the compiled kernels' bfloat16 form
 
 
-def _linear_setup(params: dict):
-    """float32 coefficients and the float32 sum mergekit divides by (None without normalize)."""
+def _linear(params: dict, dtype: str):
+    """A step(xs, out, scratch) computing the merge of float32 arrays (the compiled kernel's step also takes
+    uint16 bfloat16 bit patterns and returns their non-finite count)."""
     import numpy as np
 
     coeffs = [np.float32(c) for c in _linear_coeffs(params)]
-    return coeffs, (np.float32(_fsum32(coeffs)) if params["shared"].get("normalize", True) else None)
-
-
-def _task_arithmetic_setup(params: dict, dtype: str):
-    """The base's position, the others', their weights and divisor in the merge dtype, lambda."""
-    shared = params["shared"]
-    at = params["base_index"]
-    rest = [k for k in range(len(params["ids"])) if k != at]
-    weights = [_scalar(float(params["per_input"][params["ids"][k]]["weight"]), dtype) for k in rest]
-    divisor = None
-    if shared.get("normalize", False):
-        divisor = _scalar(_fsum32(weights), dtype)
-        if abs(divisor) < _scalar(1e-8, dtype):
-            divisor = 1.0
-    return at, rest, weights, divisor, float(shared.get("lambda", 1.0))
-
-
-def _linear(params: dict, dtype: str):
-    import numpy as np
-
-    coeffs, denominator = _linear_setup(params)
+    denominator = np.float32(_fsum32(coeffs)) if params["shared"].get("normalize", True) else None
     kernels = native(dtype)
     if kernels is not None:
         def native_step(xs, out, scratch):
-            kernels.linear(out, xs, [float(c) for c in coeffs],
-                           None if denominator is None else float(denominator), dtype == "BF16")
+            return kernels.linear(out, xs, [float(c) for c in coeffs],
+                                  None if denominator is None else float(denominator), dtype == "BF16")
         return native_step
 
     def step(xs, out, scratch):  # every x * c is exact here (``supports``)
@@ -237,13 +211,23 @@ def _linear(params: dict, dtype: str):
 
 
 def _task_arithmetic(params: dict, dtype: str):
+    """A step like ``_linear``'s: every step in the merge dtype (the module's docstring)."""
     import numpy as np
 
-    at, rest, weights, divisor, lam = _task_arithmetic_setup(params, dtype)
+    shared = params["shared"]
+    at = params["base_index"]
+    rest = [k for k in range(len(params["ids"])) if k != at]
+    weights = [_scalar(float(params["per_input"][params["ids"][k]]["weight"]), dtype) for k in rest]
+    divisor = None
+    if shared.get("normalize", False):
+        divisor = _scalar(_fsum32(weights), dtype)
+        if abs(divisor) < _scalar(1e-8, dtype):
+            divisor = 1.0
+    lam = float(shared.get("lambda", 1.0))
     kernels = native(dtype)
     if kernels is not None and rest:
         def native_step(xs, out, scratch):
-            kernels.task_arithmetic(out, xs[at], [xs[k] for k in rest], weights, divisor, lam, dtype == "BF16")
+            return kernels.task_arithmetic(out, xs[at], [xs[k] for k in rest], weights, divisor, lam, dtype == "BF16")
         return native_step
 
     def step(xs, out, scratch):
@@ -313,8 +297,8 @@ def _ties(flat: list, out, params: dict, dtype: str) -> None:
         return delta
 
     deltas = list(_pool().map(sparsify, entries)) if len(entries) > 1 else [sparsify(entries[0])]
-    native(dtype).ties(out, base, deltas, weights, bool(shared.get("normalize", True)), float(shared.get("lambda", 1.0)),
-                  dtype == "BF16")
+    native(dtype).ties(out, base, deltas, weights, bool(shared.get("normalize", True)),
+                       float(shared.get("lambda", 1.0)), dtype == "BF16")
 
 
 def _argsort_mask(delta, keep: int):
