@@ -190,6 +190,20 @@ def test_integer_magnitude_keys_select_like_the_float_sort(dtype, impl):
     assert magnitude_keys(torch.ones(3, dtype=torch.float64)) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_numpy_magnitude_keys_are_the_torch_keys(dtype):
+    """merge_numpy's TIES holds bfloat16 values in float32 arrays: its keys are those of the stored tensor."""
+    from surgery.operations.introsort import magnitude_keys, magnitude_keys_numpy
+
+    g = torch.Generator().manual_seed(7)
+    delta = (torch.randn(5000, generator=g) * 0.02).to(dtype)
+    delta[::5], delta[1::7], delta[3] = 0.0, -0.0, float("inf")
+    keys = magnitude_keys_numpy(delta.float().numpy(), dtype == torch.bfloat16)
+    assert keys.dtype.itemsize == delta.element_size() and keys.tolist() == magnitude_keys(delta).tolist()
+    delta[9] = float("nan")
+    assert magnitude_keys_numpy(delta.float().numpy(), dtype == torch.bfloat16) is None
+
+
 @functools.lru_cache(maxsize=None)
 def large_delta(dtype: torch.dtype) -> torch.Tensor:
     """3M bf16-like fine-tune deltas: heavy ties among the magnitudes (bfloat16 has 128 per octave)."""

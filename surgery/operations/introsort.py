@@ -194,3 +194,16 @@ def magnitude_keys(tensor):
     if keys.numel() and int(keys.max()) > infinity:
         return None
     return keys
+
+
+def magnitude_keys_numpy(values, bf16: bool):
+    """``magnitude_keys`` of a float32 numpy array: int32 keys, or int16 ones where every value is a bfloat16
+    (``bf16``: its upper 16 bits, half the bytes to move), or None for NaNs."""
+    import numpy as np
+
+    bits = values.reshape(-1).view(np.uint32)
+    if bf16:
+        keys, infinity = ((bits >> 16) & 0x7FFF).astype(np.int16), 0x7F80
+    else:
+        keys, infinity = (bits & 0x7FFFFFFF).view(np.int32), 0x7F800000
+    return None if keys.size and int(keys.max()) > infinity else keys

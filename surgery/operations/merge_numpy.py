@@ -264,6 +264,7 @@ def _ties(flat: list, out, params: dict, dtype: str) -> None:
     (the kernels release the GIL); the compiled ``ties`` kernel does the rest in one pass."""
     import numpy as np
 
+    from surgery.operations.introsort import magnitude_keys_numpy
     from surgery.operations.merge_kernels import _pool
 
     at = params["base_index"]
@@ -284,13 +285,8 @@ def _ties(flat: list, out, params: dict, dtype: str) -> None:
         if density <= 0 or delta.size == 0:
             return np.zeros_like(delta)
         keep = max(1, int(density * delta.size))
-        if dtype == "BF16":  # the magnitude's bit pattern orders like the magnitude (introsort.magnitude_keys)
-            keys = ((delta.view(np.uint32) >> 16) & 0x7FFF).astype(np.int16)
-            nan = keys.max() > 0x7F80
-        else:
-            keys = (delta.view(np.uint32) & 0x7FFFFFFF).view(np.int32)
-            nan = keys.max() > 0x7F800000
-        mask = None if nan else _top_k()(keys, keep)
+        keys = magnitude_keys_numpy(delta, dtype == "BF16")  # ordered like the magnitudes; None for NaN
+        mask = None if keys is None else _top_k()(keys, keep)
         if mask is None:  # NaN, or introsort's heapsort fallback: the real sort decides, as in mergekit
             mask = _argsort_mask(delta, keep)
         delta *= mask
