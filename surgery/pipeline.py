@@ -104,15 +104,22 @@ class RunResult:
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
         convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False,
-        inputs: dict | None = None, device: str = "cpu") -> RunResult:
+        inputs: dict | None = None, device: str = "cpu", backend: str | None = None) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
     NaN or Inf values is refused unless ``allow_nonfinite``. ``inputs``: the recipe's inputs, already open
     (default: opened here). A YAML file with several documents is a multi-stage mergekit config (see
     ``_run_stages``). ``device``: where merge operations compute, 'cpu' (default), 'cuda' or 'auto' (cuda
-    when torch sees a GPU).
+    when torch sees a GPU). ``backend``: which implementations may compute ('auto', 'numpy', 'torch' or 'mergekit';
+    ``core.devices.BACKENDS``; default $SURGERY_BACKEND, else 'auto'); every level writes the same bytes.
     """
+    if backend is not None:
+        from surgery.core.devices import check_backend, use_backend
+
+        with use_backend(check_backend(backend, "backend")):
+            return run(recipe, out, force=force, quiet=quiet, convert_bin=convert_bin, random_seed=random_seed,
+                       allow_nonfinite=allow_nonfinite, inputs=inputs, device=device)
     start = time.perf_counter()
     if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) and Path(recipe).is_file():
         from surgery.recipe.mergekit_multi import is_multi_document

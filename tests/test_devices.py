@@ -32,17 +32,17 @@ def test_compute_context_sets_and_restores_device_and_threads():
 
 def test_merge_moves_inputs_to_the_current_device(family, tmp_path, monkeypatch):
     """The merge op hands the kernels tensors on the current device (recorded here on CPU, where it is a no-op)."""
-    from surgery.operations import merge as merge_mod
+    from surgery.core import devices
 
     seen = []
-    real = merge_mod.current_device
+    real = devices.current_device
 
     def spy():
         seen.append(real())
         return real()
 
-    monkeypatch.setattr(merge_mod, "current_device", spy)
-    monkeypatch.setenv("SURGERY_NUMPY", "0")  # the torch kernels (on the CPU, linear merges compute in numpy)
+    monkeypatch.setattr("surgery.core.devices.current_device", spy)
+    monkeypatch.setenv("SURGERY_BACKEND", "torch")  # the torch kernels (on the CPU, linear merges compute in numpy)
     config = {"inputs": {k: str(v) for k, v in family.items()}, "recipient": "base",
               "operations": [{"merge": {"method": "linear", "models": {"lang": {"weight": 0.5},
                                                                        "task": {"weight": 0.5}}}}]}
@@ -56,7 +56,8 @@ def test_merge_moves_inputs_to_the_current_device(family, tmp_path, monkeypatch)
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_kernels_allocate_on_the_inputs_device(method):
     """Run the kernels on the meta device: any tensor they create on the CPU would fail to mix with the inputs."""
-    from surgery.operations.merge_kernels import fast_kernel
+    from surgery.merge.gta import gta_parallel
+    from surgery.merge.linear import torch_chunked
 
     ts = [torch.empty(64, 48, dtype=torch.bfloat16, device="meta") for _ in range(3)]
     ids = ["a", "b", "base"]
@@ -64,7 +65,8 @@ def test_kernels_allocate_on_the_inputs_device(method):
     if method != "linear":
         params = {"weight": {"a": 0.6, "b": 0.4}, "normalize": False, "lambda": 1.0, "int8_mask": False,
                   "rescale": False}
-    out = fast_kernel(method, params)(method, ts, ids, 2, params)
+    kernel = torch_chunked if method == "linear" else gta_parallel
+    out = kernel(ts, {"method": method, "ids": ids, "base_index": None if method == "linear" else 2}, params)
     assert out.device.type == "meta" and out.shape == (64, 48) and out.dtype == torch.bfloat16
 
 

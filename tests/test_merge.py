@@ -236,26 +236,27 @@ def test_bad_stacks(family, tmp_path, body, message):
 ])
 def test_parallel_kernel_is_bitwise_mergekit(method, params):
     """The parallel driver used for these methods gives exactly mergekit's result (bf16, many ties)."""
-    from surgery.operations.merge_kernels import fast_kernel
+    from surgery.merge.table import choose
 
     gen = torch.Generator().manual_seed(0)
     base = (torch.randn(300, 257, generator=gen) * 0.02).bfloat16()
     tensors = [(base.float() + torch.randn(base.shape, generator=gen) * 0.003).bfloat16() for _ in range(3)] + [base]
     ids = ["a", "b", "c", "base"]
-    kernel = fast_kernel(method, {})
-    assert kernel is not None
+    p = {"method": method, "ids": ids, "base_index": 3, "kernel": "exact", "shared": {}, "per_input": {}}
+    backend = choose(p, ["BF16"] * 4, host=False)
+    assert backend.name == "torch"
     per_input = {k: dict(zip(ids[:3], v)) for k, v in params.items() if isinstance(v, list)}
     shared = {k: v for k, v in params.items() if not isinstance(v, list)}
     want = merged(method, tensors, base_index=3, **{k: list(v.values()) for k, v in per_input.items()}, **shared)
     for chunk in (1000, 1 << 18):  # several chunks, one chunk
-        got = kernel(method, tensors, ids, 3, {**shared, **per_input}, chunk=chunk)
+        got = backend.kernel(tensors, p, {**shared, **per_input}, chunk=chunk)
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_mirrored_setting_resolution_matches_mergekit():
     from mergekit.config import ConditionalParameter, evaluate_setting as mk_evaluate
 
-    from surgery.operations.merge import evaluate_setting, parse_setting
+    from surgery.merge.settings import evaluate_setting, parse_setting
 
     def validate(v):
         return float(v)
@@ -274,8 +275,10 @@ def test_mirrored_setting_resolution_matches_mergekit():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fast_ties_kernel_differs_only_at_threshold_ties(dtype):
-    from surgery.operations.merge_kernels import gta_parallel, magnitude_select
     from mergekit.sparsify import magnitude
+
+    from surgery.merge.gta import gta_parallel
+    from surgery.merge.ties import magnitude_exact, magnitude_select
 
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(400, 301, generator=gen) * 0.01).to(dtype)
@@ -290,8 +293,9 @@ def test_fast_ties_kernel_differs_only_at_threshold_ties(dtype):
     base = (torch.randn(50, 40, generator=gen) * 0.02).to(dtype)
     tensors = [base + (torch.randn(base.shape, generator=gen) * 0.003).to(dtype) for _ in range(2)] + [base]
     params = {"weight": {"a": 0.6, "b": 0.4}, "density": {"a": 0.5, "b": 0.5}}
-    exact = gta_parallel("ties", tensors, ["a", "b", "base"], 2, dict(params))
-    fast = gta_parallel("ties", tensors, ["a", "b", "base"], 2, dict(params), fast=True)
+    p = {"method": "ties", "ids": ["a", "b", "base"], "base_index": 2}
+    exact = gta_parallel(tensors, p, dict(params), magnitude=magnitude_exact)
+    fast = gta_parallel(tensors, p, dict(params), magnitude=magnitude_select)
     if dtype == torch.float32:
         assert torch.equal(exact, fast)
     else:
@@ -316,14 +320,14 @@ def test_fast_kernels_cli_option(family, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_chunked_linear_kernel_is_bitwise_mergekit(dtype, normalize):
-    from surgery.operations.merge_kernels import fast_kernel
+    from surgery.merge.linear import torch_chunked
 
     gen = torch.Generator().manual_seed(2)
     tensors = [(torch.randn(1100, 1000, generator=gen) * 0.02).to(dtype) for _ in range(3)]  # > one chunk
     weights = [0.4, -0.35, 1.7]
     want = merged("linear", tensors, weight=weights, normalize=normalize)
-    got = fast_kernel("linear", {})("linear", tensors, [0, 1, 2], None, {"weight": dict(enumerate(weights)),
-                                                                         "normalize": normalize})
+    got = torch_chunked(tensors, {"method": "linear", "ids": [0, 1, 2], "base_index": None},
+                        {"weight": dict(enumerate(weights)), "normalize": normalize})
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 

@@ -27,14 +27,19 @@ from surgery.errors import SurgeryError
               help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where merge operations compute: cuda streams their inputs to the GPU; auto uses it when present.")
+@click.option("--backend", type=click.Choice(["auto", "numpy", "torch", "mergekit"]), default=None,
+              help="Which implementations compute (the same bytes at every level; for comparisons and debugging): "
+                   "auto = compiled kernels, then numpy, torch, mergekit's own; numpy = no compiled kernels; torch = "
+                   "no numpy math; mergekit = merge methods through mergekit's kernels only. Default: "
+                   "$SURGERY_BACKEND, else auto. `surgery backends` lists them.")
 @convert_opt
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf values instead of refusing the output.")
 @run_threads_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, allow_nonfinite, push_to,
-        public, revision, create_pr, token):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, backend, allow_nonfinite,
+        push_to, public, revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
@@ -53,7 +58,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         recipe = use_fast_kernels(load_recipe(recipe))
     result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
                         convert_bin=convert_bin, random_seed=random_seed, allow_nonfinite=allow_nonfinite,
-                        device=device)
+                        device=device, backend=backend)
     if not quiet and not as_json:
         from surgery.io.output import format_size
 

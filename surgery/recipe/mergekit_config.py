@@ -156,7 +156,7 @@ class _Translator:
             raise self.error((), "exactly one of 'models', 'slices' or 'modules' must be present")
 
         from surgery.errors import SurgeryError
-        from surgery.operations.merge_specs import spec_of
+        from surgery.merge.specs import spec_of
 
         try:
             spec = spec_of(str(method))

@@ -14,7 +14,7 @@ while they have not crossed) finds the same k entries in O(n) instead of O(n log
 its depth limit, non-CPU tensors); callers then sort as mergekit does. ``tests/test_introsort.py``
 checks the result against ``torch.argsort`` on inputs full of ties. The replay runs in a compiled kernel
 (``_introsort.c``, built by ``setup.py``; 3-4x faster than numpy) where it is built, else in vectorised numpy
-(``_replay``); ``SURGERY_NATIVE=0`` forces the numpy replay.
+(``_replay``); ``--backend numpy`` forces the numpy replay.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def top_k_mask(w, k: int, *, overwrite: bool = False):
 def top_k_mask_numpy(keys, k: int):
     """``top_k_mask`` on a 1-D numpy array of keys, which it may reorder: a bool array, or None where
     replaying introsort is not exact (NaNs, its heapsort fallback). int16, int32 and float32 keys go to the
-    compiled kernel (``_introsort.c``) unless it is not built or ``SURGERY_NATIVE=0``; others to the numpy
+    compiled kernel (``_introsort.c``) unless it is not built or the backend level is not 'auto'; others to the numpy
     replay."""
     import numpy as np
 
@@ -66,8 +66,8 @@ def top_k_mask_numpy(keys, k: int):
 
 
 def _native():
-    """The compiled kernel, or None (not built, or SURGERY_NATIVE=0)."""
-    from surgery.operations import native
+    """The compiled kernel, or None (not built, or the backend level is not 'auto')."""
+    from surgery.merge import native
 
     return native.load("_introsort")
 

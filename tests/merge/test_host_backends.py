@@ -1,4 +1,5 @@
-"""operations.merge_numpy: mergekit's linear and task arithmetic without torch, bitwise equal to mergekit's own kernels;
+"""surgery.merge's host backends (numpy, compiled): mergekit's linear, task arithmetic and TIES without torch, bitwise
+equal to mergekit's own kernels;
 the written-out method specs equal mergekit's registry; such merges never import torch or mergekit."""
 
 import itertools
@@ -9,10 +10,22 @@ import torch
 from helpers import errors_numpy_and_torch, load, probe, raw_bytes, use_implementation, with_nan
 
 import surgery
+from surgery import merge
 from surgery.core import host_math
-from surgery.operations import merge_numpy
+from surgery.merge import native, topk
+from surgery.merge.numeric import exact_product, merge_dtype
+from surgery.merge.specs import LOCAL, REQUIRED, from_mergekit, get_method
+from surgery.merge.table import choose
 from surgery.operations.merge import _compute
-from surgery.operations.merge_specs import LOCAL, REQUIRED, from_mergekit, get_method
+
+
+def supports(p, stored) -> bool:
+    """The host backends compute this node (numpy or compiled)."""
+    return merge.host_kernel(p, stored) is not None
+
+
+def blockwise(p, stored) -> bool:
+    return merge.host_kernel(p, stored).blockwise
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -49,8 +62,10 @@ def params(method: str, ids: list, weights: list, base=None, dtype=None, **share
 
 def mergekit(tensors, p, monkeypatch):
     """mergekit's own kernel (merge_tensors), through the op's torch path."""
-    monkeypatch.setenv("SURGERY_MERGEKIT_KERNELS", "1")
-    return _compute([t.clone() for t in tensors], p)
+    from surgery.core.devices import use_backend
+
+    with use_backend("mergekit"):
+        return _compute([t.clone() for t in tensors], p)
 
 
 def same(got: bytes, want: torch.Tensor) -> bool:
@@ -66,7 +81,8 @@ def stored_bits(tensors, p, stored):
     apply; also checks the non-finite count it returns."""
     raws = [t.contiguous().view(torch.uint8).numpy().copy() for t in tensors]
     out = np.empty(tensors[0].numel(), dtype=np.uint16)
-    bad = merge_numpy.compute_stored(lambda: raws, p, stored, "BF16", out)
+    kernel = merge.host_kernel(p, stored)
+    bad = None if kernel.run_stored is None else kernel.run_stored(lambda: raws, "BF16", out)
     if bad is None:
         return None
     got = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
@@ -76,9 +92,9 @@ def stored_bits(tensors, p, stored):
 
 def numpy_bits(tensors, p, stored):
     arrays = [host_math.to_float32(t.contiguous().view(torch.uint8).numpy().copy(), s) for t, s in zip(tensors, stored)]
-    dtype = merge_numpy.merge_dtype(p, stored)
+    dtype = merge_dtype(p, stored)
     with np.errstate(all="ignore"):
-        values = merge_numpy.compute(arrays, p, stored)
+        values = merge.host_kernel(p, stored).run(arrays)
     out = np.empty(values.shape, dtype=host_math.HOST_DTYPES[dtype])
     host_math.from_float32(values, dtype, out, exact=True)
     return out.tobytes()
@@ -101,7 +117,7 @@ def test_linear_is_bitwise_mergekit(dtype, weights, normalize, monkeypatch, impl
     # and subnormals down to 2**-149: only 0 and ±1); the compiled kernel takes any weight (float16: numpy only)
     expected = (impl == "native" and dtype != "F16") or (
         weights not in INEXACT and (dtype != "F32" or all(abs(w) in (0, 1) for w in weights)))
-    assert merge_numpy.supports(p, [dtype] * len(ids)) == expected
+    assert supports(p, [dtype] * len(ids)) == expected
     if expected:
         want = mergekit(tensors, p, monkeypatch)
         assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
@@ -117,7 +133,7 @@ def test_native_linear_is_fused_on_float32_midpoints(monkeypatch, impl):
     x0 = torch.tensor([(-1.0) ** i * 2.0 ** -(60 + i) for i in range(n)], dtype=torch.float32)
     x1 = torch.tensor([1.5 * 2.0 ** (i % 8 - 4) for i in range(n)], dtype=torch.float32)
     p = params("linear", ["a", "b"], [1.0, c], normalize=False)
-    assert merge_numpy.supports(p, ["F32", "F32"]) == (impl == "native")
+    assert supports(p, ["F32", "F32"]) == (impl == "native")
     if impl == "numpy":
         return
     want = mergekit([x0, x1], p, monkeypatch)
@@ -126,7 +142,7 @@ def test_native_linear_is_fused_on_float32_midpoints(monkeypatch, impl):
 
 
 def test_native_kernels_check_their_buffers():
-    kernels = merge_numpy.native("BF16")
+    kernels = native.load("_elementwise")
     if kernels is None:
         pytest.skip("the compiled kernels are not built (the `impl` tests fail for them where a compiler exists)")
     x, out = np.ones(4, np.float32), np.empty(4, np.float32)
@@ -186,7 +202,7 @@ def test_task_arithmetic_is_bitwise_mergekit(dtype, weights, shared, monkeypatch
     tensors = [t if i == len(ids) - 1 else (tensors[-1].float() + t.float() * 0.01).to(t.dtype)
                for i, t in enumerate(tensors)]  # experts near the base, as fine-tunes are
     p = params("task_arithmetic", ids, weights + [None], base="base", **shared)
-    assert merge_numpy.supports(p, [dtype] * len(ids))
+    assert supports(p, [dtype] * len(ids))
     want = mergekit(tensors, p, monkeypatch)
     assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
     direct = stored_bits(tensors, p, [dtype] * len(ids))
@@ -211,18 +227,18 @@ def test_ties_is_bitwise_mergekit(dtype, weights, densities, shared, monkeypatch
     p = params("ties", ids, weights + [None], base="base", **shared)
     for i, density in zip(ids, densities):
         p["per_input"][i]["density"] = density
-    assert merge_numpy.supports(p, [dtype] * len(ids)) == (impl == "native")
+    assert supports(p, [dtype] * len(ids)) == (impl == "native")
     if impl == "native":
         want = mergekit(tensors, p, monkeypatch)
         assert same(numpy_bits(tensors, p, [dtype] * len(ids)), want)
-        assert not merge_numpy.elementwise(p) and merge_numpy.elementwise({**p, "method": "linear"})
+        assert not blockwise(p, [dtype] * len(ids))
 
 
 def test_ties_falls_back_to_the_real_sort_where_the_replay_is_not_exact(monkeypatch):
-    if merge_numpy.native("BF16") is None or merge_numpy._top_k() is None:
+    if native.load("_elementwise") is None or native.load("_introsort") is None:
         pytest.skip("the compiled kernels are not built (the `impl` tests fail for them where a compiler exists)")
     calls = []
-    monkeypatch.setattr(merge_numpy, "_top_k", lambda: lambda keys, k: calls.append(k))  # "not exact": None
+    monkeypatch.setattr(topk, "top_k_mask_numpy", lambda keys, k: calls.append(k))  # "not exact": None
     base = hard_values(3001, seed=40, dtype="BF16")
     tensors = [(base.float() + torch.randn(base.shape) * 0.01).bfloat16() for _ in range(2)] + [base]
     p = params("ties", ["a", "b", "base"], [0.5, 0.5, None], base="base")
@@ -253,25 +269,25 @@ def test_conversions_and_promotion_are_mergekit(method, stored, dtype, monkeypat
     tensors = [hard_values(3001, seed=20 + i, dtype="F16").to(TORCH[s]) for i, s in enumerate(stored)]
     p = params(method, ids, ([1.0, -1.0, 1.0] if method == "linear" else [0.6, 0.4]) + ([None] if method != "linear" else []),
                base="base" if method != "linear" else None, dtype=dtype)
-    if not merge_numpy.supports(p, stored):
+    if not supports(p, stored):
         assert method == "linear" and dtype is None  # linear over mixed dtypes: mergekit's own kernel
         return
     want = mergekit(tensors, p, monkeypatch)
-    assert merge_numpy.merge_dtype(p, stored) == {torch.bfloat16: "BF16", torch.float16: "F16",
+    assert merge_dtype(p, stored) == {torch.bfloat16: "BF16", torch.float16: "F16",
                                                   torch.float32: "F32"}[want.dtype]
     assert same(numpy_bits(tensors, p, stored), want)
 
 
 def test_what_the_kernels_leave_to_torch(monkeypatch):
-    monkeypatch.setenv("SURGERY_NATIVE", "0")
-    assert not merge_numpy.supports(params("linear", list("abcde"), [0.25] * 5), ["BF16"] * 5)  # 5-term sum order
-    assert merge_numpy.supports(params("linear", list("abcde"), [0.25] * 5, normalize=False), ["BF16"] * 5)
-    assert not merge_numpy.supports(params("linear", ["a", "b"], [0.6, 0.4]), ["BF16"] * 2)  # fused steps
-    assert merge_numpy.supports(params("linear", ["a", "b"], [0.5, 0.5]), ["F16"] * 2)
-    assert not merge_numpy.supports(params("task_arithmetic", list("abcdef"), [0.2] * 5 + [None], base="f"),
+    monkeypatch.setenv("SURGERY_BACKEND", "numpy")
+    assert not supports(params("linear", list("abcde"), [0.25] * 5), ["BF16"] * 5)  # 5-term sum order
+    assert supports(params("linear", list("abcde"), [0.25] * 5, normalize=False), ["BF16"] * 5)
+    assert not supports(params("linear", ["a", "b"], [0.6, 0.4]), ["BF16"] * 2)  # fused steps
+    assert supports(params("linear", ["a", "b"], [0.5, 0.5]), ["F16"] * 2)
+    assert not supports(params("task_arithmetic", list("abcdef"), [0.2] * 5 + [None], base="f"),
                                     ["BF16"] * 6)
-    assert not merge_numpy.supports(params("linear", ["a", "b"], [0.5, 0.5], dtype="float64"), ["BF16"] * 2)
-    assert not merge_numpy.supports({**params("linear", ["a"], [1.0]), "method": "ties"}, ["BF16"])
+    assert not supports(params("linear", ["a", "b"], [0.5, 0.5], dtype="float64"), ["BF16"] * 2)
+    assert not supports({**params("linear", ["a"], [1.0]), "method": "ties"}, ["BF16"])
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
@@ -286,13 +302,13 @@ def test_exact_product_rule_by_brute_force(dtype):
         c32 = float(np.float32(c))
         with np.errstate(over="ignore", under="ignore"):
             exact = np.array_equal((x * c32).astype(np.float32).astype(np.float64), x * c32)
-        assert merge_numpy.exact_product(c32, dtype) == (exact and abs(c32) <= 1), (dtype, c)
+        assert exact_product(c32, dtype) == (exact and abs(c32) <= 1), (dtype, c)
 
 
 def test_exact_product_on_float32():
-    assert merge_numpy.exact_product(1.0, "F32") and merge_numpy.exact_product(-1.0, "F32")
+    assert exact_product(1.0, "F32") and exact_product(-1.0, "F32")
     tiny = np.float32(2 ** -149)  # the smallest subnormal: halving it is not exact
-    assert np.float32(tiny * np.float32(0.5)) * 2 != tiny and not merge_numpy.exact_product(0.5, "F32")
+    assert np.float32(tiny * np.float32(0.5)) * 2 != tiny and not exact_product(0.5, "F32")
 
 
 def test_written_out_specs_are_mergekit_registry():
@@ -340,7 +356,7 @@ def test_merge_runs_write_the_same_bytes_through_numpy_and_torch(family, tmp_pat
     r32 = {**r, "output": {"dtype": "float32"}}
     surgery.run(r32, tmp_path / "numpy")
     surgery.run(r, tmp_path / "numpy16")
-    monkeypatch.setenv("SURGERY_NUMPY", "0")
+    monkeypatch.setenv("SURGERY_BACKEND", "torch")
     surgery.run(r32, tmp_path / "torch")
     surgery.run(r, tmp_path / "torch16")
     for a, b in (("numpy", "torch"), ("numpy16", "torch16")):
@@ -357,8 +373,7 @@ def test_such_merges_never_import_torch_or_mergekit(family, tmp_path, monkeypatc
     (tmp_path / "r.json").write_text(json.dumps(r))
     modules = probe("run", tmp_path / "r.json", "-o", tmp_path / "out", "-q")["modules"]
     assert sorted({m.split(".")[0] for m in modules} & {"torch", "mergekit"}) == []
-    monkeypatch.setenv("SURGERY_MERGEKIT_KERNELS", "1")  # mergekit's own kernel
-    monkeypatch.setenv("SURGERY_NUMPY", "0")
+    monkeypatch.setenv("SURGERY_BACKEND", "mergekit")  # mergekit's own kernel
     surgery.run(r, tmp_path / "mergekit")
     got, want = load(tmp_path / "out"), load(tmp_path / "mergekit")
     assert all(raw_bytes(got[n]) == raw_bytes(want[n]) for n in want)

@@ -1,7 +1,7 @@
 """The exact TIES selection without sorting equals mergekit's argsort (ties included), and its fallbacks.
 
 Every exactness test runs twice: on the compiled kernel (``_introsort.c``) and on the numpy replay
-(``SURGERY_NATIVE=0``)."""
+(``SURGERY_BACKEND=numpy``)."""
 
 import functools
 import subprocess
@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import use_implementation
 
-from surgery.operations import introsort
-from surgery.operations.introsort import top_k_mask, top_k_mask_numpy
+from surgery.merge import topk as introsort
+from surgery.merge.topk import top_k_mask, top_k_mask_numpy
 
 
 @pytest.fixture(params=["native", "numpy"])
@@ -95,7 +95,7 @@ def test_falls_back_where_replay_is_not_exact(impl):
 
 
 def test_numpy_replay_falls_back_where_a_scan_would_leave_the_segment(monkeypatch):
-    monkeypatch.setenv("SURGERY_NATIVE", "0")
+    monkeypatch.setenv("SURGERY_BACKEND", "numpy")
     monkeypatch.setattr(introsort, "_partition", lambda *a: None)
     assert top_k_mask(torch.rand(1000), 10) is None
 
@@ -150,7 +150,7 @@ def test_depth_limit_falls_back(n, impl):
 def test_magnitude_exact_equals_mergekit_magnitude(impl):
     from mergekit.sparsify import RescaleNorm, magnitude
 
-    from surgery.operations.merge_kernels import magnitude_exact
+    from surgery.merge.ties import magnitude_exact
 
     g = torch.Generator().manual_seed(4)
     delta = ((torch.randn(300, 200, generator=g) * 0.02).bfloat16() - (torch.randn(300, 200, generator=g) * 0.02)
@@ -163,7 +163,7 @@ def test_magnitude_exact_equals_mergekit_magnitude(impl):
 def test_magnitude_exact_leaves_float32_input_alone(impl):
     from mergekit.sparsify import magnitude
 
-    from surgery.operations.merge_kernels import magnitude_exact
+    from surgery.merge.ties import magnitude_exact
 
     delta = torch.randn(200, 100, generator=torch.Generator().manual_seed(5))
     before = delta.clone()
@@ -173,7 +173,7 @@ def test_magnitude_exact_leaves_float32_input_alone(impl):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_integer_magnitude_keys_select_like_the_float_sort(dtype, impl):
-    from surgery.operations.introsort import magnitude_keys
+    from surgery.merge.topk import magnitude_keys
 
     g = torch.Generator().manual_seed(6)
     for n in (1, 17, 1000, 40_000):
@@ -192,8 +192,8 @@ def test_integer_magnitude_keys_select_like_the_float_sort(dtype, impl):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_numpy_magnitude_keys_are_the_torch_keys(dtype):
-    """merge_numpy's TIES holds bfloat16 values in float32 arrays: its keys are those of the stored tensor."""
-    from surgery.operations.introsort import magnitude_keys, magnitude_keys_numpy
+    """The compiled TIES holds bfloat16 values in float32 arrays: its keys are those of the stored tensor."""
+    from surgery.merge.topk import magnitude_keys, magnitude_keys_numpy
 
     g = torch.Generator().manual_seed(7)
     delta = (torch.randn(5000, generator=g) * 0.02).to(dtype)
@@ -287,7 +287,7 @@ def test_native_kernel_checks_its_buffers():
 
 
 def test_forced_numpy_replay_and_no_torch_at_import():
-    code = ("import sys, os; os.environ['SURGERY_NATIVE'] = '0'; from surgery.operations import introsort; "
+    code = ("import sys, os; os.environ['SURGERY_BACKEND'] = 'numpy'; from surgery.merge import topk as introsort; "
             "assert 'torch' not in sys.modules; assert introsort._native() is None; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"

@@ -1,4 +1,4 @@
-/* The exact TIES top-k (surgery.operations.introsort) as a compiled kernel.
+/* The exact TIES top-k (surgery.merge.topk) as a compiled kernel.
  *
  * Which k entries torch.argsort(keys, descending=True)[:k] puts first on CPU: torch sorts with libstdc++'s
  * std::sort (introsort), comparing values only, so ties between equal values are decided by its partitions.
@@ -250,6 +250,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_introsort",
-                                    "Compiled kernel of surgery.operations.introsort.", -1, methods};
+                                    "Compiled kernel of surgery.merge.topk.", -1, methods};
 
 PyMODINIT_FUNC PyInit__introsort(void) { return PyModule_Create(&module); }

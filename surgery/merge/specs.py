@@ -2,9 +2,9 @@
 
 ``spec_of(name)`` returns a ``Spec``: the method's parameters (name, type, scope, default) and its
 input contract. For the methods surgery computes itself without torch (``linear``,
-``task_arithmetic`` and ``ties``: ``operations.merge_numpy``), the spec is written out here, so planning and running
+``task_arithmetic`` and ``ties``: their host backends), the spec is written out here, so planning and running
 such a merge never imports mergekit (whose registry imports torch: ~2.5 CPU-s, more than the merge of a
-0.5 GB model). Every other method's spec is read from mergekit's registry. tests/test_merge_numpy.py
+0.5 GB model). Every other method's spec is read from mergekit's registry. tests/merge/test_host_backends.py
 compares the written-out specs field by field, and their input checks message by message, with
 mergekit's registry, so a mergekit release that changes them fails the tests instead of drifting.
 """
@@ -89,6 +89,13 @@ LOCAL = {
     "task_arithmetic": Spec("task_arithmetic", _task_arithmetic_params(False), "required", _contract("required")),
     "ties": Spec("ties", _task_arithmetic_params(True), "required", _contract("required")),
 }
+
+
+def all_parameter_names() -> set[str]:
+    """Every parameter name some registered merge method takes."""
+    from mergekit import merge_methods
+
+    return {p.name for m in merge_methods.registered_methods() for p in m.spec.parameters}
 
 
 def method_names() -> list[str]:
