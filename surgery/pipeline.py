@@ -25,7 +25,7 @@ from surgery.io.card import write_model_card
 from surgery.io.checkpoint import Checkpoint, TensorSource
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
 from surgery.operations.vocab import check_vocabulary, write_tokenizer
-from surgery.recipe.loader import load_recipe
+from surgery.loader import load_recipe
 from surgery.recipe.schema import Recipe
 
 MANIFEST_NAME = "surgery_manifest.json"
@@ -122,10 +122,10 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
                        allow_nonfinite=allow_nonfinite, inputs=inputs, device=device)
     start = time.perf_counter()
     if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) and Path(recipe).is_file():
-        from surgery.recipe.mergekit_multi import is_multi_document
+        from surgery.mergekit.multi import is_multi_document
 
         from surgery.io.files import read_text
-        from surgery.recipe.loader import MAX_RECIPE_BYTES
+        from surgery.recipe.locations import MAX_RECIPE_BYTES
 
         text = read_text(Path(recipe), max_bytes=MAX_RECIPE_BYTES)
         if "---" in text and is_multi_document(text):  # several documents need a '---' line (PyYAML)
@@ -214,8 +214,8 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
     then every stage is written to the temporary folder first, as mergekit-multi does."""
     import tempfile
 
-    from surgery.recipe.loader import load_mergekit
-    from surgery.recipe.mergekit_multi import load_stages
+    from surgery.loader import load_mergekit
+    from surgery.mergekit.multi import load_stages
 
     start = time.perf_counter()
     stages = load_stages(text, source)

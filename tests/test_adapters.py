@@ -147,7 +147,7 @@ def test_adapter_in_bf16_base_is_peft_within_one_ulp(ad, tmp_path):
 def test_plan_shows_adapter_and_manifest_hashes_it(ad, tmp_path):
     from surgery.pipeline import run
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     recipe = {"inputs": {"base": str(ad["base"]), "sw": {"adapter": str(ad["lora_task"]), "base": "base"}},
               "operations": [{"layer_swap": {"donor": "sw", "bottom": 2}}]}
@@ -383,7 +383,7 @@ def _copy(src, dst, config=None, tensors=None):
 
 def _plan_error(ad, adapter, base="base", match=None):
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     with pytest.raises(SurgeryError, match=match) as e:
         build_plan(load_recipe({"inputs": {"base": str(ad[base] if base in ad else base),
@@ -426,7 +426,7 @@ def test_error_unsupported_peft_types(ad, tmp_path):
 
 def test_recipe_errors_for_adapters(ad, tmp_path):
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     y = tmp_path / "r.yaml"
     y.write_text(f"inputs:\n  base: {ad['base']}\n  a: {{adapter: {ad['lora_task']}, base: base}}\n"
@@ -513,7 +513,7 @@ def test_demo_adapters_carry_the_experts_updates(demo_dir):
 
 def test_adapter_input_schema_errors(tmp_path):
     from surgery.errors import RecipeError
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     y = tmp_path / "r.yaml"
     y.write_text("inputs:\n  base: models/base\n  sw: {adapter: a/sw, bse: base}\n")

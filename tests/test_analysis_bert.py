@@ -81,7 +81,7 @@ def test_bert_cli_and_transplant(bert, tmp_path):
 
     from surgery.cli import cli
     from surgery.pipeline import run
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
     res = CliRunner().invoke(cli, ["diff", str(bert["base"]), f"tuned={bert['tuned']}", f"pert={bert['pert']}",
                                    "--json", "-k", "3", "--plot", str(tmp_path / "bert.png")])
     assert res.exit_code == 0, res.output

@@ -11,7 +11,7 @@ from test_analysis import I, NEURONS, OUTER, ckpts, neuron_delta  # noqa: F401  
 from surgery.errors import RecipeError, SurgeryError
 from surgery.pipeline import run
 from surgery.pipeline import build_plan
-from surgery.recipe.loader import load_recipe
+from surgery.loader import load_recipe
 
 
 def recipe(ckpts, recipient, ops, **extra):

@@ -224,7 +224,7 @@ def test_surgery_run_cli_accepts_mergekit_config(tmp_path, models):
 
 
 def test_module_docstring_example_is_valid():
-    from surgery.recipe.mergekit_config import is_mergekit_config, translate
+    from surgery.mergekit.config import is_mergekit_config, translate
 
     data = {"models": [{"model": "x/a", "parameters": {"weight": 1}}], "merge_method": "linear"}
     assert is_mergekit_config(data)

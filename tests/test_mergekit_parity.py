@@ -412,7 +412,7 @@ def assert_same_config(mk: Path, ours: Path) -> None:
 def test_every_registered_method_is_covered():
     from mergekit import merge_methods
 
-    from surgery.integrations.mergekit_methods import METHOD_NAMES
+    from surgery.mergekit.methods import METHOD_NAMES
 
     # mergekit's own methods; surgery's plugin methods are there too once any test ran `surgery mergekit`
     registered = {m.spec.name for m in merge_methods.registered_methods()} - set(METHOD_NAMES)

@@ -1,4 +1,4 @@
-"""surgery operations registered as mergekit merge methods (surgery/integrations/mergekit_methods.py).
+"""surgery operations registered as mergekit merge methods (surgery/mergekit/methods.py).
 
 For each method, mergekit's own pipeline (run_merge, in-process, or `surgery mergekit` in a
 subprocess) and `surgery run` with the equivalent recipe must write the same tensor names,
@@ -34,7 +34,7 @@ def models(tmp_path_factory):
 
 
 def mergekit_run(config: dict, out, **options):
-    from surgery.integrations.mergekit_runner import run_mergekit
+    from surgery.mergekit.runner import run_mergekit
 
     return run_mergekit(config, out, options={"copy_tokenizer": False, "quiet": True, **options})
 
@@ -74,14 +74,14 @@ def _restore_mergekit_registry():
 # ---------------------------------------------------------------------------- registration
 
 def test_register_all_is_idempotent_and_lazy():
-    code = ("import sys, surgery.integrations.mergekit_methods as p; assert 'mergekit' not in sys.modules; "
+    code = ("import sys, surgery.mergekit.methods as p; assert 'mergekit' not in sys.modules; "
             "print(p.register_all() == p.register_all())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
 
     from mergekit import merge_methods
 
-    from surgery.integrations.mergekit_methods import METHOD_NAMES, register_all
+    from surgery.mergekit.methods import METHOD_NAMES, register_all
 
     register_all()
     names = {m.spec.name for m in merge_methods.registered_methods()}
@@ -92,7 +92,7 @@ def test_register_all_is_idempotent_and_lazy():
 def test_register_all_refuses_a_foreign_method_with_our_name(monkeypatch):
     from mergekit.merge_methods import linear, registry
 
-    from surgery.integrations.mergekit_methods import register_all
+    from surgery.mergekit.methods import register_all
 
     register_all()
     monkeypatch.setitem(registry._METHODS, "surgery_blend", linear.linear_merge)
@@ -191,7 +191,7 @@ def test_python_api_run_merge_as_documented(models, tmp_path):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from surgery.integrations.mergekit_methods import register_all
+    from surgery.mergekit.methods import register_all
 
     register_all()
     text = f"""
@@ -269,7 +269,7 @@ def test_existing_output_needs_force(models, tmp_path):
                                                                 "parameters": {"weight": 1.0}}]}
     with pytest.raises(SurgeryError, match="already exists; pass --force"):
         mergekit_run(config, tmp_path / "out")
-    from surgery.integrations.mergekit_runner import run_mergekit
+    from surgery.mergekit.runner import run_mergekit
 
     run_mergekit(config, tmp_path / "out", force=True, options={"copy_tokenizer": False, "quiet": True})
     assert_same_tensors(tmp_path / "out", models["task"])
@@ -330,7 +330,7 @@ def test_in_memory_api_outside_the_pipeline():
     from mergekit import merge_methods
     from mergekit.merge_methods.base import TensorGroup
 
-    from surgery.integrations.mergekit_methods import register_all
+    from surgery.mergekit.methods import register_all
 
     register_all()
     a = torch.randn(4, 6, dtype=torch.bfloat16)

@@ -13,7 +13,7 @@ def heavy(modules: list[str]) -> list[str]:
     adapter machinery, and the subpackages of other commands."""
     roots = ("torch", "numpy", "safetensors", "transformers", "mergekit", "peft", "huggingface_hub", "tqdm", "asyncio")
     ours = ("surgery.adapters", "surgery.analysis.", "surgery.eval", "surgery.probing", "surgery.search",
-            "surgery.integrations")
+            "surgery.mergekit.methods", "surgery.mergekit.runner")
     return [m for m in modules if (m.split(".")[0] in roots or m.startswith(ours))
             and m != "surgery.analysis.neuron_set"]  # constants the neuron operations declare their schema with
 

@@ -53,7 +53,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         token = resolve_token(token)
     if fast_kernels:
         from surgery.operations.merge import use_fast_kernels
-        from surgery.recipe.loader import load_recipe
+        from surgery.loader import load_recipe
 
         recipe = use_fast_kernels(load_recipe(recipe))
     result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
@@ -93,7 +93,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
 def plan(recipe, tensors, as_json, convert_bin):
     """Dry run: show where every output tensor of RECIPE comes from, and with what weights."""
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     p = build_plan(load_recipe(recipe), convert_bin=convert_bin)
     click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.format(tensors=tensors))
@@ -106,7 +106,7 @@ def plan(recipe, tensors, as_json, convert_bin):
 def validate(recipe, convert_bin):
     """Check RECIPE: schema, inputs, layer indices, tensor names and shapes. Writes nothing."""
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     p = build_plan(load_recipe(recipe), convert_bin=convert_bin)
     click.echo(f"ok: {recipe} ({len(p.recipe.operations)} operations, {len(p.entries)} output tensors)")
@@ -115,7 +115,7 @@ def validate(recipe, convert_bin):
 @click.command()
 def schema():
     """Print the JSON Schema of the recipe format."""
-    from surgery.recipe.loader import json_schema
+    from surgery.loader import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -133,7 +133,7 @@ def demo(folder, quiet):
     from surgery.io.output import demo_folder
     from surgery.pipeline import build_plan
     from surgery.pipeline import run as run_recipe
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     with demo_folder(Path(folder)) as folder:  # new, empty or a previous demo; removed if the demo fails
         paths = make_demo(folder / "checkpoints")

@@ -66,7 +66,7 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
     result.evaluated = evaluated
     if write_best and result.best_recipe is not None:
         from surgery.pipeline import run
-        from surgery.recipe.loader import load_recipe
+        from surgery.loader import load_recipe
 
         run(load_recipe(result.best_recipe, base_dir=spec.base_dir), out / "best", force=True, quiet=not progress)
         result.files.append("best/")

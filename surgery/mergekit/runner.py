@@ -10,11 +10,10 @@ import os
 from pathlib import Path
 
 from surgery.errors import SurgeryError, did_you_mean
-from surgery.integrations.mergekit_methods import register_all
+from surgery.mergekit.methods import register_all
 from surgery.io.files import read_text
 from surgery.io.output import atomic_dir, check_target
-from surgery.recipe.loader import MAX_RECIPE_BYTES
-from surgery.recipe.locations import parse_yaml
+from surgery.recipe.locations import MAX_RECIPE_BYTES, parse_yaml
 
 
 def run_mergekit(config, out, *, options=None, force: bool = False) -> Path:

@@ -30,7 +30,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from surgery.errors import RecipeError, did_you_mean
-from surgery.recipe.mergekit_refs import DTYPES, IGNORED_TOP, MOE_MESSAGE, is_moe_config, model_ref, \
+from surgery.mergekit.refs import DTYPES, IGNORED_TOP, MOE_MESSAGE, is_moe_config, model_ref, \
     translate_tokenizer
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "dtype", "out_dtype", "parameters",

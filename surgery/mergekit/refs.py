@@ -104,7 +104,7 @@ def check_chat_template(value) -> str:
 
 def translate_tokenizer(tr, recipe: dict, base) -> None:
     """``tokenizer`` / ``tokenizer_source`` / ``chat_template`` -> the recipe's keys of the same names
-    (``tr`` is the translator: surgery.recipe.mergekit_config)."""
+    (``tr`` is the translator: surgery.mergekit.config)."""
     d = tr.data
     if d.get("tokenizer") is not None and d.get("tokenizer_source") is not None:
         raise tr.error(("tokenizer",), "give either 'tokenizer' or 'tokenizer_source', not both "

@@ -3,7 +3,7 @@
     recipe = load_recipe("recipes/layer_swap.yaml")
     recipe.operations[0]           # LayerSwap(donor='sw', bottom=2, ...)
 
-mergekit configs are recognised and translated into recipes (surgery.recipe.mergekit_config).
+mergekit configs are recognised and translated into recipes (surgery.mergekit.config).
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from surgery.errors import RecipeError, did_you_mean
 from surgery.io.files import read_text
 from surgery.operations import OPERATIONS
-from surgery.recipe.locations import parse_yaml, where
-from surgery.recipe.mergekit_config import is_mergekit_config, translate
+from surgery.recipe.locations import MAX_RECIPE_BYTES, parse_yaml, where
+from surgery.mergekit.config import is_mergekit_config, translate
 from surgery.recipe.schema import AdapterInput, Recipe
 
-
-MAX_RECIPE_BYTES = 4 << 20  # a recipe is a few KB; neuron lists make it larger, never megabytes
 
 
 def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> Recipe:
@@ -43,7 +41,7 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
                 raise RecipeError(f"recipe text is {len(text)} characters; larger than the "
                                   f"{MAX_RECIPE_BYTES}-byte limit", name)
         if "\n---" in text or text.startswith("---"):
-            from surgery.recipe.mergekit_multi import is_multi_document
+            from surgery.mergekit.multi import is_multi_document
 
             if is_multi_document(text):
                 raise RecipeError("a multi-stage mergekit config (several YAML documents): `surgery run` runs it "

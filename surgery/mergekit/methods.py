@@ -1,6 +1,6 @@
 """surgery operations as mergekit merge methods.
 
-    from surgery.integrations.mergekit_methods import register_all
+    from surgery.mergekit.methods import register_all
     register_all()                              # adds the surgery_* methods (METHOD_NAMES)
 
     from mergekit.config import MergeConfiguration
