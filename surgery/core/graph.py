@@ -148,7 +148,7 @@ register("take", Op(shape=same_shapes, compute=lambda ts, p: ts[0], describe=lam
 
 # Weighted sums are rounded step by step in float32, out = t0*c0, then out += ti*ci (a product and a sum, each
 # rounded): not torch's fused ``add_(t, alpha=c)``, whose vector and scalar paths round differently and which
-# numpy cannot reproduce. The torch and numpy kernels below are bitwise equal (tests/test_host_math.py).
+# numpy cannot reproduce. The torch and numpy kernels below are bitwise equal (tests/core/test_host_math.py).
 
 def _linear(tensors, params):
     acc = None

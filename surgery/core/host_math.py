@@ -6,7 +6,7 @@ TIES merges, ``surgery.merge``), computed without importing torch.
 
 A layer swap's transition layers and recipe arithmetic are ``linear`` nodes over checkpoint tensors:
 float32 products and sums, each rounded (``core.graph``). numpy does the same IEEE float32 steps, so the
-bytes are the torch path's, bit for bit (tests/test_host_math.py), and a plan that only copies and blends
+bytes are the torch path's, bit for bit (tests/core/test_host_math.py), and a plan that only copies and blends
 never pays for importing torch (~2 CPU-s, more than the whole swap of a 0.5 GB model). Conversions:
 bfloat16 -> float32 is exact (the 16 bits become the high half); float32 -> bfloat16 rounds to nearest even
 as torch does; float16 both ways is numpy's IEEE conversion, as torch's. NaN payloads are where numpy and

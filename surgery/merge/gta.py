@@ -4,7 +4,7 @@ mergekit sparsifies each model's delta one after the other; for TIES that is a f
 which is most of the merge time. ``gta_parallel`` runs the same steps with mergekit's own functions (``sparsify``,
 ``get_mask``) in the same order, but sparsifies the models' deltas concurrently, one thread per model (torch
 releases the GIL), and combines them on chunks. The arithmetic is unchanged, so results are bitwise equal to
-mergekit's (tests/test_mergekit_parity.py checks every method through this path). TIES passes its own magnitude
+mergekit's (tests/mergekit/test_mergekit_parity.py checks every method through this path). TIES passes its own magnitude
 sparsifier (``ties.magnitude_exact``, or ``ties.magnitude_select`` for ``kernel: fast``). Random sparsification
 (DARE, DELLA) is left to mergekit: its draws depend on the order of calls.
 """

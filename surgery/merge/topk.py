@@ -11,7 +11,7 @@ partition swaps the i-th entry <= pivot from the left with the i-th entry >= piv
 while they have not crossed) finds the same k entries in O(n) instead of O(n log n).
 
 ``top_k_mask`` returns None where replaying is not exact (NaNs, introsort's heapsort fallback after
-its depth limit, non-CPU tensors); callers then sort as mergekit does. ``tests/test_introsort.py``
+its depth limit, non-CPU tensors); callers then sort as mergekit does. ``tests/merge/test_topk.py``
 checks the result against ``torch.argsort`` on inputs full of ties. The replay runs in a compiled kernel
 (``_introsort.c``, built by ``setup.py``; 3-4x faster than numpy) where it is built, else in vectorised numpy
 (``_replay``); ``--backend numpy`` forces the numpy replay.

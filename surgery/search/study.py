@@ -20,7 +20,7 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 from surgery.io.output import pid_alive
 from surgery.search.config import Search, load_search
-from surgery.search.results import LiveTable, SearchResult, write_results
+from surgery.search.trials import LiveTable, SearchResult, write_results
 from surgery.search.space import recipe_hash
 
 STORE_NAME = "study.db"

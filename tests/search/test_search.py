@@ -24,7 +24,7 @@ from helpers import run_cli
 import surgery
 from surgery.errors import RecipeError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 512
 SWAP = "bottom: {int: [1, 4]}, top: {int: [1, 4]}"
 

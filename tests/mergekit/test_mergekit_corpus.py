@@ -27,7 +27,7 @@ import torch
 from helpers import load, perturb, random_state, save_checkpoint, tiny_config
 from test_mergekit_parity import ENV
 
-CORPUS = Path(__file__).parent / "mergekit_corpus"
+CORPUS = Path(__file__).parents[1] / "mergekit_corpus"
 CONFIGS = sorted(p.stem for p in CORPUS.glob("*.yml"))
 MULTI = sorted(p.stem for p in (CORPUS / "multi").glob("*.yml"))
 ERRORS = sorted(p.stem for p in (CORPUS / "errors").glob("*.yml"))

@@ -284,7 +284,7 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path):
 def test_large_tensors_computed_in_row_blocks_give_the_same_bytes(family, tmp_path, monkeypatch):
     import surgery.core.execute as ex
 
-    monkeypatch.setenv("SURGERY_BACKEND", "torch")  # the torch path (tests/test_host_math.py: the numpy path's blocks)
+    monkeypatch.setenv("SURGERY_BACKEND", "torch")  # the torch path (tests/core/test_host_math.py: the numpy path's blocks)
     r = recipe(family, [{"arithmetic": {"expr": "task + 0.3*(lang - en)"}},
                         {"layer_swap": {"donor": "lang", "bottom": 1, "top": 1, "transition": 2, "lm_head": 0.3}}])
     surgery.run(r, tmp_path / "whole")

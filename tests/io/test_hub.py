@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from fakehub import FakeHub
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_FAKEsecretTOKEN_4f9c2e7d"     # recognisable: must never show up in output or files
 WRONG = "hf_WRONGsecretTOKEN_91ab0c33"    # unknown to the fake Hub: 401
 USER = "tester"
@@ -416,7 +416,7 @@ def test_card_base_model_from_hub_inputs(family, tmp_path, hf_home):
 
 
 def test_card_mergekit_tag():
-    from surgery.io.card import card_tags
+    from surgery.io.model_card import card_tags
     from surgery.operations import OPERATIONS
 
     merge = OPERATIONS["merge"](method="linear", models=["a", "b"])

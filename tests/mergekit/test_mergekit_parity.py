@@ -19,7 +19,7 @@ import torch
 
 from helpers import load, perturb, random_state, save_checkpoint, tiny_config
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[2]))
 MK_ARGS = ["--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
 MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
 

@@ -605,7 +605,7 @@ def test_real_process_prints_one_line(work, args, message):
     (work / "recipe.yaml").write_text(RECIPE)
     raw_header(b"[]")(work)
     before = snapshot(work)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     p = subprocess.run([sys.executable, "-m", "surgery", *args], capture_output=True, text=True, cwd=work, env=env)
     assert (p.returncode, p.stdout, p.stderr) == (1, "", f"error: {message.format(w=work)}\n")
     assert snapshot(work) == before

@@ -454,7 +454,7 @@ def test_cli_reports_bad_adapter_in_one_line(ad, tmp_path):
     bad = _copy(ad["lora_task"], tmp_path / "bad", config={"r": 2})
     y = tmp_path / "r.yaml"
     y.write_text(f"inputs:\n  base: {ad['base']}\n  sw: {{adapter: {bad}, base: base}}\nrecipient: sw\n")
-    p = run_cli("validate", y, cwd=Path(__file__).parent.parent)
+    p = run_cli("validate", y, cwd=Path(__file__).parents[2])
     assert p.returncode == 1 and p.stderr.count("\n") == 1
     assert p.stderr.startswith(f"error: {y}:3: inputs.sw: ") and "rank mismatch" in p.stderr
 
@@ -488,7 +488,7 @@ def test_example_recipes_run_on_the_demo(demo_dir, tmp_path, recipe):
 
     ck = demo_dir / "checkpoints"
     (tmp_path / "recipes").mkdir()
-    shutil.copy(Path(__file__).parent.parent / "recipes" / recipe, tmp_path / "recipes" / recipe)
+    shutil.copy(Path(__file__).parents[2] / "recipes" / recipe, tmp_path / "recipes" / recipe)
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "checkpoints").symlink_to(ck)  # the recipes say ../demo/checkpoints
     out = load(run(tmp_path / "recipes" / recipe, tmp_path / "out").output)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "layer_swap_case_study"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "layer_swap_case_study"
 sys.path.insert(0, str(EXAMPLE))
 
 import problems

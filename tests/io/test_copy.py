@@ -134,7 +134,7 @@ def test_copy_only_plan_does_not_import_torch(family, tmp_path, via):
            "standalone_mode=False)")
     code = (f"import sys, surgery, yaml, json; {run}; print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'safetensors', 'transformers', 'mergekit', 'numpy') or m == 'huggingface_hub.hf_api'))")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")], capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
     assert res.returncode == 0, res.stderr
@@ -147,7 +147,7 @@ def test_copy_only_plan_does_not_import_torch(family, tmp_path, via):
 
 
 def test_model_card_is_written_as_huggingface_hub_writes_it(family, tmp_path):
-    from surgery.io.card import build_model_card
+    from surgery.io.model_card import build_model_card
 
     plan = surgery.build_plan(recipe(family, SWAP))
     result = surgery.run(plan.recipe, tmp_path / "out")

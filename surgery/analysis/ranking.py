@@ -138,9 +138,9 @@ class DiffResult:
         rows.append(_overlap(a, b, None, k_all, A, B))
         return rows
 
-    # ---- outputs (analysis/report.py, analysis/plot.py) -----------------
+    # ---- outputs (analysis/formats.py, analysis/plot.py) -----------------
     def to_dict(self, k: int | float = 10, per_layer: bool = True) -> dict:
-        from surgery.analysis.report import to_dict
+        from surgery.analysis.formats import to_dict
 
         return to_dict(self, k, per_layer)
 
@@ -150,12 +150,12 @@ class DiffResult:
         return json.dumps(self.to_dict(k, per_layer), indent=indent)
 
     def to_csv(self, path: str | Path | None = None) -> str:
-        from surgery.analysis.report import to_csv
+        from surgery.analysis.formats import to_csv
 
         return to_csv(self, path)
 
     def format_table(self, k: int | float = 10, metric: str = "relative") -> str:
-        from surgery.analysis.report import format_table
+        from surgery.analysis.formats import format_table
 
         return format_table(self, k, metric)
 

@@ -10,7 +10,7 @@ import torch
 
 from helpers import load, raw_bytes, run_cli
 
-ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
 
 
 def recipe_file(tmp_path, family, body: str, name="r.yaml") -> Path:

@@ -9,7 +9,7 @@ from helpers import load
 
 import surgery
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
 
 
