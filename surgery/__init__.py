@@ -18,7 +18,7 @@ _EXPORTS = {
     "Checkpoint": "io.checkpoint", "TensorSource": "io.checkpoint", "Layout": "core.layout",
     "SurgeryError": "errors", "RecipeError": "errors",
     "make_demo": "demo",
-    "push": "io.hub", "PushResult": "io.hub", "write_model_card": "io.model_card",
+    "push": "io.hub", "PushResult": "io.hub", "write_model_card": "core.model_card",
     "run_mergekit": "mergekit.runner",
     "open_adapter": "adapters.view", "adamergex_adapter": "adapters.adamergex",
     "evaluate": "eval.api", "evaluate_recipe": "eval.api", "load_datasets": "eval.data", "EvalReport": "eval.scores",

@@ -21,7 +21,7 @@ from surgery.core.execute import PlanReader, execute
 from surgery.core.layout import layout_data
 from surgery.core.plan import Plan, make_plan
 from surgery.errors import SurgeryError
-from surgery.io.model_card import write_model_card
+from surgery.core.model_card import write_model_card
 from surgery.io.checkpoint import Checkpoint, TensorSource
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
 from surgery.operations.vocab import check_vocabulary, write_tokenizer

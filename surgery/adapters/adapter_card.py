@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from surgery.io.model_card import CARD_NAME
+from surgery.core.model_card import CARD_NAME
 
 AUTO_CLASSES = {"CAUSAL_LM": "AutoPeftModelForCausalLM", "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
                 "SEQ_CLS": "AutoPeftModelForSequenceClassification",

@@ -53,7 +53,7 @@ def test_plan_with_other_operations_builds_those(family, tmp_path):
 def test_front_matter_is_what_model_card_data_writes(base_models, tags):
     from huggingface_hub.repocard_data import ModelCardData
 
-    from surgery.io.model_card import front_matter
+    from surgery.core.model_card import front_matter
 
     data = ModelCardData(base_model=base_models or None, base_model_relation="merge",
                          library_name="transformers", tags=tags)

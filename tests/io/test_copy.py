@@ -147,7 +147,7 @@ def test_copy_only_plan_does_not_import_torch(family, tmp_path, via):
 
 
 def test_model_card_is_written_as_huggingface_hub_writes_it(family, tmp_path):
-    from surgery.io.model_card import build_model_card
+    from surgery.core.model_card import build_model_card
 
     plan = surgery.build_plan(recipe(family, SWAP))
     result = surgery.run(plan.recipe, tmp_path / "out")

@@ -416,7 +416,7 @@ def test_card_base_model_from_hub_inputs(family, tmp_path, hf_home):
 
 
 def test_card_mergekit_tag():
-    from surgery.io.model_card import card_tags
+    from surgery.core.model_card import card_tags
     from surgery.operations import OPERATIONS
 
     merge = OPERATIONS["merge"](method="linear", models=["a", "b"])
