@@ -9,6 +9,7 @@ mergekit configs are recognised and translated into recipes (surgery.mergekit.co
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -23,8 +24,27 @@ from surgery.recipe.schema import AdapterInput, Recipe
 
 
 
+@dataclass(frozen=True)
+class Stages:
+    """A multi-stage mergekit config (several YAML documents), as read: `surgery run` runs it stage by stage."""
+
+    text: str
+    source: str
+
+
 def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> Recipe:
     """Parse and validate a recipe from a YAML file path, a YAML string, or a dict."""
+    recipe = read_recipe(source, base_dir=base_dir)
+    if isinstance(recipe, Stages):
+        raise RecipeError("a multi-stage mergekit config (several YAML documents): `surgery run` runs it "
+                          "stage by stage; a later stage can be planned once the stages it uses are "
+                          "written", recipe.source)
+    return recipe
+
+
+def read_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> Recipe | Stages:
+    """``load_recipe``, except that a multi-stage mergekit config is returned as ``Stages`` (its text, read once)
+    instead of refused: what `surgery run` takes."""
     text, name, lines = None, None, {}
     if isinstance(source, dict):
         data = source
@@ -44,13 +64,11 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
             from surgery.mergekit.multi import is_multi_document
 
             if is_multi_document(text):
-                raise RecipeError("a multi-stage mergekit config (several YAML documents): `surgery run` runs it "
-                                  "stage by stage; a later stage can be planned once the stages it uses are "
-                                  "written", name)
+                return Stages(text, name)
         data, lines = parse_yaml(text, name)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
-    if is_mergekit_config(data):  # a mergekit config runs unchanged (see mergekit_config.py)
+    if is_mergekit_config(data):  # a mergekit config runs unchanged (see mergekit/config.py)
         return load_mergekit(data, name, lines, text)
     declared = data.get("inputs")
     for key, spec in (declared.items() if isinstance(declared, dict) else []):

@@ -25,7 +25,7 @@ from surgery.core.model_card import write_model_card
 from surgery.io.checkpoint import Checkpoint, TensorSource
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
 from surgery.operations.vocab import check_vocabulary, write_tokenizer
-from surgery.loader import load_recipe
+from surgery.loader import Stages, load_recipe, read_recipe
 from surgery.recipe.schema import Recipe
 
 MANIFEST_NAME = "surgery_manifest.json"
@@ -121,29 +121,21 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
             return run(recipe, out, force=force, quiet=quiet, convert_bin=convert_bin, random_seed=random_seed,
                        allow_nonfinite=allow_nonfinite, inputs=inputs, device=device)
     start = time.perf_counter()
-    if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) and Path(recipe).is_file():
-        from surgery.mergekit.multi import is_multi_document
-
-        from surgery.io.files import read_text
-        from surgery.recipe.locations import MAX_RECIPE_BYTES
-
-        text = read_text(Path(recipe), max_bytes=MAX_RECIPE_BYTES)
-        if "---" in text and is_multi_document(text):  # several documents need a '---' line (PyYAML)
-            return _run_stages(text, str(recipe), out, force=force, quiet=quiet, convert_bin=convert_bin,
-                               random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device)
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)  # the file is read here, once
+    if isinstance(recipe, Stages):  # several YAML documents: a multi-stage mergekit config
+        return _run_stages(recipe.text, recipe.source, out, force=force, quiet=quiet, convert_bin=convert_bin,
+                           random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device)
     if random_seed is not None:
         recipe.seed = random_seed
     out = Path(out)
     device = resolve_device(device)
     recipe_paths = [recipe._source] if recipe._text is not None and Path(str(recipe._source)).exists() else []
     plan = build_plan(recipe, inputs=inputs, convert_bin=convert_bin)
-    check_target(out, force, inputs=recipe_paths + input_paths(plan.inputs.values()))
+    protected = recipe_paths + input_paths(plan.inputs.values())  # what the output must not overlap
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1)
     try:
-        with atomic_dir(out, force=force, inputs=recipe_paths + input_paths(plan.inputs.values()),
-                        size=plan.total_bytes, command="run") as tmp:
+        with atomic_dir(out, force=force, inputs=protected, size=plan.total_bytes, command="run") as tmp:
             # hashing the inputs runs beside the tensor stream, on the other core; cancelled on an error
             hashes = {name: {f.name: pool.submit(ck.sha256, f, stop) for f in ck.files}
                       for name, ck in plan.inputs.items()}

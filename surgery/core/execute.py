@@ -29,7 +29,6 @@ from surgery.core.plan import Plan
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.safetensors import TensorMeta, torch_dtype
 from surgery.io.writer import ShardedWriter
-from surgery.recipe.parsing import parse_size
 
 
 def iter_tensors(plan: Plan, *, allow_nonfinite: bool = False):
@@ -76,7 +75,7 @@ def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bo
     """
     devices.threads_used = None  # set by compute_context when a tensor is computed
     specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
-    max_bytes = parse_size(plan.recipe.output.shard_size)
+    max_bytes = plan.recipe.output.shard_bytes
 
     # Writing (dtype cast + disk; copies by the kernel) runs on one I/O thread, in plan order, while this thread
     # computes the next tensors: copies queue without limit (they hold no memory), computed tensors up to

@@ -85,6 +85,11 @@ class Output(Strict):
         parse_size(v)
         return v
 
+    @property
+    def shard_bytes(self) -> int:
+        """``shard_size`` in bytes (validated with the recipe)."""
+        return parse_size(self.shard_size)
+
 
 class TokenSource(Strict):
     """Where a token's embedding row comes from (mergekit's ``tokens:`` entries)."""
