@@ -53,6 +53,25 @@ def _mergekit_architectures() -> dict[str, tuple[str, str]]:
 
 
 @dataclass(frozen=True)
+class Heads:
+    """The attention head layout of a model (``Layout.heads``)."""
+
+    n_heads: int
+    head_dim: int
+    kv_groups: bool  # fused qkv rows stored per key/value head as [q × heads per group, k, v]
+
+    def kv_heads(self, kind: str, rows: int) -> int | None:
+        """Key/value heads implied by ``rows`` rows of an attn_k, attn_v or attn_qkv tensor (None: no whole number
+        that divides the query heads), so multi-query and grouped-query attention need no config key."""
+        if rows % self.head_dim:
+            return None
+        n = rows // self.head_dim
+        if kind == "attn_qkv":
+            n = (n - self.n_heads) // 2 if (n - self.n_heads) % 2 == 0 else 0
+        return n if n > 0 and self.n_heads % n == 0 else None
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     layer: int | None       # transformer block index, None for embeddings/final norm/lm_head
@@ -126,6 +145,19 @@ class Layout:
         if kind == "mlp_down":
             return None if is_bias else (0 if self.transposed else 1)
         return 0 if is_bias else (1 if self.transposed else 0)
+
+    def heads(self, config: dict) -> tuple[Heads | None, str]:
+        """The head layout from the config (``text_config`` when nested), or None and the reason."""
+        att = layout_data()["attention"]
+        cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        first = lambda keys: next((cfg[k] for k in keys if cfg.get(k)), None)  # noqa: E731
+        nh, hidden, hd = first(att["heads_keys"]), first(att["hidden_keys"]), first(att["head_dim_keys"])
+        if not nh:
+            return None, f"the config has no {' or '.join(att['heads_keys'])}"
+        hd = hd or (hidden // nh if hidden and hidden % nh == 0 else None)
+        if not hd:
+            return None, f"cannot derive head_dim from the config (heads {nh}, hidden size {hidden})"
+        return Heads(nh, hd, self.model_type in att["qkv_kv_groups"]), ""
 
     def layer_name(self, name: str, new_layer: int) -> str:
         """The same tensor name at another layer index."""
