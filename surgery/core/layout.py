@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODULE_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_down",
-                "mlp_gate_up", "norm", "final_norm", "embed", "lm_head", "other")
+                "mlp_gate_up", "mlp_router", "mlp_act", "norm", "final_norm", "embed", "lm_head", "other")
 MODULE_GROUPS = ("attn", "mlp", "norm", "embed", "lm_head", "other")
 
 
