@@ -29,6 +29,7 @@ def layout_data() -> dict:
     data = json.loads((Path(__file__).parents[1] / "_data" / "layout.json").read_text())
     data["layer_rules"] = [(re.compile(p), k) for p, k in data["layer_rules"]]
     data["global_rules"] = [(re.compile(p), k) for p, k in data["global_rules"]]
+    data["no_lora"] = [re.compile(p) for p in data["no_lora"]["patterns"]]
     return data
 
 
@@ -158,6 +159,10 @@ class Layout:
         if not hd:
             return None, f"cannot derive head_dim from the config (heads {nh}, hidden size {hidden})"
         return Heads(nh, hd, self.model_type in att["qkv_kv_groups"]), ""
+
+    def lora_target(self, name: str) -> bool:
+        """Whether PEFT can put a LoRA on this weight's module (not an MoE expert or router)."""
+        return not any(p.search(name) for p in layout_data()["no_lora"])
 
     def layer_name(self, name: str, new_layer: int) -> str:
         """The same tensor name at another layer index."""
