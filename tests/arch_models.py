@@ -50,6 +50,10 @@ ARCHS: dict[str, tuple[str, dict]] = {
     "gpt_bigcode": ("GPTBigCodeForCausalLM", dict(n_inner=64, multi_query=True)),
     "exaone4": ("Exaone4ForCausalLM", dict(GQA, head_dim=8, sliding_window=16)),
     "apertus": ("ApertusForCausalLM", dict(GQA)),
+    "arcee": ("ArceeForCausalLM", dict(GQA)),
+    "cohere2": ("Cohere2ForCausalLM", dict(GQA, sliding_window=16)),
+    "glm4_moe": ("Glm4MoeForCausalLM", dict(GQA, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,  # layer 0 dense
+                                              moe_intermediate_size=16, first_k_dense_replace=1, n_shared_experts=1)),
 }
 
 

@@ -29,6 +29,7 @@ LAYER_KINDS = {
     "mixtral": MOE, "qwen3_moe": MOE,
     "gpt_neox": FUSED, "falcon": FUSED, "gpt2": FUSED, "gpt_bigcode": FUSED,
     "apertus": DENSE - {"mlp_gate"} | {"mlp_act"},
+    "arcee": DENSE - {"mlp_gate"}, "cohere2": DENSE, "glm4_moe": MOE,
 }
 # what a name says about its kind, for the per-tensor check (the first match wins)
 NAME_KINDS = [("act_fn.", "mlp_act"), ("q_norm", "norm"), ("k_norm", "norm"), ("qkv", "attn_qkv"),
@@ -38,7 +39,12 @@ NAME_KINDS = [("act_fn.", "mlp_act"), ("q_norm", "norm"), ("k_norm", "norm"), ("
               ("up_proj", "mlp_up"), ("w3", "mlp_up"), ("fc1", "mlp_up"), ("c_fc", "mlp_up"), ("h_to_4h", "mlp_up"),
               ("down_proj", "mlp_down"), ("w2", "mlp_down"), ("fc2", "mlp_down"), ("mlp.c_proj", "mlp_down"),
               ("4h_to_h", "mlp_down"), (".gate.", "mlp_router"), ("norm", "norm"), ("ln_", "norm")]
-NEURONS = {"falcon": 128, "qwen3_moe": 16}  # MLP width where it is not intermediate_size (64)
+NEURONS = {"falcon": 128, "qwen3_moe": 16, "glm4_moe": [64, 16]}  # MLP width where it is not intermediate_size (64)
+
+def width(arch: str, layer: int) -> int:
+    n = NEURONS.get(arch, 64)
+    return n[layer] if isinstance(n, list) else n
+
 
 TIES = """\
 models:
@@ -105,7 +111,7 @@ def test_every_tensor_gets_its_kind(arch, family):
         assert i.kind == want, (i.name, i.kind, want)
         if i.neuron_axis is not None and i.name.endswith("weight"):  # the axis has the MLP's width
             fused = 2 if i.kind == "mlp_gate_up" else 1
-            assert state[i.name].shape[i.neuron_axis] == fused * NEURONS.get(arch, 64), i
+            assert state[i.name].shape[i.neuron_axis] == fused * width(arch, i.layer), i
 
 
 def squared_delta(base: dict, expert: dict, names) -> float:
@@ -133,7 +139,7 @@ def test_diff_ranks_layers_neurons_and_heads(arch, family):
         for layer in range(LAYERS):
             in_layer = lambda names: [n for n in names if layout.info(n).layer == layer]  # noqa: E731
             # a score per neuron and per query head, whose squares add up to the squared delta of the tensors
-            assert len(e.neuron_scores[layer]) == NEURONS.get(arch, 64)
+            assert len(e.neuron_scores[layer]) == width(arch, layer)
             assert len(e.head_scores[layer]) == 4
             for scores, names in ((e.neuron_scores, neuron_names), (e.head_scores, head_names)):
                 want = squared_delta(base, expert, in_layer(names))
@@ -203,7 +209,8 @@ def test_layer_swap_is_the_donors_bytes_and_loads(arch, family):
 EVAL_XFAIL = {  # the in-memory model takes checkpoint names as they are; transformers renames these when it loads
     "gpt_neox": "eval in memory: GPT-NeoX's embed_out.weight is lm_head.weight in transformers 5",
     "mixtral": "eval in memory: transformers 5 fuses the per-expert MoE weights when it loads them",
-    "qwen3_moe": "eval in memory: transformers 5 fuses the per-expert MoE weights when it loads them"}
+    "qwen3_moe": "eval in memory: transformers 5 fuses the per-expert MoE weights when it loads them",
+    "glm4_moe": "eval in memory: transformers 5 fuses the per-expert MoE weights when it loads them"}
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=[pytest.mark.xfail(strict=True, reason=EVAL_XFAIL[a])]
@@ -225,7 +232,7 @@ def test_eval_in_memory_equals_the_written_swap(arch, family, tmp_path):
 def ties_params():
     out = []
     for arch in ARCH_NAMES:
-        marks = [MOE_XFAIL] if arch in ("mixtral", "qwen3_moe") else []
+        marks = [MOE_XFAIL] if arch in ("mixtral", "qwen3_moe", "glm4_moe") else []
         if arch in TIES_SKIP:
             marks = [pytest.mark.skip(reason=TIES_SKIP[arch])]
         out.append(pytest.param(arch, marks=marks))
@@ -274,3 +281,39 @@ def test_extract_lora_loads_in_peft_and_rebuilds_the_fine_tune(arch, family, tmp
     for r in res.rows:
         assert r.name in merged, f"{r.name}: PEFT has no such weight to apply the adapter to"
         assert torch.allclose(merged[r.name], tuned[r.name].float(), atol=1e-4), r.name
+
+
+def test_head_layout_from_config_and_tensor_sizes():
+    from surgery.analysis.stream import head_vec
+    from surgery.core.layout import Heads, Layout
+
+    llama = Layout("model.layers.", "llama")
+    assert llama.heads({"hidden_size": 32}) == (None, "the config has no num_attention_heads or n_head")
+    assert llama.heads({"num_attention_heads": 5, "hidden_size": 32}) == \
+        (None, "cannot derive head_dim from the config (heads 5, hidden size 32)")
+    h, note = llama.heads({"text_config": {"num_attention_heads": 4, "hidden_size": 32}})
+    assert (h, note) == (Heads(4, 8, kv_groups=False), "")
+    assert Layout("transformer.h.", "falcon").heads({"n_head": 4, "n_embd": 64, "head_dim": 16})[0] == \
+        Heads(4, 16, kv_groups=True)
+    # kv heads from rows: K·d for k/v, (H + 2K)·d for fused qkv; None unless K is whole and divides H
+    assert [h.kv_heads("attn_k", 16), h.kv_heads("attn_qkv", 48), h.kv_heads("attn_qkv", 96)] == [2, 1, 4]
+    assert [h.kv_heads("attn_k", 24), h.kv_heads("attn_k", 12), h.kv_heads("attn_qkv", 40)] == [None, None, None]
+    info = llama.info("model.layers.0.self_attn.k_proj.weight")
+    with pytest.warns(UserWarning, match=r"^model\.layers\.0\.self_attn\.k_proj\.weight: 24 rows don't match the "
+                                         r"config's attention head layout; left out of the head scores$"):
+        assert head_vec(torch.ones(24), info, h) is None
+
+
+def test_diff_cli_on_gpt_bigcode(family):
+    """Issue 24, defect 2: `surgery diff` on GPT-BigCode (multi-query, fused c_attn) ended in a traceback."""
+    import json
+
+    from helpers import run_cli
+
+    paths = family("gpt_bigcode")
+    r = run_cli("diff", paths["base"], f"a={paths['a']}", "-q", "--json", "-k", "2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["layer_ranking"]["a"][0]["layer"] == 1
+    assert {(h["layer"], h["expert"]) for h in out["heads"]["top"]} == {(0, "a"), (1, "a")}
+    assert len(out["neurons"]["top"]) == 4 and "warning" not in r.stderr.lower()
