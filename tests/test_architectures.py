@@ -137,21 +137,23 @@ def test_diff_ranks_layers_neurons_and_heads(arch, family):
     for name in ("a", "b"):
         e, expert = res.experts[name], load(paths[name])
         for layer in range(LAYERS):
-            in_layer = lambda names: [n for n in names if layout.info(n).layer == layer]  # noqa: E731
             # a score per neuron and per query head, whose squares add up to the squared delta of the tensors
             assert len(e.neuron_scores[layer]) == width(arch, layer)
             assert len(e.head_scores[layer]) == 4
             for scores, names in ((e.neuron_scores, neuron_names), (e.head_scores, head_names)):
-                want = squared_delta(base, expert, in_layer(names))
+                want = squared_delta(base, expert, [n for n in names if layout.info(n).layer == layer])
                 assert math.isclose(float((scores[layer] ** 2).sum()), want, rel_tol=1e-6), (name, layer)
         groups = {g for gs in e.layer_groups.values() for g in gs}
         assert groups <= {"attn", "mlp", "norm"} and {"attn", "mlp"} <= groups
 
 
+KV_HEADS = {"gpt_bigcode": 1, "gpt_neox": 4, "falcon": 2, "phi3": 2, "gpt2": 4}  # of 4 query heads, as configured
+
+
 # where query head h / kv head g of a fused qkv tensor lies, as the transformers models split it
-# (rows; columns for GPT-2's Conv1D): hd = 8, 4 query heads, kv heads as configured
+# (rows; columns for GPT-2's Conv1D): head_dim 8, 4 query heads
 def qkv_rows(arch: str, what: str, index: int) -> slice:
-    hd, nh, n_kv = 8, 4, {"gpt_bigcode": 1, "gpt_neox": 4, "falcon": 2, "phi3": 2, "gpt2": 4}[arch]
+    hd, nh, n_kv = 8, 4, KV_HEADS[arch]
     if arch in ("gpt_neox", "falcon"):  # per kv head: [q × nh/n_kv, k, v]
         g = nh // n_kv
         start = ((index // g) * (g + 2) + index % g) * hd if what == "q" else (index * (g + 2) + g) * hd
@@ -160,14 +162,15 @@ def qkv_rows(arch: str, what: str, index: int) -> slice:
     return slice(start, start + hd)
 
 
-@pytest.mark.parametrize("arch", ["gpt_bigcode", "gpt_neox", "falcon", "phi3", "gpt2"])
+@pytest.mark.parametrize("arch", sorted(KV_HEADS))
 @pytest.mark.parametrize("what, index, changed", [("q", 2, [2]), ("k", 0, "group 0")])
 def test_fused_qkv_heads_follow_the_model_split(arch, what, index, changed, family, tmp_path):
     """A delta in one query head's rows (or one kv head's key rows) of layer 0's fused qkv scores that head
     (or the query heads sharing that kv head) and no other."""
-    import surgery
     from helpers import save_checkpoint
     from transformers import AutoConfig
+
+    import surgery
 
     paths = family(arch)
     base, layout = load(paths["base"]), layout_of(paths["base"])
@@ -182,8 +185,7 @@ def test_fused_qkv_heads_follow_the_model_split(arch, what, index, changed, fami
     cfg = AutoConfig.from_pretrained(paths["base"])
     expert = save_checkpoint(tmp_path / "e", changed_state, cfg, dtype=torch.bfloat16)
     scores = surgery.diff(paths["base"], {"e": expert}, neurons=False).experts["e"].head_scores[0]
-    n_kv = {"gpt_bigcode": 1, "gpt_neox": 4, "falcon": 2, "phi3": 2, "gpt2": 4}[arch]
-    hit = changed if changed != "group 0" else list(range(4 // n_kv))
+    hit = changed if changed != "group 0" else list(range(4 // KV_HEADS[arch]))
     assert [h for h in range(4) if scores[h] > 0] == hit, scores
 
 
