@@ -319,3 +319,25 @@ def test_diff_cli_on_gpt_bigcode(family):
     assert out["layer_ranking"]["a"][0]["layer"] == 1
     assert {(h["layer"], h["expert"]) for h in out["heads"]["top"]} == {(0, "a"), (1, "a")}
     assert len(out["neurons"]["top"]) == 4 and "warning" not in r.stderr.lower()
+
+
+def test_diff_of_moe_with_a_wider_shared_expert(family):
+    """Qwen2-MoE's shared expert (48 wide) beside 16-wide routed experts: diff ended in a RuntimeError adding
+    neuron vectors of both widths; the shared expert is an MLP of its own and gets no neuron axis."""
+    import surgery
+
+    paths = family("qwen2_moe")
+    base, layout = load(paths["base"]), layout_of(paths["base"])
+    shared = [n for n in base if ".shared_expert." in n]
+    assert shared and all(layout.info(n).neuron_axis is None and layout.info(n).group == "mlp" for n in shared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = surgery.diff(paths["base"], {"a": paths["a"]})
+    e, expert = res.experts["a"], load(paths["a"])
+    assert [layer for layer, _ in res.layer_ranking("a")] == [1, 0]
+    for layer in range(LAYERS):
+        routed = [n for n in base if layout.info(n).layer == layer and layout.info(n).neuron_axis is not None]
+        assert routed and all(".experts." in n for n in routed)
+        assert len(e.neuron_scores[layer]) == 16 and len(e.head_scores[layer]) == 4
+        assert math.isclose(float((e.neuron_scores[layer] ** 2).sum()), squared_delta(base, expert, routed),
+                            rel_tol=1e-6)

@@ -30,6 +30,7 @@ def layout_data() -> dict:
     data["layer_rules"] = [(re.compile(p), k) for p, k in data["layer_rules"]]
     data["global_rules"] = [(re.compile(p), k) for p, k in data["global_rules"]]
     data["no_lora"] = [re.compile(p) for p in data["no_lora"]["patterns"]]
+    data["no_neurons"] = [re.compile(p) for p in data["no_neurons"]["patterns"]]
     return data
 
 
@@ -142,6 +143,8 @@ class Layout:
     def _neuron_axis(self, kind: str, rest: str) -> int | None:
         if kind not in ("mlp_gate", "mlp_up", "mlp_down", "mlp_gate_up"):
             return None
+        if any(p.search(rest) for p in layout_data()["no_neurons"]):
+            return None  # e.g. an MoE shared expert: an MLP of its own width
         is_bias = rest.endswith("bias")
         if kind == "mlp_down":
             return None if is_bias else (0 if self.transposed else 1)
