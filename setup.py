@@ -1,4 +1,4 @@
-"""The compiled kernels of surgery.operations.introsort and .merge_numpy (metadata: pyproject.toml).
+"""The compiled kernels of surgery.merge (the exact TIES top-k, ``topk``; linear, task arithmetic and TIES in one pass) (metadata: pyproject.toml).
 
 optional=True: without a C compiler the package still installs, and the exact TIES top-k falls back to
 its numpy replay, linear and task arithmetic merges to their numpy steps (or torch). Developers working
@@ -14,7 +14,8 @@ from setuptools import Extension, setup
 NO_CONTRACT = [] if sys.platform == "win32" else ["-ffp-contract=off"]
 
 setup(ext_modules=[
-    Extension("surgery.operations._introsort", ["surgery/operations/_introsort.c"], optional=True),
-    Extension("surgery.operations._elementwise", ["surgery/operations/_elementwise.c"], optional=True,
+    Extension("surgery.merge._introsort", ["surgery/merge/_introsort.c"], optional=True),
+    Extension("surgery.merge._elementwise", ["surgery/merge/_elementwise.c"], optional=True,
+              depends=["surgery/merge/_buffers.h"],
               extra_compile_args=NO_CONTRACT),
 ])

@@ -132,7 +132,7 @@ def floor_spec(recipe_path: Path) -> dict:
     """What the floor must do, from surgery's plan: per output tensor, input files, names, coefficients."""
     from surgery.core.graph import Node, Ref
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     plan = build_plan(load_recipe(recipe_path))
     shards, current, size = [], [], 0

@@ -5,7 +5,7 @@ wall and CPU time over --repeats runs, on bf16 fine-tune deltas (base + noise, m
     PYTHONPATH=. python benchmarks/bench_topk.py --sizes 1000000 --repeats 3
 
   argsort  mergekit.sparsify.magnitude's way: argsort(|delta|.float(), descending=True)[:k] into a mask
-  numpy    surgery.operations.introsort's numpy replay of introsort's partitions (SURGERY_NATIVE=0)
+  numpy    surgery.merge.topk's numpy replay of introsort's partitions (SURGERY_BACKEND=numpy)
   native   the same replay compiled (surgery/operations/_introsort.c; `python setup.py build_ext --inplace`)
 
 Each run starts from the bf16 delta (|delta| as int16 keys for the replays, as float32 for argsort) and ends with
@@ -42,9 +42,9 @@ def by_argsort(d, k: int):
 
 
 def by_replay(d, k: int, native: bool):
-    from surgery.operations.introsort import magnitude_keys, top_k_mask_numpy
+    from surgery.merge.topk import magnitude_keys, top_k_mask_numpy
 
-    os.environ["SURGERY_NATIVE"] = "1" if native else "0"
+    os.environ["SURGERY_BACKEND"] = "auto" if native else "numpy"
     return top_k_mask_numpy(magnitude_keys(d).numpy(), k)  # magnitude_keys makes a fresh tensor: ours to reorder
 
 
@@ -52,7 +52,7 @@ def main():
     import numpy as np
     import torch
 
-    from surgery.operations import introsort
+    from surgery.merge import topk as introsort
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="32768000,5767168", help="comma-separated entry counts")

@@ -12,16 +12,16 @@ Attributes are imported on first use, so ``import surgery`` stays fast.
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_recipe": "recipe.loader", "json_schema": "recipe.loader", "Recipe": "recipe.schema",
+    "load_recipe": "loader", "json_schema": "loader", "Recipe": "recipe.schema",
     "build_plan": "pipeline", "run": "pipeline", "RunResult": "pipeline", "open_source": "pipeline",
     "extract_lora": "pipeline", "Plan": "core.plan",
     "Checkpoint": "io.checkpoint", "TensorSource": "io.checkpoint", "Layout": "core.layout",
     "SurgeryError": "errors", "RecipeError": "errors",
     "make_demo": "demo",
-    "push": "io.hub", "PushResult": "io.hub", "write_model_card": "io.card",
-    "run_mergekit": "integrations.mergekit_runner",
+    "push": "io.hub", "PushResult": "io.hub", "write_model_card": "core.model_card",
+    "run_mergekit": "mergekit.runner",
     "open_adapter": "adapters.view", "adamergex_adapter": "adapters.adamergex",
-    "evaluate": "eval.api", "evaluate_recipe": "eval.api", "load_datasets": "eval.data", "EvalReport": "eval.report",
+    "evaluate": "eval.api", "evaluate_recipe": "eval.api", "load_datasets": "eval.data", "EvalReport": "eval.scores",
     "diff": "analysis.diff", "DiffResult": "analysis.diff",
     "save_neuron_set": "analysis.neuron_set", "load_neuron_set": "analysis.neuron_set",
     "set_threads": "core.threads",

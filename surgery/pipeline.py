@@ -21,11 +21,11 @@ from surgery.core.execute import PlanReader, execute
 from surgery.core.layout import layout_data
 from surgery.core.plan import Plan, make_plan
 from surgery.errors import SurgeryError
-from surgery.io.card import write_model_card
+from surgery.core.model_card import write_model_card
 from surgery.io.checkpoint import Checkpoint, TensorSource
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
 from surgery.operations.vocab import check_vocabulary, write_tokenizer
-from surgery.recipe.loader import load_recipe
+from surgery.loader import load_recipe
 from surgery.recipe.schema import Recipe
 
 MANIFEST_NAME = "surgery_manifest.json"
@@ -104,21 +104,28 @@ class RunResult:
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
         convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False,
-        inputs: dict | None = None, device: str = "cpu") -> RunResult:
+        inputs: dict | None = None, device: str = "cpu", backend: str | None = None) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
     NaN or Inf values is refused unless ``allow_nonfinite``. ``inputs``: the recipe's inputs, already open
     (default: opened here). A YAML file with several documents is a multi-stage mergekit config (see
     ``_run_stages``). ``device``: where merge operations compute, 'cpu' (default), 'cuda' or 'auto' (cuda
-    when torch sees a GPU).
+    when torch sees a GPU). ``backend``: which implementations may compute ('auto', 'numpy', 'torch' or 'mergekit';
+    ``core.devices.BACKENDS``; default $SURGERY_BACKEND, else 'auto'); every level writes the same bytes.
     """
+    if backend is not None:
+        from surgery.core.devices import check_backend, use_backend
+
+        with use_backend(check_backend(backend, "backend")):
+            return run(recipe, out, force=force, quiet=quiet, convert_bin=convert_bin, random_seed=random_seed,
+                       allow_nonfinite=allow_nonfinite, inputs=inputs, device=device)
     start = time.perf_counter()
     if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) and Path(recipe).is_file():
-        from surgery.recipe.mergekit_multi import is_multi_document
+        from surgery.mergekit.multi import is_multi_document
 
         from surgery.io.files import read_text
-        from surgery.recipe.loader import MAX_RECIPE_BYTES
+        from surgery.recipe.locations import MAX_RECIPE_BYTES
 
         text = read_text(Path(recipe), max_bytes=MAX_RECIPE_BYTES)
         if "---" in text and is_multi_document(text):  # several documents need a '---' line (PyYAML)
@@ -207,8 +214,8 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
     then every stage is written to the temporary folder first, as mergekit-multi does."""
     import tempfile
 
-    from surgery.recipe.loader import load_mergekit
-    from surgery.recipe.mergekit_multi import load_stages
+    from surgery.loader import load_mergekit
+    from surgery.mergekit.multi import load_stages
 
     start = time.perf_counter()
     stages = load_stages(text, source)

@@ -1,4 +1,4 @@
-"""Builders for the bad-input corpus (tests/test_bad_inputs.py): real damaged files made from a real tiny
+"""Builders for the bad-input corpus (tests/cli/test_bad_inputs.py): real damaged files made from a real tiny
 checkpoint, and a snapshot of a folder tree to prove that a refused command changed nothing.
 
     good = make_good(root)                              # a tiny llama checkpoint (config.json + model.safetensors)

@@ -139,7 +139,7 @@ try:
 except SystemExit as e:
     assert not e.code, e.code
 from surgery.operations import OPERATIONS
-from surgery.operations.merge import Condition
+from surgery.merge.settings import Condition
 built = sorted(n for n, m in OPERATIONS.items() if m.__pydantic_complete__)
 print(json.dumps({"modules": sorted(sys.modules), "built": built, "condition": Condition.__pydantic_complete__}))
 """
@@ -166,15 +166,15 @@ def use_implementation(name: str, monkeypatch, kernel: str) -> None:
 
     import pytest
 
-    from surgery.operations import native
+    from surgery.merge import native
 
     if name == "numpy":
-        monkeypatch.setenv("SURGERY_NATIVE", "0")
+        monkeypatch.setenv("SURGERY_BACKEND", "numpy")
         return
-    monkeypatch.delenv("SURGERY_NATIVE", raising=False)
+    monkeypatch.delenv("SURGERY_BACKEND", raising=False)
     if native.load(kernel) is None:
         if shutil.which("cc"):
-            pytest.fail(f"the compiled kernel surgery/operations/{kernel}.c is not built: run "
+            pytest.fail(f"the compiled kernel surgery/merge/{kernel}.c is not built: run "
                         "`python setup.py build_ext --inplace` (or `pip install -e .`)")
         pytest.skip("no C compiler: the compiled kernels cannot be built here")
 
@@ -188,14 +188,14 @@ def with_nan(source: Path, folder: Path, name: str, index) -> Path:
 
 
 def errors_numpy_and_torch(recipe, folder: Path, monkeypatch) -> list[str]:
-    """The SurgeryError messages of one recipe run on the numpy path, then on the torch path (SURGERY_NUMPY)."""
+    """The SurgeryError messages of one recipe run on the numpy path, then on the torch path (--backend torch)."""
     import pytest
 
     import surgery
 
     errors = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("SURGERY_NUMPY", flag)
+    for flag in ("auto", "torch"):
+        monkeypatch.setenv("SURGERY_BACKEND", flag)
         with pytest.raises(surgery.SurgeryError) as e:
             surgery.run(recipe, folder / f"out{flag}")
         errors.append(str(e.value))

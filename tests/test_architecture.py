@@ -55,3 +55,16 @@ def test_every_command_is_registered():
     assert defined and defined <= set(cli.commands), defined - set(cli.commands)
     r = subprocess.run([sys.executable, "-m", "surgery.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and all(f"  {name}" in r.stdout for name in defined), r.stdout
+
+
+def test_contributing_lists_the_contract_layers():
+    """CONTRIBUTING.md's layer diagram is the import-linter contract, in order (the left column of its block)."""
+    import re
+    import tomllib
+
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    want = [[m.strip().removeprefix("surgery.") for m in layer.split("|")] for layer in contract]
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    block = text[text.index("## Layers"):].split("```")[1].strip().splitlines()
+    got = [[m.strip() for m in re.split(r"\s{2,}", line)[0].split("|")] for line in block]
+    assert got == want

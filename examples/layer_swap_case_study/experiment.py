@@ -206,7 +206,7 @@ class Experiment:
                 "text_de": self.sets / f"text_{LANG}.txt", "text_en": self.sets / "text_en.txt"}
 
     def _row(self, rows: list, label: str, kind: str, target) -> None:
-        from surgery.eval.report import EvalReport, EvalRow
+        from surgery.eval.scores import EvalReport, EvalRow
 
         self.pace()
         self.log(f"eval {label}")

@@ -47,7 +47,7 @@ def write_adapter(out, tensors: dict, config: dict, *, force: bool = False, extr
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra or {}).items():
             write_json(tmp / name, data)
-        from surgery.adapters.card import write_adapter_card
+        from surgery.adapters.adapter_card import write_adapter_card
 
         write_adapter_card(tmp, config, next(iter((extra or {}).values()), {}), name=Path(out).name)
     return Path(out).resolve()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from surgery.analysis.results import ExpertDiff, PairStats, Stats, TensorStats
+from surgery.analysis.ranking import ExpertDiff, PairStats, Stats, TensorStats
 
 
 class Acc:

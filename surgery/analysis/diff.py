@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 from surgery.analysis.accumulate import Acc, ExpertAcc, PairAccs
-from surgery.analysis.results import (METRICS, DiffResult, ExpertDiff, Neuron, Overlap, PairStats,  # noqa: F401
+from surgery.analysis.ranking import (METRICS, DiffResult, ExpertDiff, Neuron, Overlap, PairStats,  # noqa: F401
                                       Stats, TensorStats)
 from surgery.core.finite import check_sums_finite
 from surgery.analysis.stream import head_vec, neuron_vec, read_ahead, tensor_sums, vec_axis

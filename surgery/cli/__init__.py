@@ -72,12 +72,12 @@ def cli(ctx, debug):
 
 
 # Every command is defined in a module of this package and added here; each imports only click at the top.
-from surgery.cli import adapters, analysis, hub, mergekit, probe, recipe, search  # noqa: E402
+from surgery.cli import adapters, analysis, backends, hub, mergekit, probe, recipe, search  # noqa: E402
 from surgery.cli import eval as eval_cli  # noqa: E402
 
 for _command in (recipe.run, recipe.plan, recipe.validate, recipe.schema, recipe.demo, analysis.diff, hub.push,
                  mergekit.mergekit, adapters.extract_lora, adapters.adamergex, eval_cli.eval_command,
-                 search.search, probe.probe, probe.data):
+                 search.search, probe.probe, probe.data, backends.backends):
     cli.add_command(_command)
 
 

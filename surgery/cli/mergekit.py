@@ -61,7 +61,7 @@ def mergekit(ctx, config, out, force, mergekit_help):
     if not config or not out:
         raise click.UsageError("CONFIG and OUT are required")
     from surgery.errors import SurgeryError
-    from surgery.integrations.mergekit_runner import options_from_args, run_mergekit
+    from surgery.mergekit.runner import options_from_args, run_mergekit
 
     try:
         options = options_from_args(list(ctx.args))

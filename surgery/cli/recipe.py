@@ -27,14 +27,19 @@ from surgery.errors import SurgeryError
               help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where merge operations compute: cuda streams their inputs to the GPU; auto uses it when present.")
+@click.option("--backend", type=click.Choice(["auto", "numpy", "torch", "mergekit"]), default=None,
+              help="Which implementations compute (the same bytes at every level; for comparisons and debugging): "
+                   "auto = compiled kernels, then numpy, torch, mergekit's own; numpy = no compiled kernels; torch = "
+                   "no numpy math; mergekit = merge methods through mergekit's kernels only. Default: "
+                   "$SURGERY_BACKEND, else auto. `surgery backends` lists them.")
 @convert_opt
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf values instead of refusing the output.")
 @run_threads_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, allow_nonfinite, push_to,
-        public, revision, create_pr, token):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, backend, allow_nonfinite,
+        push_to, public, revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
@@ -48,12 +53,12 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         token = resolve_token(token)
     if fast_kernels:
         from surgery.operations.merge import use_fast_kernels
-        from surgery.recipe.loader import load_recipe
+        from surgery.loader import load_recipe
 
         recipe = use_fast_kernels(load_recipe(recipe))
     result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
                         convert_bin=convert_bin, random_seed=random_seed, allow_nonfinite=allow_nonfinite,
-                        device=device)
+                        device=device, backend=backend)
     if not quiet and not as_json:
         from surgery.io.output import format_size
 
@@ -88,7 +93,7 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
 def plan(recipe, tensors, as_json, convert_bin):
     """Dry run: show where every output tensor of RECIPE comes from, and with what weights."""
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     p = build_plan(load_recipe(recipe), convert_bin=convert_bin)
     click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.format(tensors=tensors))
@@ -101,7 +106,7 @@ def plan(recipe, tensors, as_json, convert_bin):
 def validate(recipe, convert_bin):
     """Check RECIPE: schema, inputs, layer indices, tensor names and shapes. Writes nothing."""
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     p = build_plan(load_recipe(recipe), convert_bin=convert_bin)
     click.echo(f"ok: {recipe} ({len(p.recipe.operations)} operations, {len(p.entries)} output tensors)")
@@ -110,7 +115,7 @@ def validate(recipe, convert_bin):
 @click.command()
 def schema():
     """Print the JSON Schema of the recipe format."""
-    from surgery.recipe.loader import json_schema
+    from surgery.loader import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -128,7 +133,7 @@ def demo(folder, quiet):
     from surgery.io.output import demo_folder
     from surgery.pipeline import build_plan
     from surgery.pipeline import run as run_recipe
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     with demo_folder(Path(folder)) as folder:  # new, empty or a previous demo; removed if the demo fails
         paths = make_demo(folder / "checkpoints")

@@ -9,7 +9,7 @@ CPU threads: by default the executor runs torch's own (OpenMP) operations on ONE
 memory-bound and already overlaps reading and writing; OpenMP's idle workers spin between the many
 small operations and, measured on a 2-core machine, burned 3x the CPU time of the math itself
 (linear merge of two 0.5 GB models: 16 CPU-s with 2 threads, 4 with 1). Work that does parallelise
-(TIES's per-model sparsification) uses its own thread pool (``surgery.operations.merge_kernels``).
+(TIES's per-model sparsification) uses its own thread pool (``surgery.merge.gta``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ import os
 from surgery.errors import SurgeryError
 
 DEVICES = ("cpu", "cuda", "auto")
+# which implementations may compute (``surgery run --backend``; the merge methods' table is ``surgery.merge.table``):
+# auto: the fastest exact one (compiled kernels, then numpy, then torch, then mergekit's own kernels); numpy: no
+# compiled kernels; torch: no host (numpy/compiled) math at all; mergekit: merge methods only through mergekit's
+# own kernels. Every level writes the same bytes; the levels exist to compare and debug the backends.
+BACKENDS = ("auto", "numpy", "torch", "mergekit")
+BACKEND_ENV = "SURGERY_BACKEND"  # the one debugging switch: the default of --backend (docs/performance.md)
+_backend: str | None = None
 _device: contextvars.ContextVar[str] = contextvars.ContextVar("surgery_device", default="cpu")
 _requested: int | None = None   # `surgery run --threads N`, recorded without importing torch
 threads_used: int | None = None  # torch threads of the last compute_context (None: nothing was computed)
@@ -42,6 +49,44 @@ def executor_threads() -> int | None:
     if os.environ.get("SURGERY_THREADS"):
         return parse_threads(os.environ["SURGERY_THREADS"], "SURGERY_THREADS")
     return None if os.environ.get("OMP_NUM_THREADS") else 1
+
+
+def request_backend(name: str | None) -> None:
+    """Set the backend level (``BACKENDS``) for what follows; None: back to $SURGERY_BACKEND, else 'auto'."""
+    global _backend
+    _backend = None if name is None else check_backend(name, "--backend")
+
+
+def check_backend(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise SurgeryError(f"{where}: unknown backend {name!r} (expected one of: {', '.join(BACKENDS)})")
+    return name
+
+
+def backend() -> str:
+    """The backend level: --backend (``request_backend``), else $SURGERY_BACKEND, else 'auto'."""
+    if _backend is not None:
+        return _backend
+    env = os.environ.get(BACKEND_ENV)
+    return check_backend(env, BACKEND_ENV) if env else "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """``request_backend(name)`` for the block (None: leave the level as it is), then restore it."""
+    global _backend
+    before = _backend
+    if name is not None:
+        request_backend(name)
+    try:
+        yield
+    finally:
+        _backend = before
+
+
+def host_math_allowed() -> bool:
+    """Whether numpy and compiled kernels may compute (the 'auto' and 'numpy' levels)."""
+    return backend() in ("auto", "numpy")
 
 
 def resolve_device(name: str | None) -> str:

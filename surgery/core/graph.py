@@ -52,18 +52,26 @@ class Op:
     # True when output element i depends only on element i of each argument, so the executor may compute
     # a large tensor in row blocks (bitwise the same: the float32 steps per element don't change)
     elementwise: bool = False
-    # optional: the same computation on float32 numpy arrays, bitwise equal to ``compute``; plans built only from
-    # such ops compute without importing torch (core.host_math)
-    numpy: Callable[[list, dict], Any] | None = None
-    # raw ops with a numpy kernel: numpy(arrays, params, stored_dtypes), used where numpy_when(params,
-    # stored_dtypes) holds (the arrays are float32 holding the stored values; the result is float32)
-    numpy_when: Callable[[dict, list], bool] | None = None
-    # raw ops: whether this node's numpy kernel may run on row blocks (None: yes); False: whole tensors
-    numpy_elementwise: Callable[[dict], bool] | None = None
-    # raw ops: the node from stored bytes to stored bytes, numpy_stored(read_raws, params, stored_dtypes, out_dtype,
-    # out) -> the non-finite count, or None where it does not apply (then numpy on float32 arrays); read_raws()
-    # returns the arguments' stored bytes (uint8 arrays), called only where it applies
-    numpy_stored: Callable[[Callable, dict, list, str, Any], int | None] | None = None
+    # optional: host(params, stored_dtypes) -> a HostKernel computing this node on numpy arrays, bitwise equal to
+    # ``compute``, or None where it cannot (then torch computes it); plans whose nodes all have one compute without
+    # importing torch (core.host_math). ``stored_dtypes`` are the arguments' safetensors dtypes for raw ops
+    # (their arguments are then checkpoint tensors), None for the others.
+    host: Callable[[dict, list | None], "HostKernel | None"] | None = None
+
+
+@dataclass(frozen=True)
+class HostKernel:
+    """A node computed without torch (``core.host_math``).
+
+    ``run(arrays)``: float32 arrays (the evaluator's own copies, the exact stored values) -> a float32 array (for
+    raw ops: values exact in the node's result dtype). ``blockwise``: whether it may run on row blocks.
+    ``run_stored(read_raws, out_dtype, out)``: stored bytes in, stored bytes out (``read_raws()`` returns the
+    arguments' bytes as uint8 arrays; ``out`` receives the output's) -> the count of non-finite values written,
+    or None where this form does not apply (then ``run``)."""
+
+    run: Callable[[list], Any]
+    blockwise: bool = True
+    run_stored: Callable[[Callable, str, Any], "int | None"] | None = None
 
 
 OPS: dict[str, Op] = {}
@@ -140,7 +148,7 @@ register("take", Op(shape=same_shapes, compute=lambda ts, p: ts[0], describe=lam
 
 # Weighted sums are rounded step by step in float32, out = t0*c0, then out += ti*ci (a product and a sum, each
 # rounded): not torch's fused ``add_(t, alpha=c)``, whose vector and scalar paths round differently and which
-# numpy cannot reproduce. The torch and numpy kernels below are bitwise equal (tests/test_host_math.py).
+# numpy cannot reproduce. The torch and numpy kernels below are bitwise equal (tests/core/test_host_math.py).
 
 def _linear(tensors, params):
     acc = None
@@ -186,8 +194,12 @@ def _linear_numpy(arrays, params):
     return out
 
 
+def _linear_host(params, stored) -> HostKernel:
+    return HostKernel(lambda arrays: _linear_numpy(arrays, params))
+
+
 register("linear", Op(shape=same_shapes, compute=_linear, describe=_describe_linear, fold=_linear_fold,
-                      elementwise=True, numpy=_linear_numpy))
+                      elementwise=True, host=_linear_host))
 
 
 def linear(terms: list[tuple[float, Any]]):

@@ -1,18 +1,18 @@
-"""Torch-free math: entries whose ops all have numpy kernels (weighted sums; linear, task-arithmetic and TIES
-merges, ``operations.merge_numpy``), computed without importing torch.
+"""Torch-free math: entries whose ops all have host kernels (``Op.host``: weighted sums; linear, task-arithmetic and
+TIES merges, ``surgery.merge``), computed without importing torch.
 
     if host_math.supported(entry, plan.inputs):
         data = host_math.compute(entry, plan.inputs)   # the entry's stored bytes, as a numpy array
 
 A layer swap's transition layers and recipe arithmetic are ``linear`` nodes over checkpoint tensors:
 float32 products and sums, each rounded (``core.graph``). numpy does the same IEEE float32 steps, so the
-bytes are the torch path's, bit for bit (tests/test_host_math.py), and a plan that only copies and blends
+bytes are the torch path's, bit for bit (tests/core/test_host_math.py), and a plan that only copies and blends
 never pays for importing torch (~2 CPU-s, more than the whole swap of a 0.5 GB model). Conversions:
 bfloat16 -> float32 is exact (the 16 bits become the high half); float32 -> bfloat16 rounds to nearest even
 as torch does; float16 both ways is numpy's IEEE conversion, as torch's. NaN payloads are where numpy and
 torch may differ, so runs that allow non-finite values take the torch path.
 
-``SURGERY_NUMPY=0`` in the environment turns this path off (for comparisons; the bytes are the same).
+``--backend torch`` (``core.devices.backend``) turns this path off (for comparisons; the bytes are the same).
 
 The tensor is computed in row blocks (``HOST_BLOCK_BYTES`` of float32 per input), so memory holds the output
 and one block of each input.
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 
-from surgery.core.graph import OPS, Node, Ref, refs, row_blocks
+from surgery.core import devices
+from surgery.core.graph import OPS, HostKernel, Node, Ref, refs, row_blocks
 from surgery.io.checkpoint import Checkpoint
 
 HOST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "uint16"}  # safetensors dtype -> numpy storage
@@ -32,36 +33,38 @@ HOST_BLOCK_BYTES = 4 << 20
 
 
 def supported(entry, inputs) -> bool:
-    """True when every op of the entry's tree has a numpy kernel and every tensor (inputs, output) is
-    float32, float16 or bfloat16 in a checkpoint file."""
-    if entry.dtype not in HOST_DTYPES or os.environ.get("SURGERY_NUMPY") == "0":
+    """True when every op of the entry's tree has a host kernel for these arguments and every tensor (inputs,
+    output) is float32, float16 or bfloat16 in a checkpoint file."""
+    if entry.dtype not in HOST_DTYPES or not devices.host_math_allowed():
         return False
     for r in refs(entry.node):
         ck = inputs[r.input]
         if not isinstance(ck, Checkpoint) or r.name not in ck.offsets or ck.meta[r.name].dtype not in HOST_DTYPES:
             return False
-    return _numpy_ops(entry.node, inputs)
+    return kernels(entry.node, lambda ref: _stored(inputs, ref)) is not None
 
 
-def _numpy_ops(node, inputs) -> bool:
-    if isinstance(node, Ref):
-        return True
-    op = OPS[node.op] if isinstance(node, Node) else None
-    if op is None or op.numpy is None:
-        return False
-    if op.raw:  # the kernel reads its arguments' stored dtypes: they must be checkpoint tensors
-        return all(isinstance(a, Ref) for a in node.args) and (
-            op.numpy_when is None or op.numpy_when(node.params, [_stored(inputs, a) for a in node.args]))
-    return all(_numpy_ops(a, inputs) for a in node.args)
+def kernels(node, stored) -> dict | None:
+    """Each node of the tree -> its HostKernel (by id), or None where one node has none. ``stored(ref)``: a
+    checkpoint tensor's safetensors dtype (raw ops' kernels depend on it)."""
+    found: dict = {}
 
+    def visit(n) -> bool:
+        if isinstance(n, Ref):
+            return True
+        op = OPS[n.op]
+        if op.host is None:
+            return False
+        if op.raw:  # the kernel reads its arguments' stored dtypes: they must be checkpoint tensors
+            if not all(isinstance(a, Ref) for a in n.args):
+                return False
+            kernel = op.host(n.params, [stored(a) for a in n.args])
+        else:
+            kernel = op.host(n.params, None) if all(visit(a) for a in n.args) else None
+        found[id(n)] = kernel
+        return kernel is not None
 
-def _blockwise(node) -> bool:
-    """Whether every op of the tree may run on row blocks (a raw op's kernel may need whole tensors)."""
-    if isinstance(node, Ref):
-        return True
-    op = OPS[node.op]
-    return (not op.raw or op.numpy_elementwise is None or op.numpy_elementwise(node.params)) and \
-        all(_blockwise(a) for a in node.args)
+    return found if visit(node) else None
 
 
 def _stored(inputs, ref: Ref) -> str:
@@ -82,9 +85,10 @@ def compute(entry, inputs):
     flat = out.reshape(shape[0] if shape else 1, -1)
 
     node = entry.node
-    raw = OPS[node.op] if isinstance(node, Node) and OPS[node.op].raw else None
-    # a raw op's numpy kernel returns values of its own result dtype (``out_dtype``, as plan.py reads it)
-    exact = raw is not None and node.params.get("out_dtype") == entry.dtype
+    found = kernels(node, lambda ref: _stored(inputs, ref))
+    top: HostKernel | None = found.get(id(node)) if isinstance(node, Node) else None
+    # a raw op's kernel returns values of its own result dtype (``out_dtype``, as plan.py reads it)
+    exact = isinstance(node, Node) and OPS[node.op].raw and node.params.get("out_dtype") == entry.dtype
 
     def block(rows):
         a, b = rows
@@ -92,18 +96,17 @@ def compute(entry, inputs):
         def stored_bytes(ref):
             return read(inputs[ref.input], ref.name, rows if shape else None)
 
-        if raw is not None and raw.numpy_stored is not None:  # stored bytes in and out (a compiled kernel)
-            bad = raw.numpy_stored(lambda: [stored_bytes(r) for r in node.args], node.params,
-                                   [_stored(inputs, r) for r in node.args], entry.dtype, flat[a:b])
+        if top is not None and top.run_stored is not None:  # stored bytes in and out (a compiled kernel)
+            bad = top.run_stored(lambda: [stored_bytes(r) for r in node.args], entry.dtype, flat[a:b])
             if bad is not None:
                 return bad, 0
         with np.errstate(all="ignore"):  # overflow is counted and refused below, as on the torch path
-            values = evaluate(node, lambda ref: to_float32(stored_bytes(ref), _stored(inputs, ref)),
-                              lambda ref: _stored(inputs, ref))
+            values = evaluate(node, lambda ref: to_float32(stored_bytes(ref), _stored(inputs, ref)), found)
             from_float32(values.reshape(b - a, -1), entry.dtype, flat[a:b], exact)
             return finite.count_nonfinite(values), finite.count_over_range(entry, values)
 
-    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES)) if _blockwise(node) else [(0, flat.shape[0])]
+    blockwise = all(k.blockwise for k in found.values())
+    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES)) if blockwise else [(0, flat.shape[0])]
     counts = [block(blocks[0])]  # the first block alone: it opens the input files
     if len(blocks) > 1:
         counts += _pool().map(block, blocks[1:]) if host_threads() > 1 else map(block, blocks[1:])
@@ -122,7 +125,6 @@ def host_threads() -> int:
     """Threads for the row blocks: --threads or SURGERY_THREADS when given, else the usable cores (at most
     4: the steps are memory-bound). numpy's threads do not spin while waiting, unlike torch's OpenMP ones
     (``core.devices``), so a busy machine costs them little."""
-    from surgery.core import devices
     from surgery.core.threads import usable_cores
 
     if devices._requested is not None or os.environ.get("SURGERY_THREADS"):
@@ -139,16 +141,12 @@ def _pool():
     return _POOL
 
 
-def evaluate(node, read, stored):
-    """A tree of numpy-capable ops over float32 arrays (``read(ref)`` returns a fresh float32 array;
-    ``stored(ref)``: its safetensors dtype, for raw ops)."""
+def evaluate(node, read, found: dict):
+    """A tree of host kernels (``found``: ``kernels(node, inputs)``) over float32 arrays (``read(ref)`` returns a
+    fresh float32 array)."""
     if isinstance(node, Ref):
         return read(node)
-    op = OPS[node.op]
-    arrays = [evaluate(a, read, stored) for a in node.args]
-    if op.raw:
-        return op.numpy(arrays, node.params, [stored(a) for a in node.args])
-    return op.numpy(arrays, node.params)
+    return found[id(node)].run([evaluate(a, read, found) for a in node.args])
 
 
 def read(ck: Checkpoint, name: str, rows: tuple[int, int] | None):

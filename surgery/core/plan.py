@@ -77,12 +77,12 @@ class Plan:
 
     def layer_summary(self) -> list[dict]:
         """Per output layer (None = outside layers): which sources, weights and rules built it."""
-        from surgery.core.report import layer_summary
+        from surgery.core.provenance import layer_summary
 
         return layer_summary(self)
 
     def format(self, tensors: bool = False) -> str:
-        from surgery.core.report import format_plan
+        from surgery.core.provenance import format_plan
 
         return format_plan(self, tensors=tensors)
 

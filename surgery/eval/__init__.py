@@ -14,7 +14,7 @@ Importing this package loads neither torch nor transformers.
 
 from surgery.eval.api import evaluate, evaluate_checkpoint, evaluate_model, evaluate_recipe
 from surgery.eval.data import Dataset, load_dataset, load_datasets
-from surgery.eval.report import SCHEMA, EvalReport, EvalRow
+from surgery.eval.scores import SCHEMA, EvalReport, EvalRow
 
 __all__ = ["evaluate", "evaluate_checkpoint", "evaluate_model", "evaluate_recipe", "Dataset", "load_dataset",
            "load_datasets", "SCHEMA", "EvalReport", "EvalRow"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.eval.data import Dataset, load_datasets
-from surgery.eval.report import EvalReport, EvalRow
+from surgery.eval.scores import EvalReport, EvalRow
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 

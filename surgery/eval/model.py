@@ -115,7 +115,7 @@ def recipe_model(recipe, *, device: str = "cpu", dtype: str | None = None, token
     from surgery.core.execute import iter_tensors
     from surgery.io.safetensors import torch_dtype
     from surgery.pipeline import build_plan, patch_config
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
     from surgery.recipe.schema import Recipe
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)

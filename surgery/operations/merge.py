@@ -18,18 +18,16 @@ gradients) and checks them strictly: an unknown method or parameter is an error 
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from surgery.core.devices import current_device
+from surgery import merge  # no heavy imports: numpy, torch and the kernels load when a merge computes
 from surgery.core.graph import Node, Op, same_shapes, register
-from surgery.operations import merge_numpy  # no heavy imports: numpy and the kernels load when a merge computes
-from surgery.operations.merge_checks import all_parameter_names, check_architectures
-from surgery.operations.merge_specs import spec_of
-from surgery.operations.vocab import vocab_params
 from surgery.errors import did_you_mean
+from surgery.merge.settings import parse_setting, resolve, tensor_seed
+from surgery.merge.specs import all_parameter_names, spec_of
+from surgery.operations.vocab import vocab_params
 from surgery.recipe.schema import Operation, Select
 
 # Methods that draw random numbers (arcee_fusion samples quantiles of tensors over 1M elements).
@@ -77,142 +75,17 @@ class Merge(Operation):
     def plan(self, ctx) -> None:
         _plan_merge(ctx, self)
 
-# ---------------------------------------------------------------------------- parameter settings
-
-# mergekit's parameter settings (mergekit/config.py), mirrored here because importing
-# mergekit.config pulls in peft and transformers (~4 s). Same types and the same resolution;
-# the only difference is that a misspelt key in a {value, filter} condition is an error.
-Scalar = Union[bool, int, float, str]
-ScalarOrGradient = Union[Scalar, list[Scalar]]
-
-
-class Condition(BaseModel):
-    model_config = ConfigDict(extra="forbid", defer_build=True)
-    value: ScalarOrGradient
-    filter: str | None = None
-
-
-Setting = Union[Condition, list[Condition], ScalarOrGradient]
-
-
-def parse_setting(value):
-    """A YAML parameter value -> a setting: scalar, gradient (list), or list of {value, filter}."""
-    from pydantic import TypeAdapter
-
-    return TypeAdapter(Setting).validate_python(value)
-
-
-def evaluate_setting(tensor_name: str, setting, t: float, *, validate):
-    """mergekit.config.evaluate_setting: filters match by substring; gradients interpolate at t."""
-    if isinstance(setting, Condition):
-        setting = [setting]
-    if isinstance(setting, (float, int, bool, str)):
-        return validate(setting)
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(isinstance(e, (float, int, bool, str)) for e in setting):
-            values = [validate(e) for e in setting]
-            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
-                return values[int(t * (len(values) - 1))]
-            scaled = t * (len(setting) - 1)
-            i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
-            frac = scaled - i0
-            return validate((1 - frac) * values[i0] + frac * values[i1])
-        for cond in setting:
-            if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
-                return evaluate_setting(tensor_name, cond.value, t, validate=validate)
-        return None
-    raise ValueError(f"unexpected setting value: {setting!r}")
-
-
-def resolve(parameter, settings: list, tensor_name: str, t: float):
-    """mergekit's precedence: the first scope holding the parameter whose filters match wins."""
-    for setting in settings:
-        if setting is not None:
-            value = evaluate_setting(tensor_name, setting, t, validate=parameter.validate)
-            if value is not None:
-                return value
-    if parameter.required:
-        raise KeyError(parameter.name)
-    return parameter.validate(parameter.default)
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed: the same tensor gets the same random draws whatever the order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
-
-
 # ---------------------------------------------------------------------------- the tensor op
 
 def _compute(tensors, p):
-    import torch
-    from mergekit.merge_methods.api import merge_tensors
-    from mergekit.merge_methods.buffers import copy_non_floating_buffer
+    """The node's merged tensor (``surgery.merge``); union vocabularies re-index rows first, as mergekit does."""
+    permute = None
+    if p.get("vocab") is not None:
+        from surgery.operations.vocab import permute as vocab_permute
 
-    buffer = copy_non_floating_buffer(tensors, p["name"])
-    if buffer is not None:
-        return buffer
-    device = current_device()  # --device cuda: the inputs stream to the GPU, the writer brings the result back
-    if device != "cpu":
-        tensors = [t.to(device) for t in tensors]
-    if p.get("dtype"):
-        dtype = getattr(torch, p["dtype"])
-        tensors = [t.to(dtype) for t in tensors]
-    if p.get("vocab") is not None:  # rows re-indexed to the output vocabulary first, as mergekit does
-        from surgery.operations.vocab import permute
-
-        tensors = permute(tensors, p["ids"], p)
-    ids = p["ids"]
-    parameters = dict(p["shared"])
-    per_input: dict[str, dict] = {}
-    for i, values in p["per_input"].items():
-        for k, v in values.items():
-            per_input.setdefault(k, {})[i] = v
-    parameters.update(per_input)
-    from surgery.operations.merge_kernels import fast_kernel
-
-    kernel = fast_kernel(p["method"], parameters)
-    if kernel is not None:
-        return kernel(p["method"], tensors, ids, p["base_index"], parameters, fast=p.get("kernel") == "fast")
-    from surgery.core.threads import one_thread
-
-    # mergekit's own kernels on one torch thread: their whole-tensor sums and norms (DARE's and DELLA's
-    # rescale, model_stock's cosines) round differently for each thread count, and seeded results must not
-    # depend on the machine's cores. surgery's drivers above are elementwise and need no such care.
-    call = lambda: merge_tensors(tensors, p["method"], parameters=parameters, ids=ids,  # noqa: E731
-                                 base_index=p["base_index"], name=p["name"])
-    with one_thread():
-        if p.get("seed") is None:
-            return call()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(p["seed"])
-            return call()
-
-
-def _result_dtype(params: dict, stored: tuple[str, ...]) -> str | None:
-    """The safetensors dtype mergekit's method returns for these input dtypes (run on 4x4 tensors).
-
-    mergekit writes a method's result in the dtype it comes out in (arcee_fusion returns float32
-    for bfloat16 inputs), so the plan does the same unless an output dtype is set.
-    """
-    if params["method"] in merge_numpy.METHODS and params.get("vocab") is None:
-        known = merge_numpy.merge_dtype(params, list(stored))  # these methods return their merge dtype: no torch needed
-        if known is not None:
-            return known
-    import torch
-
-    from surgery.io.safetensors import st_dtype, torch_dtype
-
-    gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(4, 4, generator=gen).to(torch_dtype(d)) for d in stored]
-    if not all(t.is_floating_point() for t in tensors):
-        return None
-    try:
-        return st_dtype(_compute(tensors, {**params, "name": "probe", "seed": 0, "vocab": None}).dtype)
-    except Exception:  # noqa: BLE001 - the real tensors will report the problem with their name
-        return None
+        def permute(ts):
+            return vocab_permute(ts, p["ids"], p)
+    return merge.compute(tensors, p, permute)
 
 
 def _fmt(v) -> str:
@@ -244,9 +117,11 @@ def _shape(shapes: list[tuple], params: dict) -> tuple:
     return same_shapes(shapes, params)
 
 
-register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, numpy=merge_numpy.compute,
-                        numpy_when=merge_numpy.supports, numpy_elementwise=merge_numpy.elementwise,
-                        numpy_stored=merge_numpy.compute_stored))
+def _host(params: dict, stored: list[str]):
+    return None if params.get("vocab") is not None else merge.host_kernel(params, stored)
+
+
+register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, host=_host))
 
 
 # ---------------------------------------------------------------------------- planner
@@ -280,6 +155,23 @@ def _parse_settings(ctx, params: dict | None, valid: list[str], path: tuple, met
                                            "of them (a gradient over layers), or a list of {value, filter} "
                                            f"(got {value!r})") from None
     return out
+
+
+def check_architectures(ctx, names: list[str]) -> None:
+    """Merged inputs (and the recipient, and the models a stack takes layers from) share one architecture
+    (mergekit refuses others without --allow-crimes)."""
+    stacked = [seg.from_ for seg in ctx.recipe.stack or [] if seg.from_]  # a frankenmerge's other models
+    archs = {}
+    for m in dict.fromkeys([ctx.recipient, *names, *stacked]):
+        cfg = getattr(ctx.inputs[m], "config", None) or {}  # a plan's result (PlanReader) has no config
+        arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
+        if arch:
+            archs[m] = arch
+    if len(set(archs.values())) > 1:
+        shown = ", ".join(f"{m} is {a}" for m, a in archs.items())
+        raise ctx.error(("models",), f"the merged models have different architectures ({shown}); a merge "
+                                     "combines tensors of one architecture (mergekit refuses this too, "
+                                     "unless --allow-crimes)")
 
 
 def layer_positions(entries) -> dict:
@@ -355,7 +247,7 @@ def _plan_merge(ctx, op: Merge) -> None:
         if None not in stored:
             key = (stored, op.dtype, bool(vocab))
             if key not in result_dtypes:
-                result_dtypes[key] = _result_dtype(params, stored)
+                result_dtypes[key] = merge.result_dtype(params, stored)
             params["out_dtype"] = result_dtypes[key]
         ctx.assign(e, Node("mergekit", refs, params))
 

@@ -10,6 +10,8 @@ import yaml
 
 from surgery.errors import RecipeError
 
+MAX_RECIPE_BYTES = 4 << 20  # a recipe is a few KB; neuron lists make it larger, never megabytes
+
 
 MAX_DEPTH = 50  # a recipe nests a few levels; deeper input would only exhaust the recursion limit
 MAX_ALIAS_NODES = 100_000  # nodes reached through aliases; a 1 KB "billion laughs" reaches billions

@@ -6,7 +6,7 @@
 A recipe names its inputs, picks a recipient (the default source of every tensor and of the
 config), and lists operations. Operations apply in order; when two select the same tensor,
 the later one wins. Each operation is a subclass of ``Operation`` (surgery.operations); the
-loader (surgery.recipe.loader) validates each against the registry.
+loader (surgery.loader) validates each against the registry.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def check_layer_variables(recipe: dict, variables: list[Variable]) -> None:
 
 def check_in_schema(recipe: dict, variables: list[Variable], where, base_dir: Path) -> None:
     """Validate the recipe with each variable at each of its corner values (others at their first)."""
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     first = {v.path: v.corners()[0] for v in variables}
     trials = [dict(first)] + [{**first, v.path: c} for v in variables for c in v.corners()[1:]]
@@ -149,7 +149,7 @@ def error_path(e: RecipeError) -> tuple:
 def count_layers(search: Search) -> int:
     """The recipient's layer count (per-layer variables are grouped over it)."""
     from surgery.pipeline import build_plan
-    from surgery.recipe.loader import load_recipe
+    from surgery.loader import load_recipe
 
     plain = {v.path: v.corners()[0] for v in search.variables}
     plan = build_plan(load_recipe(substitute(search.recipe, plain), base_dir=search.base_dir))

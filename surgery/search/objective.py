@@ -60,7 +60,7 @@ class TrialEvaluator:
             load_objective_data(self.terms, self.base_dir, self.options)
 
     def __call__(self, recipe: dict) -> dict:
-        from surgery.recipe.loader import load_recipe
+        from surgery.loader import load_recipe
 
         start = time.perf_counter()
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 from surgery.io.output import pid_alive
 from surgery.search.config import Search, load_search
-from surgery.search.results import LiveTable, SearchResult, write_results
+from surgery.search.trials import LiveTable, SearchResult, write_results
 from surgery.search.space import recipe_hash
 
 STORE_NAME = "study.db"
@@ -66,7 +66,7 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
     result.evaluated = evaluated
     if write_best and result.best_recipe is not None:
         from surgery.pipeline import run
-        from surgery.recipe.loader import load_recipe
+        from surgery.loader import load_recipe
 
         run(load_recipe(result.best_recipe, base_dir=spec.base_dir), out / "best", force=True, quiet=not progress)
         result.files.append("best/")
