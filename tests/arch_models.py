@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of every architecture the matrix tests (tests/test_architectures.py).
+"""Tiny random checkpoints of every architecture the matrix tests (tests/test_arch_matrix.py).
 
     cfg = arch_config("gpt_bigcode")                  # a transformers config: 2 layers, hidden 32, vocab 259
     paths = arch_family("gpt_bigcode", tmp_path)       # {"base", "a", "b"}: a base and two fine-tunes
