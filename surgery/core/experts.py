@@ -241,3 +241,12 @@ def fuse_inputs(inputs: dict) -> tuple[dict, list[str]]:
     notes += [f"experts of {', '.join(map(repr, names))} stay one tensor per expert: no fused layout is known "
               f"for {model_type!r} (surgery/_data/experts.json)" for model_type, names in unknown.items()]
     return out, notes
+
+
+def stored_notes(recipient) -> list[str]:
+    """``surgery plan``'s line for a recipient whose experts stay as stored, one tensor per expert."""
+    names = recipient.keys()
+    if not any(expert_of(n) is not None for n in names):
+        return []
+    return [f"experts: {expert_count(recipient.config, names)} per layer, one tensor per expert as stored; a merge "
+            "merges each expert's tensors alone (recipe 'experts: fused' reads them as mergekit does)"]

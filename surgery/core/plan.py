@@ -21,7 +21,7 @@ from surgery.io.checkpoint import TensorSource
 from surgery.io.safetensors import FLOAT_DTYPES, FLOATING, TensorMeta
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.core.layout import MODULE_GROUPS, MODULE_KINDS, Layout, TensorInfo
-from surgery.core.experts import expert_count, fuse_inputs, parse_experts
+from surgery.core.experts import expert_count, fuse_inputs, parse_experts, stored_notes
 from surgery.core.graph import Node, Ref, infer_shape, refs, splice
 from surgery.core.virtual import VirtualInput, expand_virtual  # noqa: F401 - VirtualInput: re-exported
 from surgery.core.layer_map import check_depths, stack_layers
@@ -242,9 +242,10 @@ def _name_matcher(pattern: str) -> Callable[[str], bool]:
 def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
     """Lay out the output tensors, run every operation's planner, then check the result.
     (``surgery.build_plan`` opens the inputs first.)"""
-    notes: list[str] = []
     if recipe.experts == "fused":  # MoE checkpoints read as mergekit reads them (core.experts)
         inputs, notes = fuse_inputs(inputs)
+    else:
+        notes = stored_notes(inputs[recipe.recipient_name])
     base = inputs[recipe.recipient_name]
     layout = Layout.for_checkpoint(base)
     names = base.keys()
