@@ -133,13 +133,33 @@ MK_CONFIGS = {
         dtype: float32
         out_dtype: bfloat16
     """,
+    # a filter on mergekit's names: Mixtral's router and experts are under 'mlp.' only once read fused
+    "slerp_filter": """
+        slices:
+          - sources:
+              - {{model: {a}, layer_range: [0, 2]}}
+              - {{model: {b}, layer_range: [0, 2]}}
+        merge_method: slerp
+        base_model: {a}
+        parameters:
+          t: [{{filter: mlp, value: 0.3}}, {{value: 0.6}}]
+        dtype: float32
+    """,
+    "passthrough_frankenmerge": """
+        slices:
+          - sources: [{{model: {a}, layer_range: [0, 2]}}]
+          - sources: [{{model: {b}, layer_range: [1, 2]}}]
+        merge_method: passthrough
+        dtype: bfloat16
+    """,
 }
 
 
 @pytest.mark.slow
 def test_mergekit_configs_match_mergekit_yaml(moe, tmp_path):
-    """ties, linear and task_arithmetic on per-expert checkpoints: the bytes, names and config mergekit-yaml
-    writes (fused experts, merged as one tensor per layer and projection)."""
+    """ties, linear, task_arithmetic, slerp with a filter and a passthrough frankenmerge on per-expert checkpoints:
+    the bytes, names and config mergekit-yaml writes (fused experts, merged as one tensor per layer and
+    projection)."""
     from test_mergekit_parity import assert_same_checkpoint, run_mergekit
 
     from surgery import run
@@ -151,6 +171,7 @@ def test_mergekit_configs_match_mergekit_yaml(moe, tmp_path):
         assert_same_checkpoint(tmp_path / f"mk_{method}", tmp_path / f"ours_{method}")
     out = load(tmp_path / "ours_ties")
     assert out["model.layers.1.mlp.experts.gate_up_proj"].shape[0] == 4
+    assert "model.layers.2.mlp.experts.down_proj" in load(tmp_path / "ours_passthrough_frankenmerge")
 
 
 def test_fused_ties_takes_top_k_over_all_experts(moe, tmp_path):
@@ -311,15 +332,18 @@ def test_experts_on_a_dense_model_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage", ["missing", "dtype"])
+@pytest.mark.parametrize("damage", ["missing", "dtype", "shape"])
 def test_incomplete_or_mixed_experts_are_one_line(moe, tmp_path, damage):
     """Read fused, a checkpoint missing one expert's tensor, or mixing dtypes within a layer's experts, is
     refused with the checkpoint and the tensor named."""
     arch = moe["arch"]
     state = load(moe["a"])
     gate = expert_names(arch, 1, 2)[0]
+    rows, cols = state[gate].shape
     if damage == "missing":
         del state[gate]
+    elif damage == "shape":
+        state[gate] = state[gate][:-1].clone()
     else:
         state[gate] = state[gate].float()
     bad = save_checkpoint(tmp_path / "bad", state, moe["cfg"], dtype=torch.bfloat16)
@@ -332,7 +356,9 @@ def test_incomplete_or_mixed_experts_are_one_line(moe, tmp_path, damage):
     assert r.returncode == 1
     fused = "model.layers.1.mlp.experts.gate_up_proj"
     what = {"missing": f"{fused} needs {PROJ[arch][0]} of every expert (0-3), but expert 2's is missing",
-            "dtype": f"the expert tensors of {fused} mix dtypes (BF16, F32)"}[damage]
+            "dtype": f"the expert tensors of {fused} mix dtypes (BF16, F32)",
+            "shape": f"{fused}: expert 2's tensors [[{rows - 1}, {cols}], [{rows}, {cols}]] don't line up with "
+                     f"expert 0's [[{rows}, {cols}], [{rows}, {cols}]]"}[damage]
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.rstrip().endswith(f"{bad}: {what}"), r.stderr
     assert not (tmp_path / "out").exists()

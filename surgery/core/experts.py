@@ -25,6 +25,7 @@ from pathlib import Path
 from surgery.core.graph import Op, Ref, register, Node
 from surgery.core.virtual import VirtualInput
 from surgery.errors import SurgeryError
+from surgery.io.checkpoint import Checkpoint
 from surgery.io.safetensors import TensorMeta
 
 
@@ -59,7 +60,7 @@ def expert_count(config: dict, names, meta: dict | None = None) -> int:
             return config[key]
     if found:
         return max(found) + 1
-    return meta[stacked[0]].shape[0] if meta else 0
+    return meta[stacked[0]].shape[0] if meta and stacked[0] in meta else 0
 
 
 def parse_experts(spec: list[int], count: int) -> tuple[list[int], int | None]:
@@ -120,46 +121,48 @@ class FusedExperts(VirtualInput):
 
     def __init__(self, name: str, stored, stored_input: str, layout: dict):
         self.name, self.stored, self.stored_input = name, stored, stored_input
-        self.ref, self.revision = stored.ref, getattr(stored, "revision", None)
-        self._sources: dict[str, str | tuple] = {}   # our name -> stored name, or (labels, [[stored per part]])
+        self.ref, self.revision = stored.ref, stored.revision
+        self._sources: dict[str, str | tuple] = {}   # our name -> stored name, or (labels, stored names, count)
         self.meta: dict[str, TensorMeta] = {}
         renames = [tuple(r) for r in layout["renames"]]
-        patterns = [(t["name"], [_part_regex(p) for p in t["parts"]], [p.split(".{e}.")[-1] for p in t["parts"]])
-                    for t in layout["tensors"]]
-        groups: dict[str, tuple] = {}
+        parts = [(t["name"], k, _part_regex(p), p.split(".{e}.")[-1].removesuffix(".weight"))
+                 for t in layout["tensors"] for k, p in enumerate(t["parts"])]
+        groups: dict[str, tuple] = {}   # fused name -> (part labels, [{expert: stored name} per part])
         for stored_name in stored.keys():
             name = stored_name
             for old, new in renames:
                 name = name.replace(old, new)
-            hit = next(((pre + fused, k, int(m["e"]), labels) for fused, regexes, labels in patterns
-                        for k, rx in enumerate(regexes) if (m := rx.match(name)) and (pre := m["pre"]) is not None),
-                       None)
+            hit = next(((t, k, m) for t, k, rx, _ in parts if (m := rx.match(name))), None)
             if hit is None:
                 self._sources[name] = stored_name
                 continue
-            fused, part, expert, labels = hit
+            template, part, m = hit
+            fused, expert = m["pre"] + template, int(m["e"])
             if fused not in groups:
-                groups[fused] = ([p.replace(".weight", "") for p in labels], [{} for _ in labels])
-                self._sources[fused] = groups[fused]
+                labels = [label for t, _, _, label in parts if t == template]
+                groups[fused] = self._sources[fused] = (labels, [{} for _ in labels])
             groups[fused][1][part][expert] = stored_name
         for name, src in self._sources.items():
             if isinstance(src, str):
                 self.meta[name] = stored.meta[src]
                 continue
-            labels, parts = src
-            count = max(len(p) for p in parts)
-            for k, p in enumerate(parts):
+            labels, by_part = src
+            count = 1 + max(max(p) for p in by_part if p)
+            for k, p in enumerate(by_part):
                 missing = [e for e in range(count) if e not in p]
                 if missing:
                     raise SurgeryError(f"{stored.ref}: {name} needs {labels[k]} of every expert (0-{count - 1}), "
                                        f"but expert {missing[0]}'s is missing")
-            order = [parts[k][e] for e in range(count) for k in range(len(parts))]
+            order = [by_part[k][e] for e in range(count) for k in range(len(by_part))]
             self._sources[name] = (labels, order, count)
             metas = [stored.meta[n] for n in order]
             if len({m.dtype for m in metas}) > 1:
                 raise SurgeryError(f"{stored.ref}: the expert tensors of {name} mix dtypes "
                                    f"({', '.join(sorted({m.dtype for m in metas}))})")
-            shape = _stack_shape([tuple(m.shape) for m in metas], {"experts": count, "parts": len(parts)})
+            try:
+                shape = _stack_shape([tuple(m.shape) for m in metas], {"experts": count, "parts": len(by_part)})
+            except SurgeryError as e:
+                raise SurgeryError(f"{stored.ref}: {name}: {e}") from None
             self.meta[name] = TensorMeta(metas[0].dtype, shape)
 
     @property
@@ -221,7 +224,7 @@ def fuse_inputs(inputs: dict) -> tuple[dict, list[str]]:
     table = experts_data()["fused"]
     out, fused, unknown = {}, {}, {}
     for name, ck in inputs.items():
-        if isinstance(ck, VirtualInput) or not any(expert_of(n) is not None for n in ck.keys()):
+        if not isinstance(ck, Checkpoint) or not any(expert_of(n) is not None for n in ck.keys()):
             out[name] = ck
             continue
         model_type = ck.config.get("model_type", "")

@@ -168,6 +168,7 @@ class Context:
         if sel is None:
             return list(self.entries)
         experts = self.experts(sel.experts, field_path + ("experts",)) if sel.experts is not None else None
+        every_expert = experts is not None and len(experts) == self.n_experts
         layers = set(self.layers(sel.layers, field_path + ("layers",))) if sel.layers is not None else None
         modules = set(sel.modules or [])
         bad = sorted(modules - set(MODULE_KINDS) - set(MODULE_GROUPS))
@@ -195,7 +196,7 @@ class Context:
             if any(m(e.name) for m in exclude):
                 continue
             if experts is not None:
-                if i.stacked_experts and len(experts) < self.n_experts:
+                if i.stacked_experts and not every_expert:
                     self.expert_slices[e.name] = experts  # assign() changes only these experts' slices
                 elif i.expert not in experts and not i.stacked_experts:
                     continue
