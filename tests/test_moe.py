@@ -367,3 +367,17 @@ def test_incomplete_or_mixed_experts_are_one_line(moe, tmp_path, damage):
 def test_format_experts():
     assert format_experts([5, 0, 1, 2]) == "0-2,5"
     assert format_experts([3]) == "3"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("experts: fusd\noperations:\n  - take: {{from: base, select: {{layers: 0}}}}\n",
+     "{r}:2: experts: Input should be 'stored' or 'fused' (got 'fusd')"),
+    ("operations:\n  - take: {{from: base, select: {{experts: [x]}}}}\n",
+     "{r}:3: operations.0.take.select.experts.0: Input should be a valid integer, unable to parse string as an "
+     "integer (got 'x')"),
+])
+def test_bad_experts_values_are_one_line(moe, tmp_path, text, message):
+    recipe = write(tmp_path, "r.yaml", "inputs: {{base: {base}}}\n" + text, **moe)
+    r = run_cli("validate", recipe)
+    assert r.returncode == 1
+    assert r.stderr == f"error: {message.format(r=recipe)}\n"
