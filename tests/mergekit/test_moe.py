@@ -228,7 +228,10 @@ def test_own_recipe_merges_per_expert_as_stored(moe, tmp_path):
     recipe = write(tmp_path, "r.yaml", """
         inputs: {{base: {base}, a: {a}, b: {b}}}
         operations:
-          - merge: {{method: ties, base: base, models: {{a: {{weight: 0.6, density: 0.5}}, b: {{weight: 0.4, density: 0.7}}}}}}
+          - merge:
+              method: ties
+              base: base
+              models: {{a: {{weight: 0.6, density: 0.5}}, b: {{weight: 0.4, density: 0.7}}}}
     """, **moe)
     run(recipe, tmp_path / "out")
     out, ins = load(tmp_path / "out"), {m: load(moe[m]) for m in ("a", "b", "base")}
