@@ -19,6 +19,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.core.experts import expert_of, is_stacked
+
 MODULE_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_down",
                 "mlp_gate_up", "mlp_router", "mlp_act", "norm", "final_norm", "embed", "lm_head", "other")
 MODULE_GROUPS = ("attn", "mlp", "norm", "embed", "lm_head", "other")
@@ -81,6 +83,8 @@ class TensorInfo:
     group: str              # one of MODULE_GROUPS
     neuron_axis: int | None  # axis indexing MLP intermediate neurons, for mlp_gate/up/down tensors
     suffix: str             # the name after the layer prefix (whole name when layer is None)
+    expert: int | None = None     # the expert of a per-expert MoE tensor (core.experts)
+    stacked_experts: bool = False  # a tensor holding every expert of its layer along axis 0
 
 
 class Layout:
@@ -138,7 +142,8 @@ class Layout:
         else:
             layer, rest, rules = None, name, data["global_rules"]
         kind = next((k for pat, k in rules if pat.search(rest)), "other")
-        return TensorInfo(name, layer, kind, data["groups"][kind], self._neuron_axis(kind, rest), rest)
+        return TensorInfo(name, layer, kind, data["groups"][kind], self._neuron_axis(kind, rest), rest,
+                          expert_of(name), is_stacked(name))
 
     def _neuron_axis(self, kind: str, rest: str) -> int | None:
         if kind not in ("mlp_gate", "mlp_up", "mlp_down", "mlp_gate_up"):

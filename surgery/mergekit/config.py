@@ -15,6 +15,8 @@ The translation is one recipe with the same meaning as mergekit-yaml's plan:
 - ``parameters`` at slice level come before the global ones (mergekit's precedence);
 - ``dtype`` is the dtype inputs are merged in, ``out_dtype`` the output dtype (without it a
   tensor keeps the dtype its method returns); config.json gets ``out_dtype`` else ``dtype``;
+- mixture-of-experts checkpoints are read with their experts fused (``experts: fused``), as mergekit reads
+  them: one tensor per layer and projection, merged at once and written under mergekit's names;
 - ``model+lora`` references become adapter inputs (the LoRA applied to its base);
 - ``tokenizer``/``tokenizer_source``/``chat_template`` become the recipe's ``tokenizer`` and
   ``chat_template`` (surgery.operations.vocab builds the tokenizer and re-indexes rows).
@@ -167,7 +169,9 @@ class _Translator:
         compute_dtype, out_dtype = self.dtype("dtype"), self.dtype("out_dtype")
         common = {"method": method, **({"dtype": compute_dtype} if compute_dtype else {})}
 
-        recipe: dict[str, Any] = {"description": f"mergekit config ({method})", "inputs": self.inputs}
+        # experts fused as mergekit reads them: a merge sees every expert of a layer at once (core.experts)
+        recipe: dict[str, Any] = {"description": f"mergekit config ({method})", "inputs": self.inputs,
+                                  "experts": "fused"}
         if body.get("models"):
             operations, recipient = self.models(body["models"], body_path, base, global_params, common)
         else:
