@@ -303,8 +303,10 @@ def test_plan_shows_experts(moe, tmp_path):
     row = lines.index(next(line for line in lines if line.startswith("layer 1")))
     block = [lines[row][len("layer 1"):], lines[row + 1]]   # the layer's two rows: labels ← source
     rows = {src.split()[0]: set(re.split(r",(?!\d)", labels.strip())) for labels, src in (b.split("←") for b in block)}
-    shared = {"mlp"} if moe["arch"] == "qwen2_moe" else set()  # Qwen2-MoE's shared expert is an MLP beside them
-    assert rows == {"donor": {"experts 0,3"}, "base": {"experts 1-2", "other", "norm", "attn"} | shared}, block
+    # the router (kind mlp_router) is shown with the MLP, as is Qwen2-MoE's shared expert; its shared_expert_gate
+    # has no kind of its own ("other")
+    other = {"other"} if moe["arch"] == "qwen2_moe" else set()
+    assert rows == {"donor": {"experts 0,3"}, "base": {"experts 1-2", "mlp", "norm", "attn"} | other}, block
     fused = write(tmp_path, "f.yaml", """
         inputs: {{base: {base}, donor: {donor}}}
         experts: fused
