@@ -20,7 +20,11 @@ _decided: bool | None = None  # the running command's decision; None: none made 
 def progress_wanted(*silenced: bool) -> bool:
     """Bars only for a person at a terminal: not when any of ``silenced`` (--quiet, --json) is set, not into
     pipes or log files."""
-    return not any(silenced) and sys.stderr.isatty()
+    return not any(silenced) and _terminal()
+
+
+def _terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def decide(*silenced: bool) -> bool:
