@@ -31,8 +31,8 @@ def test_references_resolve_to_their_kind(demo_dir, tmp_path, monkeypatch):
     assert resolve_reference(ck / "base").kind == "checkpoint" and resolve_reference(ck / "base").path == ck / "base"
     assert resolve_reference(ck / "base" / "model.safetensors").kind == "checkpoint"
     assert resolve_reference(recipe).kind == "recipe"
-    hub = resolve_reference("org/name@v1.0")
-    assert (hub.kind, hub.repo_id, hub.revision, hub.path) == ("hub", "org/name", "v1.0", None)
+    remote = resolve_reference("org/name@v1.0")
+    assert (remote.kind, remote.repo_id, remote.revision, remote.path) == ("hub", "org/name", "v1.0", None)
     (tmp_path / "org" / "name").mkdir(parents=True)   # a local folder wins over the Hub id it spells
     monkeypatch.chdir(tmp_path)
     assert resolve_reference("org/name").kind == "checkpoint"
@@ -115,7 +115,7 @@ def test_load_model_refusals(demo_dir, tmp_path):
     assert tok is load_model(ck / "base")[1]   # one tokenizer per folder, shared
 
 
-def test_a_hub_id_loads_through_the_same_download_as_a_recipe_input(hub, files, demo_dir, tmp_path):
+def test_a_hub_id_loads_through_the_same_download_as_a_recipe_input(hub, files, demo_dir, tmp_path):  # noqa: F811
     folder = tmp_path / "local"
     folder.mkdir()
     for name, data in files.items():
@@ -136,9 +136,24 @@ BAR_COMMANDS = {
     "probe": lambda ck, tmp: ["probe", ck / "base", swap_recipe(ck, tmp / "r.yaml"), "--text", f"sw={_text(tmp)}",
                               "--text", f"en={_text(tmp, 'good morning to you all')}", "--no-probing"],
     "demo": lambda ck, tmp: ["demo", "--dir", tmp / "demo"],
+    "mergekit": lambda ck, tmp: ["mergekit", _mergekit_config(ck, tmp), tmp / "merged"],
 }
 BARS = {"run": ["surgery run"], "diff": ["surgery diff"], "eval": ["Loading weights", "eval t"],
-        "probe": ["Loading weights", "probe base"], "demo": ["surgery run", "Loading weights"]}
+        "probe": ["Loading weights", "probe base"], "demo": ["surgery run", "Loading weights"],
+        "mergekit": ["Warmup loader cache"]}
+
+
+def _mergekit_config(ck, tmp):
+    import shutil
+
+    for name in ("math", "swahili"):  # mergekit needs `architectures` in config.json
+        folder = shutil.copytree(ck / name, tmp / name)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"architectures": ["LlamaForCausalLM"]}))
+    path = tmp / "merge.yml"
+    path.write_text(f"merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: {tmp / 'math'}\n    parameters: "
+                    f"{{weight: 0.5}}\n  - model: {tmp / 'swahili'}\n    parameters: {{weight: 0.5}}\n")
+    return path
 
 
 def _text(tmp, line="habari ya asubuhi rafiki"):
@@ -167,6 +182,6 @@ def test_a_piped_run_draws_no_bar_and_a_terminal_gets_them(command, demo_dir, tm
     tty = run_cli(*BAR_COMMANDS[command](ck, tmp_path / "tty"))
     assert tty.returncode == 0, tty.stderr
     assert all(bar in tty.stderr for bar in BARS[command]), tty.stderr
-    quiet = run_cli(*BAR_COMMANDS[command](ck, tmp_path / "quiet"), "-q")
+    quiet = run_cli(*BAR_COMMANDS[command](ck, tmp_path / "quiet"), "--quiet")  # mergekit's own option too
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     assert tf_logging.is_progress_bar_enabled() == before and progress._decided is None
