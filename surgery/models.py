@@ -37,7 +37,6 @@ def load_model(ref, *, device: str = "cpu", dtype: str | None = None, tokenizer=
     'auto': as stored or planned). ``tokenizer``: a folder, a Hub id or a tokenizer object instead of the model's
     own. ``progress``: library bars on or off (None: the rule of ``surgery.io.progress``). ``encoder``: accept
     a model without a causal-LM class (its base model, e.g. a sentence encoder)."""
-
     from surgery.io.progress import library_bars
 
     torch_dtype_of(dtype)  # a bad dtype is refused before any work
