@@ -24,6 +24,7 @@ from surgery.errors import SurgeryError
 from surgery.core.model_card import write_model_card
 from surgery.io.checkpoint import Checkpoint, TensorSource
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
+from surgery.io.reference import resolve_reference
 from surgery.operations.vocab import check_vocabulary, write_tokenizer
 from surgery.loader import Stages, load_recipe, read_recipe
 from surgery.recipe.schema import Recipe
@@ -56,16 +57,18 @@ def open_inputs(recipe: Recipe, *, convert_bin: bool = False, opened: dict | Non
 
 
 def open_source(ref, *, base: TensorSource | None = None, convert_bin: bool = False) -> TensorSource:
-    """What a user names as a model: a checkpoint (directory, .safetensors file, Hub id), a recipe
-    (its result, computed on demand), or, given ``base``, a PEFT adapter directory (base + ΔW)."""
+    """What a user names as a model (resolved by ``surgery.io.reference``): a checkpoint (directory,
+    .safetensors file, Hub id), a recipe (its result, computed on demand), or, given ``base``, a PEFT
+    adapter directory (base + ΔW)."""
     if isinstance(ref, TensorSource):
         return ref
-    if str(ref).endswith((".yaml", ".yml")):
+    found = resolve_reference(ref)
+    if found.kind == "recipe":
         plan = build_plan(ref, convert_bin=convert_bin)
         if len(plan.layer_map) != plan.n_source_layers:
             raise SurgeryError(f"{ref}: the recipe changes the layer count; use its written output instead")
         return PlanReader(plan, str(ref))
-    if isinstance(base, Checkpoint) and (Path(ref) / "adapter_config.json").is_file():
+    if isinstance(base, Checkpoint) and found.path is not None and (found.path / "adapter_config.json").is_file():
         from surgery.adapters.view import open_adapter
 
         return open_adapter(ref, base)

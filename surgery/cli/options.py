@@ -54,7 +54,8 @@ def push_options(fn):
 
 
 def show_progress(*silenced: bool) -> bool:
-    """Progress bars are for a person at a terminal: not with --quiet/--json, not into logs or pipes."""
-    import sys
+    """Progress bars are for a person at a terminal: not with --quiet/--json, not into logs or pipes. The
+    decision also holds for the libraries' bars beneath the command (``surgery.io.progress``)."""
+    from surgery.io.progress import decide
 
-    return not any(silenced) and sys.stderr.isatty()
+    return decide(*silenced)

@@ -135,6 +135,7 @@ def demo(folder, quiet):
     from surgery.pipeline import run as run_recipe
     from surgery.loader import load_recipe
 
+    progress = show_progress(quiet)  # the run's bar and the libraries' (surgery.io.progress)
     with demo_folder(Path(folder)) as folder:  # new, empty or a previous demo; removed if the demo fails
         paths = make_demo(folder / "checkpoints")
         click.echo(f"made demo checkpoints in {folder / 'checkpoints'}: {', '.join(paths)}")
@@ -147,7 +148,7 @@ def demo(folder, quiet):
         recipe_path.write_text(DEMO_RECIPE)
         recipe = load_recipe(recipe_path)
         click.echo(f"\nrecipe {recipe_path}:\n{build_plan(recipe).format()}\n")
-        result = run_recipe(recipe, folder / "out" / "math-swahili-swap", force=True, quiet=quiet)
+        result = run_recipe(recipe, folder / "out" / "math-swahili-swap", force=True, quiet=not progress)
         click.echo(f"wrote {len(result.plan.entries)} tensors to {result.output} in {result.seconds:.1f}s")
         click.echo(f"  files: {', '.join(result.files)}")
         click.echo(f"  {check_loads(result.output)}")
