@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import random_state, save_checkpoint, tiny_config
-
 from adapter_kit import make_adapter
+from helpers import random_state, save_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="session")
