@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import load, raw_bytes, run_cli
-from test_mergekit_parity import make_models, run_mergekit, write_config
+from mergekit_kit import make_models, run_mergekit, write_config
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from helpers import load, perturb, random_state, save_checkpoint, tiny_config
-from test_mergekit_parity import ENV
+from mergekit_kit import ENV
 
 CORPUS = Path(__file__).parents[1] / "mergekit_corpus"
 CONFIGS = sorted(p.stem for p in CORPUS.glob("*.yml"))
