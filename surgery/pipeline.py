@@ -3,6 +3,7 @@
     import surgery
     plan = surgery.build_plan("recipes/layer_swap.yaml")   # == surgery plan
     result = surgery.run("recipes/layer_swap.yaml", "out/")  # == surgery run
+    surgery.run("recipe.yaml", "out/", workers=2, shard_size="1GB")  # shards written by 2 local Ray workers
     result.output, result.seconds, result.total_bytes
 """
 
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery import __version__
+from surgery.core.cluster import start_ray, stop_ray
 from surgery.core.devices import resolve_device
+from surgery.core.distribute import execute_on_ray
 from surgery.core.execute import PlanReader, execute
 from surgery.core.layout import layout_data
 from surgery.core.plan import Plan, make_plan
@@ -26,6 +29,7 @@ from surgery.io.checkpoint import Checkpoint, TensorSource
 from surgery.io.output import atomic_dir, check_target, copy_support_files, write_json
 from surgery.operations.vocab import check_vocabulary, write_tokenizer
 from surgery.recipe.loader import load_recipe
+from surgery.recipe.parsing import parse_size
 from surgery.recipe.schema import Recipe
 
 MANIFEST_NAME = "surgery_manifest.json"
@@ -104,14 +108,17 @@ class RunResult:
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
         convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False,
-        inputs: dict | None = None, device: str = "cpu") -> RunResult:
+        inputs: dict | None = None, device: str = "cpu", workers: int = 0, ray_address: str | None = None,
+        shard_size: int | str | None = None) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
     NaN or Inf values is refused unless ``allow_nonfinite``. ``inputs``: the recipe's inputs, already open
     (default: opened here). A YAML file with several documents is a multi-stage mergekit config (see
     ``_run_stages``). ``device``: where merge operations compute, 'cpu' (default), 'cuda' or 'auto' (cuda
-    when torch sees a GPU).
+    when torch sees a GPU). ``shard_size`` overrides the recipe's ``output.shard_size``.
+    ``workers`` (a local Ray with that many CPUs) or ``ray_address`` (a running cluster: 'auto', host:port)
+    writes the output shards as Ray tasks (``core.distribute``): the same bytes as a serial run.
     """
     start = time.perf_counter()
     if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) and Path(recipe).is_file():
@@ -123,15 +130,21 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         text = read_text(Path(recipe), max_bytes=MAX_RECIPE_BYTES)
         if "---" in text and is_multi_document(text):  # several documents need a '---' line (PyYAML)
             return _run_stages(text, str(recipe), out, force=force, quiet=quiet, convert_bin=convert_bin,
-                               random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device)
+                               random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device,
+                               workers=workers, ray_address=ray_address, shard_size=shard_size)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if random_seed is not None:
         recipe.seed = random_seed
+    if shard_size is not None:
+        recipe.output.shard_size = check_shard_size(shard_size)
+    if (workers or ray_address) and device != "cpu":
+        raise SurgeryError(f"--device {device}: --workers/--ray-address run on CPU only (Ray tasks get no GPU)")
     out = Path(out)
     device = resolve_device(device)
     recipe_paths = [recipe._source] if recipe._text is not None and Path(str(recipe._source)).exists() else []
     plan = build_plan(recipe, inputs=inputs, convert_bin=convert_bin)
     check_target(out, force, inputs=recipe_paths + input_paths(plan.inputs.values()))
+    cluster = start_ray(workers, ray_address) if workers or ray_address else None  # before anything is written
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1)
     try:
@@ -140,7 +153,11 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
             # hashing the inputs runs beside the tensor stream, on the other core; cancelled on an error
             hashes = {name: {f.name: pool.submit(ck.sha256, f, stop) for f in ck.files}
                       for name, ck in plan.inputs.items()}
-            shards = execute(plan, tmp, quiet=quiet, allow_nonfinite=allow_nonfinite, device=device)
+            if cluster:
+                shards = execute_on_ray(plan, tmp, cluster[0], workers=workers, quiet=quiet,
+                                        allow_nonfinite=allow_nonfinite)
+            else:
+                shards = execute(plan, tmp, quiet=quiet, allow_nonfinite=allow_nonfinite, device=device)
             write_support_files(plan, tmp)
             recipe_text = recipe.to_yaml()
             (tmp / RECIPE_NAME).write_text(recipe_text)
@@ -157,7 +174,17 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         pool.shutdown(wait=False, cancel_futures=True)
         for ck in plan.inputs.values():
             ck.close()
+        if cluster:
+            stop_ray(*cluster)
     return RunResult(out.resolve(), plan, time.perf_counter() - start, files)
+
+
+def check_shard_size(size: int | str) -> int | str:
+    try:
+        parse_size(size)
+    except ValueError as e:
+        raise SurgeryError(f"--shard-size: {e}") from None
+    return size
 
 
 def input_paths(sources) -> list[Path]:
@@ -283,7 +310,8 @@ def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
         "inputs": inputs,
         "config_from": plan.config_source,
         "output": {"shards": shards, "num_tensors": len(plan.entries), "total_bytes": plan.total_bytes,
-                   "dtype": plan.recipe.output.dtype or "as recipient"},
+                   "dtype": plan.recipe.output.dtype or "as recipient",
+                   "shard_size": plan.recipe.output.shard_size},  # the recipe's, or --shard-size
         "plan": plan.to_dict(),
     }
 
