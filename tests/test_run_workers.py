@@ -144,3 +144,31 @@ def test_shard_size_option_overrides_the_recipe(family, tmp_path):
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     manifest = json.loads((tmp_path / "out" / "surgery_manifest.json").read_text())
     assert manifest["output"]["shard_size"] == "60KB" and len(manifest["output"]["shards"]) == 3
+
+
+def test_workers_count_and_missing_ray(family, tmp_path, monkeypatch):
+    from surgery.errors import SurgeryError
+
+    recipe = write_recipe(tmp_path, family)
+    with pytest.raises(SurgeryError, match=r"^--workers takes a count >= 1, got -1$"):
+        surgery.run(recipe, tmp_path / "out", workers=-1)
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(SurgeryError, match=r"^--workers/--ray-address need Ray: pip install 'surgery\[search\]' "
+                                           r"\(or ray>=2.9\)$"):
+        surgery.run(recipe, tmp_path / "out", workers=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_task_errors_are_one_line():
+    import ray
+
+    from surgery.core.cluster import task_error
+    from surgery.errors import SurgeryError
+
+    own = ray.exceptions.RayTaskError("write_shard", "Traceback ...", SurgeryError("tensor 'x': 2 non-finite values"))
+    assert str(task_error(ray, own, "the task writing s")) == "tensor 'x': 2 non-finite values"
+    bug = ray.exceptions.RayTaskError("write_shard", "Traceback ...", ValueError("boom\n  detail"))
+    assert str(task_error(ray, bug, "the task writing s")) == "the task writing s failed on Ray: ValueError: boom"
+    lost = ray.exceptions.WorkerCrashedError()
+    assert str(task_error(ray, lost, "the task writing s")).startswith(
+        "the task writing s failed on Ray: WorkerCrashedError: The worker died unexpectedly")
