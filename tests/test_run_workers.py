@@ -172,3 +172,38 @@ def test_task_errors_are_one_line():
     lost = ray.exceptions.WorkerCrashedError()
     assert str(task_error(ray, lost, "the task writing s")).startswith(
         "the task writing s failed on Ray: WorkerCrashedError: The worker died unexpectedly")
+
+
+MULTI_STAGE = """\
+name: first
+models:
+  - model: {lang}
+    parameters: {{weight: 0.5}}
+  - model: {task}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+dtype: bfloat16
+---
+models:
+  - model: first
+    parameters: {{weight: 0.3}}
+  - model: {en}
+    parameters: {{weight: 0.7}}
+merge_method: ties
+base_model: {base}
+parameters: {{density: 0.5}}
+dtype: bfloat16
+"""
+
+
+@pytest.mark.slow
+def test_ray_runs_a_multi_stage_config_its_stage_computed_in_the_tasks(family, tmp_path):
+    """The first stage is never written: each task computes the tensors of it that its shard needs."""
+    config = tmp_path / "multi.yml"
+    config.write_text(MULTI_STAGE.format(**family))
+    serial = surgery.run(config, tmp_path / "serial", shard_size="40KB")
+    result = surgery.run(config, tmp_path / "ray", workers=2, shard_size="40KB")
+    files = shard_files(serial.output)
+    assert len(files) == 5 and shard_files(result.output) == files
+    for f in files:
+        assert (serial.output / f).read_bytes() == (result.output / f).read_bytes(), f
