@@ -37,16 +37,26 @@ def shard_files(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("model"))
 
 
-def test_shards_written_one_by_one_equal_the_whole_run(family, tmp_path):
-    """What each Ray task does (execute with ``shards=[i]``), without Ray: every shard alone is the serial bytes."""
+def test_shards_written_one_by_one_equal_the_whole_run(family, tmp_path, monkeypatch):
+    """What each Ray task does (execute with ``shards=[i]``), without Ray: every shard alone is the serial bytes,
+    and it reads (or copies) only the tensors of its shard."""
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.io.writer import ShardedWriter
+
     plan = surgery.build_plan(write_recipe(tmp_path, family))
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     whole.mkdir(), parts.mkdir()
     files = execute(plan, whole)
     layout = shard_layout(*shard_specs(plan))
     assert len(files) == len(layout) == 5
+    touched = set()
+    read_into, copy = Checkpoint.read_into, ShardedWriter.copy
+    monkeypatch.setattr(Checkpoint, "read_into", lambda self, name, *a: (touched.add(name), read_into(self, name, *a)))
+    monkeypatch.setattr(ShardedWriter, "copy", lambda self, name, *a: (touched.add(name), copy(self, name, *a)))
     for i in reversed(range(len(layout))):  # any order: each shard's header and offsets come from the plan
+        touched.clear()
         assert execute(plan, parts, shards=[i]) == [files[i]]
+        assert touched == {name for name, _ in layout[i]}  # this recipe reads each output's own name
     assert shard_files(parts) == files  # no index: the coordinator writes it
     for f in files:
         assert (parts / f).read_bytes() == (whole / f).read_bytes(), f
