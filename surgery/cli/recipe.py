@@ -29,8 +29,8 @@ from surgery.errors import SurgeryError
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where merge operations compute: cuda streams their inputs to the GPU; auto uses it when present.")
 @click.option("--shard-size", metavar="SIZE", help="Maximum size of an output shard, e.g. 2GB (default: the "
-                                                    "recipe's output.shard_size, else 5GB, as transformers).")
-@click.option("--workers", type=click.IntRange(min=1), help="Write the output shards as Ray tasks, N at once, on "
+                                                    "recipe's output.shard_size, else 5GB, as huggingface_hub).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N", help="Write the output shards as Ray tasks, N at once, on "
                                                             "a local Ray (same bytes as without).")
 @click.option("--ray-address", metavar="ADDR", help="Write the output shards as tasks of this Ray cluster ('auto' "
                                                     "or host:port) instead; inputs and output on shared storage.")

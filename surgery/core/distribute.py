@@ -9,7 +9,8 @@ the byte ranges of that shard's tensors (positioned reads, kernel copies: ``core
 and writes that shard file into ``folder``. This process, the coordinator, writes the index when every task
 has succeeded. The shard layout is a function of the plan alone (``execute.shard_specs``,
 ``io.writer.shard_layout``), so the tasks and a serial run cut the same shards, and the files are byte for byte
-a serial run's. A failed task cancels the others and is one SurgeryError; ``folder`` is then incomplete (the
+a serial run's. A task whose worker died is run again (it rewrites its shard from the start); a task that fails
+cancels the others and is one SurgeryError; ``folder`` is then incomplete (the
 caller's atomic output directory removes it). On a cluster, the inputs and ``folder`` must be at the same
 paths on every node (shared storage).
 """
@@ -25,6 +26,7 @@ from surgery.core.plan import Plan
 from surgery.errors import SurgeryError
 from surgery.io.writer import shard_layout, shard_names, write_index
 
+MAX_RETRIES = 3  # Ray's default for tasks whose worker died
 CANCEL_WAIT_S = 30  # how long cancelled tasks may take to stop before the coordinator goes on
 
 
@@ -40,7 +42,9 @@ def execute_on_ray(plan: Plan, folder: Path, ray, *, workers: int = 0, quiet: bo
     running: dict = {}  # object ref -> shard index
     threads = None
     try:
-        task = ray.remote(num_cpus=1, max_retries=0)(write_shard)  # a failed task is an error, not retried
+        # a lost worker (a crash, Ray's out-of-memory killer) is retried, as Ray does by default: a task writes
+        # its shard from the start, the same bytes; a task's own error (retry_exceptions=False) is not
+        task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(write_shard)
         plan_ref = ray.put(plan)
         todo = list(range(len(layout)))[::-1]
         limit = workers or len(layout)
