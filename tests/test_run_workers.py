@@ -60,7 +60,7 @@ def test_shards_written_one_by_one_equal_the_whole_run(family, tmp_path, monkeyp
     assert shard_files(parts) == files  # no index: the coordinator writes it
     for f in files:
         assert (parts / f).read_bytes() == (whole / f).read_bytes(), f
-    # the layout is transformers' max_shard_size rule: greedy in plan order, a shard never passes the size
+    # the max_shard_size rule: greedy in plan order, a new shard when the next tensor would pass the size
     sizes = [sum(m.nbytes for _, m in shard) for shard in layout]
     assert all(s <= 30_000 for s in sizes) and all(a + layout[i + 1][0][1].nbytes > 30_000
                                                    for i, a in enumerate(sizes[:-1]))
