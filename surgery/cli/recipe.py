@@ -15,7 +15,8 @@ from surgery.errors import SurgeryError
                     "  surgery run recipe.yaml -o out/ --force --quiet --json\n"
                     "  surgery run recipe.yaml -o out/merged --push-to me/merged-model\n"
                     "  surgery run mergekit-config.yml -o out/ --random-seed 42\n"
-                    "  surgery run ties.yml -o out/ --device auto")
+                    "  surgery run ties.yml -o out/ --device auto\n"
+                    "  surgery run ties.yml -o out/ --workers 4 --shard-size 2GB")
 @recipe_arg
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -32,14 +33,20 @@ from surgery.errors import SurgeryError
                    "auto = compiled kernels, then numpy, torch, mergekit's own; numpy = no compiled kernels; torch = "
                    "no numpy math; mergekit = merge methods through mergekit's kernels only. Default: "
                    "$SURGERY_BACKEND, else auto. `surgery backends` lists them.")
+@click.option("--shard-size", metavar="SIZE", help="Maximum size of an output shard, e.g. 2GB (default: the "
+                                                    "recipe's output.shard_size, else 5GB, as huggingface_hub).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N", help="Write the output shards as Ray tasks, N at once, on "
+                                                            "a local Ray (same bytes as without).")
+@click.option("--ray-address", metavar="ADDR", help="Write the output shards as tasks of this Ray cluster ('auto' "
+                                                    "or host:port) instead; inputs and output on shared storage.")
 @convert_opt
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf values instead of refusing the output.")
 @run_threads_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, backend, allow_nonfinite,
-        push_to, public, revision, create_pr, token):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, backend, shard_size, workers,
+        ray_address, allow_nonfinite, push_to, public, revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
@@ -58,7 +65,8 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         recipe = use_fast_kernels(load_recipe(recipe))
     result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
                         convert_bin=convert_bin, random_seed=random_seed, allow_nonfinite=allow_nonfinite,
-                        device=device, backend=backend)
+                        device=device, backend=backend, workers=workers or 0, ray_address=ray_address,
+                        shard_size=shard_size)
     if not quiet and not as_json:
         from surgery.io.output import format_size
 
