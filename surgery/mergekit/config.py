@@ -295,7 +295,8 @@ class _Translator:
 
         first, last = per_slice[0], per_slice[-1]
         merge(first[0], first[1], first[2], first[3], {"modules": ["embed"]}, first[6])
-        merge(last[0], last[1], last[2], last[3], {"modules": ["final_norm", "lm_head"]}, last[6])
+        merge(last[0], last[1], last[2], last[3], {"modules": ["final_norm", "lm_head"], "missing": "skip"},
+              last[6])  # a tied lm_head is no tensor: mergekit skips it (an optional weight)
         for names, params, slice_base, shared, start, n, i in per_slice:
             merge(names, params, slice_base, shared, {"layers": f"{start}-{start + n - 1}"}, i)
         return operations, stack, base or per_slice[0][0][0]

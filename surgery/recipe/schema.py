@@ -57,6 +57,7 @@ class Select(Strict):
     modules: list[str] | None = Field(None, description="Module kinds (attn_q, mlp_down, ...) or groups (attn, mlp, norm, embed, lm_head, other).")
     names: list[str] | None = Field(None, description="Tensor-name globs ('*.mlp.*') or regexes prefixed 're:'.")
     exclude: list[str] | None = Field(None, description="Tensor-name globs or 're:' regexes to leave out.")
+    missing: Literal["error", "skip"] = Field("error", description="A module kind or name the model lacks (a tied lm_head): 'error' (a selection that changes nothing is a mistake), or 'skip' it, as mergekit skips an optional tensor; translated mergekit configs use 'skip'.")
 
     @field_validator("names", "exclude")
     @classmethod

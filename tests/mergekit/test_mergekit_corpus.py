@@ -8,8 +8,8 @@ tokenizer files. Header lines ``# expect-warning: ...`` name a warning surgery m
 errors/ must fail in surgery with the ``# expect-error: ...`` text (mergekit ignores or crashes on them).
 
 The models: base, a, b, c (tiny llama, bf16, the same 128-token tokenizer), chat (a fine-tune with two
-added tokens: 130 rows, and a chat template), base32 (float32) with a PEFT LoRA, and qwen (another
-architecture). Models that mergekit may pick as the config or tokenizer donor without a base_model
+added tokens: 130 rows, and a chat template), base32 (float32) with a PEFT LoRA, qwen (another
+architecture) and gpt2 (a GPT-2 whose lm_head is tied to the embeddings: no lm_head tensor). Models that mergekit may pick as the config or tokenizer donor without a base_model
 (it picks from a set, so any of them) have identical tokenizer and config files.
 """
 
@@ -24,7 +24,7 @@ from string import Template
 import pytest
 import torch
 
-from helpers import load, perturb, random_state, save_checkpoint, tiny_config
+from helpers import load, perturb, random_state, save_checkpoint, tied_state, tiny_config
 from test_mergekit_parity import ENV
 
 CORPUS = Path(__file__).parents[1] / "mergekit_corpus"
@@ -72,6 +72,9 @@ def make_corpus_models(root: Path) -> dict[str, Path]:
     paths["lora"] = make_lora(paths["base32"], root / "lora")
     qcfg = tiny_config("qwen2", architectures=["Qwen2ForCausalLM"])
     paths["qwen"] = save_checkpoint(root / "qwen", random_state(qcfg, seed=0), qcfg, dtype=torch.bfloat16)
+    gcfg = tiny_config("gpt2", architectures=["GPT2LMHeadModel"])
+    paths["gpt2"] = save_checkpoint(root / "gpt2", tied_state(gcfg), gcfg)
+    save_tokenizer(paths["gpt2"])
     return paths
 
 
