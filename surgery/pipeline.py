@@ -82,9 +82,10 @@ def extract_lora(base, tuned, out, **options):
     return extract_from_sources(base, tuned, out, inputs=input_paths([base, tuned]), **options)
 
 
-def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False) -> Plan:
+def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False,
+               mergekit_lenient: bool = False) -> Plan:
     """Load the recipe if needed, open its inputs, and plan every output tensor (what `surgery plan` shows)."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, mergekit_lenient=mergekit_lenient)
     plan = make_plan(recipe, inputs or open_inputs(recipe, convert_bin=convert_bin))
     check_vocabulary(plan)
     return plan
@@ -104,7 +105,8 @@ class RunResult:
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
         convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False,
-        inputs: dict | None = None, device: str = "cpu", backend: str | None = None) -> RunResult:
+        inputs: dict | None = None, device: str = "cpu", backend: str | None = None,
+        mergekit_lenient: bool = False) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
@@ -113,18 +115,22 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
     ``_run_stages``). ``device``: where merge operations compute, 'cpu' (default), 'cuda' or 'auto' (cuda
     when torch sees a GPU). ``backend``: which implementations may compute ('auto', 'numpy', 'torch' or 'mergekit';
     ``core.devices.BACKENDS``; default $SURGERY_BACKEND, else 'auto'); every level writes the same bytes.
+    ``mergekit_lenient``: a mergekit config's unknown keys are ignored with a warning, as mergekit ignores
+    them (see ``load_recipe``).
     """
     if backend is not None:
         from surgery.core.devices import check_backend, use_backend
 
         with use_backend(check_backend(backend, "backend")):
             return run(recipe, out, force=force, quiet=quiet, convert_bin=convert_bin, random_seed=random_seed,
-                       allow_nonfinite=allow_nonfinite, inputs=inputs, device=device)
+                       allow_nonfinite=allow_nonfinite, inputs=inputs, device=device,
+                       mergekit_lenient=mergekit_lenient)
     start = time.perf_counter()
-    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)  # the file is read here, once
+    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe, mergekit_lenient=mergekit_lenient)
     if isinstance(recipe, Stages):  # several YAML documents: a multi-stage mergekit config
         return _run_stages(recipe.text, recipe.source, out, force=force, quiet=quiet, convert_bin=convert_bin,
-                           random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device)
+                           random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device,
+                           mergekit_lenient=mergekit_lenient)
     if random_seed is not None:
         recipe.seed = random_seed
     out = Path(out)
@@ -210,6 +216,7 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
     from surgery.mergekit.multi import load_stages
 
     start = time.perf_counter()
+    lenient = options.pop("mergekit_lenient", False)
     stages = load_stages(text, source)
     on_disk = any(stage.applies_lora_to_stage() for stage in stages)
     out = Path(out)
@@ -219,7 +226,7 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
         folders: dict[str, Path] = {}
         staged: dict[str, StageOutput] = {}  # folder -> the stage's output, in memory
         for i, stage in enumerate(stages):
-            recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text)
+            recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text, lenient=lenient)
             opened = {n: staged[ref] for n, ref in recipe.inputs.items() if isinstance(ref, str) and ref in staged}
             inputs = open_inputs(recipe, convert_bin=options.get("convert_bin", False), opened=opened)
             if stage is stages[-1]:
