@@ -55,13 +55,16 @@ def search(search_file, out, trials, sampler, seed, workers, ray_address, storag
     """
     from surgery.search.study import search as run_search
 
+    from surgery.errors import SurgeryError
+
     result = run_search(search_file, out, trials=trials, sampler=sampler, seed=seed, workers=workers or 0,
                         ray_address=ray_address, storage=storage, write_best=write_best,
                         quiet=quiet or as_json, progress=show_progress(quiet, as_json))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
-        return
-    if quiet:
+    if result.failure:  # no trial completed: exit 1 with the count and the most common error
+        raise SurgeryError(f"{result.failure} (every trial: {result.output / 'trials.csv'})")
+    if quiet or as_json:
         return
     done = sum(r["state"] == "complete" for r in result.trials)
     click.echo(f"{len(result.trials)} trials ({done} complete, {result.evaluated} evaluated now) in study "
