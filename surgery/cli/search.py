@@ -53,9 +53,8 @@ def search(search_file, out, trials, sampler, seed, workers, ray_address, storag
     Each trial fills in the search variables, plans the recipe and evaluates it in memory
     (nothing is written); identical configurations are evaluated once.
     """
-    from surgery.search.study import search as run_search
-
     from surgery.errors import SurgeryError
+    from surgery.search.study import search as run_search
 
     result = run_search(search_file, out, trials=trials, sampler=sampler, seed=seed, workers=workers or 0,
                         ray_address=ray_address, storage=storage, write_best=write_best,
