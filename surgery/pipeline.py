@@ -89,9 +89,10 @@ def extract_lora(base, tuned, out, **options):
     return extract_from_sources(base, tuned, out, inputs=input_paths([base, tuned]), **options)
 
 
-def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False) -> Plan:
+def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False,
+               mergekit_lenient: bool = False) -> Plan:
     """Load the recipe if needed, open its inputs, and plan every output tensor (what `surgery plan` shows)."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, mergekit_lenient=mergekit_lenient)
     plan = make_plan(recipe, inputs or open_inputs(recipe, convert_bin=convert_bin))
     check_vocabulary(plan)
     return plan
@@ -112,7 +113,7 @@ class RunResult:
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
         convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False,
         inputs: dict | None = None, device: str = "cpu", backend: str | None = None, workers: int = 0,
-        ray_address: str | None = None, shard_size: int | str | None = None) -> RunResult:
+        ray_address: str | None = None, shard_size: int | str | None = None, mergekit_lenient: bool = False) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
@@ -124,6 +125,8 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
     ``shard_size`` overrides the recipe's ``output.shard_size``.
     ``workers`` (a local Ray with that many CPUs) or ``ray_address`` (a running cluster: 'auto', host:port)
     writes the output shards as Ray tasks (``core.distribute``): the same bytes as a serial run.
+    ``mergekit_lenient``: a mergekit config's unknown keys are ignored with a warning, as mergekit ignores
+    them (see ``load_recipe``).
     """
     if backend is not None:
         from surgery.core.devices import check_backend, use_backend
@@ -131,13 +134,14 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         with use_backend(check_backend(backend, "backend")):
             return run(recipe, out, force=force, quiet=quiet, convert_bin=convert_bin, random_seed=random_seed,
                        allow_nonfinite=allow_nonfinite, inputs=inputs, device=device, workers=workers,
-                       ray_address=ray_address, shard_size=shard_size)
+                       ray_address=ray_address, shard_size=shard_size, mergekit_lenient=mergekit_lenient)
     start = time.perf_counter()
-    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)  # the file is read here, once
+    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe, mergekit_lenient=mergekit_lenient)
     if isinstance(recipe, Stages):  # several YAML documents: a multi-stage mergekit config
         return _run_stages(recipe.text, recipe.source, out, force=force, quiet=quiet, convert_bin=convert_bin,
                            random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device,
-                           workers=workers, ray_address=ray_address, shard_size=shard_size)
+                           workers=workers, ray_address=ray_address, shard_size=shard_size,
+                           mergekit_lenient=mergekit_lenient)
     if random_seed is not None:
         recipe.seed = random_seed
     if shard_size is not None:
@@ -245,6 +249,7 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
     from surgery.mergekit.multi import load_stages
 
     start = time.perf_counter()
+    lenient = options.pop("mergekit_lenient", False)
     stages = load_stages(text, source)
     on_disk = any(stage.applies_lora_to_stage() for stage in stages)
     out = Path(out)
@@ -254,7 +259,7 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
         folders: dict[str, Path] = {}
         staged: dict[str, StageOutput] = {}  # folder -> the stage's output, in memory
         for i, stage in enumerate(stages):
-            recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text)
+            recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text, lenient=lenient)
             opened = {n: staged[ref] for n, ref in recipe.inputs.items() if isinstance(ref, str) and ref in staged}
             inputs = open_inputs(recipe, convert_bin=options.get("convert_bin", False), opened=opened)
             if stage is stages[-1]:
