@@ -5,54 +5,11 @@ import math
 
 import pytest
 import torch
+from analysis_kit import INTER, NEURONS, OUTER, neuron_delta
 from helpers import load, random_state, save_checkpoint, tiny_config
 
 from surgery.analysis.diff import diff
 from surgery.errors import SurgeryError
-
-NEURONS = [3, 17, 40]
-OUTER = [0, 1, 6, 7]
-I = 64  # intermediate size (> 40)
-
-
-def _noise(shape, seed, scale=0.05):
-    return scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def neuron_delta(state, layer, neurons, scales, seed=0, prefix="model.layers"):
-    """Copy of state with MLP neurons of one layer moved: rows of gate/up (or fused gate_up), columns of down."""
-    out = {k: v.clone() for k, v in state.items()}
-    for n, (j, s) in enumerate(zip(neurons, scales)):
-        for name, t in out.items():
-            if not name.startswith(f"{prefix}.{layer}.mlp."):
-                continue
-            if "down_proj" in name:
-                t[:, j] += _noise(t.shape[0], seed + 100 * n, s)
-            elif "gate_up_proj" in name:
-                t[j] += _noise(t.shape[1], seed + 100 * n + 1, s)
-                t[j + t.shape[0] // 2] += _noise(t.shape[1], seed + 100 * n + 2, s)
-            else:
-                t[j] += _noise(t.shape[1], seed + 100 * n + (1 if "gate" in name else 2), s)
-    return out
-
-
-def layer_delta(state, layers, seed=1):
-    return {k: v + _noise(v.shape, seed + i) if any(f".{l}." in k for l in layers) else v.clone()
-            for i, (k, v) in enumerate(state.items())}
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """base; 'lang' changed only in layers 0,1,6,7; 'neu' changed only in MLP neurons 3,17,40 of layer 4;
-    'neu2' changed in neurons 17 (big), 40 (big), 50 (mid), 60 (small) of layer 4; all bf16."""
-    root = tmp_path_factory.mktemp("analysis")
-    cfg = tiny_config("llama", intermediate_size=I)
-    base = random_state(cfg, seed=0)
-    states = {"base": base, "lang": layer_delta(base, OUTER),
-              "neu": neuron_delta(base, 4, NEURONS, [0.05, 0.04, 0.03]),
-              "neu2": neuron_delta(base, 4, [17, 40, 50, 60], [0.2, 0.2, 0.1, 0.01], seed=7)}
-    return {n: save_checkpoint(root / n, s, cfg, dtype=torch.bfloat16) for n, s in states.items()}
-
 
 @pytest.fixture(scope="module")
 def result(ckpts):
@@ -93,7 +50,8 @@ def test_tensor_stats_equal_formulas(ckpts, tmp_path):
     assert st.relative == pytest.approx(float(d.norm() / b.norm()), rel=1e-5)
     assert st.mean_abs == pytest.approx(float(d.abs().mean()), rel=1e-5)
     assert st.max_abs == float(d.abs().max())
-    assert st.cosine == pytest.approx(float(torch.nn.functional.cosine_similarity(x.flatten(), b.flatten(), 0)), abs=1e-6)
+    cosine = float(torch.nn.functional.cosine_similarity(x.flatten(), b.flatten(), 0))
+    assert st.cosine == pytest.approx(cosine, abs=1e-6)
     assert st.frac_changed == float((d.abs() > tol).float().mean())
     assert 0 < st.frac_changed < 1
     assert (st.layer, st.kind, st.group) == (6, "mlp_up", "mlp")
@@ -142,17 +100,19 @@ def test_top_neurons_are_exactly_the_changed_ones(result):
     assert result.top_neurons("neu", 1, per_layer=False)[0].index == 3
     assert len(result.top_neurons("neu", 0.05)) == 3  # round(0.05*64) = 3 in layer 4, none elsewhere
     assert result.top_neurons("lang", 0.1, layers=[0])[0].layer == 0
-    assert len(result.top_neurons("lang", 0.1, layers=[0])) == round(0.1 * I)
+    assert len(result.top_neurons("lang", 0.1, layers=[0])) == round(0.1 * INTER)
 
 
 def test_neuron_score_formula(ckpts, result):
     base, neu = load(ckpts["base"]), load(ckpts["neu"])
     p = "model.layers.4.mlp."
-    d = {k: neu[p + k + ".weight"].float() - base[p + k + ".weight"].float() for k in ("gate_proj", "up_proj", "down_proj")}
+    d = {k: neu[p + k + ".weight"].float() - base[p + k + ".weight"].float()
+         for k in ("gate_proj", "up_proj", "down_proj")}
     j = 17
-    want = math.sqrt(float((d["gate_proj"][j] ** 2).sum() + (d["up_proj"][j] ** 2).sum() + (d["down_proj"][:, j] ** 2).sum()))
+    want = math.sqrt(float((d["gate_proj"][j] ** 2).sum() + (d["up_proj"][j] ** 2).sum()
+                           + (d["down_proj"][:, j] ** 2).sum()))
     assert result.experts["neu"].neuron_scores[4][j] == pytest.approx(want, rel=1e-5)
-    assert result.experts["neu"].neuron_scores[4].shape == (I,)
+    assert result.experts["neu"].neuron_scores[4].shape == (INTER,)
     # neuron scores add up to the MLP group's change
     assert math.sqrt((result.experts["neu"].neuron_scores[4] ** 2).sum()) == \
         pytest.approx(result.experts["neu"].layer_groups[4]["mlp"].delta_norm, rel=1e-5)
@@ -174,7 +134,7 @@ def test_overlap_equals_hand_computed_values(result):
 
 
 def test_gqa_head_scores(tmp_path):
-    cfg = tiny_config("llama", intermediate_size=I)  # 4 heads, 2 kv heads, head_dim 8
+    cfg = tiny_config("llama", intermediate_size=INTER)  # 4 heads, 2 kv heads, head_dim 8
     base = random_state(cfg, seed=0)
     ex = {k: v.clone() for k, v in base.items()}
     ex["model.layers.3.self_attn.q_proj.weight"][16:24] += 0.1   # query head 2
@@ -193,7 +153,7 @@ def test_gqa_head_scores(tmp_path):
 
 
 def test_fused_gate_up_and_qkv(tmp_path):
-    cfg = tiny_config("phi3", intermediate_size=I)  # gate_up_proj [2I, H], qkv_proj
+    cfg = tiny_config("phi3", intermediate_size=INTER)  # gate_up_proj [2I, H], qkv_proj
     base = random_state(cfg, seed=0)
     ex = neuron_delta(base, 2, NEURONS, [0.05, 0.05, 0.05])
     ex["model.layers.6.self_attn.qkv_proj.weight"][8:16] += 0.1  # q rows of head 1
@@ -201,7 +161,7 @@ def test_fused_gate_up_and_qkv(tmp_path):
     e = save_checkpoint(tmp_path / "e", ex, cfg)
     r = diff(b, {"e": e})
     assert {(n.layer, n.index) for n in r.top_neurons("e", 10)} == {(2, j) for j in NEURONS}
-    assert r.experts["e"].neuron_scores[2].shape == (I,)
+    assert r.experts["e"].neuron_scores[2].shape == (INTER,)
     assert [(x.layer, x.index) for x in r.top_heads("e", 10)] == [(6, 1)]
 
 
@@ -221,7 +181,8 @@ def test_json_schema_and_csv(result, tmp_path):
     assert {"expert", "layer", "group", "relative", "cosine", "frac_changed"} <= set(d["layers"][0])
     text = result.to_csv(tmp_path / "s.csv")
     lines = (tmp_path / "s.csv").read_text().splitlines()
-    assert lines[0] == "expert,level,layer,group,kind,name,numel,delta_norm,base_norm,relative,mean_abs,max_abs,cosine,frac_changed"
+    assert lines[0] == ("expert,level,layer,group,kind,name,numel,delta_norm,base_norm,relative,mean_abs,max_abs,"
+                        "cosine,frac_changed")
     assert text.count("\nlang,tensor,") == len(result.experts["lang"].tensors)
     assert "\nlang,layer,4,all,,,"  in text
 
@@ -242,9 +203,10 @@ def test_table_shows_ranks_and_overlap(result):
 def test_bad_inputs(ckpts, tmp_path, result):
     cfg = tiny_config("llama", intermediate_size=32)
     other = save_checkpoint(tmp_path / "other", random_state(cfg), cfg)
-    with pytest.raises(SurgeryError, match=r"expert 'x': tensor 'model.layers.0.mlp.down_proj.weight' has shape \[32, 32\], the base has \[32, 64\]"):
+    with pytest.raises(SurgeryError, match=r"expert 'x': tensor 'model.layers.0.mlp.down_proj.weight' "
+                                           r"has shape \[32, 32\], the base has \[32, 64\]"):
         diff(ckpts["base"], {"x": other})
-    st = {k: v for k, v in random_state(tiny_config("llama", intermediate_size=I)).items() if "lm_head" not in k}
+    st = {k: v for k, v in random_state(tiny_config("llama", intermediate_size=INTER)).items() if "lm_head" not in k}
     short = save_checkpoint(tmp_path / "short", st, cfg)
     with pytest.raises(SurgeryError, match=r"expert 'y' .* lacks 1 tensor\(s\) of the base, e.g. 'lm_head.weight'"):
         diff(ckpts["base"], {"y": short})
@@ -278,7 +240,7 @@ def test_gpt2_transposed_conv1d_neurons_and_fused_heads(tmp_path):
 
 
 def test_sharded_expert_gives_the_same_numbers(ckpts, tmp_path):
-    cfg = tiny_config("llama", intermediate_size=I)
+    cfg = tiny_config("llama", intermediate_size=INTER)
     state = load(ckpts["lang"])
     names = list(state)
     sharded = save_checkpoint(tmp_path / "sh", state, cfg, dtype=torch.bfloat16,
@@ -291,7 +253,7 @@ def test_sharded_expert_gives_the_same_numbers(ckpts, tmp_path):
 
 def test_mixed_dtypes_compare_values(ckpts, tmp_path):
     """A float32 copy of the bf16 base has no delta; a float16 copy differs only by rounding."""
-    cfg = tiny_config("llama", intermediate_size=I)
+    cfg = tiny_config("llama", intermediate_size=INTER)
     state = load(ckpts["base"])
     f32 = save_checkpoint(tmp_path / "f32", state, cfg, dtype=torch.float32)
     r = diff(ckpts["base"], {"f32": f32}, neurons=False, heads=False)

@@ -90,11 +90,13 @@ def test_bert_cli_and_transplant(bert, tmp_path):
     assert (tmp_path / "bert.png").stat().st_size > 10_000
 
     recipe = load_recipe({"inputs": {"tuned": str(bert["tuned"]), "pert": str(bert["pert"]), "base": str(bert["base"])},
-                          "operations": [{"transplant_neurons": {"donor": "pert", "neurons": {"base": "base", "top": 3}}}]})
+                          "operations": [{"transplant_neurons": {"donor": "pert",
+                                                                 "neurons": {"base": "base", "top": 3}}}]})
     out = load(run(recipe, tmp_path / "out").output)
     tuned, pert = load(bert["tuned"]), load(bert["pert"])
     for name, t in out.items():
-        if name.startswith("encoder.layer.2.") and ("intermediate.dense" in name or name == "encoder.layer.2.output.dense.weight"):
+        in_layer_2 = "intermediate.dense" in name or name == "encoder.layer.2.output.dense.weight"
+        if name.startswith("encoder.layer.2.") and in_layer_2:
             ax = 1 if "output.dense" in name else 0
             idx = torch.tensor(NEURONS)
             want = tuned[name].clone().index_copy_(ax, idx, pert[name].index_select(ax, idx))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import load, random_state, raw_bytes, save_checkpoint, tiny_config
-from test_analysis import I, NEURONS, OUTER, ckpts, neuron_delta  # noqa: F401  (ckpts is a fixture)
+from analysis_kit import INTER, NEURONS, OUTER, neuron_delta
 
 from surgery.errors import RecipeError, SurgeryError
 from surgery.pipeline import run
@@ -36,7 +36,7 @@ def test_transplant_writes_exactly_the_neuron_slices(ckpts, tmp_path):
     for name, t in out.items():
         if ".layers.4.mlp." in name:
             ax = rows_of(name)
-            for j in range(I):
+            for j in range(INTER):
                 src = donor if j in NEURONS else recip
                 assert raw_bytes(t.select(ax, j)) == raw_bytes(src[name].select(ax, j)), (name, j)
             moved += 1
@@ -67,7 +67,7 @@ def test_zero_neurons_from_a_file(ckpts, tmp_path):
     for name, t in out.items():
         if ".layers.4.mlp." in name and "weight" in name:
             ax = rows_of(name)
-            for j in range(I):
+            for j in range(INTER):
                 if j in (17, 50):
                     assert not t.select(ax, j).any()
                 else:
@@ -102,13 +102,15 @@ def test_ranked_layer_swap(ckpts, tmp_path):
     for name, t in out.items():
         swapped = any(f".layers.{i}." in name for i in OUTER)
         assert raw_bytes(t) == raw_bytes((donor if swapped else recip)[name]), name
-    outer = recipe(ckpts, "neu2", [{"ranked_layer_swap": {"donor": "lang", "reference": "base", "k": 4, "split": "outer"}}])
+    outer = recipe(ckpts, "neu2",
+                   [{"ranked_layer_swap": {"donor": "lang", "reference": "base", "k": 4, "split": "outer"}}])
     assert "outer split bottom 2 + top 2" in build_plan(outer).format()
 
 
 def test_explicit_neuron_indices(ckpts, tmp_path):
     """neurons.indices: a list for every layer (or those in `layers`), or {layer: [indices]}."""
-    per_layer = recipe(ckpts, "lang", [{"transplant_neurons": {"donor": "neu", "neurons": {"indices": {4: [17, 3], 6: [0]}}}}])
+    per_layer = recipe(ckpts, "lang",
+                       [{"transplant_neurons": {"donor": "neu", "neurons": {"indices": {4: [17, 3], 6: [0]}}}}])
     assert "3 neurons in 2 layers from neu (explicit indices)" in build_plan(per_layer).format()
     out = load(run(per_layer, tmp_path / "a").output)
     flat = recipe(ckpts, "lang", [{"reset_neurons": {"to": "zero", "neurons": {"indices": [3, 17], "layers": "4"}}}])
@@ -130,34 +132,45 @@ def test_explicit_neuron_indices(ckpts, tmp_path):
 
 
 def test_fused_gate_up_transplant(tmp_path):
-    cfg = tiny_config("phi3", intermediate_size=I)
+    cfg = tiny_config("phi3", intermediate_size=INTER)
     base = random_state(cfg, seed=0)
     paths = {"base": save_checkpoint(tmp_path / "b", base, cfg, dtype=torch.bfloat16),
-             "ex": save_checkpoint(tmp_path / "e", neuron_delta(base, 2, NEURONS, [0.05] * 3), cfg, dtype=torch.bfloat16)}
+             "ex": save_checkpoint(tmp_path / "e", neuron_delta(base, 2, NEURONS, [0.05] * 3), cfg,
+                                   dtype=torch.bfloat16)}
     r = recipe(paths, "base", [{"transplant_neurons": {"donor": "ex", "neurons": {"top": 3}}}])
     out = load(run(r, tmp_path / "out").output)
     ex = load(paths["ex"])
-    assert all(raw_bytes(t) == raw_bytes(ex[n]) for n, t in out.items())  # rows j and I+j both moved
+    assert all(raw_bytes(t) == raw_bytes(ex[n]) for n, t in out.items())  # rows j and INTER+j both moved
     assert "rows 3,17,40,67,81,104 from ex" in build_plan(r).format()
 
 
 # ---------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("op, message", [
-    ({"transplant_neurons": {"donor": "neu", "neurons": {}}}, "say which neurons: 'top' (a count or fraction) or 'file'"),
-    ({"transplant_neurons": {"donor": "neu", "neurons": {"top": 3, "file": "x.json"}}}, "give either 'file' or a ranking"),
-    ({"transplant_neurons": {"donor": "neu", "neurons": {"file": "/nonexistent/x.json"}}}, "neuron-set file not found: /nonexistent/x.json"),
-    ({"transplant_neurons": {"donor": "neu", "neurons": {"top": 1.5}}}, "top must be a count >= 1 or a fraction between 0 and 1, got 1.5"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {}}},
+     "say which neurons: 'top' (a count or fraction) or 'file'"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"top": 3, "file": "x.json"}}},
+     "give either 'file' or a ranking"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"file": "/nonexistent/x.json"}}},
+     "neuron-set file not found: /nonexistent/x.json"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"top": 1.5}}},
+     "top must be a count >= 1 or a fraction between 0 and 1, got 1.5"),
     ({"transplant_neurons": {"donor": "lang", "neurons": {"top": 3}}}, "the donor 'lang' is the recipient"),
     ({"transplant_neurons": {"donor": "neu", "neurons": {"top": 3, "expert": "nope"}}}, "unknown input 'nope'"),
-    ({"reset_neurons": {"to": "zero", "neurons": {"top": 3}}}, "say whose change ranks the neurons: 'expert' and 'base'"),
+    ({"reset_neurons": {"to": "zero", "neurons": {"top": 3}}},
+     "say whose change ranks the neurons: 'expert' and 'base'"),
     ({"reset_neurons": {"to": "base", "neurons": {"top": 3, "expert": "base"}}}, "expert and base are both 'base'"),
-    ({"transplant_neurons": {"donor": "neu", "neurons": {"base": "base", "top": 3, "layers": "0-3"}}}, "the neuron set is empty"),
-    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": [1], "top": 3}}}, "give either 'indices', 'file' or a ranking"),
-    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": [1, -2]}}}, "Input should be greater than or equal to 0"),
-    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": {9: [1]}}}}, "neuron set names layer 9, but the model has 8 layers"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"base": "base", "top": 3, "layers": "0-3"}}},
+     "the neuron set is empty"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": [1], "top": 3}}},
+     "give either 'indices', 'file' or a ranking"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": [1, -2]}}},
+     "Input should be greater than or equal to 0"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": {9: [1]}}}},
+     "neuron set names layer 9, but the model has 8 layers"),
     ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": [64]}}}, "neuron 64 is out of range in layer 0"),
-    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": {3: []}}}}, "the neuron set is empty (explicit indices)"),
+    ({"transplant_neurons": {"donor": "neu", "neurons": {"indices": {3: []}}}},
+     "the neuron set is empty (explicit indices)"),
     ({"ranked_layer_swap": {"donor": "neu", "k": 9}}, "k = 9 exceeds the model's 8 layers"),
     ({"ranked_layer_swap": {"donor": "neu", "k": 0}}, "Input should be greater than or equal to 1"),
     ({"ranked_layer_swap": {"donor": "neu", "reference": "neu", "k": 2}}, "the donor 'neu' is also the reference"),
@@ -172,7 +185,8 @@ def test_operation_errors(ckpts, op, message):
 
 def test_stack_with_ranked_swap_is_refused(ckpts):
     with pytest.raises(RecipeError, match="cannot follow a 'stack'"):
-        build_plan(recipe(ckpts, "lang", [{"ranked_layer_swap": {"donor": "neu", "k": 2}}], stack=[{"layers": "0-7"}, {"layers": "7"}]))
+        build_plan(recipe(ckpts, "lang", [{"ranked_layer_swap": {"donor": "neu", "k": 2}}],
+                          stack=[{"layers": "0-7"}, {"layers": "7"}]))
 
 
 @pytest.mark.parametrize("content, message", [
@@ -183,7 +197,8 @@ def test_stack_with_ranked_swap_is_refused(ckpts):
     ('{"neurons": {"4": [1, -2]}}', "neurons['4']: expected a list of neuron indices (integers >= 0)"),
     ('{"neurons": {"4": [1, 2]}, "scores": {"4": [0.5]}}', "scores['4'] must be a list as long as neurons['4']"),
     ('{"neurons": {"9": [1]}}', "neuron set names layer 9, but the model has 8 layers"),
-    ('{"neurons": {"4": [64]}}', "neuron 64 is out of range in layer 4: 'model.layers.4.mlp.down_proj.weight' has 64 neurons"),
+    ('{"neurons": {"4": [64]}}',
+     "neuron 64 is out of range in layer 4: 'model.layers.4.mlp.down_proj.weight' has 64 neurons"),
     ('{"neurons": {"4": []}}', "the neuron set is empty"),
 ])
 def test_bad_neuron_files(ckpts, tmp_path, content, message):
@@ -212,7 +227,8 @@ def test_cli_diff_outputs(ckpts, tmp_path, cli):
     res = CliRunner().invoke(cli, args + ["--json", "--no-heads"])
     d = json.loads(res.output)
     assert d["schema"] == "surgery.diff/1" and d["heads"] == {"note": "not requested"}
-    assert sorted((r["layer"], r["index"]) for r in d["neurons"]["top"] if r["expert"] == "neu") == [(4, j) for j in NEURONS]
+    top = sorted((r["layer"], r["index"]) for r in d["neurons"]["top"] if r["expert"] == "neu")
+    assert top == [(4, j) for j in NEURONS]
 
 
 def test_cli_diff_help_and_errors(ckpts, cli):
@@ -223,7 +239,8 @@ def test_cli_diff_help_and_errors(ckpts, cli):
         ([base, str(ckpts["lang"]), "-k", "1.5"], "expected a count >= 1 or a fraction between 0 and 1, got '1.5'"),
         ([base, str(ckpts["lang"]), "-k", "many"], "expected a count like 50 or a fraction like 0.01, got 'many'"),
         ([base, f"a={ckpts['lang']}", f"a={ckpts['neu']}"], "two experts are named 'a'; name them with NAME=PATH"),
-        ([base, f"a={ckpts['lang']}", f"b={ckpts['neu']}", "--save-neurons", "x.json"], "--save-neurons needs exactly one expert"),
+        ([base, f"a={ckpts['lang']}", f"b={ckpts['neu']}", "--save-neurons", "x.json"],
+         "--save-neurons needs exactly one expert"),
         ([base, "/nonexistent/ckpt"], "checkpoint not found: '/nonexistent/ckpt'"),
     ]:
         res = CliRunner().invoke(cli, ["diff"] + args)
