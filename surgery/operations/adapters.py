@@ -28,8 +28,10 @@ class ApplyAdapters(Operation):
 
     op_name: ClassVar[str] = "apply_adapters"
 
-    adapters: list[str] = Field(description="Adapter inputs, applied in order (MAD-X: language adapter, then task adapter).")
-    weights: list[float] | None = Field(None, description="One weight per adapter, scaling its ΔW (LoRA only). Default: all 1.")
+    adapters: list[str] = Field(description=(
+        "Adapter inputs, applied in order (MAD-X: language adapter, then task adapter)."))
+    weights: list[float] | None = Field(None, description=(
+        "One weight per adapter, scaling its ΔW (LoRA only). Default: all 1."))
     select: Select | None = None
 
     def input_refs(self):
@@ -48,7 +50,9 @@ class AdaMergeX(Operation):
     target_ref: str = Field(description="Adapter input: the reference task in the target language.")
     source_ref: str = Field(description="Adapter input: the reference task in the source language.")
     t: float = Field(1.0, description="Weight of the language difference.")
-    mode: Literal["delta", "factors"] = Field("delta", description="LoRA: 'delta' adds ΔW (exact); 'factors' adds A and B separately, as the original implementation does. (IA)³ is always multiplicative.")
+    mode: Literal["delta", "factors"] = Field("delta", description=(
+        "LoRA: 'delta' adds ΔW (exact); 'factors' adds A and B separately, as the original implementation does. (IA)³ "
+        "is always multiplicative."))
     select: Select | None = None
 
     def input_refs(self):

@@ -35,10 +35,16 @@ class LayerSwap(Operation):
 
     donor: str = Field(description="Input that gives the swapped layers.")
     bottom: int = Field(0, ge=0, description="Number of bottom layers taken from the donor: output layers 0..bottom-1.")
-    top: int = Field(0, ge=0, description="Number of top layers taken from the donor, counted from the output's last layer (the recipient's, unless 'stack' rebuilds them); the donor gives its layers of the same index (a donor of another depth needs a 'stack' that maps them).")
+    top: int = Field(0, ge=0, description=(
+        "Number of top layers taken from the donor, counted from the output's last layer (the recipient's, unless "
+        "'stack' rebuilds them); the donor gives its layers of the same index (a donor of another depth needs a "
+        "'stack' that maps them)."))
     layers: LayerSpec | None = Field(None, description="Explicit donor layers instead of bottom/top: '0-3, 28-31'.")
-    transition: int = Field(0, ge=0, description="Width of the blend zone next to each swapped block. Layer at distance d gets donor weight 1 - d/(transition+1).")
-    embeddings: Source = Field("recipient", description="Embeddings from recipient, donor, or a float = donor weight in a blend.")
+    transition: int = Field(0, ge=0, description=(
+        "Width of the blend zone next to each swapped block. Layer at distance d gets donor weight 1 - "
+        "d/(transition+1)."))
+    embeddings: Source = Field("recipient", description=(
+        "Embeddings from recipient, donor, or a float = donor weight in a blend."))
     final_norm: Source = Field("recipient", description="Final norm: recipient, donor, or donor weight.")
     lm_head: Source = Field("recipient", description="lm_head: recipient, donor, or donor weight.")
 

@@ -43,15 +43,21 @@ NeuronIndex = Annotated[int, Field(ge=0)]
 
 
 class NeuronSet(Strict):
-    """MLP neurons: the top-ranked by change of `expert` relative to `base`, a set read from `file`, or explicit `indices`."""
+    """MLP neurons: the top-ranked by change of `expert` relative to `base`, a set read from `file`,
+    or explicit `indices`."""
 
-    expert: str | None = Field(None, description="Input whose change ranks the neurons. Default: the donor (transplant_neurons) or the recipient (reset_neurons).")
-    base: str | None = Field(None, description="Input the change is measured against. Default: the recipient (transplant_neurons) or `to` (reset_neurons).")
+    expert: str | None = Field(None, description=(
+        "Input whose change ranks the neurons. Default: the donor (transplant_neurons) or the recipient "
+        "(reset_neurons)."))
+    base: str | None = Field(None, description=(
+        "Input the change is measured against. Default: the recipient (transplant_neurons) or `to` (reset_neurons)."))
     top: Union[int, float, None] = Field(None, description="How many: a count per layer (50) or a fraction (0.01).")
     per_layer: bool = Field(True, description="Top-k within each layer (true) or over all layers together (false).")
     layers: LayerSpec | None = Field(None, description="Only these (source) layers.")
-    file: str | None = Field(None, description="Neuron-set JSON file (format surgery.neurons/1) instead of a ranking; relative to the recipe.")
-    indices: Union[list[NeuronIndex], dict[int, list[NeuronIndex]], None] = Field(None, description="Explicit neurons instead of a ranking: a list for every layer (or those in `layers`), or {layer: [indices]}.")
+    file: str | None = Field(None, description=(
+        "Neuron-set JSON file (format surgery.neurons/1) instead of a ranking; relative to the recipe."))
+    indices: Union[list[NeuronIndex], dict[int, list[NeuronIndex]], None] = Field(None, description=(
+        "Explicit neurons instead of a ranking: a list for every layer (or those in `layers`), or {layer: [indices]}."))
 
     @field_validator("top")
     @classmethod
@@ -68,10 +74,14 @@ class RankedLayerSwap(Operation):
     op_name: ClassVar[str] = "ranked_layer_swap"
 
     donor: str = Field(description="Input that gives the swapped layers.")
-    reference: str | None = Field(None, description="Input the donor's change is measured against. Default: the recipient.")
+    reference: str | None = Field(None, description=(
+        "Input the donor's change is measured against. Default: the recipient."))
     k: int = Field(ge=1, description="Number of layers to swap.")
-    split: Literal["any", "outer"] = Field("any", description="any: the k top-ranked layers wherever they are; outer: the bottom/top split (b bottom + k-b top layers) with the largest total score.")
-    metric: Metric = Field("relative", description="Layer score: relative (‖Δ‖/‖W‖), delta_norm, mean_abs, max_abs or frac_changed.")
+    split: Literal["any", "outer"] = Field("any", description=(
+        "any: the k top-ranked layers wherever they are; outer: the bottom/top split (b bottom + k-b top layers) with "
+        "the largest total score."))
+    metric: Metric = Field("relative", description=(
+        "Layer score: relative (‖Δ‖/‖W‖), delta_norm, mean_abs, max_abs or frac_changed."))
     transition: int = Field(0, ge=0, description="As in layer_swap.")
     embeddings: Source = Field("recipient", description="As in layer_swap.")
     final_norm: Source = Field("recipient", description="As in layer_swap.")

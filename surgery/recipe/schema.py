@@ -53,12 +53,20 @@ class Operation(Strict):
 class Select(Strict):
     """Which tensors an operation applies to. All given criteria must hold; none given = all."""
 
-    layers: LayerSpec | None = Field(None, description="Layer indices: 3, '0-3, 28-31', [0, -1]. Negative counts from the end. Tensors outside layers (embeddings, final norm, lm_head) are never selected by this.")
-    modules: list[str] | None = Field(None, description="Module kinds (attn_q, mlp_down, ...) or groups (attn, mlp, norm, embed, lm_head, other).")
+    layers: LayerSpec | None = Field(None, description=(
+        "Layer indices: 3, '0-3, 28-31', [0, -1]. Negative counts from the end. Tensors outside layers (embeddings, "
+        "final norm, lm_head) are never selected by this."))
+    modules: list[str] | None = Field(None, description=(
+        "Module kinds (attn_q, mlp_down, ...) or groups (attn, mlp, norm, embed, lm_head, other)."))
     names: list[str] | None = Field(None, description="Tensor-name globs ('*.mlp.*') or regexes prefixed 're:'.")
     exclude: list[str] | None = Field(None, description="Tensor-name globs or 're:' regexes to leave out.")
-    experts: list[int] | None = Field(None, description="Mixture-of-experts models: expert indices ([0, 3]; negative counts from the end). Selects those experts' tensors (per-expert tensors, or their slices of a fused tensor), nothing else: not attention, norms or the router.")
-    missing: Literal["error", "skip"] = Field("error", description="A module kind or name the model lacks (a tied lm_head): 'error' (a selection that changes nothing is a mistake), or 'skip' it, as mergekit skips an optional tensor; translated mergekit configs use 'skip'.")
+    experts: list[int] | None = Field(None, description=(
+        "Mixture-of-experts models: expert indices ([0, 3]; negative counts from the end). Selects those experts' "
+        "tensors (per-expert tensors, or their slices of a fused tensor), nothing else: not attention, norms or the "
+        "router."))
+    missing: Literal["error", "skip"] = Field("error", description=(
+        "A module kind or name the model lacks (a tied lm_head): 'error' (a selection that changes nothing is a "
+        "mistake), or 'skip' it, as mergekit skips an optional tensor; translated mergekit configs use 'skip'."))
 
     @field_validator("names", "exclude")
     @classmethod
@@ -75,11 +83,16 @@ class Select(Strict):
 
 
 class Output(Strict):
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype of floating tensors. Default: each tensor keeps the recipient's dtype.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description=(
+        "Output dtype of floating tensors. Default: each tensor keeps the recipient's dtype."))
     shard_size: Union[int, str] = Field("5GB", description="Maximum shard size: bytes, or with a KB/MB/GB suffix.")
-    config_from: str | None = Field(None, description="Input whose config.json, generation_config.json and tokenizer files are copied. Default: the recipient.")
-    tokenizer_from: str | None = Field(None, description="Input whose tokenizer files are copied instead of config_from's.")
-    config_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="dtype written to config.json when it differs from the tensors' (mergekit's `dtype` without `out_dtype`). Default: `dtype`.")
+    config_from: str | None = Field(None, description=(
+        "Input whose config.json, generation_config.json and tokenizer files are copied. Default: the recipient."))
+    tokenizer_from: str | None = Field(None, description=(
+        "Input whose tokenizer files are copied instead of config_from's."))
+    config_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description=(
+        "dtype written to config.json when it differs from the tensors' (mergekit's `dtype` without `out_dtype`). "
+        "Default: `dtype`."))
 
     @field_validator("shard_size")
     @classmethod
@@ -103,17 +116,22 @@ class TokenSource(Strict):
 
 
 class TokenEmbedding(Strict):
-    source: Union[str, TokenSource, None] = Field(None, description="An input name (its row for the token), or {kind: zero} / {kind: model_token, model, token | token_id}.")
+    source: Union[str, TokenSource, None] = Field(None, description=(
+        "An input name (its row for the token), or {kind: zero} / {kind: model_token, model, token | token_id}."))
     force: bool = Field(False, description="Use `source` even where the input has the token.")
 
 
 class Tokenizer(Strict):
     """The output vocabulary (mergekit's ``tokenizer:`` section): embedding and lm_head rows are re-indexed to it."""
 
-    source: str = Field("union", description="'union' (every input's tokens), 'base' (the base's, without tokens past its vocab_size), or an input name.")
-    base: str | None = Field(None, description="The base input: first in the union, and the default row source. Default: the recipient.")
-    tokens: dict[str, TokenEmbedding] | None = Field(None, description="Tokens to add or whose rows to choose: token -> {source, force}.")
-    pad_to_multiple_of: int | None = Field(None, gt=0, description="Pad the vocabulary rows to a multiple of this (padding rows are the mean row).")
+    source: str = Field("union", description=(
+        "'union' (every input's tokens), 'base' (the base's, without tokens past its vocab_size), or an input name."))
+    base: str | None = Field(None, description=(
+        "The base input: first in the union, and the default row source. Default: the recipient."))
+    tokens: dict[str, TokenEmbedding] | None = Field(None, description=(
+        "Tokens to add or whose rows to choose: token -> {source, force}."))
+    pad_to_multiple_of: int | None = Field(None, gt=0, description=(
+        "Pad the vocabulary rows to a multiple of this (padding rows are the mean row)."))
 
 
 class StackSegment(Strict):
@@ -127,21 +145,33 @@ class StackSegment(Strict):
 
     layers: LayerSpec = Field(description="Source layer indices, in order: '0-15'.")
     from_: str | None = Field(None, alias="from", description="Input these layers come from. Default: the recipient.")
-    sources: dict[str, LayerSpec] | None = Field(None, description="Other inputs' source layers for the same output layers: {b: '4-7'}.")
+    sources: dict[str, LayerSpec] | None = Field(None, description=(
+        "Other inputs' source layers for the same output layers: {b: '4-7'}."))
     model_config = ConfigDict(extra="forbid", populate_by_name=True, defer_build=True)
 
 
 class Recipe(Strict):
     description: str | None = Field(None, description="Free text, copied to the manifest.")
-    inputs: dict[str, Union[str, AdapterInput]] = Field(description="Name -> local directory, .safetensors file, or Hub id 'org/name[@revision]'; or {adapter: dir, base: input} for a PEFT adapter.")
-    recipient: str | None = Field(None, description="Input that gives every tensor no operation selects, and the config. Default: the first input.")
+    inputs: dict[str, Union[str, AdapterInput]] = Field(description=(
+        "Name -> local directory, .safetensors file, or Hub id 'org/name[@revision]'; or {adapter: dir, base: input} "
+        "for a PEFT adapter."))
+    recipient: str | None = Field(None, description=(
+        "Input that gives every tensor no operation selects, and the config. Default: the first input."))
     output: Output = Field(default_factory=Output)
-    stack: list[StackSegment] | None = Field(None, description="Output layer order as source-layer ranges; default: the recipient's layers.")
+    stack: list[StackSegment] | None = Field(None, description=(
+        "Output layer order as source-layer ranges; default: the recipient's layers."))
     operations: list[Any] = Field(default_factory=list, description="Operations, applied in order; later ones win.")
     seed: int | None = Field(None, description="Seed for random methods.")
-    experts: Literal["stored", "fused"] | None = Field(None, description="Mixture-of-experts weights: 'stored' (the default) plans them as the checkpoint stores them (one tensor per expert for transformers-saved Mixtral and Qwen3-MoE; a merge merges each expert's tensor alone); 'fused' reads them as mergekit does (all experts of a layer stacked in one tensor, merged at once, written under the fused names). mergekit configs run 'fused'.")
-    tokenizer: Tokenizer | None = Field(None, description="Build the output tokenizer and re-index vocabulary rows (see docs/mergekit.md).")
-    chat_template: str | None = Field(None, description="Chat template written into the output tokenizer: alpaca, chatml, exaone, llama3, mistral, 'auto' or a Jinja template.")
+    experts: Literal["stored", "fused"] | None = Field(None, description=(
+        "Mixture-of-experts weights: 'stored' (the default) plans them as the checkpoint stores them (one tensor per "
+        "expert for transformers-saved Mixtral and Qwen3-MoE; a merge merges each expert's tensor alone); 'fused' "
+        "reads them as mergekit does (all experts of a layer stacked in one tensor, merged at once, written under the "
+        "fused names). mergekit configs run 'fused'."))
+    tokenizer: Tokenizer | None = Field(None, description=(
+        "Build the output tokenizer and re-index vocabulary rows (see docs/mergekit.md)."))
+    chat_template: str | None = Field(None, description=(
+        "Chat template written into the output tokenizer: alpaca, chatml, exaone, llama3, mistral, 'auto' or a Jinja "
+        "template."))
 
     # filled by load_recipe, not part of the schema
     _source: str | None = None
