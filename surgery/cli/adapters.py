@@ -22,14 +22,16 @@ Examples:
 """)
 @click.argument("base")
 @click.argument("tuned")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Adapter directory to write.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Adapter directory to write.")
 @click.option("--rank", type=int, help="LoRA rank (with --energy: the largest rank allowed).")
 @click.option("--energy", type=float, help="Keep the fewest singular values holding this fraction of ‖ΔW‖² (0-1].")
 @click.option("--modules", default="attn,mlp", show_default=True,
               help="Module kinds or groups to extract, comma-separated (attn, mlp, attn_q, lm_head, embed, ...).")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="dtype of the LoRA factors.")
 @click.option("--svd", type=click.Choice(["full", "lowrank"]), default="full", show_default=True,
-              help="'lowrank': randomized SVD, much faster on large matrices (needs --rank); the error is still measured.")
+              help="'lowrank': randomized SVD, much faster on large matrices (needs --rank); "
+                   "the error is still measured.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer and per-tensor report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -38,7 +40,8 @@ def extract_lora(base, tuned, out, rank, energy, modules, dtype, svd, force, as_
     """Extract TUNED − BASE as a PEFT LoRA adapter by truncated SVD.
 
     TUNED is a checkpoint (local dir, file or Hub id), a recipe .yaml whose result is used
-    without writing it, or an adapter directory on BASE (to re-rank an adapter). Prints the relative reconstruction error ‖ΔW − B·A‖/‖ΔW‖ per layer.
+    without writing it, or an adapter directory on BASE (to re-rank an adapter). Prints the relative
+    reconstruction error ‖ΔW − B·A‖/‖ΔW‖ per layer.
     """
     from surgery.errors import SurgeryError
     from surgery.pipeline import extract_lora as extract
@@ -82,7 +85,8 @@ For a merged checkpoint instead of an adapter, use the `adamergex` recipe operat
 @click.argument("task")
 @click.argument("target_ref")
 @click.argument("source_ref")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Adapter directory to write.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Adapter directory to write.")
 @click.option("-t", "t", type=float, default=1.0, show_default=True, help="Weight of the language difference.")
 @click.option("--mode", type=click.Choice(["delta", "factors"]), default="delta", show_default=True,
               help="LoRA: 'delta' is exact on ΔW (rank r₁+r₂+r₃); 'factors' adds A and B separately, as the "

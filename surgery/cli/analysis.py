@@ -34,8 +34,10 @@ def _parse_k(text: str):
 @click.command(epilog=DIFF_EPILOG)
 @click.argument("base")
 @click.argument("experts", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (schema surgery.diff/1, docs/analysis.md).")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write per-tensor, per-layer and total statistics as CSV.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the results as JSON (schema surgery.diff/1, docs/analysis.md).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Write per-tensor, per-layer and total statistics as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a heatmap PNG here and a per-layer line plot next to it (<name>_layers.png).")
 @click.option("-k", "--top-k", "top_k", default="10", show_default=True, metavar="K",

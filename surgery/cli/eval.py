@@ -26,16 +26,19 @@ Data files (the kind is told from the keys; docs/eval.md):
 
 @click.command("eval", epilog=EPILOG)
 @click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
-@click.option("--data", "data", multiple=True, metavar="NAME=PATH", help="A local data set (.txt or .jsonl); repeatable.")
+@click.option("--data", "data", multiple=True, metavar="NAME=PATH",
+              help="A local data set (.txt or .jsonl); repeatable.")
 @click.option("--lm-eval", "lm_eval", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated.")
 @click.option("--include-path", type=click.Path(file_okay=False), help="Folder of local lm-eval task YAMLs.")
-@click.option("--limit", type=click.IntRange(min=1), help="Items per data set (a random subset, see --seed) and per task.")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Items per data set (a random subset, see --seed) and per task.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --limit subsets and lm-eval.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Compute dtype (auto: as stored).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--max-length", type=click.IntRange(min=2), help="Tokens per window (default: the model's, at most 2048).")
+@click.option("--max-length", type=click.IntRange(min=2),
+              help="Tokens per window (default: the model's, at most 2048).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Greedy generation length.")
 @click.option("--chat", is_flag=True, help="Wrap prompts in the tokenizer's chat template.")

@@ -6,7 +6,8 @@ import click
 
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 convert_opt = click.option("--convert-bin", is_flag=True,
-                           help="Accept pickle .bin checkpoints, converting them once with torch.load(weights_only=True).")
+                           help="Accept pickle .bin checkpoints, converting them once with "
+                                "torch.load(weights_only=True).")
 
 mergekit_lenient_opt = click.option(
     "--mergekit-lenient", is_flag=True,

@@ -39,12 +39,15 @@ def _pairs(values, option: str) -> dict[str, str]:
 @click.argument("models", nargs=-1, required=True)
 @click.option("--text", "texts", multiple=True, metavar="LANG=FILE",
               help="Texts of one language, one per line (repeat for each language).")
-@click.option("--labels", type=click.Path(dir_okay=False), help="JSONL {text, label} to probe instead of the languages.")
+@click.option("--labels", type=click.Path(dir_okay=False),
+              help="JSONL {text, label} to probe instead of the languages.")
 @click.option("--parallel", multiple=True, type=click.Path(dir_okay=False),
               help="JSONL translation pairs, e.g. {\"en\": ..., \"de\": ...} per line (repeatable).")
-@click.option("--lape/--no-lape", default=True, show_default=True, help="Find language-specific neurons (needs >= 2 --text).")
+@click.option("--lape/--no-lape", default=True, show_default=True,
+              help="Find language-specific neurons (needs >= 2 --text).")
 @click.option("--probing/--no-probing", default=True, show_default=True, help="Layer-wise linear probes.")
-@click.option("--top-rate", type=float, default=0.01, show_default=True, help="LAPE: share of all neurons kept by lowest entropy.")
+@click.option("--top-rate", type=float, default=0.01, show_default=True,
+              help="LAPE: share of all neurons kept by lowest entropy.")
 @click.option("--filter-rate", type=float, default=0.95, show_default=True,
               help="LAPE: a neuron must exceed this quantile of activation probability in some language.")
 @click.option("--bar-rate", type=float, default=0.95, show_default=True,
@@ -58,7 +61,8 @@ def _pairs(values, option: str) -> dict[str, str]:
 @click.option("--tokenizer", help="Tokenizer path or Hub id (default: each model's own).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG with one panel per analysis.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (format surgery.probe/1).")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write long-format CSV: model, analysis, key, layer, metric, value.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Write long-format CSV: model, analysis, key, layer, metric, value.")
 @click.option("--save-neurons", type=click.Path(file_okay=False),
               help="Write DIR/<lang>.json (DIR/<model>/<lang>.json for several models), format surgery.neurons/1.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -114,12 +118,15 @@ def data():
 @data.command("mo", epilog="\b\nExamples:\n  surgery data mo --langs de,fr,es -o data/\n"
                            "  surgery data mo --mo de=po/de.mo --mo fr=po/fr.mo -o data/ --json\n"
                            "  surgery data mo --langs ja --min-words 3 --limit 500 -o data/")
-@click.option("--langs", default="", metavar="LANGS", help="Comma-separated locale names (directories of --locale-dir).")
-@click.option("--mo", "mo_files", multiple=True, metavar="LANG=FILE", help="An explicit .mo file for a language (repeatable).")
+@click.option("--langs", default="", metavar="LANGS",
+              help="Comma-separated locale names (directories of --locale-dir).")
+@click.option("--mo", "mo_files", multiple=True, metavar="LANG=FILE",
+              help="An explicit .mo file for a language (repeatable).")
 @click.option("--locale-dir", default="/usr/share/locale", show_default=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--min-words", type=int, default=2, show_default=True, help="Drop English strings with fewer words.")
-@click.option("--min-chars", type=int, default=10, show_default=True, help="Drop English strings with fewer characters.")
+@click.option("--min-chars", type=int, default=10, show_default=True,
+              help="Drop English strings with fewer characters.")
 @click.option("--limit", type=int, default=None, help="At most N pairs per language.")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 def data_mo(langs, mo_files, locale_dir, out, min_words, min_chars, limit, as_json):

@@ -26,7 +26,8 @@ from surgery.errors import SurgeryError
 @click.option("--random-seed", type=int, default=None,
               help="Seed for random merge methods (DARE, DELLA); overrides the recipe's 'seed'.")
 @click.option("--fast-kernels", is_flag=True,
-              help="TIES by selection instead of sorting: faster; entries exactly at the density threshold may differ from mergekit.")
+              help="TIES by selection instead of sorting: faster; entries exactly at the density threshold "
+                   "may differ from mergekit.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where merge operations compute: cuda streams their inputs to the GPU; auto uses it when present.")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "torch", "mergekit"]), default=None,
@@ -36,8 +37,8 @@ from surgery.errors import SurgeryError
                    "$SURGERY_BACKEND, else auto. `surgery backends` lists them.")
 @click.option("--shard-size", metavar="SIZE", help="Maximum size of an output shard, e.g. 2GB (default: the "
                                                     "recipe's output.shard_size, else 5GB, as huggingface_hub).")
-@click.option("--workers", type=click.IntRange(min=1), metavar="N", help="Write the output shards as Ray tasks, N at once, on "
-                                                            "a local Ray (same bytes as without).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="Write the output shards as Ray tasks, N at once, on a local Ray (same bytes as without).")
 @click.option("--ray-address", metavar="ADDR", help="Write the output shards as tasks of this Ray cluster ('auto' "
                                                     "or host:port) instead; inputs and output on shared storage.")
 @convert_opt
@@ -47,8 +48,8 @@ from surgery.errors import SurgeryError
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, backend, shard_size, workers,
-        ray_address, allow_nonfinite, mergekit_lenient, push_to, public, revision, create_pr, token):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, backend, shard_size,
+        workers, ray_address, allow_nonfinite, mergekit_lenient, push_to, public, revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
@@ -83,7 +84,8 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
             pushed = push(result.output, push_to, token=token, private=not public, revision=revision,
                           create_pr=create_pr)
         except SurgeryError as e:
-            raise SurgeryError(f"{e} (the output is written; retry with `surgery push {result.output} {push_to}`)")
+            raise SurgeryError(f"{e} (the output is written; retry with "
+                               f"`surgery push {result.output} {push_to}`)") from None
         if not quiet and not as_json:
             echo_push(pushed, False)
     if as_json:
