@@ -224,7 +224,9 @@ def json_schema() -> dict:
     rules = [create_model(f"{name}_operation", __config__=ConfigDict(extra="forbid"),
                           **{name: (model, ...)}) for name, model in OPERATIONS.items()]
     full = create_model("SurgeryRecipe", __base__=Recipe,
-                        operations=(list[Union[tuple(rules)]], Field(default_factory=list, description=Recipe.model_fields["operations"].description)))
+                        operations=(list[Union[tuple(rules)]],
+                                    Field(default_factory=list,
+                                          description=Recipe.model_fields["operations"].description)))
     schema = full.model_json_schema(by_alias=True)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "surgery recipe"

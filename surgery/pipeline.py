@@ -113,7 +113,8 @@ class RunResult:
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
         convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False,
         inputs: dict | None = None, device: str = "cpu", backend: str | None = None, workers: int = 0,
-        ray_address: str | None = None, shard_size: int | str | None = None, mergekit_lenient: bool = False) -> RunResult:
+        ray_address: str | None = None, shard_size: int | str | None = None,
+        mergekit_lenient: bool = False) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
@@ -206,7 +207,8 @@ def input_paths(sources) -> list[Path]:
             paths.append(src.source or src.root)
         elif isinstance(src, PlanReader):
             source = getattr(src.plan.recipe, "_source", None)
-            paths += ([Path(source)] if source and Path(source).exists() else []) + input_paths(src.plan.inputs.values())
+            paths += (([Path(source)] if source and Path(source).exists() else [])
+                      + input_paths(src.plan.inputs.values()))
         elif hasattr(src, "adapter") and hasattr(src, "base"):  # an adapter applied to a base
             paths += [src.adapter.path] + input_paths([src.base])
     return paths

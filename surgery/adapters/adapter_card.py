@@ -15,7 +15,8 @@ from surgery.core.model_card import CARD_NAME
 AUTO_CLASSES = {"CAUSAL_LM": "AutoPeftModelForCausalLM", "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
                 "SEQ_CLS": "AutoPeftModelForSequenceClassification",
                 "TOKEN_CLS": "AutoPeftModelForTokenClassification",
-                "QUESTION_ANS": "AutoPeftModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction"}
+                "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
+                "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction"}
 HOW = {"svd": "extracted from the difference between a fine-tune and its base by truncated SVD "
               "(`surgery extract-lora`)",
        "adamergex": "made by AdaMergeX from three adapters (`surgery adamergex`)"}

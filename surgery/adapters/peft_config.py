@@ -42,7 +42,8 @@ CHECKS = {
     "layers_to_transform": (lambda v: v is None or _int(v) or (isinstance(v, list) and all(_int(x) for x in v)),
                             "an integer or a list of integers"),
     "layers_pattern": (lambda v: v is None or isinstance(v, str)
-                       or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a string or a list of strings"),
+                       or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                       "a string or a list of strings"),
 }
 
 

@@ -51,7 +51,8 @@ def to_dict(r, k=10, per_layer=True) -> dict:
         out["pairs"].append({"a": a, "b": b, "scope": "total", "layer": None, **asdict(p["total"])})
     if any(e.neuron_scores for e in r.experts.values()):
         out["neurons"] = {"k": k, "per_layer": per_layer,
-                          "top": [{"expert": n, **asdict(x)} for n in r.experts for x in r.top_neurons(n, k, per_layer)]}
+                          "top": [{"expert": n, **asdict(x)}
+                                  for n in r.experts for x in r.top_neurons(n, k, per_layer)]}
         names = list(r.experts)
         out["overlap"] = [asdict(o) for i, a in enumerate(names) for b in names[i + 1:]
                           for o in r.neuron_overlap(a, b, k, per_layer)]
@@ -151,6 +152,7 @@ def format_table(r, k=10, metric="relative") -> str:
             pooled = rows[-1]
             lines.append(f"  top-{k} neuron overlap per layer (|A∩B|/k): "
                          + " ".join(f"{o.layer}:{_f(o.overlap, '.2f')}" for o in rows[:-1]))
-            lines.append(f"  all layers: |A∩B| {pooled.intersection} of k {pooled.k}: overlap {_f(pooled.overlap, '.3f')}, "
+            lines.append(f"  all layers: |A∩B| {pooled.intersection} of k {pooled.k}: "
+                         f"overlap {_f(pooled.overlap, '.3f')}, "
                          f"Jaccard {_f(pooled.jaccard, '.3f')}")
     return "\n".join(lines)

@@ -85,7 +85,8 @@ class ExpertDiff:
 class DiffResult:
     base: str
     experts: dict[str, ExpertDiff]
-    pairs: dict[tuple[str, str], dict]   # (a, b) -> {"layers": {layer: PairStats}, "outer": PairStats, "total": PairStats}
+    # (a, b) -> {"layers": {layer: PairStats}, "outer": PairStats, "total": PairStats}
+    pairs: dict[tuple[str, str], dict]
     num_layers: int
     tol: float
     heads_note: str = ""                  # why head scores are missing, when they are

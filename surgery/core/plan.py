@@ -204,7 +204,8 @@ class Context:
                     continue
             out.append(e)
         if not out and not self.partial:
-            given = ", ".join(f"{k}: {v}" for k, v in sel.model_dump(exclude_defaults=True, exclude={"missing"}).items())
+            given = ", ".join(f"{k}: {v}"
+                              for k, v in sel.model_dump(exclude_defaults=True, exclude={"missing"}).items())
             self.missing(strict, field_path, f"no tensor matches all of {{{given}}}")
             self.skipped.add(self.tag)
         return out
@@ -327,7 +328,8 @@ def _check(plan: Plan) -> None:
             shape = infer_shape(e.node, lambda r: inputs[r.input].meta[r.name].shape)
         except SurgeryError as ex:
             detail = ", ".join(f"{r.input}: {list(inputs[r.input].meta[r.name].shape)}" for r in refs(e.node))
-            raise recipe.error(("inputs",), f"inputs don't line up for tensor {e.source_name!r}: {ex} ({detail})") from None
+            raise recipe.error(("inputs",),
+                               f"inputs don't line up for tensor {e.source_name!r}: {ex} ({detail})") from None
         expected = base.meta[e.source_name].shape
         reshapes = isinstance(e.node, Node) and e.node.params.get("reshapes")  # e.g. rows re-indexed to a vocabulary
         if shape != expected and not reshapes:
