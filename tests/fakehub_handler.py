@@ -182,7 +182,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
         is_get = self.command == "GET"
         if is_get and path in self.hub.fail:
-            return self._error(self.hub.fail[path], "Internal Error - We're working hard to fix this as soon as possible!")
+            return self._error(self.hub.fail[path],
+                               "Internal Error - We're working hard to fix this as soon as possible!")
         if is_get:
             self.hub.downloads.append(path)
         return self._send_raw(200, data, "application/octet-stream", headers, body=is_get)

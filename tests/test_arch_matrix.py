@@ -56,8 +56,8 @@ merge_method: ties
 base_model: {base}
 dtype: bfloat16
 """
-MOE_XFAIL = pytest.mark.xfail(strict=True, reason="mergekit merges glm4_moe's experts fused; its fused layout is not in "
-                                                  "surgery/_data/experts.json (mixtral, qwen2_moe, qwen3_moe are)")
+MOE_XFAIL = pytest.mark.xfail(strict=True, reason="mergekit merges glm4_moe's experts fused; its fused layout is not "
+                                                  "in surgery/_data/experts.json (mixtral, qwen2_moe, qwen3_moe are)")
 TIES_SKIP = {"gpt_neox": "mergekit 0.1.5's gpt-neox.json requires attention.masked_bias, a buffer transformers "
                          "no longer saves, so mergekit cannot merge a GPT-NeoX checkpoint it writes",
              "falcon": "mergekit 0.1.5's falcon.json requires lm_head.weight, which Falcon checkpoints with tied "

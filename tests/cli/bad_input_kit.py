@@ -26,7 +26,7 @@ MK = "merge_method: linear\nmodels:\n  - model: good\n    parameters: {weight: 0
      "  - model: bad\n    parameters: {weight: 0.5}\ndtype: float32\n"
 
 F = "{w}/bad/model.safetensors"
-I = "{w}/bad/model.safetensors.index.json"
+IDX = "{w}/bad/model.safetensors.index.json"
 PRE = "recipe.yaml:3: inputs.x: "
 KNOWN = ", ".join(DTYPES)
 

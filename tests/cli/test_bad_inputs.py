@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from bad_input_kit import (F, I, KNOWN, PRE, RECIPE, RECIPE_AD, RECIPE_RUN, _bad_file, check, header, nan_input,
+from bad_input_kit import (F, IDX, KNOWN, PRE, RECIPE, RECIPE_AD, RECIPE_RUN, _bad_file, check, header, nan_input,
                            raw_file, raw_header)
 from click.testing import CliRunner
 from corpus import first_tensor, patch_header, read_st, second_tensor, snapshot, write_st
@@ -129,8 +129,10 @@ HEADER_CASES = [
      F + ": tensor '{t0}': header entry is a JSON list, not an object"),
     ("shape-negative", header(_set("shape", [-1, 32])),
      F + ": tensor '{t0}': shape [-1, 32] is not a list of non-negative integers"),
-    ("shape-string", header(_set("shape", "32")), F + ": tensor '{t0}': shape '32' is not a list of non-negative integers"),
-    ("shape-float", header(_set("shape", [2.5])), F + ": tensor '{t0}': shape [2.5] is not a list of non-negative integers"),
+    ("shape-string", header(_set("shape", "32")),
+     F + ": tensor '{t0}': shape '32' is not a list of non-negative integers"),
+    ("shape-float", header(_set("shape", [2.5])),
+     F + ": tensor '{t0}': shape [2.5] is not a list of non-negative integers"),
     ("offsets-negative", header(lambda h, i: h[i["t0"]].__setitem__("data_offsets", [-4, i["e0"]])),
      F + ": tensor '{t0}': data_offsets [-4, {e0}] are not [start, end] with 0 <= start <= end"),
     ("offsets-reversed", header(lambda h, i: h[i["t0"]].__setitem__("data_offsets", [i["e0"], 0])),
@@ -158,21 +160,21 @@ HEADER_CASES = [
 
 INDEX_CASES = [
     ("index-map-list", sharded(lambda d, data: data.__setitem__("weight_map", [])),
-     I + ": not a valid safetensors index (weight_map must be a mapping of tensor name to shard file)"),
+     IDX + ": not a valid safetensors index (weight_map must be a mapping of tensor name to shard file)"),
     ("index-no-map", sharded(lambda d, data: data.pop("weight_map")),
-     I + ": not a valid safetensors index (weight_map must be a mapping of tensor name to shard file)"),
+     IDX + ": not a valid safetensors index (weight_map must be a mapping of tensor name to shard file)"),
     ("index-is-list", sharded(idx_raw("[1, 2]")),
-     I + ": not a valid safetensors index (weight_map must be a mapping of tensor name to shard file)"),
-    ("index-not-json", sharded(idx_raw("{oops")), I + ": not a valid safetensors index (not JSON: Expecting property "
+     IDX + ": not a valid safetensors index (weight_map must be a mapping of tensor name to shard file)"),
+    ("index-not-json", sharded(idx_raw("{oops")), IDX + ": not a valid safetensors index (not JSON: Expecting property "
                                                     "name enclosed in double quotes: line 1 column 2 (char 1))"),
     ("index-ghost-tensor", sharded(idx_map("model.ghost.weight", S1)),
-     I + f": tensor 'model.ghost.weight' is indexed in shard {S1} but no shard holds it"),
-    ("index-wrong-shard", sharded(idx_swap), I + ": tensor '{n}' is indexed in shard " + S2 + " but is in " + S1),
-    ("index-missing-shard", sharded(idx_missing_shard), I + f": index lists shard(s) that are missing: {S2}"),
+     IDX + f": tensor 'model.ghost.weight' is indexed in shard {S1} but no shard holds it"),
+    ("index-wrong-shard", sharded(idx_swap), IDX + ": tensor '{n}' is indexed in shard " + S2 + " but is in " + S1),
+    ("index-missing-shard", sharded(idx_missing_shard), IDX + f": index lists shard(s) that are missing: {S2}"),
     ("index-shard-path", sharded(idx_map("model.norm.weight", "../x.safetensors")),
-     I + ": tensor 'model.norm.weight': shard '../x.safetensors' is not a file name in the folder"),
+     IDX + ": tensor 'model.norm.weight': shard '../x.safetensors' is not a file name in the folder"),
     ("index-shard-number", sharded(idx_map("model.norm.weight", 5)),
-     I + ": tensor 'model.norm.weight': shard 5 is not a file name in the folder"),
+     IDX + ": tensor 'model.norm.weight': shard 5 is not a file name in the folder"),
     ("index-tensor-twice", sharded(idx_dup), "{w}/bad/" + S2 + ": tensor '{n}' is also in " + S1),
 ]
 
@@ -250,7 +252,8 @@ def test_permission_denied_on_the_output_folder(work):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["validate", "recipe.yaml"], PRE + "{w}/bad/model.safetensors: invalid safetensors header: a JSON list, not an object"),
+    (["validate", "recipe.yaml"],
+     PRE + "{w}/bad/model.safetensors: invalid safetensors header: a JSON list, not an object"),
     (["run", "recipe.yaml", "-o", "new/out"], PRE + "{w}/bad/model.safetensors: invalid safetensors header: a JSON "
                                                     "list, not an object"),
 ])

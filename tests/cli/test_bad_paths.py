@@ -17,7 +17,8 @@ CASES = [
     # ---- file system
     ("input-symlink-loop", both(recipe(RECIPE), loop("bad")), ["validate", "recipe.yaml"],
      PRE + "bad: symlink loop at {w}/bad"),
-    ("input-dangling-link", both(recipe(RECIPE), lambda w: os.symlink("nowhere", w / "bad")), ["validate", "recipe.yaml"],
+    ("input-dangling-link", both(recipe(RECIPE), lambda w: os.symlink("nowhere", w / "bad")),
+     ["validate", "recipe.yaml"],
      PRE + "bad: {w}/bad is a broken symlink (its target does not exist)"),
     ("recipe-symlink-loop", loop("r.yaml"), ["validate", "r.yaml"], "r.yaml: symlink loop at r.yaml"),
     ("recipe-not-utf8", recipe(b"inputs: {a: \xff}\n"), ["validate", "recipe.yaml"],
@@ -25,10 +26,12 @@ CASES = [
     ("recipe-too-large", recipe("# " + "x" * (5 << 20) + "\n"), ["validate", "recipe.yaml"],
      "recipe.yaml: 5242883 bytes; larger than the 4194304-byte limit"),
     ("output-under-a-file", both(recipe(RECIPE.replace("bad", "good2")), lambda w: (w / "afile").write_text("x")),
-     ["run", "recipe.yaml", "-o", "afile/out"], "{w}/afile/out: cannot create the output: {w}/afile is a file, not a folder"),
+     ["run", "recipe.yaml", "-o", "afile/out"],
+     "{w}/afile/out: cannot create the output: {w}/afile is a file, not a folder"),
     ("output-symlink-loop", both(recipe(RECIPE.replace("bad", "good2")), loop("o")), ["run", "recipe.yaml", "-o", "o"],
      "{w}/o: symlink loop at {w}/o"),
-    ("config-not-json", both(recipe(RECIPE.replace("base: good", "base: bad")), lambda w: copy_ckpt(w / "good", w / "bad"),
+    ("config-not-json", both(recipe(RECIPE.replace("base: good", "base: bad")),
+                             lambda w: copy_ckpt(w / "good", w / "bad"),
                              lambda w: (w / "bad" / "config.json").write_text("{")),
      ["validate", "recipe.yaml"], "{w}/bad/config.json: not a valid config (Expecting property name enclosed in double "
                                   "quotes: line 1 column 2 (char 1))"),
@@ -44,7 +47,8 @@ CASES = [
     ("output-dot-force", recipe(RECIPE.replace("bad", "good2")), ["run", "recipe.yaml", "-o", ".", "--force"],
      "{w}: the output would replace the input {w}/recipe.yaml; choose another output folder"),
     ("output-contains-input", both(recipe(RECIPE.replace("good2", "sub/good2").replace("bad", "sub/good2")),
-                                   lambda w: shutil.move(w / "good2", w / "sub" / "good2") if (w / "sub").mkdir() is None
+                                   lambda w: shutil.move(w / "good2", w / "sub" / "good2")
+                                   if (w / "sub").mkdir() is None
                                    else None),
      ["run", "recipe.yaml", "-o", "sub", "--force"],
      "{w}/sub: the output would replace the input {w}/sub/good2; choose another output folder"),

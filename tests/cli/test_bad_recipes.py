@@ -74,7 +74,8 @@ CASES = [
      ["validate", "recipe.yaml"], "recipe.yaml:3: inputs.ad: ad: symlink loop at {w}/ad"),
     ("adamergex-config-list", adapter_config(lambda c: [c]), ["adamergex", "lora", "lora", "lora", "-o", "out"],
      "lora/adapter_config.json: a JSON list, not an object"),
-    ("adamergex-r-string", adapter_config(lambda c: c.update(r="two")), ["adamergex", "lora", "lora", "lora", "-o", "o"],
+    ("adamergex-r-string", adapter_config(lambda c: c.update(r="two")),
+     ["adamergex", "lora", "lora", "lora", "-o", "o"],
      "lora/adapter_config.json: r: expected a positive integer, got 'two'"),
     # ---- numbers
     ("nan-input-run", both(recipe(RECIPE_RUN), nan_input(float("nan"))), ["run", "recipe.yaml", "-o", "new/deeper/out"],
@@ -85,9 +86,9 @@ CASES = [
      "1 in bad:model.embed_tokens.weight; pass --allow-nonfinite to write them anyway"),
     ("float16-overflow-run", recipe(RECIPE.replace("bad", "good2") + "output: {dtype: float16}\noperations:\n"
                                     "  - arithmetic: {expr: 'base * 1e9', select: {names: ['lm_head.weight']}}\n"),
-     ["run", "recipe.yaml", "-o", "new/out"], "tensor 'lm_head.weight': {n16} values exceed the F16 range (|x| > 65504) "
-                                              "and would be written as Inf; use a wider output dtype, or pass "
-                                              "--allow-nonfinite to write them anyway"),
+     ["run", "recipe.yaml", "-o", "new/out"],
+     "tensor 'lm_head.weight': {n16} values exceed the F16 range (|x| > 65504) and would be written as Inf; "
+     "use a wider output dtype, or pass --allow-nonfinite to write them anyway"),
     ("nan-extract-lora", nan_input(float("nan"), "model.layers.0.self_attn.q_proj.weight"),
      ["extract-lora", "good", "bad", "-o", "new/lora", "--rank", "2"],
      "bad: tensor 'model.layers.0.self_attn.q_proj.weight' holds 1 non-finite values (NaN/Inf); a LoRA cannot be "
@@ -126,7 +127,8 @@ CASES = [
      PRE + "{w}/bad/pytorch_model.bin: cannot load with weights_only=True: not a file the safe loader can read "
            "(Unsupported operand 149)"),
     ("convert-bin-not-a-dict", both(recipe(RECIPE), lambda w: make_pickle(w, [1, 2], torch_save=True)),
-     ["validate", "recipe.yaml", "--convert-bin"], PRE + "{w}/bad/pytorch_model.bin: not a state dict (a pickled list)"),
+     ["validate", "recipe.yaml", "--convert-bin"],
+     PRE + "{w}/bad/pytorch_model.bin: not a state dict (a pickled list)"),
     ("pickle-without-flag", both(recipe(RECIPE), lambda w: make_pickle(w, {})), ["validate", "recipe.yaml"],
      PRE + "bad: only pickle .bin weights found (pytorch_model.bin). Pickle files can run code when loaded, so they "
            "are refused. Pass --convert-bin to convert them once with torch.load(weights_only=True) into safetensors."),

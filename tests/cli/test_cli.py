@@ -64,9 +64,10 @@ def test_plan_validate_and_json(demo_dir, tmp_path):
     r = cli("plan", recipe)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert any(l.startswith("layer 1 ") and "0.6667·sw + 0.3333·math" in l and "transition" in l for l in lines)
-    assert any(l.startswith("layers 0-0") or l.startswith("layer 0 ") and "← sw " in l for l in lines)
-    assert any(l.startswith("layers 3-4") and "← math" in l for l in lines)
+    assert any(line.startswith("layer 1 ") and "0.6667·sw + 0.3333·math" in line and "transition" in line
+               for line in lines)
+    assert any(line.startswith("layers 0-0") or line.startswith("layer 0 ") and "← sw " in line for line in lines)
+    assert any(line.startswith("layers 3-4") and "← math" in line for line in lines)
     r = cli("plan", recipe, "--json")
     plan = json.loads(r.stdout)
     rows = {row["layer"]: row for row in plan["layers"] if row["layer"] is not None}

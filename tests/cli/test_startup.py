@@ -38,7 +38,8 @@ def test_plan_with_other_operations_builds_those(family, tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"inputs": {k: str(v) for k, v in family.items()}, "recipient": "task",
                                 "operations": [{"take": {"from": "lang", "select": {"layers": "0-1"}}},
-                                               {"blend": {"weights": {"task": 0.5, "en": 0.5}, "select": {"layers": 3}}}]}))
+                                               {"blend": {"weights": {"task": 0.5, "en": 0.5},
+                                                          "select": {"layers": 3}}}]}))
     got = probe("plan", path, "--json", "--threads", "2")  # planning computes nothing: no torch for threads
     assert got["built"] == ["blend", "take"]
     assert heavy(got["modules"]) == []

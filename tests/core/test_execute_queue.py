@@ -1,4 +1,5 @@
-"""The executor's writer queue: copies never hold computation back, computed bytes waiting are bounded, errors surface."""
+"""The executor's writer queue: copies never hold computation back, computed bytes waiting are bounded, errors
+surface."""
 
 import threading
 from concurrent.futures import Future

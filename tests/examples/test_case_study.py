@@ -13,9 +13,9 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "layer_swap_case_study"
 sys.path.insert(0, str(EXAMPLE))
 
-import problems
-import report as cs_report
-import texts
+import problems  # noqa: E402  (after the sys.path insert above)
+import report as cs_report  # noqa: E402  (after the sys.path insert above)
+import texts  # noqa: E402  (after the sys.path insert above)
 
 
 def _evaluate(solution: str) -> int:

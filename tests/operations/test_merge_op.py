@@ -99,9 +99,11 @@ operations:
 
 
 @pytest.mark.parametrize("body, message", [
-    ("merge: {method: tie, base: base, models: [lang]}", "r.yaml:8: operations.0.merge.method: unknown merge method 'tie'; did you mean 'ties'?"),
+    ("merge: {method: tie, base: base, models: [lang]}",
+     "r.yaml:8: operations.0.merge.method: unknown merge method 'tie'; did you mean 'ties'?"),
     ("merge: {method: ties, base: base, models: {lang: {weight: 1, densty: 0.5}}}",
-     "r.yaml:8: operations.0.merge.models.lang.densty: unknown parameter 'densty' for merge method 'ties'; did you mean 'density'?"),
+     "r.yaml:8: operations.0.merge.models.lang.densty: unknown parameter 'densty' for merge method 'ties'; "
+     "did you mean 'density'?"),
     ("merge: {method: ties, base: base, models: {lang: {weight: 1}}, parameters: {lamda: 2}}",
      "unknown parameter 'lamda' for merge method 'ties'; did you mean 'lambda'?"),
     ("merge: {method: linear, models: [lang, task]}",
@@ -172,7 +174,8 @@ def test_random_seed_reproducible_and_order_independent(family, tmp_path):
         assert r.returncode == 0, r.stderr
         return load(tmp_path / out)
 
-    a, b, c = cli(full, "a", "--random-seed", "11"), cli(full, "b", "--random-seed", "11"), cli(full, "c", "--random-seed", "12")
+    a, b = cli(full, "a", "--random-seed", "11"), cli(full, "b", "--random-seed", "11")
+    c = cli(full, "c", "--random-seed", "12")
     d = cli(part, "d")  # seed from the recipe; only layer 3 merged
     assert all(torch.equal(a[n], b[n]) for n in a)
     name = "model.layers.3.mlp.down_proj.weight"
@@ -215,7 +218,8 @@ stack:
     ("stack:\n  - {layers: '0-3', sources: {lang: '0-2'}}\n",
      "stack.0.sources.lang: 3 layers, but 'layers' has 4; each output layer needs one source layer per input"),
     ("stack:\n  - {layers: '0-3', from: lang, form: task}\n", "unknown key 'form'; did you mean 'from'?"),
-    ("stack:\n  - {layers: '0-9', from: lang}\n", "layer 8 is out of range: the model has 8 layers (0-7) (input 'lang')"),
+    ("stack:\n  - {layers: '0-9', from: lang}\n",
+     "layer 8 is out of range: the model has 8 layers (0-7) (input 'lang')"),
 ])
 def test_bad_stacks(family, tmp_path, body, message):
     from surgery import SurgeryError, build_plan, load_recipe
@@ -306,7 +310,8 @@ def test_fast_kernels_cli_option(family, tmp_path):
     from surgery.operations.merge import use_fast_kernels
     from surgery import load_recipe
 
-    path = recipe_file(tmp_path, family, "operations:\n  - merge: {method: ties, base: base, models: {en: {weight: 1, density: 0.5}}}\n")
+    path = recipe_file(tmp_path, family,
+                       "operations:\n  - merge: {method: ties, base: base, models: {en: {weight: 1, density: 0.5}}}\n")
     recipe = use_fast_kernels(load_recipe(path))
     assert recipe.operations[0].kernel == "fast"
     r = run_cli("run", path, "-o", tmp_path / "o", "-q", "--fast-kernels")

@@ -61,7 +61,8 @@ def test_lm_head_of_a_tied_model_is_an_error_that_says_how_to_select_it(models, 
         {"ranked_layer_swap": {"donor": "de", "k": 2, "lm_head": 0.5}}]})
     assert msg.startswith("recipe: operations.1.ranked_layer_swap.lm_head: lm_head: 0.5 changes nothing")
     # selecting the embeddings, as the message says, changes both
-    plan = surgery.build_plan({"inputs": inputs, "operations": [{"take": {"from": "de", "select": {"modules": ["embed"]}}}]})
+    plan = surgery.build_plan({"inputs": inputs,
+                               "operations": [{"take": {"from": "de", "select": {"modules": ["embed"]}}}]})
     assert [e.name for e in plan.entries if e.rule == "#1 take"] == ["model.embed_tokens.weight"]
 
 
@@ -69,7 +70,8 @@ def test_lm_head_of_a_tied_model_is_an_error_that_says_how_to_select_it(models, 
     ({"take": {"from": "de", "select": {"names": ["*.mlp.up_proj.weight", "*.mlp.upp_proj.*"]}}},
      "operations.0.take.select.names.1", "#1 take selects no tensor: no tensor name matches '*.mlp.upp_proj.*'"),
     ({"blend": {"weights": {"a": 1, "de": 1}, "select": {"layers": 3, "modules": ["embed"]}}},
-     "operations.0.blend.select", "#1 blend selects no tensor: no tensor matches all of {layers: 3, modules: ['embed']}"),
+     "operations.0.blend.select",
+     "#1 blend selects no tensor: no tensor matches all of {layers: 3, modules: ['embed']}"),
     ({"arithmetic": {"expr": "a + 0.5*(de - a)", "select": {"names": ["re:bias$"]}}},
      "operations.0.arithmetic.select.names.0", "#1 arithmetic selects no tensor: no tensor name matches 're:bias$'"),
     ({"merge": {"method": "linear", "models": {"a": {"weight": 1}, "de": {"weight": 1}},
@@ -146,7 +148,8 @@ def test_plan_labels_stacked_layers_with_their_input(models):
     text = plan.format()
     assert "[stack from de]" in text and text.count("[recipient]") == 3  # layers 0-3, before and after layers
     rows = plan.layer_summary()
-    assert [r["sources"][0]["rule"] for r in rows if r["layer"] is not None] == ["recipient"] * 4 + ["stack from de"] * 4
+    assert ([r["sources"][0]["rule"] for r in rows if r["layer"] is not None]
+            == ["recipient"] * 4 + ["stack from de"] * 4)
 
 
 def test_shard_size_error_names_its_value_once(tmp_path):

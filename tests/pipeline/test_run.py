@@ -85,7 +85,8 @@ def test_task_arithmetic_with_base_and_negative_coefficient(family, tmp_path):
     want = t[n].float() * 1.0 + lang[n].float() * -0.5 + b[n].float() * 0.5
     assert torch.equal(got[n], want)
     # outside the selection: the recipient's bytes, cast to float32
-    assert torch.equal(got["model.layers.3.self_attn.q_proj.weight"], b["model.layers.3.self_attn.q_proj.weight"].float())
+    assert torch.equal(got["model.layers.3.self_attn.q_proj.weight"],
+                       b["model.layers.3.self_attn.q_proj.weight"].float())
     assert torch.equal(got["model.layers.2.mlp.down_proj.weight"], b["model.layers.2.mlp.down_proj.weight"].float())
 
 
@@ -284,7 +285,8 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path):
 def test_large_tensors_computed_in_row_blocks_give_the_same_bytes(family, tmp_path, monkeypatch):
     import surgery.core.execute as ex
 
-    monkeypatch.setenv("SURGERY_BACKEND", "torch")  # the torch path (tests/core/test_host_math.py: the numpy path's blocks)
+    # the torch path (tests/core/test_host_math.py: the numpy path's blocks)
+    monkeypatch.setenv("SURGERY_BACKEND", "torch")
     r = recipe(family, [{"arithmetic": {"expr": "task + 0.3*(lang - en)"}},
                         {"layer_swap": {"donor": "lang", "bottom": 1, "top": 1, "transition": 2, "lm_head": 0.3}}])
     surgery.run(r, tmp_path / "whole")

@@ -75,7 +75,8 @@ def test_lape_selection_on_constructed_probabilities():
     assert {k: [n.index for n in v] for k, v in three.neurons.items()} == {"a": [90, 92], "b": [91, 92]}
     assert three.neurons["b"][0].score == 0.8
     assert math.isinf(three.entropy[0, 93]) and three.entropy[0, 92] == pytest.approx(math.log(2))
-    assert entropy(np.array([[0.2, 0.2, 0.0, 0.4]])).item() == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
+    assert entropy(np.array([[0.2, 0.2, 0.0, 0.4]])).item() == pytest.approx(
+        -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
     with pytest.raises(surgery.SurgeryError, match="between 0 and 1"):
         LapeSettings(top_rate=1.5)
 
@@ -187,7 +188,8 @@ def test_input_errors_are_one_line(wired, tmp_path, case, message):
 def test_a_model_without_a_recognised_mlp(tmp_path, wired):
     from transformers import MambaConfig, MambaForCausalLM
 
-    MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=2, vocab_size=130, state_size=4)).save_pretrained(tmp_path / "m")
+    MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=2, vocab_size=130, state_size=4)).save_pretrained(
+        tmp_path / "m")
     root = wired["root"]
     out = invoke("probe", tmp_path / "m", "--tokenizer", wired["model"], "--text", f"a={root / 'a.txt'}",
                  "--text", f"b={root / 'b.txt'}", "-q")

@@ -111,7 +111,8 @@ def test_the_machines_catalogs(tmp_path):
         for r in rows:
             for s in (r["en"], r[lang]):
                 assert s == s.strip() and "\n" not in s and "  " not in s
-                assert not re.search(r"%[-+#0-9.]*[sdiuxf]\b|</?(b|i|a|u|tt|big|small|span|br|p)\b[^>]*>|&amp;|&quot;|\{\w*\}", s), s
+                assert not re.search(r"%[-+#0-9.]*[sdiuxf]\b|</?(b|i|a|u|tt|big|small|span|br|p)\b[^>]*>"
+                                     r"|&amp;|&quot;|\{\w*\}", s), s
                 assert not re.search(r"(^|\s)_[^\W_]", s), s
             assert len(r["en"].split()) >= 2 and len(r["en"]) >= 10 and r["en"] != r[lang]
         # every pair comes from a real entry of the catalogs
@@ -127,7 +128,8 @@ def test_the_machines_catalogs(tmp_path):
                 raw.add(tuple(map(clean, strip_mnemonics(k, v))))
         assert {(r["en"], r[lang]) for r in rows} <= raw
     assert (tmp_path / "en.txt").read_text(encoding="utf-8").splitlines() == list(dict.fromkeys(
-        json.loads(x)["en"] for lang in REAL for x in (tmp_path / f"en-{lang}.jsonl").read_text(encoding="utf-8").splitlines()))
+        json.loads(x)["en"] for lang in REAL
+        for x in (tmp_path / f"en-{lang}.jsonl").read_text(encoding="utf-8").splitlines()))
 
 
 def test_errors(tmp_path):

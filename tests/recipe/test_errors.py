@@ -155,7 +155,8 @@ def test_parsers():
     assert parse_expression("math + 1.0*(sw - en)") == {"math": 1.0, "sw": 1.0, "en": -1.0}
     assert parse_expression("base + 0.7*(a - base) + 0.3*(b - base)") == {"a": 0.7, "b": 0.3}
     assert parse_expression("-(a - b)/2") == {"a": -0.5, "b": 0.5}
-    for bad, msg in [("a + 1", "bare number"), ("a ** 2", "only \\+, -"), ("a / b", "only \\+, -"), ("f(a)", "unsupported"),
+    for bad, msg in [("a + 1", "bare number"), ("a ** 2", "only \\+, -"), ("a / b", "only \\+, -"),
+                     ("f(a)", "unsupported"),
                      ("a +", "cannot parse")]:
         with pytest.raises(ValueError, match=msg):
             parse_expression(bad)
