@@ -1,4 +1,5 @@
-"""The compiled kernels of surgery.merge (the exact TIES top-k, ``topk``; linear, task arithmetic and TIES in one pass) (metadata: pyproject.toml).
+"""The compiled kernels of surgery.merge (the exact TIES top-k, ``topk``; linear, task arithmetic and TIES in one
+pass) (metadata: pyproject.toml).
 
 optional=True: without a C compiler the package still installs, and the exact TIES top-k falls back to
 its numpy replay, linear and task arithmetic merges to their numpy steps (or torch). Developers working

@@ -97,7 +97,8 @@ def main():
         res = {}
 
         def extract(method):
-            res[method] = extract_lora(root / "base", root / "tuned", root / "x", rank=args.rank, svd=method, force=True)
+            res[method] = extract_lora(root / "base", root / "tuned", root / "x", rank=args.rank, svd=method,
+                                       force=True)
 
         t_extract = timed(lambda: extract("full"), repeat=1)
         t_low = timed(lambda: extract("lowrank"), repeat=1)

@@ -35,7 +35,7 @@ def make(folder: Path) -> dict[str, Path]:
     if all((p / "model.safetensors").exists() for p in paths.values()):
         return paths
     cfg = LlamaConfig(**CFG)
-    H, I, L, V = CFG["hidden_size"], CFG["intermediate_size"], CFG["num_hidden_layers"], CFG["vocab_size"]
+    H, INTER, L, V = CFG["hidden_size"], CFG["intermediate_size"], CFG["num_hidden_layers"], CFG["vocab_size"]
     kv = H // CFG["num_attention_heads"] * CFG["num_key_value_heads"]
     shapes = {"model.embed_tokens.weight": (V, H)}
     for i in range(L):
@@ -43,8 +43,8 @@ def make(folder: Path) -> dict[str, Path]:
         shapes.update({p + "input_layernorm.weight": (H,), p + "self_attn.q_proj.weight": (H, H),
                        p + "self_attn.k_proj.weight": (kv, H), p + "self_attn.v_proj.weight": (kv, H),
                        p + "self_attn.o_proj.weight": (H, H), p + "post_attention_layernorm.weight": (H,),
-                       p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
-                       p + "mlp.down_proj.weight": (H, I)})
+                       p + "mlp.gate_proj.weight": (INTER, H), p + "mlp.up_proj.weight": (INTER, H),
+                       p + "mlp.down_proj.weight": (H, INTER)})
     shapes.update({"model.norm.weight": (H,), "lm_head.weight": (V, H)})
     gen = torch.Generator().manual_seed(0)
     base = {n: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in shapes.items()}
@@ -127,8 +127,10 @@ def main():
     py = sys.executable
     runs = {
         "read floor: files (readinto)": [py, "-c", FLOOR_FILE] + files,
-        "read floor: tensors (the reader surgery diff uses)": [py, "-c", FLOOR_TENSORS] + [str(p) for p in paths.values()],
-        "read: tensors via Checkpoint.get (safetensors mmap) + clone": [py, "-c", FLOOR_MMAP] + [str(p) for p in paths.values()],
+        "read floor: tensors (the reader surgery diff uses)":
+            [py, "-c", FLOOR_TENSORS] + [str(p) for p in paths.values()],
+        "read: tensors via Checkpoint.get (safetensors mmap) + clone":
+            [py, "-c", FLOOR_MMAP] + [str(p) for p in paths.values()],
         "surgery diff (CLI, neurons+heads+pairs, --json)": [py, "-m", "surgery", "diff", str(paths["base"]),
                                                             str(paths["lang"]), str(paths["task"]), "--json", "-q"],
         "surgery diff (CLI, layer stats only)": [py, "-m", "surgery", "diff", str(paths["base"]), str(paths["lang"]),

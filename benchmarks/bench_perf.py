@@ -100,7 +100,8 @@ def configs(paths: dict[str, Path], layers: int) -> dict[str, dict[str, str]]:
         "swap_transition": {"surgery": swap % (1, ""), "mergekit": (
             f"models:\n  - {{model: {a}, parameters: {{weight: {[1 - w for w in donor]}}}}}\n"
             f"  - {{model: {b}, parameters: {{weight: {donor}}}}}\nmerge_method: linear\ndtype: bfloat16\n")},
-        "swap": {"surgery": swap % (0, outer), "mergekit": f"slices:\n{slices}merge_method: passthrough\ndtype: bfloat16\n"},
+        "swap": {"surgery": swap % (0, outer),
+                 "mergekit": f"slices:\n{slices}merge_method: passthrough\ndtype: bfloat16\n"},
         "linear": {"*": f"models:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"
                         f"  - {{model: {b}, parameters: {{weight: 0.5}}}}\nmerge_method: linear\n"},
         "task_arithmetic": {"*": f"models:\n  - {{model: {a}, parameters: {{weight: 0.6}}}}\n"

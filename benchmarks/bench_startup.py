@@ -71,7 +71,8 @@ def main():
             load.append(os.getloadavg()[0])
     shutil.rmtree(out, ignore_errors=True)
     med = {n: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r)) for n, r in results.items()}
-    print(f"# medians of {args.repeats}; load average (1 min) {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs\n")
+    print(f"# medians of {args.repeats}; load average (1 min) {min(load):.1f}-{max(load):.1f} "
+          f"on {os.cpu_count()} CPUs\n")
     print("| process | wall s | CPU s |\n|---|---:|---:|")
     for name, (wall, cpu) in med.items():
         print(f"| {name} | {wall:.3f} | {cpu:.3f} |")
@@ -80,7 +81,8 @@ def main():
     print(f"\nsurgery run / cp -r (wall): {med['surgery run (the swap)'][0] / cp_wall:.2f}x")
     print(f"floor with pydantic (its imports' CPU + the copy's wall): {floor:.3f} s = {floor / cp_wall:.2f}x cp -r")
     no_pydantic = med["+ click, PyYAML, stdlib"][1] + cp_wall
-    print(f"floor without pydantic (click + PyYAML + the copy): {no_pydantic:.3f} s = {no_pydantic / cp_wall:.2f}x cp -r")
+    print(f"floor without pydantic (click + PyYAML + the copy): {no_pydantic:.3f} s "
+          f"= {no_pydantic / cp_wall:.2f}x cp -r")
 
 
 if __name__ == "__main__":

@@ -131,10 +131,10 @@ class Problem:
 
 def render(template: Template, numbers: tuple, rng: random.Random) -> Problem:
     names = rng.sample(NAMES, 2)
-    o, O = rng.choice(OBJECTS)
-    i, I = rng.choice(ITEMS)
+    obj_en, obj_de = rng.choice(OBJECTS)
+    item_en, item_de = rng.choice(ITEMS)
     values = dict(zip("abc", numbers))
-    fields = dict(values, n1=names[0], n2=names[1], o=o, O=O, i=i, I=I)
+    fields = dict(values, n1=names[0], n2=names[1], o=obj_en, O=obj_de, i=item_en, I=item_de)
     expression = template.expression.format(**values)
     answer = template.value(*numbers)
     return Problem(template.name, numbers, {"en": template.en.format(**fields), "de": template.de.format(**fields)},

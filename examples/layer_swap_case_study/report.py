@@ -78,7 +78,7 @@ def claim_lape(masking: dict) -> dict:
         if row == "base":
             continue
         lang = row.split()[-1]
-        ratios = {l: values[l] / base[l] for l in values}
+        ratios = {k: values[k] / base[k] for k in values}
         out[lang] = {"ratios": ratios, "most_hurt": max(ratios, key=ratios.get),
                      "held": max(ratios, key=ratios.get) == lang}
     return {"per_language": out, "held": all(v["held"] for v in out.values()) if out else None}
@@ -179,10 +179,12 @@ def write(results: dict, doc: Path, out: Path) -> list[Path]:
     saved = Path(out) / "results.json"  # written at the run's end (the report may be regenerated later)
     ended = saved.stat().st_mtime if saved.is_file() else time.time()
     load = m.get("load_average_range")
+    threads = (" or ".join(map(str, m["torch_threads"])) if isinstance(m["torch_threads"], list)
+               else m["torch_threads"])
     L += [f"- **Run**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(ended))} (end), wall time "
           f"**{wall / 60:.1f} min**{resumed}, seed {results['seed']}, git `{results.get('git')}`",
           f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-          f"(threads: {' or '.join(map(str, m['torch_threads'])) if isinstance(m['torch_threads'], list) else m['torch_threads']}), "
+          f"(threads: {threads}), "
           f"device `{m['device']}`, Python {m['python']}"
           + (f", load average at start {m['load_average_at_start'][0]:.1f}" if m.get("load_average_at_start") else "")
           + (f", {load[0]:.1f}-{load[1]:.1f} at the stages' starts" if load else "") + " (a shared machine)",
@@ -247,7 +249,8 @@ def _setup(results: dict) -> list[str]:
          "`surgery.io.gguf.smollm2_checkpoint(dtype='float32')` (30 layers, tied embeddings).",
          f"- **Data**: `surgery data mo --langs de,{','.join(s['other_langs'])}`: "
          f"the German expert trains on chunks drawn from the {data.get('lang_train_strings')} German catalog "
-         f"strings not held out, the English expert on their English originals; {data.get('math_train')} English problems from {data.get('templates')} "
+         f"strings not held out, the English expert on their English originals; {data.get('math_train')} "
+         f"English problems from {data.get('templates')} "
          f"templates train the math expert; test: {n} problems (the German ones are the same problems with "
          f"translated templates); dev: {s['math_dev']} German problems, used only by the search.",
          f"- **Fine-tuning** (plain PyTorch, `finetune.py`): every transformer layer and the final norm, tied "

@@ -27,9 +27,9 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-import experiment
-import report
-from settings import MODES
+import experiment  # noqa: E402  (after the sys.path insert above)
+import report  # noqa: E402  (after the sys.path insert above)
+from settings import MODES  # noqa: E402  (after the sys.path insert above)
 
 
 def parse_args(argv=None):
