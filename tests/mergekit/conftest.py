@@ -1,8 +1,10 @@
-"""Fixtures of the mergekit tests: ``moe``, the tiny mixture-of-experts checkpoints (test_moe*.py)."""
+"""Fixtures of the mergekit tests: ``moe``, the tiny mixture-of-experts checkpoints (test_moe*.py), and ``models``,
+the plugin tests' tiny llama checkpoints (test_mergekit_plugin.py, test_mergekit_transplant.py; the parity and
+config tests define ``models`` fixtures of their own, which take precedence in their modules)."""
 
 import pytest
 import torch
-from helpers import perturb, save_checkpoint
+from helpers import perturb, random_state, save_checkpoint, tiny_config
 from moe_kit import moe_config, saved_model
 
 
@@ -19,3 +21,17 @@ def moe(request, tmp_path_factory):
     out["base"] = save_checkpoint(root / "base", state, cfg, dtype=torch.bfloat16)
     out["donor"] = save_checkpoint(root / "donor", perturb(state, None, 0.5, seed=7), cfg, dtype=torch.bfloat16)
     return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny bf16 llama checkpoints that differ in every tensor (so blends are visible).
+
+    mergekit needs `architectures` in config.json, which the shared tiny_config leaves out.
+    """
+    root = tmp_path_factory.mktemp("mk_plugin")
+    cfg = tiny_config("llama", architectures=["LlamaForCausalLM"])
+    base = random_state(cfg, seed=0)
+    states = {"base": base, "task": perturb(base, None, 0.05, seed=2), "lang": perturb(base, None, 0.05, seed=1),
+              "en": perturb(base, None, 0.05, seed=3)}
+    return {n: save_checkpoint(root / n, s, cfg, dtype=torch.bfloat16) for n, s in states.items()}

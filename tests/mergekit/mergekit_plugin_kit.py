@@ -1,27 +1,12 @@
 """Helpers of the plugin tests (test_mergekit_plugin.py, test_mergekit_transplant.py): the tiny bf16 models, mergekit's
-run_merge and `surgery run` side by side, and a bitwise comparison of two outputs. The fixtures are imported by
-name into each test module (tests/mergekit has other `models` fixtures, so they are not in its conftest.py).
+run_merge and `surgery run` side by side, and a bitwise comparison of two outputs. Their `models` fixture is in
+conftest.py; `_restore_mergekit_registry` (autouse, module scope) is imported by name into each plugin test module.
 """
 
 import pytest
-import torch
-from helpers import load, perturb, random_state, raw_bytes, save_checkpoint, tiny_config
+from helpers import load, raw_bytes
 
 N_LAYERS = 8
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tiny bf16 llama checkpoints that differ in every tensor (so blends are visible).
-
-    mergekit needs `architectures` in config.json, which the shared tiny_config leaves out.
-    """
-    root = tmp_path_factory.mktemp("mk_plugin")
-    cfg = tiny_config("llama", architectures=["LlamaForCausalLM"])
-    base = random_state(cfg, seed=0)
-    states = {"base": base, "task": perturb(base, None, 0.05, seed=2), "lang": perturb(base, None, 0.05, seed=1),
-              "en": perturb(base, None, 0.05, seed=3)}
-    return {n: save_checkpoint(root / n, s, cfg, dtype=torch.bfloat16) for n, s in states.items()}
 
 
 def mergekit_run(config: dict, out, **options):

@@ -38,25 +38,32 @@ base_model: {base}
     (TIES + "paramters: {{normalize: true}}\n",
      "mk.yml:7: paramters: unknown key 'paramters' in a mergekit config; did you mean 'parameters'?"),
     (TIES.replace("density: 0.5", "densty: 0.5"),
-     "mk.yml:4: models.0.parameters.densty: unknown parameter 'densty' for merge method 'ties'; did you mean 'density'?"),
+     "mk.yml:4: models.0.parameters.densty: unknown parameter 'densty' for merge method 'ties'; "
+     "did you mean 'density'?"),
     (TIES + "parameters: {{lamda: 0.5}}\n",
      "mk.yml:7: parameters.lamda: unknown parameter 'lamda' for merge method 'ties'; did you mean 'lambda'?"),
     (TIES.replace("merge_method: ties", "merge_method: tise"),
      "mk.yml:5: merge_method: unknown merge method 'tise'; did you mean 'ties'?"),
-    (TIES.replace("- model: {a}", "- modle: {a}"), "models.0.modle: unknown key 'modle' in a model entry; did you mean 'model'?"),
+    (TIES.replace("- model: {a}", "- modle: {a}"), "models.0.modle: unknown key 'modle' in a model entry; did you mean "
+                                                   "'model'?"),
     (TIES + "dtype: bf16\n", "mk.yml:7: dtype: unknown dtype 'bf16'"),
-    (TIES + "tokenizer_source: union\n", "mk.yml:6: base_model: the tokenizer section needs every model's tokenizer, and 'base' has no tokenizer files"),
-    (TIES + "tokenizer_source: somewhere/else\n", "tokenizer_source 'somewhere/else' is not one of the config's models"),
+    (TIES + "tokenizer_source: union\n", "mk.yml:6: base_model: the tokenizer section needs every model's tokenizer, "
+                                         "and 'base' has no tokenizer files"),
+    (TIES + "tokenizer_source: somewhere/else\n",
+     "tokenizer_source 'somewhere/else' is not one of the config's models"),
     (TIES + "chat_template: chatm\n", "mk.yml:7: chat_template: unknown chat template 'chatm'; did you mean 'chatml'?"),
     (TIES + "tokenizer: {{source: union}}\ntokenizer_source: base\n", "give either 'tokenizer' or 'tokenizer_source'"),
-    (TIES + "tokenizer: {{source: union, tokns: {{}}}}\n", "mk.yml:7: tokenizer.tokns: unknown key 'tokns' in the tokenizer section; did you mean 'tokens'?"),
+    (TIES + "tokenizer: {{source: union, tokns: {{}}}}\n", "mk.yml:7: tokenizer.tokns: unknown key 'tokns' in the "
+                                                           "tokenizer section; did you mean 'tokens'?"),
     (TIES.replace("- model: {a}", "- model: {a}+{a}+x"), "a model reference is 'model' or 'model+lora'"),
-    ("merge_method: linear\nmodels:\n  - parameters: {{weight: 1}}\n", "mk.yml:3: models.0.model: missing required key 'model'"),
+    ("merge_method: linear\nmodels:\n  - parameters: {{weight: 1}}\n", "mk.yml:3: models.0.model: missing required key "
+                                                                       "'model'"),
     ("merge_method: linear\nmodels:\n  - model: ./nope\n    parameters: {{weight: 1}}\n",
      "mk.yml:3: models.0.model: checkpoint not found: './nope'"),
     ("base_model: {base}\ngate_mode: hidden\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n",
      "mk.yml:3: experts: this is a mergekit-moe config"),
-    (TIES + "modules:\n  vision_tower: {{models: [{{model: {a}}}]}}\n", "per-module configs for multimodal models (module 'vision_tower') are not supported"),
+    (TIES + "modules:\n  vision_tower: {{models: [{{model: {a}}}]}}\n", "per-module configs for multimodal models "
+                                                                        "(module 'vision_tower') are not supported"),
     ("merge_method: linear\n", "exactly one of 'models', 'slices' or 'modules' must be present"),
     ("models:\n  - model: {a}\n", "missing required key 'merge_method'"),
     ("""

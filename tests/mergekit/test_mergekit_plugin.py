@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import load, raw_bytes
 from mergekit_plugin_kit import N_LAYERS, assert_same_tensors, layer_of, mergekit_run, surgery_run
-from mergekit_plugin_kit import _restore_mergekit_registry, models  # noqa: F401, F811 (fixtures, used by name)
+from mergekit_plugin_kit import _restore_mergekit_registry  # noqa: F401 (an autouse fixture)
 
 from surgery.errors import SurgeryError
 
@@ -163,10 +163,12 @@ SWAP_ERRORS = [
     ({"bottom": -1}, "surgery_layer_swap: parameter 'bottom': Input should be greater than or equal to 0 (got -1)"),
     ({"layers": [0, 7]}, "parameter 'layers': Input should be a valid string (got 0). Give layers as a string like "
                          "'0-3, 28-31'; a YAML list is a mergekit gradient"),
-    ({"bottom": 5, "top": 5}, "parameter 'top': layer out of range: bottom 5 + top 5 layers exceed the model's 8 layers"),
+    ({"bottom": 5, "top": 5},
+     "parameter 'top': layer out of range: bottom 5 + top 5 layers exceed the model's 8 layers"),
     ({"layers": "0-99"}, "parameter 'layers': layer 8 is out of range: the model has 8 layers (0-7)"),
     ({"bottom": 1, "lm_head": 1.5}, "parameter 'lm_head': donor weight must be between 0 and 1, got 1.5"),
-    ({"bottom": 1, "embeddings": "dnor"}, "parameter 'embeddings': Input should be 'recipient' or 'donor' (got 'dnor'): "
+    ({"bottom": 1, "embeddings": "dnor"}, "parameter 'embeddings': Input should be 'recipient' or 'donor' (got "
+                                          "'dnor'): "
                                           "'recipient', 'donor', or the donor's weight in a blend (0 to 1)"),
     ({}, "surgery_layer_swap: parameters: nothing to swap: set 'bottom', 'top' or 'layers'"),
     ({"botom": 2}, "parameters.botom: surgery_layer_swap has no parameter 'botom'; did you mean 'bottom'?"),
@@ -191,7 +193,8 @@ def test_structural_errors(models, tmp_path):
           "parameters": {"bottom": 1}}, "Merge method requires at least 1 non-base inputs"),
         ({"merge_method": "surgery_layer_swap", "base_model": task, "models": [{"model": lang}, {"model": en}],
           "parameters": {"bottom": 1}}, "requires exactly 1 non-base inputs"),
-        ({"merge_method": "surgery_arithmetic", "models": [{"model": task}, {"model": lang, "parameters": {"weight": 1}}]},
+        ({"merge_method": "surgery_arithmetic",
+          "models": [{"model": task}, {"model": lang, "parameters": {"weight": 1}}]},
          "Missing required parameter weight"),
         ({"merge_method": "surgery_arithmetic", "models": [{"model": task, "parameters": {"weight": 0}}]},
          "surgery_arithmetic: every weight is 0"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import load, raw_bytes
 from mergekit_plugin_kit import assert_same_tensors, layer_of, mergekit_run, surgery_run
-from mergekit_plugin_kit import _restore_mergekit_registry, models  # noqa: F401, F811 (fixtures, used by name)
+from mergekit_plugin_kit import _restore_mergekit_registry  # noqa: F401 (an autouse fixture)
 
 from surgery.errors import SurgeryError
 
@@ -91,7 +91,8 @@ def test_transplant_zero_matches_surgery_run_of_reset_neurons(models, tmp_path):
 
 
 TRANSPLANT_ERRORS = [
-    ({"neurons": "3, 48"}, "parameter 'neurons': neuron 48 is out of range in layer 0: 'model.layers.0.mlp.down_proj.weight' "
+    ({"neurons": "3, 48"}, "parameter 'neurons': neuron 48 is out of range in layer 0: "
+                           "'model.layers.0.mlp.down_proj.weight' "
                            "has 48 neurons (0-47)"),
     ({"neurons": "3; x"}, "parameter 'neurons': expected neuron indices like '3, 17, 40-45'"),
     ({"neurons": "9: 3"}, "parameter 'neurons': layer 9 is out of range: the model has 8 layers (0-7)"),
@@ -102,7 +103,8 @@ TRANSPLANT_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("params, message", TRANSPLANT_ERRORS, ids=[",".join(p) or "empty" for p, _ in TRANSPLANT_ERRORS])
+@pytest.mark.parametrize("params, message", TRANSPLANT_ERRORS,
+                         ids=[",".join(p) or "empty" for p, _ in TRANSPLANT_ERRORS])
 def test_transplant_bad_parameters(models, tmp_path, params, message):
     with pytest.raises(SurgeryError) as e:
         mergekit_run({"merge_method": "surgery_transplant", "base_model": str(models["task"]),
