@@ -5,6 +5,11 @@ The planner (``operations.merge``) gives these methods the tensor's transformer 
 blocks) and the model's block count (``layers``). The SVD methods merge a 2-D matrix by its singular vectors only
 inside the blocks, as the papers do (they merge the transformer blocks' matrices); embeddings, lm_head and every
 1-D tensor are merged by task arithmetic (the mean of the task vectors), as the papers' reference code does.
+
+A model that left a matrix unchanged (a zero task vector, common when experts touch some layers) is not a task of
+that matrix: the singular vectors of a zero matrix are arbitrary, and the orthogonalisation and the isotropic
+spectrum would give those arbitrary directions weight (the reference code's result then depends on the SVD
+routine). The SVD methods drop such task vectors (``changed``); T counts the others.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ def split(tensors: list, p: dict):
 def in_block_matrix(t, p: dict) -> bool:
     """A 2-D matrix of a transformer block: merged through its singular vectors (others by task arithmetic)."""
     return t.ndim == 2 and p.get("layer") is not None and min(t.shape) > 1
+
+
+def changed(deltas: list) -> list:
+    """The task vectors that are not all zero (the tasks of this matrix)."""
+    return [d for d in deltas if bool(d.any())]
 
 
 def mean(deltas: list):
