@@ -22,7 +22,8 @@ def depth_scale(alpha: float, beta: float, layer: int | None, layers: int) -> fl
     """LiNeS' factor for block ``layer`` of ``layers`` (alpha outside the blocks and in a one-block model)."""
     if layer is None or layers <= 1:
         return alpha
-    return alpha + (beta - alpha) * layer / (layers - 1)
+    t = layer / (layers - 1)
+    return alpha * (1 - t) + beta * t  # = alpha + (beta - alpha) t, exactly alpha and beta at the ends
 
 
 def torch_kernel(tensors: list, p: dict, parameters: dict):
