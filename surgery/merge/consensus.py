@@ -31,10 +31,10 @@ def consensus_mask(deltas: list, mask_lambda: float, k: int):
     return votes >= k
 
 
-def torch_kernel(tensors: list, p: dict, parameters: dict):
+def torch_kernel(tensors: list, p: dict, merged):
+    """``merged``: the base method's result on these tensors (``table.run``)."""
     import torch
 
-    merged = tv.run_base(tensors, p)
     base, deltas, _ = tv.split(tensors, p)
     if not deltas:
         return merged
@@ -42,5 +42,5 @@ def torch_kernel(tensors: list, p: dict, parameters: dict):
     return torch.where(keep, merged, tensors[p["base_index"]].to(merged.dtype))
 
 
-BACKENDS = (Backend("consensus", "torch", torch_kernel, exact=EXACT, devices=("*",),
+BACKENDS = (Backend("consensus", "torch", torch_kernel, exact=EXACT, devices=("*",), wraps=True,
                     note="the base method's backend, masked"),)

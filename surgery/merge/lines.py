@@ -12,7 +12,6 @@ s * (merged - base), rounded to the merged tensor's dtype (s = 1 returns the bas
 
 from __future__ import annotations
 
-from surgery.merge import task_vectors as tv
 from surgery.merge.backend import Backend
 
 EXACT = "the base method's backend, then one float32 scaling step; tested to 1 ulp"
@@ -26,10 +25,10 @@ def depth_scale(alpha: float, beta: float, layer: int | None, layers: int) -> fl
     return alpha * (1 - t) + beta * t  # = alpha + (beta - alpha) t, exactly alpha and beta at the ends
 
 
-def torch_kernel(tensors: list, p: dict, parameters: dict):
+def torch_kernel(tensors: list, p: dict, merged):
+    """``merged``: the base method's result on these tensors (``table.run``)."""
     import torch
 
-    merged = tv.run_base(tensors, p)
     s = depth_scale(p["shared"].get("alpha", 0.0), p["shared"].get("beta", 1.0), p.get("layer"), p.get("layers", 0))
     if s == 1.0:
         return merged
@@ -37,5 +36,5 @@ def torch_kernel(tensors: list, p: dict, parameters: dict):
     return (base + s * (merged.to(torch.float32) - base)).to(merged.dtype)
 
 
-BACKENDS = (Backend("lines", "torch", torch_kernel, exact=EXACT, devices=("*",),
+BACKENDS = (Backend("lines", "torch", torch_kernel, exact=EXACT, devices=("*",), wraps=True,
                     note="the base method's backend, scaled by depth"),)

@@ -58,6 +58,19 @@ def choose(params: dict, stored: list[str], device: str = "cpu", *, host: bool =
                          "and surgery's own methods have a torch backend on every device")
 
 
+def run(backend: Backend, tensors: list, p: dict, device: str = "cpu"):
+    """``backend`` on torch tensors; a wrapping backend gets its base method's result, computed first by the
+    backend ``choose`` picks for that method."""
+    if backend.wraps:
+        from surgery.io.safetensors import st_dtype
+        from surgery.merge.task_vectors import base_node
+
+        node = base_node(p)
+        inner = choose(node, [st_dtype(t.dtype) for t in tensors], device, host=False)
+        return backend.kernel(tensors, p, run(inner, tensors, node, device))
+    return backend.kernel(tensors, p, mergekit_parameters(p))
+
+
 def describe() -> list[dict]:
     """The table, one dict a row, for ``surgery backends`` and the docs."""
     out = []

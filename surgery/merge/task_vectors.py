@@ -1,5 +1,6 @@
 """What the data-free subspace and mask methods (``tsv_m``, ``iso``, ``lines``, ``consensus``) share: task vectors
-in float32, the Procrustes orthogonalisation, the base-method node a wrapper method runs, and the block rule.
+in float32, the Procrustes orthogonalisation, the base-method node a wrapper method runs (``table.run`` computes
+it first and hands its result to the wrapper's backend), and the block rule.
 
 The planner (``operations.merge``) gives these methods the tensor's transformer block (``layer``, None outside the
 blocks) and the model's block count (``layers``). The SVD methods merge a 2-D matrix by its singular vectors only
@@ -64,11 +65,12 @@ def finish(base, delta, alpha: float, dtype):
     return (base + alpha * delta).to(dtype)
 
 
-def base_node(p: dict, method: str) -> dict:
+def base_node(p: dict, method: str | None = None) -> dict:
     """The node of ``method`` on the same inputs: the parameters that method takes (the others are the wrapper's
     own), those left unset (None) at that method's defaults."""
     from surgery.merge.specs import spec_of
 
+    method = method or p["shared"]["base_method"]
     spec = spec_of(method)
 
     def kept(values: dict, scope) -> dict:
@@ -85,14 +87,3 @@ def base_node(p: dict, method: str) -> dict:
         scope = [q for q in spec.per_input if not (k == p["base_index"] and q.scope == "non_base")]
         per_input[i] = kept(p["per_input"].get(i, {}), scope)
     return {**p, "method": method, "shared": kept(p["shared"], spec.shared), "per_input": per_input}
-
-
-def run_base(tensors: list, p: dict):
-    """The base method's merged tensor, computed by its own backend (``table.choose``, torch path)."""
-    from surgery.core.devices import current_device
-    from surgery.io.safetensors import st_dtype
-    from surgery.merge.table import choose, mergekit_parameters
-
-    node = base_node(p, p["shared"]["base_method"])
-    backend = choose(node, [st_dtype(t.dtype) for t in tensors], current_device(), host=False)
-    return backend.kernel(tensors, node, mergekit_parameters(node))
