@@ -46,7 +46,10 @@ def choose(params: dict, stored: list[str], device: str = "cpu", *, host: bool =
     allowed = LEVELS[devices.backend()]
     dtype = merge_dtype(params, stored)
     kind = device.split(":")[0]
-    for b in rows(params["method"]):
+    candidates = rows(params["method"])
+    if candidates[-1].name != "mergekit":  # a method mergekit lacks: its torch backend whatever the level
+        allowed = allowed + ("torch",)
+    for b in candidates:
         if b.name not in allowed or kind not in b.devices and b.devices != ("*",):
             continue
         if b.host and (not host or kind != "cpu" or dtype is None or params.get("vocab") is not None):
