@@ -82,3 +82,20 @@ def test_a_random_base_method_takes_the_recipe_seed(family, tmp_path):
         torch.manual_seed(tensor_seed(7, name))
         want = mergekit("dare_ties", inputs, ("lang",), weight={0: 1.0}, density={0: 0.5})
     assert raw_bytes(out[name]) == raw_bytes(want)
+
+
+@pytest.mark.slow  # a CLI process
+def test_cli_error_is_one_line_exit_1_nothing_written(family, tmp_path):
+    from own_methods import recipe
+
+    from helpers import run_cli
+
+    path = recipe(tmp_path, family, "{method: lines, base: base, models: {lang: {weight: 1}}, "
+                                    "parameters: {base_method: dare_tie}}")
+    r = run_cli("run", path, "-o", tmp_path / "o")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"error: {path}:8: operations.0.merge.parameters.base_method: base_method of lines must be one of "
+        "task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear "
+        "(got 'dare_tie'); did you mean 'dare_ties'?"]
+    assert not (tmp_path / "o").exists()
