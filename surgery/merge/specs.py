@@ -86,31 +86,28 @@ def _task_arithmetic_params(normalize: bool) -> tuple[Param, ...]:
             Param("weight", float, "non_base"), Param("density", float, "non_base", 1.0))
 
 
+_GTA = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+        "della_linear")
+# the pass-through parameters that only some base methods take (mergekit 0.1.5; every other one all of _GTA
+# take); tests/merge/test_lines.py checks these names against mergekit's registry
+_ONLY = {"gamma": ("breadcrumbs", "breadcrumbs_ties"), "epsilon": ("della", "della_linear")}
+
+
 def _own(name: str, params: tuple[Param, ...], base_methods: tuple[str, ...] = ()) -> Spec:
     """A method of surgery's own (surgery/merge/<module>.py); a wrapper (``base_methods``) also takes its base
-    methods' parameters, unset (None) meaning that method's default."""
+    methods' parameters, unset (None) meaning that method's default (``task_vectors.base_node``)."""
     own = tuple(p.name for p in params)
     if base_methods:
         optional = float | None
-        params += (Param("base_method", str, "shared", base_methods[0]), Param("weight", float, "non_base"),
-                   Param("density", optional, "non_base", None), Param("gamma", optional, "non_base", None),
-                   Param("epsilon", optional, "non_base", None), Param("normalize", bool | None, "shared", None),
-                   Param("int8_mask", bool | None, "shared", None), Param("rescale", bool | None, "shared", None),
-                   Param("lambda", optional, "shared", None))
-        params = tuple(p for p in params if p.name in own or p.name == "base_method" or any(
-            p.name in (q.name for q in _BASE_PARAMS.get(m, ())) for m in base_methods))
-    return Spec(name, params, "required", _contract("required"), mergekit=False, base_methods=base_methods,
-                own=own + (("base_method",) if base_methods else ()))
+        passed = (Param("weight", float, "non_base"), Param("density", optional, "non_base", None),
+                  Param("gamma", optional, "non_base", None), Param("epsilon", optional, "non_base", None),
+                  Param("normalize", bool | None, "shared", None), Param("int8_mask", bool | None, "shared", None),
+                  Param("rescale", bool | None, "shared", None), Param("lambda", optional, "shared", None))
+        params += (Param("base_method", str, "shared", base_methods[0]),) + tuple(
+            p for p in passed if p.name not in _ONLY or set(_ONLY[p.name]) & set(base_methods))
+        own += ("base_method",)
+    return Spec(name, params, "required", _contract("required"), mergekit=False, base_methods=base_methods, own=own)
 
-
-_GTA = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-        "della_linear")
-# the parameters of the base methods (mergekit 0.1.5): which of the pass-through ones a wrapper offers
-_BASE_PARAMS = {m: _task_arithmetic_params(False) for m in _GTA}
-_BASE_PARAMS.update({m: _task_arithmetic_params(False) + (Param("gamma", float, "non_base", 0.01),)
-                     for m in ("breadcrumbs", "breadcrumbs_ties")})
-_BASE_PARAMS.update({m: _task_arithmetic_params(False) + (Param("epsilon", float, "non_base", 0.15),)
-                     for m in ("della", "della_linear")})
 
 LOCAL = {
     "linear": Spec("linear", (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),

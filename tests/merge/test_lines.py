@@ -99,3 +99,13 @@ def test_cli_error_is_one_line_exit_1_nothing_written(family, tmp_path):
         "task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear "
         "(got 'dare_tie'); did you mean 'dare_ties'?"]
     assert not (tmp_path / "o").exists()
+
+
+def test_the_pass_through_parameters_are_the_base_methods_in_mergekits_registry():
+    from surgery.merge.specs import LOCAL, from_mergekit, get_method
+
+    for wrapper in ("lines", "consensus"):
+        spec = LOCAL[wrapper]
+        passed = {p.name for p in spec.parameters} - set(spec.own)
+        theirs = {p.name for m in spec.base_methods for p in from_mergekit(get_method(m)).parameters}
+        assert passed == theirs, wrapper
