@@ -7,7 +7,7 @@
    documents (paragraphs of six English msgids of the system's gettext catalogs), batch size and window; the
    two totals of log-likelihood are printed (they agree).
 2. Recipe: a layer swap of SmolLM2 and a perturbed copy of it (bottom 4 / top 4 layers, 2-layer ramps),
-   evaluated in memory (surgery.eval.model.recipe_model: nothing written) against write-then-load
+   evaluated in memory (surgery.models.load_model of the recipe: nothing written) against write-then-load
    (surgery.run to a temp dir, then transformers from_pretrained), then the same perplexity on 8 documents.
    Bytes written are the process's write() bytes (/proc/self/io wchar) during each.
 
@@ -96,14 +96,14 @@ def bench_recipe(recipe, docs, repeats, batch_size, workdir):
 
     import surgery
     from surgery.eval import metrics
-    from surgery.eval.model import load_checkpoint_model, recipe_model
+    from surgery.models import load_model
 
     def in_memory():
-        return recipe_model(recipe)
+        return load_model(recipe)
 
     def write_then_load():
         out = surgery.run(recipe, workdir / "swap", force=True).output
-        return load_checkpoint_model(out)
+        return load_model(out)
 
     rows = {"in memory": [], "write+load": []}
     totals = {"in memory": [], "write+load": []}

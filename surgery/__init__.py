@@ -21,6 +21,7 @@ _EXPORTS = {
     "push": "io.hub", "PushResult": "io.hub", "write_model_card": "core.model_card",
     "run_mergekit": "mergekit.runner",
     "open_adapter": "adapters.view", "adamergex_adapter": "adapters.adamergex",
+    "load_model": "models",
     "evaluate": "eval.api", "evaluate_recipe": "eval.api", "load_datasets": "eval.data", "EvalReport": "eval.scores",
     "diff": "analysis.diff", "DiffResult": "analysis.diff",
     "save_neuron_set": "analysis.neuron_set", "load_neuron_set": "analysis.neuron_set",

@@ -131,13 +131,13 @@ operations:
 
 
 def check_loads(path: str | Path) -> str:
-    """Load the output with transformers and run one forward pass; describe the result."""
+    """Load the output with transformers (``load_model``: from_pretrained) and run one forward pass; describe
+    the result."""
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
 
-    logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path)
+    from surgery.models import load_model
+
+    model, _ = load_model(path)
     with torch.no_grad():
         logits = model(torch.arange(8).unsqueeze(0)).logits
     finite = bool(torch.isfinite(logits).all())

@@ -24,10 +24,10 @@ HOW = {"svd": "extracted from the difference between a fine-tune and its base by
 def build_adapter_card(config: dict, report: dict, *, name: str):
     from huggingface_hub import ModelCard, ModelCardData
 
-    from surgery.io.checkpoint import HUB_ID
+    from surgery.io.reference import is_hub_id
 
     base = config.get("base_model_name_or_path") or ""
-    hub_base = base if base and HUB_ID.match(base) and not Path(base).exists() else None
+    hub_base = base if base and is_hub_id(base) else None
     peft_type = config.get("peft_type", "LORA")
     method = report.get("method", "")
     data = ModelCardData(base_model=hub_base, library_name="peft",

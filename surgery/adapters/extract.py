@@ -10,7 +10,8 @@ smallest k whose singular values hold ``energy`` of ‖ΔW‖²_F) and stored as
 A = √S_k V_kᵀ with lora_alpha = r (scaling 1), so PEFT's merge gives W + B·A. The relative
 reconstruction error ‖ΔW − B·A‖_F / ‖ΔW‖_F is measured on the factors as written (after the cast to
 the output dtype) and reported per tensor; it is also saved as ``surgery_extract.json``.
-Changed tensors that LoRA cannot carry (norms, biases; embeddings unless selected) are listed in
+Changed tensors that LoRA cannot carry (norms, biases, MoE experts and routers: ``core.layout.Layout.lora_target``;
+embeddings unless selected) are listed in
 ``result.skipped`` with their relative change.
 """
 
@@ -123,7 +124,7 @@ def extract_lora(base, tuned, out, *, rank: int | None = None, energy: float | N
             unchanged += 1
             continue
         info = layout.info(name)
-        wanted = info.kind in modules or info.group in modules
+        wanted = (info.kind in modules or info.group in modules) and layout.lora_target(name)
         if not (wanted and delta.dim() == 2 and name.endswith(".weight")):
             skipped.append({"name": name, "rel_change": norm / max(float(w0.float().norm()), 1e-30)})
             continue

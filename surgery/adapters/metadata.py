@@ -38,12 +38,12 @@ def task_type(config: dict) -> str | None:
 def base_reference(ck) -> tuple[str, str | None]:
     """(base_model_name_or_path, revision) for a base ``TensorSource``: the Hub id for a Hub checkpoint,
     the absolute folder for a local one, the user's reference for anything else (a recipe)."""
-    from surgery.io.checkpoint import HUB_ID, Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     ref = str(ck.ref)
     if not isinstance(ck, Checkpoint):
         return ref, None
-    if HUB_ID.match(ref) and _in_hub_cache(ck.root):
+    if ck.from_hub:  # the resolver found it on the Hub (surgery.io.reference)
         repo_id, _, revision = ref.partition("@")
         return repo_id, revision or None
     return str(Path(ck.root).resolve()), None
@@ -70,13 +70,3 @@ def base_config(value: str | None) -> dict:
         except ValueError:
             return {}
     return {}
-
-
-def _in_hub_cache(root) -> bool:
-    from huggingface_hub import constants
-
-    try:
-        Path(root).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
-        return True
-    except ValueError:
-        return False

@@ -1,5 +1,5 @@
 """Accumulators behind `surgery diff`: sums pooled per tensor, layer, group and expert pair, from which
-the statistics in ``analysis.results`` are derived at the end of the stream."""
+the statistics in ``analysis.ranking`` are derived at the end of the stream."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from surgery.analysis.accumulate import Acc, ExpertAcc, PairAccs
 from surgery.analysis.ranking import (METRICS, DiffResult, ExpertDiff, Neuron, Overlap, PairStats,  # noqa: F401
                                       Stats, TensorStats)
 from surgery.core.finite import check_sums_finite
-from surgery.analysis.stream import head_spec, head_vec, neuron_vec, read_ahead, tensor_sums, vec_axis
+from surgery.analysis.stream import head_vec, neuron_vec, read_ahead, tensor_sums, vec_axis
 from surgery.errors import SurgeryError
 
 FLOATING = {"F64", "F32", "F16", "BF16"}  # the dtypes analysed (8-bit floats are left out)
@@ -57,7 +57,7 @@ def diff(base, experts, *, tol: float = 0.0, neurons: bool = True, heads: bool =
         names = [n for n in names if include(infos[n])]
     for en, ck in cks.items():
         _check_compatible(base_ck, ck, en, names)
-    heads_spec, heads_note = (head_spec(base_ck.config, layout) if heads else (None, "not requested"))
+    heads_spec, heads_note = (layout.heads(base_ck.config) if heads else (None, "not requested"))
 
     per_expert = {n: ExpertAcc() for n in cks}
     pair_keys = [(a, b) for i, a in enumerate(cks) for b in list(cks)[i + 1:]] if pairs else []

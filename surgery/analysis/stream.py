@@ -175,28 +175,7 @@ def _count_positive(x, buf) -> int:
 
 # ---------------------------------------------------------------------------- neurons and heads
 
-@dataclass(frozen=True)
-class Heads:
-    n_heads: int
-    n_kv: int
-    head_dim: int
-    interleaved: bool   # fused qkv stored per head as [q, k, v] blocks (GPT-NeoX, BLOOM)
-
-
-def head_spec(config: dict, layout) -> tuple[Heads | None, str]:
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    nh = cfg.get("num_attention_heads") or cfg.get("n_head")
-    hidden = cfg.get("hidden_size") or cfg.get("n_embd")
-    if not nh:
-        return None, "the config has no num_attention_heads"
-    nkv = cfg.get("num_key_value_heads") or nh
-    hd = cfg.get("head_dim") or (hidden // nh if hidden else None)
-    if not hd or nh % nkv:
-        return None, f"cannot derive the head layout from the config (heads {nh}, kv heads {nkv}, head_dim {hd})"
-    return Heads(nh, nkv, hd, layout.model_type in ("gpt_neox", "bloom")), ""
-
-
-def vec_axis(info, layout, heads: Heads | None) -> tuple[int | None, str | None]:
+def vec_axis(info, layout, heads) -> tuple[int | None, str | None]:
     """Which axis of this tensor carries neurons or heads, and which of the two."""
     if info.layer is None:
         return None, None
@@ -218,28 +197,32 @@ def neuron_vec(vec, info):
     return vec.view(2, -1).sum(0) if info.kind == "mlp_gate_up" else vec
 
 
-def head_vec(vec, info, h: Heads):
+def head_vec(vec, info, h):
     """Squared delta per query head: q_h + o_h + (k_g + v_g)/G, with g the kv head of h and G = heads per kv head.
 
-    Summed over heads this equals the squared delta of q, k, v and o together. None: layout mismatch.
+    ``h``: the model's ``core.layout.Heads``; the kv heads are read from the tensor's size. Summed over heads this
+    equals the squared delta of q, k, v and o together. None: layout mismatch.
     """
     import torch
 
-    G = h.n_heads // h.n_kv
-    nq, nk = h.n_heads * h.head_dim, h.n_kv * h.head_dim
-    kind = info.kind
+    nq, kind = h.n_heads * h.head_dim, info.kind
     if kind in ("attn_q", "attn_o"):
         return vec.view(h.n_heads, -1).sum(1) if vec.numel() == nq else _bad(info, vec)
+    if kind not in ("attn_k", "attn_v", "attn_qkv"):
+        return None
+    n_kv = h.kv_heads(kind, vec.numel())
+    if n_kv is None:
+        return _bad(info, vec)
+    G = h.n_heads // n_kv
     if kind in ("attn_k", "attn_v"):
-        return (vec.view(h.n_kv, -1).sum(1) / G).repeat_interleave(G) if vec.numel() == nk else _bad(info, vec)
-    if kind == "attn_qkv":
-        if h.interleaved:
-            return vec.view(h.n_heads, -1).sum(1) if vec.numel() == 3 * nq else _bad(info, vec)
-        if vec.numel() != nq + 2 * nk:
-            return _bad(info, vec)
-        q, k, v = torch.split(vec, [nq, nk, nk])
-        return q.view(h.n_heads, -1).sum(1) + ((k + v).view(h.n_kv, -1).sum(1) / G).repeat_interleave(G)
-    return None
+        return (vec.view(n_kv, -1).sum(1) / G).repeat_interleave(G)
+    if h.kv_groups:  # per kv head: G query heads, then k, then v
+        blocks = vec.view(n_kv, G + 2, h.head_dim).sum(2)
+        q, kv = blocks[:, :G].reshape(-1), blocks[:, G:].sum(1)
+    else:
+        q, k, v = torch.split(vec, [nq, n_kv * h.head_dim, n_kv * h.head_dim])
+        q, kv = q.view(h.n_heads, -1).sum(1), (k + v).view(n_kv, -1).sum(1)
+    return q + (kv / G).repeat_interleave(G)
 
 
 def _bad(info, vec):

@@ -50,6 +50,9 @@ class SurgeryGroup(click.Group):
             ctx.exit(130)
         finally:
             warnings.showwarning = showwarning  # the CLI's one-line warnings end with the command
+            from surgery.io.progress import forget
+
+            forget()  # the command's progress-bar decision (cli.options.show_progress) ends with it
 
 
 def _warning(message, category, filename, lineno, file=None, line=None):

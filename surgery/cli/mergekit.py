@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from surgery.cli.options import show_progress
+
 
 EPILOG = """\b
 Example config (layer swap: the recipient is base_model, the donor the other model):
@@ -67,6 +69,8 @@ def mergekit(ctx, config, out, force, mergekit_help):
         options = options_from_args(list(ctx.args))
     except SurgeryError as e:
         raise click.UsageError(str(e)) from None
-    target = run_mergekit(config, out, options=options, force=force)
+    # mergekit's --quiet only hides its bars: the one rule decides them
+    bars = options.model_copy(update={"quiet": not show_progress(options.quiet)})
+    target = run_mergekit(config, out, options=bars, force=force)
     if not options.quiet:
         click.echo(f"wrote {target}")

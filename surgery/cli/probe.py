@@ -6,6 +6,7 @@ import json
 
 import click
 
+from surgery.cli.options import show_progress
 from surgery.errors import SurgeryError
 
 PROBE_EPILOG = """\b
@@ -17,6 +18,8 @@ Examples:
   surgery probe base/ sw=ckpt/swahili --text en=en.txt --text sw=sw.txt --csv probe.csv
                                                   # several models: one table each, overlaid plots
   surgery probe base/ --labels topics.jsonl --no-lape --max-tokens 64 --device cuda
+  surgery probe base/ recipes/layer_swap.yaml --text en=en.txt --text sw=sw.txt
+                                                  # a recipe's output, built in memory (nothing written)
 """
 
 
@@ -63,7 +66,8 @@ def probe(models, texts, labels, parallel, lape, probing, top_rate, filter_rate,
           batch_size, max_tokens, tokenizer, plot_path, as_json, csv_path, save_neurons, quiet):
     """Run MODELS forward over texts: language-specific neurons, layer-wise probes, cross-lingual alignment.
 
-    Each MODEL is a path or Hub id, optionally named: name=path. Inference only; memory is bounded
+    Each MODEL is a checkpoint (folder, .safetensors file or Hub id) or a recipe (its output built in
+    memory, the bytes `surgery run` writes), optionally named: name=path. Inference only; memory is bounded
     by one batch. Outputs: a table (or --json), --csv, --plot, and --save-neurons for recipes.
     """
     from pathlib import Path
@@ -80,7 +84,7 @@ def probe(models, texts, labels, parallel, lape, probing, top_rate, filter_rate,
         raise SurgeryError("--save-neurons needs LAPE: texts in at least two languages (--text LANG=FILE)")
     result = run_probe(list(models), text_files, labels=labels, parallel=list(parallel), lape=lape, probing=probing,
                        device=device, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens, tokenizer=tokenizer,
-                       folds=folds, lape_settings=settings, limit=limit, progress=not (quiet or as_json))
+                       folds=folds, lape_settings=settings, limit=limit, progress=show_progress(quiet, as_json))
     written = []
     if csv_path:
         result.to_csv(csv_path)

@@ -23,11 +23,13 @@ class Ref:
     name: str
     layer: int | None = None      # source layer index, shown when it differs from the output layer
     out_layer: int | None = None
+    label: str | None = field(default=None, compare=False)  # shown instead of input (a hidden input's view)
 
     def describe(self) -> str:
+        shown = self.label or self.input
         if self.layer is not None and self.layer != self.out_layer:
-            return f"{self.input}[L{self.layer}]"
-        return self.input
+            return f"{shown}[L{self.layer}]"
+        return shown
 
 
 @dataclass
@@ -238,7 +240,7 @@ def _splice(tensors, params):
 
 
 def _describe_splice(args: list[str], params) -> str:
-    unit, index = ("rows" if params["axis"] == 0 else "cols"), params["index"]
+    unit, index = params.get("unit") or ("rows" if params["axis"] == 0 else "cols"), params["index"]
     what = f"{unit} {','.join(map(str, index))}" if len(index) <= 6 else f"{len(index)} {unit}"
     return f"{args[0]} with {what} from {args[1]}" if len(args) > 1 else f"{args[0]} with {what} zeroed"
 
@@ -247,7 +249,8 @@ def _describe_splice(args: list[str], params) -> str:
 register("splice", Op(shape=_splice_shape, compute=_splice, describe=_describe_splice, raw=True))
 
 
-def splice(recipient, donor, axis: int, index: list[int]):
-    """Node: ``recipient`` with slices ``index`` along ``axis`` taken from ``donor`` (None: zeroed)."""
+def splice(recipient, donor, axis: int, index: list[int], unit: str | None = None):
+    """Node: ``recipient`` with slices ``index`` along ``axis`` taken from ``donor`` (None: zeroed).
+    ``unit``: what the slices are, for ``surgery plan`` (default: rows or cols)."""
     return Node("splice", [recipient] + ([donor] if donor is not None else []),
-                {"axis": int(axis), "index": sorted({int(i) for i in index})})
+                {"axis": int(axis), "index": sorted({int(i) for i in index}), **({"unit": unit} if unit else {})})

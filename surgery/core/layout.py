@@ -19,8 +19,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.core.experts import expert_of, is_stacked
+
 MODULE_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_down",
-                "mlp_gate_up", "norm", "final_norm", "embed", "lm_head", "other")
+                "mlp_gate_up", "mlp_router", "mlp_act", "norm", "final_norm", "embed", "lm_head", "other")
 MODULE_GROUPS = ("attn", "mlp", "norm", "embed", "lm_head", "other")
 
 
@@ -29,6 +31,8 @@ def layout_data() -> dict:
     data = json.loads((Path(__file__).parents[1] / "_data" / "layout.json").read_text())
     data["layer_rules"] = [(re.compile(p), k) for p, k in data["layer_rules"]]
     data["global_rules"] = [(re.compile(p), k) for p, k in data["global_rules"]]
+    data["no_lora"] = [re.compile(p) for p in data["no_lora"]["patterns"]]
+    data["no_neurons"] = [re.compile(p) for p in data["no_neurons"]["patterns"]]
     return data
 
 
@@ -53,6 +57,25 @@ def _mergekit_architectures() -> dict[str, tuple[str, str]]:
 
 
 @dataclass(frozen=True)
+class Heads:
+    """The attention head layout of a model (``Layout.heads``)."""
+
+    n_heads: int
+    head_dim: int
+    kv_groups: bool  # fused qkv rows stored per key/value head as [q × heads per group, k, v]
+
+    def kv_heads(self, kind: str, rows: int) -> int | None:
+        """Key/value heads implied by ``rows`` rows of an attn_k, attn_v or attn_qkv tensor (None: no whole number
+        that divides the query heads), so multi-query and grouped-query attention need no config key."""
+        if rows % self.head_dim:
+            return None
+        n = rows // self.head_dim
+        if kind == "attn_qkv":
+            n = (n - self.n_heads) // 2 if (n - self.n_heads) % 2 == 0 else 0
+        return n if n > 0 and self.n_heads % n == 0 else None
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     layer: int | None       # transformer block index, None for embeddings/final norm/lm_head
@@ -60,6 +83,8 @@ class TensorInfo:
     group: str              # one of MODULE_GROUPS
     neuron_axis: int | None  # axis indexing MLP intermediate neurons, for mlp_gate/up/down tensors
     suffix: str             # the name after the layer prefix (whole name when layer is None)
+    expert: int | None = None     # the expert of a per-expert MoE tensor (core.experts)
+    stacked_experts: bool = False  # a tensor holding every expert of its layer along axis 0
 
 
 class Layout:
@@ -117,15 +142,35 @@ class Layout:
         else:
             layer, rest, rules = None, name, data["global_rules"]
         kind = next((k for pat, k in rules if pat.search(rest)), "other")
-        return TensorInfo(name, layer, kind, data["groups"][kind], self._neuron_axis(kind, rest), rest)
+        return TensorInfo(name, layer, kind, data["groups"][kind], self._neuron_axis(kind, rest), rest,
+                          expert_of(name), is_stacked(name))
 
     def _neuron_axis(self, kind: str, rest: str) -> int | None:
         if kind not in ("mlp_gate", "mlp_up", "mlp_down", "mlp_gate_up"):
             return None
+        if any(p.search(rest) for p in layout_data()["no_neurons"]):
+            return None  # e.g. an MoE shared expert: an MLP of its own width
         is_bias = rest.endswith("bias")
         if kind == "mlp_down":
             return None if is_bias else (0 if self.transposed else 1)
         return 0 if is_bias else (1 if self.transposed else 0)
+
+    def heads(self, config: dict) -> tuple[Heads | None, str]:
+        """The head layout from the config (``text_config`` when nested), or None and the reason."""
+        att = layout_data()["attention"]
+        cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        first = lambda keys: next((cfg[k] for k in keys if cfg.get(k)), None)  # noqa: E731
+        nh, hidden, hd = first(att["heads_keys"]), first(att["hidden_keys"]), first(att["head_dim_keys"])
+        if not nh:
+            return None, f"the config has no {' or '.join(att['heads_keys'])}"
+        hd = hd or (hidden // nh if hidden and hidden % nh == 0 else None)
+        if not hd:
+            return None, f"cannot derive head_dim from the config (heads {nh}, hidden size {hidden})"
+        return Heads(nh, hd, self.model_type in att["qkv_kv_groups"]), ""
+
+    def lora_target(self, name: str) -> bool:
+        """Whether PEFT can put a LoRA on this weight's module (not an MoE expert or router)."""
+        return not any(p.search(name) for p in layout_data()["no_lora"])
 
     def layer_name(self, name: str, new_layer: int) -> str:
         """The same tensor name at another layer index."""

@@ -12,22 +12,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from surgery.io.checkpoint import HUB_ID, local_candidates
+from surgery.io.checkpoint import Checkpoint
 
 CARD_NAME = "README.md"
 
 
 def hub_base_models(plan) -> list[str]:
     """Hub ids (without @revision) of the plan's inputs that came from the Hub, in recipe order."""
-    base_dir = plan.recipe.base_dir
     ids = []
     for ck in plan.inputs.values():
-        ref = str(ck.ref)
-        if not HUB_ID.match(ref) or ref.startswith((".", "/")):
+        if not (isinstance(ck, Checkpoint) and ck.from_hub):  # the resolver found it on the Hub (io.reference)
             continue
-        if any(c.exists() for c in local_candidates(ref, base_dir)):
-            continue  # a local folder that merely looks like org/name
-        repo_id = ref.partition("@")[0]
+        repo_id = str(ck.ref).partition("@")[0]
         if repo_id not in ids:
             ids.append(repo_id)
     return ids

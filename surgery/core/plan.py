@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,7 +21,9 @@ from surgery.io.checkpoint import TensorSource
 from surgery.io.safetensors import FLOAT_DTYPES, FLOATING, TensorMeta
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.core.layout import MODULE_GROUPS, MODULE_KINDS, Layout, TensorInfo
-from surgery.core.graph import Node, Ref, infer_shape, refs
+from surgery.core.experts import expert_count, fuse_inputs, parse_experts, stored_notes
+from surgery.core.graph import Node, Ref, infer_shape, refs, splice
+from surgery.core.virtual import VirtualInput, expand_virtual  # noqa: F401 - VirtualInput: re-exported
 from surgery.core.layer_map import check_depths, stack_layers
 from surgery.recipe.parsing import parse_layers
 from surgery.recipe.schema import Recipe, Select
@@ -114,7 +115,9 @@ class Context:
         self.layer_sources = layer_sources or [{} for _ in layer_map]
         self.annotations = plan_annotations
         self.selections: list[dict] = []  # full records of what operations selected (Plan.selections)
+        self.skipped: set[str] = set()    # operations whose selection matched nothing and says `missing: skip`
         self.path: tuple = ()
+        self.expert_slices: dict[str, list[int]] = {}  # stacked-experts tensor -> the experts the last select chose
 
     @property
     def n_layers(self) -> int:
@@ -162,8 +165,11 @@ class Context:
             raise self.error(field_path, str(e)) from None
 
     def select(self, sel: Select | None, field_path: tuple = ("select",)) -> list[Entry]:
+        self.expert_slices = {}
         if sel is None:
             return list(self.entries)
+        experts = self.experts(sel.experts, field_path + ("experts",)) if sel.experts is not None else None
+        every_expert = experts is not None and len(experts) == self.n_experts
         layers = set(self.layers(sel.layers, field_path + ("layers",))) if sel.layers is not None else None
         modules = set(sel.modules or [])
         bad = sorted(modules - set(MODULE_KINDS) - set(MODULE_GROUPS))
@@ -173,12 +179,13 @@ class Context:
                              + f" (kinds: {', '.join(MODULE_KINDS)}; groups: {', '.join(MODULE_GROUPS)})")
         names = [_name_matcher(p) for p in sel.names or []]
         exclude = [_name_matcher(p) for p in sel.exclude or []]
+        strict = not self.partial and sel.missing == "error"
         for i, (pattern, m) in enumerate(zip(sel.names or [], names) if not self.partial else ()):
             if not any(m(e.name) for e in self.entries):
-                raise self.nothing_selected(field_path + ("names", i), f"no tensor name matches {pattern!r}")
+                self.missing(strict, field_path + ("names", i), f"no tensor name matches {pattern!r}")
         for kind in sorted(modules) if not self.partial else ():
             if not any(e.info.kind == kind or e.info.group == kind for e in self.entries):
-                raise self.nothing_selected(field_path + ("modules",), f"the model has no {kind!r} tensor")
+                self.missing(strict, field_path + ("modules",), f"the model has no {kind!r} tensor")
         out = []
         for e in self.entries:
             i = e.info
@@ -190,13 +197,47 @@ class Context:
                 continue
             if any(m(e.name) for m in exclude):
                 continue
+            if experts is not None:
+                if i.stacked_experts and not every_expert:
+                    self.expert_slices[e.name] = experts  # assign() changes only these experts' slices
+                elif i.expert not in experts and not i.stacked_experts:
+                    continue
             out.append(e)
         if not out and not self.partial:
-            given = ", ".join(f"{k}: {v}" for k, v in sel.model_dump(exclude_none=True).items())
-            raise self.nothing_selected(field_path, f"no tensor matches all of {{{given}}}")
+            given = ", ".join(f"{k}: {v}" for k, v in sel.model_dump(exclude_defaults=True, exclude={"missing"}).items())
+            self.missing(strict, field_path, f"no tensor matches all of {{{given}}}")
+            self.skipped.add(self.tag)
         return out
 
+    @property
+    def n_experts(self) -> int:
+        ck = self.inputs[self.recipient]
+        return expert_count(ck.config, [e.source_name for e in self.entries], ck.meta)
+
+    def experts(self, spec: list[int], field_path: tuple) -> list[int]:
+        """A selection's expert indices, checked against the model's expert count."""
+        count = self.n_experts
+        if not count:
+            raise self.error(field_path, f"{self.tag} selects experts, but the model has none (no per-expert or "
+                                         "stacked expert tensor)")
+        index, bad = parse_experts(spec, count)
+        if bad is not None:
+            raise self.error(field_path + (bad,), f"expert {spec[bad]} is out of range: the model has {count} "
+                                                  f"experts per layer (0-{count - 1})")
+        return index
+
+    def missing(self, strict: bool, field_path: tuple, what: str) -> None:
+        """A selection criterion that matches nothing: an error, or (``missing: skip``) a line of the plan."""
+        if strict:
+            raise self.nothing_selected(field_path, what)
+        if "lm_head" in what and self.tied_lm_head():
+            what = "this model ties lm_head to the embeddings (tie_word_embeddings), so it has no lm_head tensor"
+        self.annotations.append(f"{self.tag}: skipped, {what} (missing: skip)")
+
     def assign(self, entry: Entry, node, note: str = "") -> None:
+        part = self.expert_slices.get(entry.name)
+        if part is not None:  # experts selected in a stacked tensor: the others keep what they had
+            node = splice(entry.node, node, 0, part, unit="experts")
         entry.node, entry.note = node, note
         entry.rule = self.tag
 
@@ -210,27 +251,13 @@ def _name_matcher(pattern: str) -> Callable[[str], bool]:
 
 # ---------------------------------------------------------------------------- building
 
-class VirtualInput(ABC):
-    """An input whose tensors are op trees over other inputs (an adapter over its base): planners see it
-    as a checkpoint (``keys``, ``meta``, ``get``), and before execution every ref to it is expanded."""
-
-    @abstractmethod
-    def expand(self, ref: Ref):
-        """The op tree that computes ``ref``'s tensor from the other inputs."""
-
-
-def expand_virtual(node, inputs: dict):
-    """Replace refs to virtual inputs (adapters) by their op trees."""
-    if isinstance(node, Ref):
-        ck = inputs.get(node.input)
-        return ck.expand(node) if isinstance(ck, VirtualInput) else node
-    args = [expand_virtual(a, inputs) for a in node.args]
-    return node if all(a is b for a, b in zip(args, node.args)) else Node(node.op, args, node.params)
-
-
 def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
     """Lay out the output tensors, run every operation's planner, then check the result.
     (``surgery.build_plan`` opens the inputs first.)"""
+    if recipe.experts == "fused":  # MoE checkpoints read as mergekit reads them (core.experts)
+        inputs, notes = fuse_inputs(inputs)
+    else:
+        notes = stored_notes(inputs[recipe.recipient_name])
     base = inputs[recipe.recipient_name]
     layout = Layout.for_checkpoint(base)
     names = base.keys()
@@ -239,12 +266,12 @@ def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
         check_depths(recipe, inputs, layout, n_src)
     layer_map, layer_from, layer_sources = stack_layers(recipe, inputs, layout, n_src)
     entries = _output_entries(recipe, inputs, layout, layer_map, layer_from)
-    annotations: list[str] = []
+    annotations: list[str] = notes
     ctx = Context(recipe, inputs, layout, entries, layer_map, annotations, layer_sources)
     for i, op in enumerate(recipe.operations):
         ctx.path = ("operations", i, op.op_name)
         op.plan(ctx)
-        if not any(e.rule == ctx.tag for e in entries):
+        if not any(e.rule == ctx.tag for e in entries) and ctx.tag not in ctx.skipped:
             raise ctx.error((), f"{ctx.tag} changes no tensor: nothing it selects is affected by it")
     if any(isinstance(ck, VirtualInput) for ck in inputs.values()):
         for e in entries:

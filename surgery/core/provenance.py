@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from surgery.core.experts import format_experts
 from surgery.io.output import format_size
 
 
 def _groups(entries) -> "OrderedDict[tuple[str, str, str], list[str]]":
-    """(description, rule, note) -> module kinds, in first-seen order."""
+    """(description, rule, note) -> module kinds, in first-seen order. Expert tensors are labelled by
+    their experts instead: 'experts 0,3' (one tensor per expert), 'experts' (all of them stacked)."""
     groups: OrderedDict = OrderedDict()
+    experts: dict = {}
     for e in entries:
-        kinds = groups.setdefault((e.description, e.rule, e.note), [])
-        if e.info.kind not in kinds:
-            kinds.append(e.info.kind)
+        key = (e.description, e.rule, e.note)
+        kinds = groups.setdefault(key, [])
+        label = "experts" if e.info.stacked_experts or e.info.expert is not None else e.info.kind
+        if e.info.expert is not None:
+            experts.setdefault(key, set()).add(e.info.expert)
+        if label not in kinds:
+            kinds.append(label)
+    for key, index in experts.items():
+        groups[key] = [f"experts {format_experts(index)}" if k == "experts" else k for k in groups[key]]
     return groups
 
 
@@ -21,9 +30,14 @@ def _by_group(kinds: list[str], entries) -> list[str]:
     """Name a whole module group (attn, mlp, ...) instead of listing every kind in it."""
     present: dict[str, set] = {}
     for e in entries:
+        if e.info.stacked_experts or e.info.expert is not None:
+            continue
         present.setdefault(e.info.group, set()).add(e.info.kind)
     out = []
     for k in kinds:
+        if k.startswith("experts"):
+            out.append(k)
+            continue
         group = next(e.info.group for e in entries if e.info.kind == k)
         label = group if present[group] <= set(kinds) else k
         if label not in out:

@@ -7,8 +7,8 @@
     datasets = load_datasets({"sw": "texts/sw.txt"}, limit=200)
     evaluate_recipe(recipe, datasets)   # {"sw": {"perplexity": ..., "bits_per_byte": ...}}
 
-Modules: data (files -> Dataset), metrics (built-in evaluators), model (checkpoint or in-memory
-recipe -> model), harness (lm-eval backend), report (table, JSON, CSV, plot), api (the above).
+Modules: data (files -> Dataset), metrics (built-in evaluators), harness (lm-eval backend), report (table,
+JSON, CSV, plot), api (the above). Models are loaded by ``surgery.models.load_model``.
 Importing this package loads neither torch nor transformers.
 """
 

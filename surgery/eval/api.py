@@ -22,8 +22,6 @@ from surgery.errors import SurgeryError
 from surgery.eval.data import Dataset, load_datasets
 from surgery.eval.scores import EvalReport, EvalRow
 
-RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
-
 
 def evaluate_model(model, tokenizer, datasets: list[Dataset], *, lm_eval=None, include_path=None,
                    limit: int | float | None = None, seed: int = 0, batch_size: int = 8, chat: bool = False,
@@ -74,26 +72,31 @@ def evaluate_recipe(recipe, datasets: list[Dataset], *, device: str = "auto", dt
     evaluate it on ``datasets`` (from ``load_datasets``, loaded once and reused), free it, and return
     {data name: {metric: value}}. ``recipe``: a ``Recipe``, a path or a dict; ``plan``: an already
     built plan of it; ``options``: those of ``evaluate_model`` (lm_eval, batch_size, chat, ...)."""
-    from surgery.core.devices import resolve_device
-    from surgery.eval.model import recipe_model
-
-    loaded = list(recipe_model(recipe, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer, plan=plan))
-    return _evaluate_then_free(loaded, datasets, options)
+    return evaluate_target(recipe if plan is None else plan, datasets, device=device, dtype=dtype,
+                           tokenizer=tokenizer, **options)
 
 
 def evaluate_checkpoint(path, datasets: list[Dataset], *, device: str = "auto", dtype: str | None = None,
                         tokenizer: str | Path | None = None, **options) -> dict[str, dict[str, float]]:
-    """Load a checkpoint directory with transformers and evaluate it like ``evaluate_recipe``."""
-    from surgery.core.devices import resolve_device
-    from surgery.eval.model import load_checkpoint_model
+    """Load a checkpoint (a folder, a .safetensors file, a Hub id) and evaluate it like ``evaluate_recipe``."""
+    return evaluate_target(path, datasets, device=device, dtype=dtype, tokenizer=tokenizer, **options)
 
-    loaded = list(load_checkpoint_model(path, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer))
+
+def evaluate_target(target, datasets: list[Dataset], *, device: str = "auto", dtype: str | None = None,
+                    tokenizer: str | Path | None = None, **options) -> dict[str, dict[str, float]]:
+    """Load anything ``surgery.models.load_model`` loads (a checkpoint, a Hub id, a recipe in memory), evaluate
+    it on ``datasets``, free it, and return {data name: {metric: value}}."""
+    from surgery.core.devices import resolve_device
+    from surgery import models
+
+    loaded = list(models.load_model(target, device=resolve_device(device), dtype=dtype, tokenizer=tokenizer,
+                                    progress=not options.get("quiet", True)))
     return _evaluate_then_free(loaded, datasets, options)
 
 
 def _evaluate_then_free(loaded: list, datasets, options: dict) -> dict[str, dict[str, float]]:
     """``evaluate_model`` of ``loaded`` = [model, tokenizer], the only reference to the model, which is then freed:
-    by reference count where nothing cycles back to it (the models ``recipe_model`` builds), else by a full
+    by reference count where nothing cycles back to it (the models built in memory), else by a full
     collection (transformers' ``from_pretrained`` leaves reference cycles). A full collection walks every object
     torch and transformers created, ~0.7 s: a search paid it for every trial while it was unconditional."""
     model = weakref.ref(loaded[0])
@@ -105,22 +108,6 @@ def _evaluate_then_free(loaded: list, datasets, options: dict) -> dict[str, dict
             gc.collect()
 
 
-def target_kind(target) -> str:
-    """'checkpoint' for a directory, 'recipe' for a recipe file, dict or Recipe."""
-    from surgery.recipe.schema import Recipe
-
-    if isinstance(target, (dict, Recipe)):
-        return "recipe"
-    path = Path(target)
-    if path.is_dir():
-        return "checkpoint"
-    if path.is_file():
-        if path.suffix.lower() in RECIPE_SUFFIXES:
-            return "recipe"
-        raise SurgeryError(f"{path}: not a checkpoint directory or a recipe (.yaml, .yml, .json)")
-    raise SurgeryError(f"{path}: no such checkpoint directory or recipe file")
-
-
 def evaluate(targets, data=None, *, lm_eval=None, include_path=None, limit: int | None = None, seed: int = 0,
              device: str = "auto", dtype: str | None = None, batch_size: int = 8, chat: bool = False,
              max_length: int | None = None, max_new_tokens: int = 64, tokenizer: str | Path | None = None,
@@ -128,13 +115,14 @@ def evaluate(targets, data=None, *, lm_eval=None, include_path=None, limit: int 
     """Evaluate checkpoints and recipes (evaluated in memory, nothing written) on local data sets
     and lm-eval tasks; return an ``EvalReport`` with a row per target.
 
-    ``targets``: one or a list of checkpoint dirs, recipe paths, recipe dicts or ``Recipe`` objects.
+    ``targets``: one or a list of checkpoints (folders, .safetensors files, Hub ids), recipe paths, recipe dicts
+    or ``Recipe`` objects.
     ``data``: {name: path}, 'NAME=PATH' strings or ``Dataset`` objects (.txt, .jsonl; docs/eval.md).
     ``lm_eval``: task names (a list or 'a,b'); ``include_path``: a folder of local task YAMLs.
     ``limit``: items per data set (a random subset drawn with ``seed``) and per lm-eval task.
     ``tokenizer``: a folder whose tokenizer replaces the targets' own."""
     from surgery.core.devices import resolve_device
-    from surgery.eval.model import torch_dtype_of
+    from surgery.models import model_kind, torch_dtype_of
 
     if isinstance(targets, (str, Path, dict)) or not isinstance(targets, (list, tuple)):
         targets = [targets]
@@ -144,7 +132,7 @@ def evaluate(targets, data=None, *, lm_eval=None, include_path=None, limit: int 
         raise SurgeryError("nothing to evaluate on: give --data NAME=PATH or --lm-eval TASKS")
     if batch_size < 1 or (limit is not None and limit < 1) or (max_length is not None and max_length < 2):
         raise SurgeryError("--batch-size and --limit must be at least 1, --max-length at least 2")
-    kinds = [target_kind(t) for t in targets]
+    kinds = [model_kind(t) for t in targets]  # every reference checked before any work
     datasets = load_datasets(data, limit=limit, seed=seed) if data is not None else []
     device = resolve_device(device)
     torch_dtype_of(dtype)  # validate before any work
@@ -156,8 +144,7 @@ def evaluate(targets, data=None, *, lm_eval=None, include_path=None, limit: int 
     for target, kind in zip(targets, kinds):
         torch.manual_seed(seed)
         start = time.perf_counter()
-        run = evaluate_recipe if kind == "recipe" else evaluate_checkpoint
-        scores = run(target, datasets, device=device, dtype=dtype, tokenizer=tokenizer, **options)
+        scores = evaluate_target(target, datasets, device=device, dtype=dtype, tokenizer=tokenizer, **options)
         rows.append(EvalRow(_label(target), kind, scores, time.perf_counter() - start))
     settings = {"limit": limit, "seed": seed, "device": device, "dtype": dtype, "batch_size": batch_size,
                 "chat": chat, "max_length": max_length, "max_new_tokens": max_new_tokens,

@@ -15,18 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from surgery.errors import SurgeryError
 from surgery.io.convert_bin import convert_bin_file
-from surgery.io.files import cache_dir, existing_path, file_stamp, stamp_of
-from surgery.io.hub_fetch import hub_blob_sha256, hub_message, quiet_hub_logs
+from surgery.io.files import cache_dir, file_stamp, stamp_of
+from surgery.io.hub_fetch import fetch_snapshot, hub_blob_sha256
+from surgery.io.reference import CHECKPOINT, resolve_reference
 from surgery.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorMeta, has_torch_dtype, read_header, torch_dtype
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
@@ -79,15 +78,10 @@ class Checkpoint:
         Relative paths are resolved against ``base_dir`` (the recipe's folder) first,
         then the working directory.
         """
-        text = str(ref)
-        for candidate in local_candidates(text, base_dir):
-            if os.path.lexists(candidate):
-                existing_path(candidate, text)  # a symlink loop or a dangling link: say so
-                return cls._open_local(text, candidate, convert_bin)
-        if HUB_ID.match(text) and not text.startswith((".", "/")):
-            return cls._open_hub(text, convert_bin)
-        raise SurgeryError(f"checkpoint not found: {text!r} is neither a local path nor a Hub id "
-                           "like 'org/name' or 'org/name@revision'")
+        found = resolve_reference(ref, base_dir=base_dir, kinds=CHECKPOINT)
+        if found.kind == "hub":
+            return cls._open_hub(found.text, convert_bin)
+        return cls._open_local(found.text, found.path, convert_bin)
 
     @classmethod
     def _open_local(cls, ref: str, path: Path, convert_bin: bool, revision=None) -> "Checkpoint":
@@ -155,16 +149,8 @@ class Checkpoint:
 
     @classmethod
     def _open_hub(cls, ref: str, convert_bin: bool) -> "Checkpoint":
-        repo_id, _, revision = ref.partition("@")
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        patterns = HUB_PATTERNS + (["*.bin"] if convert_bin else [])
-        try:
-            with quiet_hub_logs():
-                local = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-            raise SurgeryError(f"cannot fetch {ref!r} from the Hub: {hub_message(e)}") from None
+        local = fetch_snapshot(ref, HUB_PATTERNS + (["*.bin"] if convert_bin else []))
+        revision = ref.partition("@")[2]
         ck = cls._open_local(ref, Path(local), convert_bin, revision or None)
         ck.from_hub = True
         return ck
@@ -272,6 +258,10 @@ class Checkpoint:
             if now != stamp:
                 raise SurgeryError(f"{path}: the file changed during the run (replaced or modified)")
 
+    def __getstate__(self) -> dict:
+        """Pickled without its open files (a Ray task reopens them on first read; the stamps still guard them)."""
+        return {**self.__dict__, "_handles": {}}
+
     def close(self) -> None:
         for f in self._handles.values():
             f.close()
@@ -329,10 +319,3 @@ def sha256_file(path: Path, chunk: int = 4 << 20, cancel=None) -> str:
     except OSError:
         pass  # a read-only cache only costs the re-hash
     return digest
-
-
-def local_candidates(text: str, base_dir: Path | None) -> list[Path]:
-    p = Path(text).expanduser()
-    if p.is_absolute() or base_dir is None:
-        return [p]
-    return [base_dir / p, p]

@@ -78,7 +78,9 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
 
     token = resolve_token(token)
     api = HfApi(endpoint=result.endpoint, token=token, library_name="surgery", library_version=__version__)
-    with hub_errors(result, token):
+    from surgery.io.progress import library_bars
+
+    with hub_errors(result, token), library_bars():  # upload bars: the one rule (surgery.io.progress)
         if create_pr:
             api.repo_info(repo_id, repo_type="model")  # a pull request needs an existing repo
             result.url = f"{result.endpoint}/{repo_id}"

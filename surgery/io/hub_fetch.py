@@ -1,7 +1,6 @@
 """Downloading Hub inputs: quiet retries, one-line errors, and the LFS sha256 the cache already holds.
 
-    with quiet_hub_logs():
-        local = snapshot_download(...)
+    local = fetch_snapshot("org/name@main", ["*.safetensors", "*.json"])   # a folder in the HF cache
     hub_blob_sha256(Path(local) / "model.safetensors")   # the Hub's sha256 of the file, no re-hashing
 """
 
@@ -11,6 +10,8 @@ import contextlib
 import os
 import re
 from pathlib import Path
+
+from surgery.io.progress import library_bars
 
 
 def hub_blob_sha256(path: Path) -> str | None:
@@ -23,25 +24,35 @@ def hub_blob_sha256(path: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def quiet_hub_logs():
-    """huggingface_hub logs one warning line per retry; the error that ends the retries is what matters."""
+def quiet_hub_logs(bars: bool | None = None):
+    """huggingface_hub logs one warning line per retry; the error that ends the retries is what matters.
+    Its progress bars follow the one rule (``surgery.io.progress``; ``bars``: on or off regardless)."""
     import logging
 
-    import sys
-
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
     log = logging.getLogger("huggingface_hub")
-    level, bars_off = log.level, are_progress_bars_disabled()
+    level = log.level
     log.setLevel(logging.ERROR)
-    if not sys.stderr.isatty():  # progress bars only for a person watching; scripts get the one error line
-        disable_progress_bars()
     try:
-        yield
+        with library_bars(bars):
+            yield
     finally:
         log.setLevel(level)
-        if not bars_off:
-            enable_progress_bars()
+
+
+def fetch_snapshot(ref: str, patterns: list[str]) -> Path:
+    """The local folder of Hub repository ``ref`` ('org/name[@revision]'), its files matching ``patterns``
+    downloaded into the HF cache where missing; one line naming ``ref`` when it cannot be fetched."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from surgery.errors import SurgeryError
+
+    repo_id, _, revision = ref.partition("@")
+    try:
+        with quiet_hub_logs():
+            return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise SurgeryError(f"cannot fetch {ref!r} from the Hub: {hub_message(e)}") from None
 
 
 def hub_message(e: BaseException) -> str:

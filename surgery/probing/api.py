@@ -8,7 +8,9 @@
     surgery.save_neuron_set("lape/de.json", r.neurons("de"))
     r.to_json(); r.to_csv("probe.csv"); r.plot("probe.png")
 
-Models are loaded with transformers for inference only (eval mode, torch.no_grad), one at a time.
+A model is a checkpoint (folder, .safetensors file, Hub id), a recipe (its output built in memory, bitwise
+what `surgery run` writes: ``surgery.models.load_model``) or a model object; each runs for inference only
+(eval mode, torch.no_grad), one at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from surgery.errors import SurgeryError
+from surgery.io.reference import resolve_reference
 from surgery.probing.hooks import find_points, require_mlp
 from surgery.probing.inputs import load_data
 from surgery.probing.lape import LapeSettings, select
@@ -32,8 +35,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _named(models) -> dict:
-    if isinstance(models, dict):  # values: paths, or models already in memory
-        return {str(k): v if hasattr(v, "named_modules") else str(v) for k, v in models.items()}
+    if isinstance(models, dict):  # values: references (paths, Hub ids, recipe files), recipes, or models in memory
+        return {str(k): str(v) if isinstance(v, Path) else v for k, v in models.items()}
     if isinstance(models, (str, Path)):
         models = [models]
     named = {}
@@ -51,45 +54,21 @@ def _named(models) -> dict:
     return named
 
 
-def _load(path, tokenizer, dtype: str, device: str, progress: bool):
-    """(tokenizer, model in eval mode on device); path may be a model already in memory."""
+def _load(ref, tokenizer, dtype: str, device: str, progress: bool):
+    """(tokenizer, model in eval mode): a model in memory as it is, anything else through ``load_model`` (a
+    checkpoint, a Hub id, a recipe's output built in memory)."""
     import torch
-    import transformers as tf
+
+    from surgery.models import load_model, load_tokenizer
 
     if dtype not in DTYPES:
         raise SurgeryError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    in_memory = not isinstance(path, str)
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        tok = tokenizer
-    elif in_memory and tokenizer is None:
-        raise SurgeryError("a model given as an object needs a tokenizer (tokenizer=...)")
-    else:
-        try:
-            tok = tf.AutoTokenizer.from_pretrained(str(tokenizer or path))
-        except (OSError, ValueError, TypeError) as e:
-            raise SurgeryError(f"{tokenizer or path}: no usable tokenizer ({str(e).splitlines()[0]}); "
-                               "give one with --tokenizer") from None
-    if in_memory:
-        return tok, path.eval()
-    kwargs = {"dtype": getattr(torch, dtype)}
-    bars = tf.utils.logging.is_progress_bar_enabled()
-    if not progress:
-        tf.utils.logging.disable_progress_bar()
-    try:
-        try:
-            model = tf.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except ValueError:  # encoders (BERT) have no causal-LM class
-            model = tf.AutoModel.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise SurgeryError(f"{path}: cannot load the model with transformers ({str(e).splitlines()[0]})") from None
-    finally:
-        if bars:
-            tf.utils.logging.enable_progress_bar()
-    try:
-        model.to(device)
-    except (RuntimeError, AssertionError) as e:
-        raise SurgeryError(f"--device {device}: {str(e).splitlines()[0]}") from None
-    return tok, model.eval()
+    if isinstance(ref, torch.nn.Module):
+        if tokenizer is None:
+            raise SurgeryError("a model given as an object needs a tokenizer (tokenizer=...)")
+        return load_tokenizer(tokenizer), ref.eval()
+    model, tok = load_model(ref, device=device, dtype=dtype, tokenizer=tokenizer, progress=progress, encoder=True)
+    return tok, model
 
 
 @dataclass
@@ -146,17 +125,26 @@ def _job(data, lape, probing, alignment, settings, opts) -> _Job:
 def probe(models, texts=None, *, labels=None, parallel=None, lape: bool = True, probing: bool = True,
           alignment: bool = True, device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
           max_tokens: int = 128, tokenizer=None, folds: int = 5, seed: int = 0,
-          lape_settings: LapeSettings | None = None, limit: int | None = None, progress: bool = True) -> ProbeResult:
-    """Probe one or more models (a path, a list of paths or NAME=PATH, or {name: path or model object}).
+          lape_settings: LapeSettings | None = None, limit: int | None = None,
+          progress: bool | None = None) -> ProbeResult:
+    """Probe one or more models: a reference (a checkpoint folder or file, a Hub id, a recipe file), a list of
+    them or of NAME=REF, or {name: reference, Recipe, recipe dict, Plan or model object}.
 
     texts: {language: text file or list of texts}: LAPE neurons, and the probing labels unless
     ``labels`` (a JSONL file of {text, label}) is given. parallel: JSONL files of translation pairs.
     A model object (a transformers model already in memory, e.g. built from a plan) is used as it
-    is, on its own device and dtype; give its ``tokenizer`` (an object or a path).
+    is, on its own device and dtype; give its ``tokenizer`` (an object or a path). ``progress``: bars on or
+    off (None: only for a person at a terminal, ``surgery.io.progress``).
     """
+    from surgery.io.progress import bars_on
+
+    progress = bars_on(progress)
     if batch_size < 1 or max_tokens < 1:
         raise SurgeryError("--batch-size and --max-tokens must be at least 1")
     named = _named(models)
+    for ref in named.values():  # every reference checked before any model runs
+        if isinstance(ref, str):
+            resolve_reference(ref)
     data = load_data(texts, labels, parallel, limit)
     settings = lape_settings or LapeSettings()
     job = _job(data, lape, probing, alignment, settings,
@@ -181,7 +169,7 @@ def _probe_model(name: str, path, job: _Job) -> ModelProbe:
     o = job.opts
     start = time.perf_counter()
     tok, model = _load(path, o["tokenizer"], o["dtype"], o["device"], o["progress"])
-    path = path if isinstance(path, str) else f"(in memory: {type(path).__name__})"
+    path = path if isinstance(path, str) else getattr(path, "source", None) or f"(in memory: {type(path).__name__})"
     points = find_points(model, source=path)
     if job.lape:
         require_mlp(points, path, model.config.model_type)

@@ -57,6 +57,8 @@ class Select(Strict):
     modules: list[str] | None = Field(None, description="Module kinds (attn_q, mlp_down, ...) or groups (attn, mlp, norm, embed, lm_head, other).")
     names: list[str] | None = Field(None, description="Tensor-name globs ('*.mlp.*') or regexes prefixed 're:'.")
     exclude: list[str] | None = Field(None, description="Tensor-name globs or 're:' regexes to leave out.")
+    experts: list[int] | None = Field(None, description="Mixture-of-experts models: expert indices ([0, 3]; negative counts from the end). Selects those experts' tensors (per-expert tensors, or their slices of a fused tensor), nothing else: not attention, norms or the router.")
+    missing: Literal["error", "skip"] = Field("error", description="A module kind or name the model lacks (a tied lm_head): 'error' (a selection that changes nothing is a mistake), or 'skip' it, as mergekit skips an optional tensor; translated mergekit configs use 'skip'.")
 
     @field_validator("names", "exclude")
     @classmethod
@@ -137,6 +139,7 @@ class Recipe(Strict):
     stack: list[StackSegment] | None = Field(None, description="Output layer order as source-layer ranges; default: the recipient's layers.")
     operations: list[Any] = Field(default_factory=list, description="Operations, applied in order; later ones win.")
     seed: int | None = Field(None, description="Seed for random methods.")
+    experts: Literal["stored", "fused"] | None = Field(None, description="Mixture-of-experts weights: 'stored' (the default) plans them as the checkpoint stores them (one tensor per expert for transformers-saved Mixtral and Qwen3-MoE; a merge merges each expert's tensor alone); 'fused' reads them as mergekit does (all experts of a layer stacked in one tensor, merged at once, written under the fused names). mergekit configs run 'fused'.")
     tokenizer: Tokenizer | None = Field(None, description="Build the output tokenizer and re-index vocabulary rows (see docs/mergekit.md).")
     chat_template: str | None = Field(None, description="Chat template written into the output tokenizer: alpaca, chatml, exaone, llama3, mistral, 'auto' or a Jinja template.")
 

@@ -94,17 +94,17 @@ def state(model) -> dict:
 @pytest.mark.parametrize("pair, output", [(("a", "b"), {}), (("ta", "tb"), {"dtype": "bfloat16"})])
 def test_recipe_in_memory_is_bitwise_the_written_output(lms, tmp_path, pair, output):
     import surgery
-    from surgery.eval.model import load_checkpoint_model, recipe_model
+    from surgery.models import load_model
 
     r = recipe(lms, *pair, **output)
     written = surgery.run(r, tmp_path / "out").output
-    model, _ = recipe_model(r)
+    model, _ = load_model(r)
     mem = state(model)
     disk = load(written)
     assert set(disk) <= set(mem)
     for name, tensor in disk.items():
         assert mem[name].dtype == tensor.dtype and raw_bytes(mem[name]) == raw_bytes(tensor), name
-    loaded, _ = load_checkpoint_model(written)
+    loaded, _ = load_model(written)
     assert set(state(loaded)) == set(mem)
     for name, tensor in state(loaded).items():
         assert raw_bytes(mem[name]) == raw_bytes(tensor), name
@@ -143,12 +143,13 @@ def test_evaluated_models_are_freed_with_a_full_collection_only_where_a_cycle_ne
     import gc
     import weakref
 
-    from surgery.eval import api, model as eval_model
+    from surgery import models
+    from surgery.eval import api
 
     built, collections = [], []
 
     def spy(name, cycle):
-        real = getattr(eval_model, name)
+        real = models.load_model
 
         def load(*args, **kw):
             model, tok = real(*args, **kw)
@@ -165,7 +166,7 @@ def test_evaluated_models_are_freed_with_a_full_collection_only_where_a_cycle_ne
     try:
         for name, cycle, evaluate, target in (("recipe_model", False, api.evaluate_recipe, recipe(lms)),
                                               ("load_checkpoint_model", True, api.evaluate_checkpoint, lms["a"])):
-            monkeypatch.setattr(eval_model, name, spy(name, cycle))
+            monkeypatch.setattr(models, "load_model", spy(name, cycle))
             del collections[:]
             evaluate(target, datasets, device="cpu")
             assert built[-1] and all(r() is None for r in built[-1]), name
@@ -175,10 +176,10 @@ def test_evaluated_models_are_freed_with_a_full_collection_only_where_a_cycle_ne
 
 
 def test_dtype_option_casts_after_the_exact_weights(lms):
-    from surgery.eval.model import recipe_model
+    from surgery.models import load_model
 
-    model, _ = recipe_model(recipe(lms), dtype="float32")
-    exact, _ = recipe_model(recipe(lms))
+    model, _ = load_model(recipe(lms), dtype="float32")
+    exact, _ = load_model(recipe(lms))
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(model.model.embed_tokens.weight, exact.model.embed_tokens.weight.float())
 
@@ -271,7 +272,8 @@ def test_cli_errors_are_one_line(lms, data, tmp_path):
         ((rec, "--data", data["text"]), f"{notok}: no tokenizer files"),
         ((badcfg, "--data", data["text"]), "config.json: transformers cannot build a model from this config: "
                                            "unknown model_type 'no_such_arch'"),
-        ((tmp_path / "nothing", "--data", data["text"]), "no such checkpoint directory or recipe file"),
+        ((tmp_path / "nothing", "--data", data["text"]), f"checkpoint not found: '{tmp_path / 'nothing'}' is neither "
+                                                         "a local path nor a Hub id"),
     ]
     for args, message in cases:
         r = cli("eval", *args)
@@ -284,7 +286,7 @@ def test_cli_errors_are_one_line(lms, data, tmp_path):
 
 
 def test_recipe_whose_config_cannot_be_built(lms, tmp_path, data):
-    from surgery.eval.model import recipe_model
+    from surgery.models import load_model
 
     badcfg = tmp_path / "a"
     badcfg.mkdir()
@@ -294,7 +296,7 @@ def test_recipe_whose_config_cannot_be_built(lms, tmp_path, data):
     cfg["num_attention_heads"] = 5  # hidden 32 is not divisible by 5 heads
     (badcfg / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SurgeryError, match=r"a/config.json: transformers cannot build"):
-        recipe_model({"inputs": {"a": str(badcfg)}, "operations": []})
+        load_model({"inputs": {"a": str(badcfg)}, "operations": []})
 
 
 def test_eval_help():
@@ -306,7 +308,7 @@ def test_tokenizer_is_loaded_once_while_its_files_are_unchanged(lms, tmp_path):
     import os
     import shutil
 
-    from surgery.eval.model import load_tokenizer
+    from surgery.models import load_tokenizer
 
     folder = shutil.copytree(lms["a"], tmp_path / "tok")
     first = load_tokenizer(folder)

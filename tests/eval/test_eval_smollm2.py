@@ -83,12 +83,12 @@ def test_fine_tune_lowers_perplexity_on_its_own_data(smol, finetunes, texts):
 def test_layer_swap_of_fine_tunes_in_memory_equals_written(finetunes, texts, tmp_path):
     import surgery
     from surgery.eval import evaluate_checkpoint, evaluate_recipe, load_datasets
-    from surgery.eval.model import recipe_model
+    from surgery.models import load_model
 
     recipe = surgery.load_recipe({"inputs": {"a": str(finetunes["a"]), "b": str(finetunes["b"])}, "recipient": "a",
                                   "operations": [{"layer_swap": {"donor": "b", "bottom": 2, "top": 3, "transition": 1}}]})
     out = surgery.run(recipe, tmp_path / "swap").output
-    model, _ = recipe_model(recipe)
+    model, _ = load_model(recipe)
     disk = load(out)
     memory = model.state_dict()
     assert all(raw_bytes(memory[k]) == raw_bytes(v) for k, v in disk.items()) and len(disk) == 272

@@ -1,111 +1,24 @@
-"""`surgery push`, `surgery run --push-to` and the model card, against a real HTTP server (tests/fakehub.py).
+"""`surgery push` and `surgery run --push-to`, against a real HTTP server (tests/fakehub.py).
 
 CLI tests run `python -m surgery` in a subprocess with HF_ENDPOINT pointing at the fake Hub,
-HF_HUB_DISABLE_XET=1 (legacy LFS uploads), HF_HUB_OFFLINE unset and HF_HOME in a temp folder.
+HF_HUB_DISABLE_XET=1 (legacy LFS uploads), HF_HUB_OFFLINE unset and HF_HOME in a temp folder. The model
+card: test_model_card.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from fakehub import FakeHub
-
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "hf_FAKEsecretTOKEN_4f9c2e7d"     # recognisable: must never show up in output or files
-WRONG = "hf_WRONGsecretTOKEN_91ab0c33"    # unknown to the fake Hub: 401
-USER = "tester"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# ---------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def output(family, tmp_path_factory):
-    """A sharded `surgery run` output: the task expert with the language expert's outer layers."""
-    import surgery
-
-    root = tmp_path_factory.mktemp("hub_out")
-    recipe = {"description": "task expert with the language expert's outer layers",
-              "inputs": {"task": str(family["task"]), "lang": str(family["lang"])}, "recipient": "task",
-              "output": {"shard_size": "40KB"},
-              "operations": [{"layer_swap": {"donor": "lang", "bottom": 2, "top": 2, "transition": 1}}]}
-    result = surgery.run(recipe, root / "swapped")
-    assert len(list(result.output.glob("*.safetensors"))) > 1
-    return result.output
+from hub_kit import TOKEN, USER, WRONG, assert_token_absent, assert_uploaded, closed_port, make_env, surgery_cli
 
 
 @pytest.fixture
 def hub():
     with FakeHub(tokens={TOKEN: USER}) as h:
         yield h
-
-
-@pytest.fixture
-def hf_home(tmp_path):
-    home = tmp_path / "hf_home"
-    home.mkdir()
-    return home
-
-
-def make_env(hub_url: str, hf_home: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                        "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")}
-    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", HF_HOME=str(hf_home),
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    env.update(extra)
-    return env
-
-
-def surgery_cli(*args, env: dict, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "surgery", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
-
-
-def assert_token_absent(proc, *folders: Path, hub: FakeHub | None = None, token: str = TOKEN):
-    """The token is in no output stream, no file written and nothing the Hub stored."""
-    assert token not in proc.stdout and token not in proc.stderr
-    for folder in folders:
-        for f in folder.rglob("*"):
-            if f.is_file() and f.name not in ("token", "stored_tokens"):  # the user's own login files
-                assert token.encode() not in f.read_bytes(), f
-    if hub is not None:
-        for repo in hub.repos.values():
-            for commit in repo.commits.values():
-                assert token not in commit.summary and token not in commit.description
-                assert all(token.encode() not in data for data in commit.files.values())
-
-
-def assert_uploaded(hub: FakeHub, repo_id: str, folder: Path, rev: str = "main"):
-    """Every file of ``folder`` is on ``rev`` byte-identical; safetensors (only) went through LFS."""
-    remote = hub.files(repo_id, rev)
-    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    assert set(local) <= set(remote)
-    for path, data in local.items():
-        assert sha(remote[path]) == sha(data), path
-    shards = {p for p in local if p.endswith(".safetensors")}
-    assert shards and hub.lfs_paths(repo_id, rev) == shards
-    # and the bytes really travelled through the LFS endpoints
-    for path in shards:
-        assert hub.lfs_objects[sha(local[path])] == local[path]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- pushing
@@ -369,83 +282,3 @@ def test_python_push_errors(output, in_process):
     assert dry.dry_run and dry.commit_url is None and in_process.repos == {}
 
 
-# ---------------------------------------------------------------------------- model card
-
-def test_card_metadata_and_body(output):
-    from huggingface_hub import ModelCard
-
-    card = ModelCard.load(output / "README.md")
-    data = card.data.to_dict()
-    assert data["base_model_relation"] == "merge"
-    assert data["library_name"] == "transformers"
-    assert data["tags"] == ["merge", "model-surgery", "layer_swap"]
-    assert "base_model" not in data  # both inputs are local folders
-    recipe_text = (output / "surgery_recipe.yaml").read_text()
-    assert f"```yaml\n{recipe_text.rstrip()}\n```" in card.text
-    assert "| 0-1 | lang (#1 layer_swap, swapped) |" in card.text
-    assert "| 2 | 0.5·lang + 0.5·task (#1 layer_swap, transition) |" in card.text
-    assert "| 3-4 | task (recipient) |" in card.text
-    assert card.text.startswith("\n# swapped\n")  # titled after the output folder, not the temp dir
-    assert "task expert with the language expert's outer layers" in card.text
-    assert "![" not in card.text  # no plot was made
-
-
-def test_card_base_model_from_hub_inputs(family, tmp_path, hf_home):
-    """Hub ids (revision stripped) become base_model; a local folder that looks like org/name does not."""
-    cache = hf_home / "hub" / "models--org--lang-expert"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(family["lang"], cache / "snapshots" / commit)
-    (cache / "refs").mkdir()
-    (cache / "refs" / "main").write_text(commit)
-    (tmp_path / "models").mkdir()
-    shutil.copytree(family["task"], tmp_path / "models" / "task")
-    (tmp_path / "recipe.yaml").write_text(
-        "inputs:\n  task: models/task\n  lang: org/lang-expert@main\nrecipient: task\n"
-        "operations:\n  - layer_swap: {donor: lang, bottom: 1}\n  - blend: {weights: {task: 1, lang: 1}, "
-        "select: {layers: 4}}\n")
-    env = make_env("http://127.0.0.1:9", hf_home, HF_HUB_OFFLINE="1")  # served from the cache
-    proc = surgery_cli("run", "recipe.yaml", "-o", "out", "-q", env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    from huggingface_hub import ModelCard
-
-    card = ModelCard.load(tmp_path / "out" / "README.md")
-    assert card.data.base_model == ["org/lang-expert"]
-    assert card.data.tags == ["merge", "model-surgery", "layer_swap", "blend"]
-    assert "- `lang`: [org/lang-expert@main](https://huggingface.co/org/lang-expert)" in card.text
-    assert "- `task`: a local checkpoint (recipient, config)" in card.text
-
-
-def test_card_mergekit_tag():
-    from surgery.core.model_card import card_tags
-    from surgery.operations import OPERATIONS
-
-    merge = OPERATIONS["merge"](method="linear", models=["a", "b"])
-    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[merge, merge]))
-    assert card_tags(plan) == ["merge", "model-surgery", "mergekit"]
-    take = OPERATIONS["take"](**{"from": "a"})
-    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[take, merge]))
-    assert card_tags(plan) == ["merge", "model-surgery", "take", "mergekit"]
-    plan = SimpleNamespace(recipe=SimpleNamespace(operations=[take]))
-    assert card_tags(plan) == ["merge", "model-surgery", "take"]
-
-
-def test_card_embeds_analysis_plot(output, tmp_path):
-    import surgery
-    from huggingface_hub import ModelCard
-
-    folder = tmp_path / "with_plot"
-    shutil.copytree(output, folder)
-    (folder / "layer_changes.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    plan = surgery.build_plan(surgery.load_recipe(folder / "surgery_recipe.yaml"))
-    surgery.write_model_card(folder, plan, (folder / "surgery_recipe.yaml").read_text(), name="swapped")
-    card = ModelCard.load(folder / "README.md")
-    assert "![layer_changes](layer_changes.png)" in card.text
-
-
-def test_saved_recipe_of_an_in_memory_recipe_loads_back(output):
-    """The recipe embedded in the card (and saved beside it) keeps operation names, so it runs again."""
-    import surgery
-
-    recipe = surgery.load_recipe(output / "surgery_recipe.yaml")
-    assert [type(op).__name__ for op in recipe.operations] == ["LayerSwap"]
-    assert recipe.operations[0].donor == "lang" and recipe.operations[0].transition == 1

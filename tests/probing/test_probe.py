@@ -276,3 +276,27 @@ def test_hooks_come_from_the_layout_for_each_family(arch, act_module, block, wir
             want.append((acts > 0).double().mean(0).numpy())
     handle.remove()
     np.testing.assert_allclose(r.models[arch].lape.probs[2], np.stack(want, 1), atol=1e-12)
+
+
+def test_a_recipe_is_probed_in_memory_exactly_as_its_written_output(wired, tmp_path):
+    """`surgery probe RECIPE.yaml`: the recipe's output built in memory (the bytes `surgery run` writes), so every
+    number equals the probe of the written checkpoint; nothing is written."""
+    root = wired["root"]
+    recipe = tmp_path / "swap.yaml"
+    recipe.write_text(f"inputs: {{a: {wired['model']}, b: {wired['model0']}}}\nrecipient: a\noperations:\n"
+                      "  - layer_swap: {donor: b, bottom: 1, top: 1, transition: 0}\n"
+                      "  - reset_neurons: {to: zero, neurons: {indices: {1: [5]}}}\n")
+    written = surgery.run(recipe, tmp_path / "out").output
+    args = ["--text", f"a={root / 'a.txt'}", "--text", f"b={root / 'b.txt'}", "--parallel", root / "ab.jsonl",
+            "--folds", 3, "--json"]
+    mem = invoke("probe", f"m={recipe}", *args)
+    disk = invoke("probe", f"m={written}", *args)
+    assert mem.exit_code == 0 and disk.exit_code == 0, mem.output + disk.output
+    mem, disk = json.loads(mem.stdout)["models"]["m"], json.loads(disk.stdout)["models"]["m"]
+    assert mem["path"] == str(recipe) and disk["path"] == str(written)
+    for key in ("layers", "tokens", "lape", "probing", "alignment"):
+        assert mem[key] == disk[key], key
+    assert mem["lape"]["neurons"]["b"]["2"] == [7] and 5 not in mem["lape"]["neurons"].get("a", {}).get("1", [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "swap.yaml"]
+    base = surgery.probe(wired["model"], {"a": wired["a"], "b": wired["b"]}, probing=False, progress=False)
+    assert base.models["wired"].lape.probs[A_NEURON].tolist() == [1.0, 0.0]   # what the recipe's reset removed

@@ -4,10 +4,12 @@ The objective's optimum is known by construction: the text is sampled from the m
 swap with bottom=2, top=2 produces (math expert + Swahili expert of the demo, lm_head sharpened so
 the models are far from uniform, with a word-level tokenizer so sampled token ids are the text
 exactly). The expected negative log-likelihood of a model on samples of q is smallest at q.
+
+Here: resume after SIGKILL and failing searches; the optimum, TPE and Ray: test_search_optimum.py; spaces:
+test_search_spaces.py; mergekit-evolve configs: test_search_evolve.py; the shared worlds: conftest.py.
 """
 
 import json
-import math
 import os
 import signal
 import sqlite3
@@ -17,168 +19,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from eval_fixtures import write_mc_task
 from helpers import run_cli
+from search_kit import SMALL, by_config, swap_search, write_search
 
 import surgery
 from surgery.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[2]
-VOCAB = 512
-SWAP = "bottom: {int: [1, 4]}, top: {int: [1, 4]}"
 
 
-def save_word_tokenizer(folder: Path) -> None:
-    """Tokens w000..w511 (one width, so the special tokens match only whole words), split on spaces;
-    w000 is BOS (the prefix the evaluator scores after)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i:03d}": i for i in range(VOCAB)}, unk_token="w001"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w000", eos_token="w000",
-                            unk_token="w001").save_pretrained(folder)
-
-
-def swap_recipe(root: Path, bottom: int, top: int) -> dict:
-    return {"inputs": {"math": str(root / "math"), "sw": str(root / "swahili")}, "recipient": "math",
-            "operations": [{"layer_swap": {"donor": "sw", "bottom": bottom, "top": top}}]}
-
-
-def nll_by_hand(model_dir: Path, docs: list[list[int]]) -> float:
-    """Mean negative log-likelihood per token after the BOS prefix, with transformers directly."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([[0] + d for d in docs])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[:, :-1].double(), -1)
-    return float(-logp.gather(2, ids[:, 1:, None]).mean())
-
-
-@pytest.fixture(scope="session")
-def swap_world(demo_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    ck = demo_dir / "checkpoints"
-    for name in ("math", "swahili"):
-        surgery.run({"inputs": {"m": str(ck / name)},
-                     "operations": [{"arithmetic": {"expr": "20*m", "select": {"modules": ["lm_head"]}}}]}, root / name)
-        save_word_tokenizer(root / name)
-    surgery.run(swap_recipe(root, 2, 2), root / "generator")
-    from transformers import AutoModelForCausalLM
-
-    gen = AutoModelForCausalLM.from_pretrained(root / "generator", dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    seq = torch.zeros(16, 1, dtype=torch.long)
-    with torch.no_grad():
-        for _ in range(63):
-            seq = torch.cat([seq, torch.multinomial(torch.softmax(gen(seq).logits[:, -1], -1), 1)], 1)
-    docs = [row[1:].tolist() for row in seq]
-    (root / "gen.txt").write_text("".join(" ".join(f"w{i:03d}" for i in d) + "\n" for d in docs))
-    return root, docs
-
-
-def write_search(root: Path, name: str, body: str) -> Path:
-    path = root / name
-    path.write_text(body)
-    return path
-
-
-def swap_search(root: Path, sampler="grid", trials=16, swap=SWAP, extra="", name=None) -> Path:
-    return write_search(root, name or f"search-{sampler}.yaml", f"""\
-recipe:
-  inputs: {{math: math, sw: swahili}}
-  recipient: math
-  operations:
-    - layer_swap: {{donor: sw, {swap}}}
-objective:
-  - {{data: gen.txt, metric: perplexity, weight: -1}}
-trials: {trials}
-sampler: {sampler}
-eval: {{dtype: float32}}
-{extra}""")
-
-
-SMALL = "bottom: {int: [1, 3]}, top: {int: [1, 2]}"  # 6 of the 16 configurations
-
-
-def by_config(rows):
-    keys = [k for k in rows[0] if k.startswith("operations.")]
-    return {tuple(r[k] for k in keys): r["value"] for r in rows if r["state"] == "complete"}
-
-
-@pytest.fixture(scope="session")
-def grid_run(swap_world, tmp_path_factory):
-    root, _ = swap_world
-    out = tmp_path_factory.mktemp("grid")
-    return surgery.search(swap_search(root), out, write_best=True)
-
-
-# ---------------------------------------------------------------------------- the known optimum
-
-def test_grid_finds_the_known_optimum(swap_world, grid_run):
-    root, docs = swap_world
-    result = grid_run
-    assert len(result.trials) == 16 and result.evaluated == 16
-    assert all(r["state"] == "complete" for r in result.trials)
-    best = result.best
-    assert (best["operations.0.layer_swap.bottom"], best["operations.0.layer_swap.top"]) == (2, 2)
-    # every value is -perplexity, the generator's measured independently with transformers
-    assert best["value"] == pytest.approx(-math.exp(nll_by_hand(root / "generator", docs)), rel=1e-5)
-    assert best["gen.txt:perplexity"] == pytest.approx(-best["value"])
-    values = sorted(r["value"] for r in result.trials)
-    assert values[-1] > values[-2]  # a unique optimum
-    # best.yaml is a plain recipe that `surgery run` takes; --write-best wrote the generator's bytes
-    assert result.best_recipe == json.loads(json.dumps(swap_recipe(root, 2, 2) | {
-        "inputs": {"math": "math", "sw": "swahili"}}))
-    from safetensors.torch import load_file
-
-    gen = load_file(root / "generator" / "model.safetensors")
-    for out in (result.output / "best", surgery.run(result.output / "best.yaml", result.output / "rerun").output):
-        got = load_file(out / "model.safetensors")
-        assert got.keys() == gen.keys() and all(torch.equal(got[k], gen[k]) for k in gen)
-
-
-def test_outputs_table_json_plots(grid_run):
-    out = grid_run.output
-    import csv
-
-    rows = list(csv.DictReader(open(out / "trials.csv")))
-    assert [int(r["trial"]) for r in rows] == list(range(16))
-    assert {"operations.0.layer_swap.bottom", "operations.0.layer_swap.top", "gen.txt:perplexity", "hash"} <= set(rows[0])
-    data = json.loads((out / "trials.json").read_text())
-    assert data["format"] == "surgery.search/1" and data["best"]["trial"] == grid_run.best["trial"]
-    assert [r["value"] for r in data["trials"]] == [float(r["value"]) for r in rows]
-    for png in ("objective.png", "importance.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    importance = json.loads((out / "importance.json").read_text())
-    assert set(importance) == {"operations.0.layer_swap.bottom", "operations.0.layer_swap.top"}
-    assert sum(importance.values()) == pytest.approx(1.0)
-
-
-def test_rerun_of_a_finished_search_evaluates_nothing(swap_world, grid_run):
-    root, _ = swap_world
-    again = surgery.search(swap_search(root), grid_run.output)
-    assert again.evaluated == 0 and by_config(again.trials) == by_config(grid_run.trials)
-
-
-def test_tpe_finds_the_optimum_within_budget(swap_world, grid_run, tmp_path):
-    root, _ = swap_world
-    result = surgery.search(swap_search(root, "tpe", trials=20), tmp_path)
-    assert len(result.trials) == 20
-    best = result.best
-    assert (best["operations.0.layer_swap.bottom"], best["operations.0.layer_swap.top"]) == (2, 2)
-    assert best["value"] == pytest.approx(grid_run.best["value"], rel=1e-9)
-    # repeated configurations were measured once: the cache gives them the first value, so TPE's
-    # 20 trials measured fewer configurations than the grid's 16
-    cached = [r for r in result.trials if r["cached_from"] is not None]
-    assert result.evaluated == 20 - len(cached) == len({r["hash"] for r in result.trials}) < 16
-    for r in cached:
-        assert r["value"] == result.trials[r["cached_from"]]["value"]
-
-
-# ---------------------------------------------------------------------------- resume, Ray
+# ---------------------------------------------------------------------------- resume
 
 @pytest.mark.slow
 def test_sigkill_mid_search_then_rerun_equals_an_uninterrupted_run(swap_world, grid_run, tmp_path):
@@ -232,73 +82,6 @@ def test_sigkill_mid_search_then_rerun_equals_an_uninterrupted_run(swap_world, g
     # a kill inside ask() leaves none or some of the parameters: the redo runs the whole grid point
     assert interrupted[0].params.items() <= redone[0].params.items() and len(redone[0].params) == 2
 
-
-@pytest.mark.slow
-def test_ray_with_two_workers_matches_serial(swap_world, grid_run, tmp_path):
-    root, _ = swap_world
-    result = surgery.search(swap_search(root, trials=6, swap=SMALL, name="small-ray.yaml"), tmp_path, workers=2)
-    reference = by_config(grid_run.trials)
-    got = by_config(result.trials)
-    assert result.evaluated == 6 == len(got) and got == pytest.approx({k: reference[k] for k in got}, rel=1e-9)
-    assert result.best["trial"] in {r["trial"] for r in result.trials}
-    import ray
-
-    assert not ray.is_initialized()  # the local Ray started for the search is shut down
-
-
-# ---------------------------------------------------------------------------- spaces
-
-def test_analysis_guided_space_ranked_swap_count(swap_world, tmp_path):
-    root, _ = swap_world
-    path = write_search(root, "ranked.yaml", """\
-recipe:
-  inputs: {math: math, sw: swahili}
-  recipient: math
-  operations:
-    - ranked_layer_swap: {donor: sw, k: {int: [1, 3]}, split: outer}
-objective:
-  - {data: gen.txt, metric: bits_per_byte, weight: -1}
-sampler: grid
-trials: 3
-""")
-    result = surgery.search(path, tmp_path)
-    assert sorted(r["operations.0.ranked_layer_swap.k"] for r in result.trials) == [1, 2, 3]
-    assert all(r["state"] == "complete" and r["value"] < 0 for r in result.trials)
-    assert isinstance(result.best_recipe["operations"][0]["ranked_layer_swap"]["k"], int)
-
-
-def test_per_layer_variables_split_a_merge_by_layer_group(demo_dir, tmp_path):
-    from surgery.search.space import resolve
-
-    ck = demo_dir / "checkpoints"
-    text = f"""\
-recipe:
-  inputs: {{math: {ck / 'math'}, sw: {ck / 'swahili'}}}
-  operations:
-    - merge:
-        method: linear
-        models:
-          math: {{weight: {{float: [0, 1], layer_granularity: 4}}}}
-          sw: {{weight: 0.5}}
-        parameters: {{normalize: false}}
-objective:
-  - {{data: {ck.parent / 'doc.txt'}, metric: perplexity}}
-"""
-    (ck.parent / "doc.txt").write_text("hello world\n")
-    spec = surgery.load_search(write_search(tmp_path, "s.yaml", text))
-    assert spec.param_names() == ["operations.0.merge.models.math.weight[0-3]", "operations.0.merge.models.math.weight[4-7]"]
-    plain = resolve(spec.recipe, spec.variables, dict(zip(spec.param_names(), [0.25, 0.75])))
-    merges = [op["merge"] for op in plain["operations"]]
-    assert [m["models"]["math"]["weight"] for m in merges] == [0.25, 0.75, 0.75]
-    assert [m.get("select") for m in merges] == [None, {"layers": "4-7"}, {"modules": ["final_norm", "lm_head"]}]
-    from safetensors.torch import load_file
-
-    got = load_file(surgery.run(plain, tmp_path / "out").output / "model.safetensors")
-    a, b = load_file(ck / "math" / "model.safetensors"), load_file(ck / "swahili" / "model.safetensors")
-    for name, w in (("model.layers.1.mlp.up_proj.weight", 0.25), ("model.layers.6.mlp.up_proj.weight", 0.75),
-                    ("model.embed_tokens.weight", 0.25), ("lm_head.weight", 0.75), ("model.norm.weight", 0.75)):
-        want = (w * a[name].float() + 0.5 * b[name].float()).to(torch.bfloat16)
-        assert torch.allclose(got[name].float(), want.float(), rtol=1e-2, atol=1e-3), name
 
 
 # ---------------------------------------------------------------------------- bad search files
@@ -373,109 +156,6 @@ def test_cli_json_and_storage_url(swap_world, tmp_path):
     assert row[0] == "1" and float(row[1]) == pytest.approx(trial["value"], rel=1e-4)
     assert row[3:5] == [str(trial["operations.0.layer_swap.bottom"]), str(trial["operations.0.layer_swap.top"])]
     assert lines[2].startswith("2 trials (2 complete, 1 evaluated now)") and "best: trial" in lines[3]
-
-
-# ---------------------------------------------------------------------------- mergekit-evolve configs
-
-MC = [{"prompt": "2 + 2 =", "choices": ["4", "5", "22"], "label": 0},
-      {"prompt": "The sky is", "choices": ["blue", "green"], "label": 0},
-      {"prompt": "Water is", "choices": ["dry", "wet", "a rock"], "label": 1},
-      {"prompt": "Fire is", "choices": ["hot", "cold"], "label": 0},
-      {"prompt": "Ice is", "choices": ["warm", "cold", "loud"], "label": 1},
-      {"prompt": "Cats say", "choices": ["meow", "moo"], "label": 0}]
-
-
-def test_mergekit_evolve_genome_translates_to_the_same_genotype(demo_dir, tmp_path):
-    ck = demo_dir / "checkpoints"
-    path = write_search(tmp_path, "evolve.yml", f"""\
-genome:
-  models: [{ck / 'math'}, {ck / 'swahili'}]
-  merge_method: ties
-  base_model: {ck / 'base'}
-  layer_granularity: 4
-  filters: [mlp]
-tasks:
-  - name: some_task
-    weight: 0.5
-""")
-    spec = surgery.load_search(path)
-    assert spec.sampler == "cmaes" and [t.model_dump(exclude_none=True) for t in spec.objective] == [
-        {"lm_eval": "some_task", "metric": "acc", "weight": 0.5}]
-    assert spec.recipe["inputs"] == {"math": str(ck / "math"), "swahili": str(ck / "swahili"), "base": str(ck / "base")}
-    body = spec.recipe["operations"][0]["merge"]
-    assert body["parameters"] == {"normalize": True, "int8_mask": True} and body["dtype"] == "bfloat16"
-    # 2 layer groups x 2 models x 2 parameter sets (mlp, rest) x 2 parameters (weight, density)
-    assert len(spec.param_names()) == 16
-    assert all(v.low == 0.0 and v.high == 1.0 and [g for g in v.groups] == [(0, 3), (4, 7)] for v in spec.variables)
-    assert body["models"]["math"]["density"][0]["filter"] == "mlp"
-    sampled = {n: (i + 1) / 20 for i, n in enumerate(spec.param_names())}
-    plain = spec.resolve(sampled)
-    assert len(plain["operations"]) == 3  # group 0 (all tensors), layers 4-7, final norm + lm_head
-    w = plain["operations"][1]["merge"]["models"]["swahili"]["weight"]
-    assert w == [{"filter": "mlp", "value": sampled["operations.0.merge.models.swahili.weight.0.value[4-7]"]},
-                 {"value": sampled["operations.0.merge.models.swahili.weight.1.value[4-7]"]}]
-    surgery.build_plan(surgery.load_recipe(plain))  # a valid recipe
-    # the first trial is mergekit-evolve's starting genotype: weights 1/2, densities 1
-    assert spec.initial == {n: 0.5 if ".weight." in n else 1.0 for n in spec.param_names()}
-
-
-@pytest.mark.slow
-def test_mergekit_evolve_config_runs_through_lm_eval(demo_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ck = demo_dir / "checkpoints"
-    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC))
-    write_mc_task(tmp_path / "tasks", tmp_path / "mc.jsonl", metrics=("acc",))
-    path = write_search(tmp_path, "evolve.yml", f"""\
-genome:
-  models: [{ck / 'math'}, {ck / 'swahili'}]
-  merge_method: task_arithmetic
-  base_model: {ck / 'base'}
-tasks:
-  - {{name: local_mc, weight: 2.0, metric: "acc,none"}}
-apply_chat_template: false
-trials: 2
-sampler: random
-eval: {{include_path: tasks, dtype: float32}}
-""")
-    result = surgery.search(path, tmp_path / "out")
-    assert len(result.trials) == 2 and all(r["state"] == "complete" for r in result.trials)
-    assert [v for k, v in result.trials[0].items() if k.startswith("operations.")] == [0.5, 0.5]  # the starting point
-    for row in result.trials:
-        recipe = json.loads(_trial_recipe(result, row["trial"]))
-        builtin = surgery.evaluate([recipe], {"mc": tmp_path / "mc.jsonl"}, dtype="float32", device="cpu")
-        assert row["value"] == pytest.approx(2.0 * builtin.rows[0].scores["mc"]["acc"])
-        assert row["local_mc:acc"] == builtin.rows[0].scores["mc"]["acc"]
-
-
-def _trial_recipe(result, number: int) -> str:
-    import optuna
-
-    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
-    return study.trials[number].user_attrs["recipe"]
-
-
-def test_a_choice_of_whole_operations_is_sampled_by_index(swap_world):
-    root, _ = swap_world
-    path = write_search(root, "ops.yaml", """\
-recipe:
-  inputs: {math: math, sw: swahili}
-  recipient: math
-  operations:
-    - choice:
-        - layer_swap: {donor: sw, bottom: 2}
-        - take: {from: sw, select: {layers: '0-1'}}
-objective:
-  - {data: gen.txt, metric: perplexity, weight: -1}
-sampler: grid
-""")
-    spec = surgery.load_search(path)
-    assert spec.grid_space() == {"operations.0": [0, 1]}
-    assert spec.resolve({"operations.0": 1})["operations"] == [{"take": {"from": "sw", "select": {"layers": "0-1"}}}]
-    bad = write_search(root, "ops-bad.yaml", path.read_text().replace("take: {from: sw", "take: {form: sw"))
-    with pytest.raises(RecipeError, match=r"ops-bad.yaml:5: recipe.operations.0: the choice variable's value .* is not valid here: .*"
-                                          r"unknown key 'form'"):
-        surgery.load_search(bad)
 
 
 def test_bad_storage_url_and_grid_override_are_one_line(swap_world, tmp_path):
