@@ -15,6 +15,10 @@ Layout:
     task_arithmetic.py  task arithmetic: compiled, numpy, torch
     ties.py             TIES: compiled (whole tensors), torch exact, torch fast (``kernel: fast``)
     gta.py              the torch driver of the task-arithmetic family (also breadcrumbs, breadcrumbs_ties)
+    tsv_m.py, iso.py    surgery's own SVD methods: TSV-M; Iso-C and Iso-CTS (torch, float32 SVD)
+    lines.py            LiNeS: a base method's merge scaled by depth
+    consensus.py        consensus merging (TALL masks) over task_arithmetic or ties
+    task_vectors.py     what those four share (task vectors, Procrustes, a wrapper's base-method node)
     mergekit_kernel.py  mergekit's own kernels: every method, and the reference
     topk.py             the exact top-k of TIES (a replay of torch's unstable sort), compiled or numpy
     numeric.py, host.py float32 steps rounded like torch's; what the host backends share
@@ -49,7 +53,7 @@ def compute(tensors: list, p: dict, permute=None):
 
     from surgery.core.devices import current_device
     from surgery.io.safetensors import st_dtype
-    from surgery.merge.table import choose, mergekit_parameters
+    from surgery.merge.table import choose, run
 
     buffer = copy_non_floating_buffer(tensors, p["name"])
     if buffer is not None:
@@ -62,7 +66,7 @@ def compute(tensors: list, p: dict, permute=None):
     if permute is not None:
         tensors = permute(tensors)
     backend = choose(p, [st_dtype(t.dtype) for t in tensors], device, host=False)
-    return backend.kernel(tensors, p, mergekit_parameters(p))
+    return run(backend, tensors, p, device)
 
 
 def result_dtype(params: dict, stored: tuple[str, ...]) -> str | None:

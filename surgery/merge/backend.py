@@ -19,7 +19,9 @@ class Backend:
 
     ``kernel``: for host backends ``kernel(params, dtype, stored) -> core.graph.HostKernel`` (``dtype``: the merge
     dtype, ``stored``: the inputs' safetensors dtypes); for torch and mergekit ``kernel(tensors, params,
-    parameters) -> tensor`` (``parameters``: mergekit's form, ``mergekit_parameters``)."""
+    parameters) -> tensor`` (``parameters``: mergekit's form, ``mergekit_parameters``). A ``wraps`` backend (LiNeS,
+    consensus) post-processes its node's ``base_method``: ``table.run`` computes that method first, by its own
+    backend, and calls ``kernel(tensors, params, merged)``."""
 
     method: str
     name: str                       # "compiled", "numpy", "torch" or "mergekit"
@@ -30,6 +32,7 @@ class Backend:
     needs: tuple[str, ...] = ()     # compiled modules (``native``) it needs
     when: Callable[[dict, str | None], bool] = _always  # other conditions on the node's parameters
     note: str = ""                  # what the conditions are, for the printed table
+    wraps: bool = False             # takes the result of the node's base_method (``table.run``)
 
     @property
     def host(self) -> bool:

@@ -46,6 +46,9 @@ class Spec:
     parameters: tuple[Param, ...]
     base: str                  # "ignored", "required", "optional" or "forbidden" (mergekit's BasePolicy values)
     validate_inputs: Callable[[list, Any], None]
+    mergekit: bool = True      # False: a method of surgery's own (no mergekit kernel to fall back on)
+    base_methods: tuple[str, ...] = ()  # a wrapper method: the values its ``base_method`` may take
+    own: tuple[str, ...] = ()  # a wrapper's own parameters; the others pass through to its base method
 
     @property
     def shared(self) -> list[Param]:
@@ -83,11 +86,42 @@ def _task_arithmetic_params(normalize: bool) -> tuple[Param, ...]:
             Param("weight", float, "non_base"), Param("density", float, "non_base", 1.0))
 
 
+_GTA = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+        "della_linear")
+# the pass-through parameters that only some base methods take (mergekit 0.1.5; every other one all of _GTA
+# take); tests/merge/test_lines.py checks these names against mergekit's registry
+_ONLY = {"gamma": ("breadcrumbs", "breadcrumbs_ties"), "epsilon": ("della", "della_linear")}
+
+
+def _own(name: str, params: tuple[Param, ...], base_methods: tuple[str, ...] = ()) -> Spec:
+    """A method of surgery's own (surgery/merge/<module>.py); a wrapper (``base_methods``) also takes its base
+    methods' parameters, unset (None) meaning that method's default (``task_vectors.base_node``)."""
+    own = tuple(p.name for p in params)
+    if base_methods:
+        optional = float | None
+        passed = (Param("weight", float, "non_base"), Param("density", optional, "non_base", None),
+                  Param("gamma", optional, "non_base", None), Param("epsilon", optional, "non_base", None),
+                  Param("normalize", bool | None, "shared", None), Param("int8_mask", bool | None, "shared", None),
+                  Param("rescale", bool | None, "shared", None), Param("lambda", optional, "shared", None))
+        params += (Param("base_method", str, "shared", base_methods[0]),) + tuple(
+            p for p in passed if p.name not in _ONLY or set(_ONLY[p.name]) & set(base_methods))
+        own += ("base_method",)
+    return Spec(name, params, "required", _contract("required"), mergekit=False, base_methods=base_methods, own=own)
+
+
 LOCAL = {
     "linear": Spec("linear", (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
                    "ignored", _contract("ignored")),
     "task_arithmetic": Spec("task_arithmetic", _task_arithmetic_params(False), "required", _contract("required")),
     "ties": Spec("ties", _task_arithmetic_params(True), "required", _contract("required")),
+    # surgery's own methods (not in mergekit): surgery/merge/tsv_m.py, iso.py, lines.py, consensus.py
+    "tsv_m": _own("tsv_m", (Param("alpha", float, "shared", 1.0), Param("rank_fraction", float | None, "shared",
+                                                                        None))),
+    "iso_c": _own("iso_c", (Param("alpha", float, "shared", 1.0),)),
+    "iso_cts": _own("iso_cts", (Param("alpha", float, "shared", 1.0), Param("common_fraction", float, "shared", 0.8))),
+    "lines": _own("lines", (Param("alpha", float, "shared", 0.0), Param("beta", float, "shared", 1.0)), _GTA),
+    "consensus": _own("consensus", (Param("k", int, "shared", 2), Param("mask_lambda", float, "shared", 0.6)),
+                      ("task_arithmetic", "ties")),
 }
 
 
@@ -95,7 +129,8 @@ def all_parameter_names() -> set[str]:
     """Every parameter name some registered merge method takes."""
     from mergekit import merge_methods
 
-    return {p.name for m in merge_methods.registered_methods() for p in m.spec.parameters}
+    return ({p.name for m in merge_methods.registered_methods() for p in m.spec.parameters}
+            | {p.name for s in LOCAL.values() for p in s.parameters})
 
 
 def method_names() -> list[str]:
@@ -110,10 +145,10 @@ def get_method(name: str):
 
     from surgery.errors import SurgeryError
 
-    names = method_names()
+    names = method_names() + [m for m, s in LOCAL.items() if not s.mergekit]
     if name not in names:
         raise SurgeryError(f"unknown merge method {name!r}" + did_you_mean(name, names)
-                           + f" (mergekit methods: {', '.join(sorted(names))})")
+                           + f" (methods: {', '.join(sorted(names))})")
     return merge_methods.get(name)
 
 

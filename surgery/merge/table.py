@@ -13,7 +13,7 @@ the backend level allows (``surgery run --backend``, ``core.devices``).
 from __future__ import annotations
 
 from surgery.core import devices
-from surgery.merge import gta, linear, mergekit_kernel, task_arithmetic, ties
+from surgery.merge import consensus, gta, iso, lines, linear, mergekit_kernel, task_arithmetic, ties, tsv_m
 from surgery.merge.backend import Backend
 from surgery.merge.numeric import merge_dtype
 
@@ -22,12 +22,21 @@ LEVELS = {"auto": ("compiled", "numpy", "torch", "mergekit"), "numpy": ("numpy",
 TABLE: dict[str, tuple[Backend, ...]] = {
     "linear": linear.BACKENDS, "task_arithmetic": task_arithmetic.BACKENDS, "ties": ties.BACKENDS,
     "breadcrumbs": gta.BACKENDS, "breadcrumbs_ties": gta.BACKENDS,
+    "tsv_m": tsv_m.BACKENDS,
+    "iso_c": iso.BACKENDS_C,
+    "iso_cts": iso.BACKENDS_CTS,
+    "lines": lines.BACKENDS,
+    "consensus": consensus.BACKENDS,
 }
 
 
 def rows(method: str) -> tuple[Backend, ...]:
-    """Every backend of ``method``, in the order ``choose`` tries them."""
-    return TABLE.get(method, ()) + (mergekit_kernel.backend(method),)
+    """Every backend of ``method``, in the order ``choose`` tries them (mergekit's kernel last, for the methods
+    mergekit has)."""
+    from surgery.merge.specs import LOCAL
+
+    own = TABLE.get(method, ())
+    return own if method in LOCAL and not LOCAL[method].mergekit else own + (mergekit_kernel.backend(method),)
 
 
 def choose(params: dict, stored: list[str], device: str = "cpu", *, host: bool = True) -> Backend:
@@ -37,7 +46,10 @@ def choose(params: dict, stored: list[str], device: str = "cpu", *, host: bool =
     allowed = LEVELS[devices.backend()]
     dtype = merge_dtype(params, stored)
     kind = device.split(":")[0]
-    for b in rows(params["method"]):
+    candidates = rows(params["method"])
+    if candidates[-1].name != "mergekit":  # a method mergekit lacks: its torch backend whatever the level
+        allowed = allowed + ("torch",)
+    for b in candidates:
         if b.name not in allowed or kind not in b.devices and b.devices != ("*",):
             continue
         if b.host and (not host or kind != "cpu" or dtype is None or params.get("vocab") is not None):
@@ -45,13 +57,28 @@ def choose(params: dict, stored: list[str], device: str = "cpu", *, host: bool =
         if (b.dtypes and dtype not in b.dtypes) or not b.when(params, dtype) or not b.available():
             continue
         return b
-    raise AssertionError(f"no backend for {params['method']}: mergekit's own kernel takes every node")
+    raise AssertionError(f"no backend for {params['method']}: mergekit's own kernel takes every node of its methods, "
+                         "and surgery's own methods have a torch backend on every device")
+
+
+def run(backend: Backend, tensors: list, p: dict, device: str = "cpu"):
+    """``backend`` on torch tensors; a wrapping backend gets its base method's result, computed first by the
+    backend ``choose`` picks for that method."""
+    if backend.wraps:
+        from surgery.io.safetensors import st_dtype
+        from surgery.merge.task_vectors import base_node
+
+        node = base_node(p)
+        inner = choose(node, [st_dtype(t.dtype) for t in tensors], device, host=False)
+        return backend.kernel(tensors, p, run(inner, tensors, node, device))
+    return backend.kernel(tensors, p, mergekit_parameters(p))
 
 
 def describe() -> list[dict]:
     """The table, one dict a row, for ``surgery backends`` and the docs."""
     out = []
-    for method in ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "any other"):
+    for method in ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "tsv_m", "iso_c", "iso_cts",
+                   "lines", "consensus", "any other"):
         for b in rows(method):
             out.append({"method": method, "backend": b.name, "dtypes": ", ".join(b.dtypes) or "any",
                         "devices": "any" if b.devices == ("*",) else ", ".join(b.devices), "exact": b.exact,

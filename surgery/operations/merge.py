@@ -204,10 +204,12 @@ def _plan_merge(ctx, op: Merge) -> None:
     per_model = {m: _parse_settings(ctx, op.model_parameters(m), [p.name for p in input_specs],
                                     ("models", m), op.method, {p.name for p in shared_specs})
                  for m in op.model_names()}
+    if spec.base_methods:
+        _check_base_method(ctx, op, spec, shared, per_model)
     base_index = names.index(op.base) if op.base and spec.base != "ignored" else None
     defaults = {p.name: p.default for p in spec.parameters if not p.required}
     seed = ctx.recipe.seed
-    random = op.method in RANDOM_METHODS
+    random = op.method in RANDOM_METHODS or shared.get("base_method") in RANDOM_METHODS
     if random and seed is None:
         ctx.annotations.append(f"{ctx.path[2]} #{ctx.path[1] + 1} ({op.method}) is random and no seed is set: "
                                "results differ between runs (set 'seed:' or --random-seed)")
@@ -249,7 +251,24 @@ def _plan_merge(ctx, op: Merge) -> None:
             if key not in result_dtypes:
                 result_dtypes[key] = merge.result_dtype(params, stored)
             params["out_dtype"] = result_dtypes[key]
+        if not spec.mergekit:  # surgery's own methods: the SVD ones merge block matrices, LiNeS scales by depth
+            params.update(layer=e.info.layer, layers=ctx.n_layers)
         ctx.assign(e, Node("mergekit", refs, params))
+
+
+def _check_base_method(ctx, op: Merge, spec, shared: dict, per_model: dict) -> None:
+    """A wrapper method (lines, consensus): ``base_method`` is one it can run, and every parameter given that is
+    not the wrapper's own is one the base method takes."""
+    base = shared.get("base_method", spec.base_methods[0])
+    if not isinstance(base, str) or base not in spec.base_methods:
+        raise ctx.error(("parameters", "base_method"), f"base_method of {op.method} must be one of "
+                        f"{', '.join(spec.base_methods)} (got {base!r})" + did_you_mean(str(base), spec.base_methods))
+    takes = [p.name for p in spec_of(base).parameters]
+    given = [(("parameters", k), k) for k in shared] + [(("models", m, k), k) for m, v in per_model.items() for k in v]
+    for path, key in given:
+        if key not in spec.own and key not in takes:
+            raise ctx.error(path, f"parameter {key!r} is not one of base_method {base}'s ({base} takes: "
+                                  f"{', '.join(takes)}; {op.method} itself takes: {', '.join(spec.own)})")
 
 
 def use_fast_kernels(recipe):

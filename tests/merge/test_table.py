@@ -77,3 +77,25 @@ def test_surgery_backends_prints_the_table():
                                                           ("ties", "torch"), ("any other", "mergekit")}
     text = run_cli("backends").stdout.splitlines()
     assert text[0].split()[:3] == ["method", "backend", "dtypes"] and len(text) == len(rows) + 1
+
+
+def test_surgerys_own_methods_have_no_mergekit_row_and_are_listed():
+    from surgery.merge import table
+
+    own = ("tsv_m", "iso_c", "iso_cts", "lines", "consensus")
+    for method in own:
+        assert [b.name for b in table.rows(method)] == ["torch"], method
+        assert table.choose({"method": method, "dtype": None, "shared": {}}, ["BF16"]).method == method
+    assert table.rows("ties")[-1].name == "mergekit"
+    listed = {r["method"]: r["backend"] for r in table.describe()}
+    assert all(listed[m] == "torch" for m in own)
+    assert [b.wraps for m in own for b in table.rows(m)] == [False, False, False, True, True]
+
+
+def test_backend_mergekit_still_computes_surgerys_own_methods_and_their_base_by_mergekit(monkeypatch):
+    from surgery.core import devices
+    from surgery.merge import table
+
+    monkeypatch.setattr(devices, "backend", lambda: "mergekit")
+    assert table.choose({"method": "tsv_m", "dtype": None, "shared": {}}, ["BF16"]).name == "torch"
+    assert table.choose({"method": "ties", "dtype": None, "shared": {}}, ["BF16"]).name == "mergekit"

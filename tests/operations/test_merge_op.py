@@ -150,7 +150,7 @@ def test_bad_merge_operation_cli_is_one_line(family, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         f"error: {path}:8: operations.0.merge.method: unknown merge method 'dare_tie'; did you mean 'dare_ties'? "
-        "(mergekit methods: " + r.stderr.split("(mergekit methods: ")[1].strip()]
+        "(methods: " + r.stderr.split("(methods: ")[1].strip()]
     assert not (tmp_path / "o").exists()
 
 
