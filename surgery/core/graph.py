@@ -64,6 +64,10 @@ class Op:
     # out) -> the non-finite count, or None where it does not apply (then numpy on float32 arrays); read_raws()
     # returns the arguments' stored bytes (uint8 arrays), called only where it applies
     numpy_stored: Callable[[Callable, dict, list, str, Any], int | None] | None = None
+    # raw ops whose numpy kernel needs whole tensors: numpy_prepare(read, params, stored_dtypes, shape) makes its
+    # whole-tensor passes over row blocks (read(i, (a, b)): the stored bytes of rows a:b of argument i) and returns
+    # a kernel f(float32 arrays, rows) for row blocks, or None (then the whole-tensor kernel runs)
+    numpy_prepare: Callable[[Callable, dict, list, tuple], Callable | None] | None = None
 
 
 OPS: dict[str, Op] = {}

@@ -15,7 +15,8 @@ torch may differ, so runs that allow non-finite values take the torch path.
 ``SURGERY_NUMPY=0`` in the environment turns this path off (for comparisons; the bytes are the same).
 
 The tensor is computed in row blocks (``HOST_BLOCK_BYTES`` of float32 per input), so memory holds the output
-and one block of each input.
+and one block of each input; a whole-tensor kernel (TIES) first makes its own passes over row blocks
+(``Op.numpy_prepare``, ``operations.ties_stream``) where it has them.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def compute(entry, inputs):
     raw = OPS[node.op] if isinstance(node, Node) and OPS[node.op].raw else None
     # a raw op's numpy kernel returns values of its own result dtype (``out_dtype``, as plan.py reads it)
     exact = raw is not None and node.params.get("out_dtype") == entry.dtype
+    prepared = _prepare(raw, node, inputs, shape)
 
     def block(rows):
         a, b = rows
@@ -98,12 +100,15 @@ def compute(entry, inputs):
             if bad is not None:
                 return bad, 0
         with np.errstate(all="ignore"):  # overflow is counted and refused below, as on the torch path
-            values = evaluate(node, lambda ref: to_float32(stored_bytes(ref), _stored(inputs, ref)),
-                              lambda ref: _stored(inputs, ref))
+            if prepared is not None:
+                values = prepared([to_float32(stored_bytes(r), _stored(inputs, r)) for r in node.args], rows)
+            else:
+                values = evaluate(node, lambda ref: to_float32(stored_bytes(ref), _stored(inputs, ref)),
+                                  lambda ref: _stored(inputs, ref))
             from_float32(values.reshape(b - a, -1), entry.dtype, flat[a:b], exact)
             return finite.count_nonfinite(values), finite.count_over_range(entry, values)
 
-    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES)) if _blockwise(node) else [(0, flat.shape[0])]
+    blocks = list(row_blocks(shape, HOST_BLOCK_BYTES)) if prepared or _blockwise(node) else [(0, flat.shape[0])]
     counts = [block(blocks[0])]  # the first block alone: it opens the input files
     if len(blocks) > 1:
         counts += _pool().map(block, blocks[1:]) if host_threads() > 1 else map(block, blocks[1:])
@@ -113,6 +118,16 @@ def compute(entry, inputs):
     if over_range:
         raise finite.over_range_error(entry, over_range)
     return out
+
+
+def _prepare(raw, node, inputs, shape):
+    """A whole-tensor raw op's passes over row blocks (``Op.numpy_prepare``: TIES's streamed top-k), giving a
+    kernel for row blocks; None where the op has none or it does not apply."""
+    if raw is None or raw.numpy_prepare is None or not shape or _blockwise(node):
+        return None
+    args = node.args
+    return raw.numpy_prepare(lambda i, rows: read(inputs[args[i].input], args[i].name, rows), node.params,
+                             [_stored(inputs, r) for r in args], shape)
 
 
 _POOL = None

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.core.devices import current_device
 from surgery.core.graph import Node, Op, same_shapes, register
-from surgery.operations import merge_numpy  # no heavy imports: numpy and the kernels load when a merge computes
+from surgery.operations import merge_numpy, ties_stream  # no heavy imports: numpy and the kernels load when a merge computes
 from surgery.operations.merge_checks import all_parameter_names, check_architectures
 from surgery.operations.merge_specs import spec_of
 from surgery.operations.vocab import vocab_params
@@ -246,7 +246,7 @@ def _shape(shapes: list[tuple], params: dict) -> tuple:
 
 register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, numpy=merge_numpy.compute,
                         numpy_when=merge_numpy.supports, numpy_elementwise=merge_numpy.elementwise,
-                        numpy_stored=merge_numpy.compute_stored))
+                        numpy_stored=merge_numpy.compute_stored, numpy_prepare=ties_stream.prepare))
 
 
 # ---------------------------------------------------------------------------- planner
