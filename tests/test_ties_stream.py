@@ -168,41 +168,39 @@ def test_a_run_writes_the_same_bytes_streamed(family, tmp_path, monkeypatch, sma
 
 
 MEMORY = """
-import json, resource, sys, numpy as np
+import json, resource, sys, time
 from surgery.operations import ties_stream
 ties_stream.MIN_ENTRIES = 0 if sys.argv[1] == "streamed" else 1 << 40
-ties_stream.BUDGET = 1 << 20
-from surgery.core import host_math
-from surgery.core.plan import Plan
+ties_stream.BUDGET = 4 << 20
 import surgery
+start = time.perf_counter()
 surgery.run(json.loads(sys.argv[2]), sys.argv[3])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
 @pytest.mark.slow
 def test_memory_is_bounded_by_blocks_not_by_the_tensor(tmp_path):
-    from safetensors.numpy import save_file
+    from safetensors.torch import save_file
 
     rows, cols = 8192, 4096  # 32M entries: 64 MB per bfloat16 input, 128 MB of float32
-    g = np.random.default_rng(0)
-    base = (g.standard_normal((rows, cols), dtype=np.float32) * 0.02).view(np.uint32) >> 16
-    paths = {}
+    base = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    recipe = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "dtype": "bfloat16", "models": []}
     for name, seed in (("base", 0), ("a", 1), ("b", 2)):
-        x = base if name == "base" else base + np.random.default_rng(seed).integers(-3, 4, base.shape)
-        paths[name] = tmp_path / name
-        paths[name].mkdir()
-        save_file({"w": x.astype(np.uint16).view(np.float16)}, str(paths[name] / "model.safetensors"))
-    for name in paths:  # float16 views of the bits: relabel the dtype as bfloat16 in the header
-        f = paths[name] / "model.safetensors"
-        f.write_bytes(f.read_bytes().replace(b'"F16"', b'"BF16"', 1))
-    recipe = {"merge_method": "ties", "base_model": str(paths["base"]), "dtype": "bfloat16",
-              "models": [{"model": str(paths[m]), "parameters": {"weight": 0.5, "density": 0.5}} for m in "ab"]}
+        step = torch.randint(-3, 4, base.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int16)
+        x = base if name == "base" else (base.view(torch.int16) + step).view(torch.bfloat16)  # a few ulps away
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": x}, str(tmp_path / name / "model.safetensors"))
+        if name != "base":
+            recipe["models"].append({"model": str(tmp_path / name), "parameters": {"weight": 0.5, "density": 0.5}})
     peak = {}
     for how in ("streamed", "whole"):
         out = subprocess.run([sys.executable, "-c", MEMORY, how, json.dumps(recipe), str(tmp_path / how)],
-                             capture_output=True, text=True, check=True)
-        peak[how] = int(out.stdout.split()[-1]) << 10
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        seconds, rss = out.stdout.split()[-2:]
+        peak[how] = int(rss) << 10
+        print(how, seconds, "s", peak[how] >> 20, "MB")
     got, want = load(tmp_path / "streamed"), load(tmp_path / "whole")
-    assert raw_bytes(got["w"]) == raw_bytes(want["w"])
-    assert peak["streamed"] < 400 << 20 < 900 << 20 < peak["whole"], peak
+    assert raw_bytes(got["model.embed_tokens.weight"]) == raw_bytes(want["model.embed_tokens.weight"])
+    assert peak["streamed"] < 0.6 * peak["whole"], peak
