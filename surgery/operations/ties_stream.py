@@ -37,7 +37,6 @@ def prepare(read, params: dict, stored: list[str], shape: tuple):
     n = math.prod(shape)
     if params["method"] != "ties" or len(shape) < 1 or n < MIN_ENTRIES:
         return None
-    import numpy as np
 
     dtype = merge_numpy.merge_dtype(params, stored)
     at = params["base_index"]

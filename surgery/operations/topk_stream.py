@@ -154,14 +154,14 @@ class Split:
         nb = -(-self.n // COUNT_BLOCK)
         le, ge = np.zeros(nb, np.int64), np.zeros(nb, np.int64)
         for pos, keys, _ in view.fwd(0):
+            first = pos // COUNT_BLOCK  # the chunk's pieces in each count block
+            cuts = np.arange(first * COUNT_BLOCK, pos + keys.size, COUNT_BLOCK)
+            cuts[0] = pos
+            cuts -= pos
             for counts, stops in ((le, keys <= self.p), (ge, keys >= self.p)):
                 if pos == 0:
                     stops[0] = False
-                blocks = (np.flatnonzero(stops) + pos) // COUNT_BLOCK
-                if blocks.size:
-                    first = int(blocks[0])
-                    per_block = np.bincount(blocks - first)
-                    counts[first:first + per_block.size] += per_block
+                counts[first:first + cuts.size] += np.add.reduceat(stops.view(np.uint8), cuts, dtype=np.int64)
         self.cum = {"le": np.cumsum(le), "ge": np.cumsum(ge)}  # stops in blocks [0, b]
         self.total = {kind: int(c[-1]) if nb else 0 for kind, c in self.cum.items()}
         self._blocks: dict = {}
