@@ -69,11 +69,14 @@ class HostKernel:
     raw ops: values exact in the node's result dtype). ``blockwise``: whether it may run on row blocks.
     ``run_stored(read_raws, out_dtype, out)``: stored bytes in, stored bytes out (``read_raws()`` returns the
     arguments' bytes as uint8 arrays; ``out`` receives the output's) -> the count of non-finite values written,
-    or None where this form does not apply (then ``run``)."""
+    or None where this form does not apply (then ``run``). ``prepare(read, shape)``: a whole-tensor kernel's own
+    passes over row blocks (``read(i, (a, b))``: the stored bytes of rows a:b of argument i), returning a kernel
+    ``f(arrays, rows)`` for row blocks, or None (then ``run`` on the whole tensor): TIES's streamed top-k."""
 
     run: Callable[[list], Any]
     blockwise: bool = True
     run_stored: Callable[[Callable, str, Any], "int | None"] | None = None
+    prepare: Callable[[Callable, tuple], "Callable | None"] | None = None
 
 
 OPS: dict[str, Op] = {}

@@ -15,7 +15,8 @@ torch may differ, so runs that allow non-finite values take the torch path.
 ``--backend torch`` (``core.devices.backend``) turns this path off (for comparisons; the bytes are the same).
 
 The tensor is computed in row blocks (``HOST_BLOCK_BYTES`` of float32 per input), so memory holds the output
-and one block of each input.
+and one block of each input; a whole-tensor kernel (TIES) first makes its own passes over row blocks
+(``HostKernel.prepare``, ``merge.ties_stream``) where it has them.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def compute(entry, inputs):
     top: HostKernel | None = found.get(id(node)) if isinstance(node, Node) else None
     # a raw op's kernel returns values of its own result dtype (``out_dtype``, as plan.py reads it)
     exact = isinstance(node, Node) and OPS[node.op].raw and node.params.get("out_dtype") == entry.dtype
+    prepared = _prepare(top, node, inputs, shape)
 
     def block(rows):
         a, b = rows
@@ -101,11 +103,14 @@ def compute(entry, inputs):
             if bad is not None:
                 return bad, 0
         with np.errstate(all="ignore"):  # overflow is counted and refused below, as on the torch path
-            values = evaluate(node, lambda ref: to_float32(stored_bytes(ref), _stored(inputs, ref)), found)
+            if prepared is not None:
+                values = prepared([to_float32(stored_bytes(r), _stored(inputs, r)) for r in node.args], rows)
+            else:
+                values = evaluate(node, lambda ref: to_float32(stored_bytes(ref), _stored(inputs, ref)), found)
             from_float32(values.reshape(b - a, -1), entry.dtype, flat[a:b], exact)
             return finite.count_nonfinite(values), finite.count_over_range(entry, values)
 
-    blockwise = all(k.blockwise for k in found.values())
+    blockwise = prepared is not None or all(k.blockwise for k in found.values())
     blocks = list(row_blocks(shape, HOST_BLOCK_BYTES)) if blockwise else [(0, flat.shape[0])]
     counts = [block(blocks[0])]  # the first block alone: it opens the input files
     if len(blocks) > 1:
@@ -116,6 +121,15 @@ def compute(entry, inputs):
     if over_range:
         raise finite.over_range_error(entry, over_range)
     return out
+
+
+def _prepare(top, node, inputs, shape):
+    """A whole-tensor kernel's passes over row blocks (``HostKernel.prepare``: TIES's streamed top-k), giving a
+    kernel for row blocks; None where the kernel has none or it does not apply."""
+    if top is None or top.prepare is None or top.blockwise or not shape:
+        return None
+    args = node.args
+    return top.prepare(lambda i, rows: read(inputs[args[i].input], args[i].name, rows), shape)
 
 
 _POOL = None

@@ -8,11 +8,13 @@
  * segment of at most 16 entries). It reports "not exact" where introsort would heapsort (depth limit
  * 2 * floor(log2 n)) or where an unguarded scan would leave the segment.
  *
- * top_k(keys, k, mask) -> bool
+ * top_k(keys, k, mask[, depth]) -> bool
  *   keys: writable C-contiguous buffer of int16 ('h'), int32 ('i'/'l' of size 4) or float32 ('f'), no NaN;
  *         reordered in place as introsort's partitions on the path of position k leave it (the segments
  *         off that path are not sorted further).
  *   mask: writable buffer of len(keys) bytes; set to 1 at the original indices of the first k entries.
+ *   depth: introsort's depth limit left (default 2 * floor(log2 n): a whole array); a segment that partitions
+ *         streamed elsewhere have cut out (surgery.merge.ties_stream) continues with the depth they left.
  *   Returns True where the replay is exact (mask filled), False where it is not (mask undefined).
  * The GIL is released while it runs.
  */
@@ -66,7 +68,7 @@ static void *alloc_big(size_t bytes) {
 
 /* 1: exact, 0: not exact, -1: out of memory */
 #define DEFINE_TOPK(NAME, KEY, IDX)                                                                  \
-    static int NAME(KEY *v, Py_ssize_t n, Py_ssize_t k, unsigned char *mask) {                      \
+    static int NAME(KEY *v, Py_ssize_t n, Py_ssize_t k, int depth, unsigned char *mask) {           \
         IDX *perm = (IDX *)alloc_big((size_t)(n > 0 ? n : 1) * sizeof(IDX));                            \
         if (perm == NULL)                                                                           \
             return -1;                                                                              \
@@ -74,7 +76,8 @@ static void *alloc_big(size_t bytes) {
             perm[i] = (IDX)i;                                                                       \
         Py_ssize_t lo = 0, hi = n;                                                                  \
         unsigned short offl[BLOCK], offr[BLOCK];                                                    \
-        int depth = 2 * floor_log2(n);                                                              \
+        if (depth < 0)                                                                              \
+            depth = 2 * floor_log2(n); /* a whole array; else the depth left on the way to it */    \
         while (hi - lo > THRESHOLD && lo < k && k < hi) {                                           \
             if (depth == 0)                                                                         \
                 goto not_exact; /* introsort would heapsort this segment */                         \
@@ -201,7 +204,8 @@ static char key_kind(const Py_buffer *b) {
 static PyObject *top_k(PyObject *self, PyObject *args) {
     PyObject *keys_obj, *mask_obj;
     Py_ssize_t k;
-    if (!PyArg_ParseTuple(args, "OnO:top_k", &keys_obj, &k, &mask_obj))
+    int depth = -1;
+    if (!PyArg_ParseTuple(args, "OnO|i:top_k", &keys_obj, &k, &mask_obj, &depth))
         return NULL;
     Py_buffer keys, mask;
     if (PyObject_GetBuffer(keys_obj, &keys, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
@@ -226,11 +230,11 @@ static PyObject *top_k(PyObject *self, PyObject *args) {
         unsigned char *m = (unsigned char *)mask.buf;
         Py_BEGIN_ALLOW_THREADS;
         if (kind == 'h')
-            rc = wide ? topk_i16_64((int16_t *)keys.buf, n, k, m) : topk_i16_32((int16_t *)keys.buf, n, k, m);
+            rc = wide ? topk_i16_64((int16_t *)keys.buf, n, k, depth, m) : topk_i16_32((int16_t *)keys.buf, n, k, depth, m);
         else if (kind == 'i')
-            rc = wide ? topk_i32_64((int32_t *)keys.buf, n, k, m) : topk_i32_32((int32_t *)keys.buf, n, k, m);
+            rc = wide ? topk_i32_64((int32_t *)keys.buf, n, k, depth, m) : topk_i32_32((int32_t *)keys.buf, n, k, depth, m);
         else
-            rc = wide ? topk_f32_64((float *)keys.buf, n, k, m) : topk_f32_32((float *)keys.buf, n, k, m);
+            rc = wide ? topk_f32_64((float *)keys.buf, n, k, depth, m) : topk_f32_32((float *)keys.buf, n, k, depth, m);
         Py_END_ALLOW_THREADS;
         if (rc < 0)
             PyErr_NoMemory();
@@ -244,7 +248,7 @@ static PyObject *top_k(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"top_k", top_k, METH_VARARGS,
-     "top_k(keys, k, mask) -> bool\n\nMark in mask the first k entries of torch.argsort(keys, descending=True), "
+     "top_k(keys, k, mask[, depth]) -> bool\n\nMark in mask the first k entries of torch.argsort(keys, descending=True), "
      "replaying libstdc++'s introsort on the segment containing position k; keys is reordered in place. False "
      "where the replay is not exact (introsort would heapsort)."},
     {NULL, NULL, 0, NULL}};

@@ -36,7 +36,11 @@ def _compiled(params: dict, dtype: str, stored: list[str]):
         out = np.empty(xs[0].size, dtype=np.float32)
         _merge(xs, out, params, dtype)
         return out.reshape(arrays[0].shape)
-    return HostKernel(run=run, blockwise=False)  # the top-k needs whole tensors
+    def prepare(read, shape):  # huge tensors: the top-k streamed in row blocks (bounded memory, the same bytes)
+        from surgery.merge import ties_stream
+
+        return ties_stream.prepare(read, params, stored, shape)
+    return HostKernel(run=run, blockwise=False, prepare=prepare)  # the top-k needs whole tensors (or streams)
 
 
 def _merge(flat: list, out, params: dict, dtype: str) -> None:

@@ -42,11 +42,12 @@ def top_k_mask(w, k: int, *, overwrite: bool = False):
     return None if mask is None else torch.from_numpy(mask)
 
 
-def top_k_mask_numpy(keys, k: int):
+def top_k_mask_numpy(keys, k: int, depth: int = -1):
     """``top_k_mask`` on a 1-D numpy array of keys, which it may reorder: a bool array, or None where
     replaying introsort is not exact (NaNs, its heapsort fallback). int16, int32 and float32 keys go to the
     compiled kernel (``_introsort.c``) unless it is not built or the backend level is not 'auto'; others to the numpy
-    replay."""
+    replay. ``depth``: introsort's depth limit left where ``keys`` is a segment that earlier partitions cut out
+    of a larger array (``ties_stream``); -1: a whole array."""
     import numpy as np
 
     n = keys.size
@@ -61,8 +62,8 @@ def top_k_mask_numpy(keys, k: int):
     native = _native()
     if native is not None and keys.dtype in (np.int16, np.int32, np.float32):
         mask = np.empty(n, dtype=bool)
-        return mask if native.top_k(keys, k, mask) else None
-    return _replay(keys, k)
+        return mask if native.top_k(keys, k, mask, depth) else None
+    return _replay(keys, k, depth)
 
 
 def _native():
@@ -72,13 +73,14 @@ def _native():
     return native.load("_introsort")
 
 
-def _replay(vals, k: int):
+def _replay(vals, k: int, depth: int = -1):
     """The numpy replay of introsort's partitions around position k (0 < k < n); reorders vals."""
     import numpy as np
 
     n = vals.size
     perm = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # original index at each position
-    lo, hi, depth = 0, n, 2 * (n.bit_length() - 1)  # std::__lg(n) * 2
+    lo, hi = 0, n
+    depth = 2 * (n.bit_length() - 1) if depth < 0 else depth  # std::__lg(n) * 2
     while hi - lo > THRESHOLD and lo < k < hi:
         if depth == 0:
             return None  # introsort would heapsort this segment
