@@ -17,7 +17,8 @@ def converted(arrays: list, params: dict, stored: list[str], dtype: str) -> list
 
     if not params.get("dtype"):
         return arrays
-    return [a if s == dtype else round_to(a.copy(), dtype, np.empty(a.shape, np.uint32)) for a, s in zip(arrays, stored)]
+    return [a if s == dtype else round_to(a.copy(), dtype, np.empty(a.shape, np.uint32))
+            for a, s in zip(arrays, stored)]
 
 
 def flat(arrays: list) -> list:

@@ -163,6 +163,7 @@ def _is_fast(params: dict, dtype) -> bool:
 BACKENDS = (
     Backend("ties", "compiled", _compiled, dtypes=("BF16", "F32"), needs=("_elementwise", "_introsort"),
             when=_host_ok, note=f"at most {MAX_TERMS} models, kernel: exact, no rescale"),
-    Backend("ties", "torch", _fast, exact="not bitwise: entries at the threshold may differ", devices=("cpu", "cuda"), when=_is_fast, note="kernel: fast"),
+    Backend("ties", "torch", _fast, exact="not bitwise: entries at the threshold may differ", devices=("cpu", "cuda"),
+            when=_is_fast, note="kernel: fast"),
     Backend("ties", "torch", _exact, devices=("cpu", "cuda")),
 )

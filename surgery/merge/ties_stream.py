@@ -29,9 +29,9 @@ BLOCK_BYTES = 4 << 20  # float32 bytes per input and row block of the selection 
 
 
 def prepare(read, params: dict, stored: list[str], shape: tuple):
-    """``HostKernel.prepare`` of TIES's compiled backend: the per-model selections (pass 1), as a kernel ``f(arrays, rows)`` computing
-    row blocks (pass 2); None where the whole-array kernel runs instead (small tensors, NaN, a replay that is not
-    exact). ``read(i, (a, b))``: the stored bytes of rows a:b of argument i."""
+    """``HostKernel.prepare`` of TIES's compiled backend: the per-model selections (pass 1), as a kernel
+    ``f(arrays, rows)`` computing row blocks (pass 2); None where the whole-array kernel runs instead (small tensors,
+    NaN, a replay that is not exact). ``read(i, (a, b))``: the stored bytes of rows a:b of argument i."""
     from surgery.merge.numeric import merge_dtype
 
     n = math.prod(shape)

@@ -5,8 +5,8 @@ Per 2-D matrix of a transformer block: the SVD of each task's delta, keeping its
 (default 1/T of it, T the number of tasks, as the paper); the kept left and right singular vectors of all tasks,
 concatenated, are decorrelated by replacing each concatenation with its nearest orthonormal matrix (Procrustes,
 via an SVD, as the paper's reference code does); the merged delta is U_orth diag(S) V_orth^T, added to the base
-scaled by ``alpha``. Every other tensor (1-D, embeddings, lm_head): the mean of the deltas, scaled by ``alpha``. Models that left a matrix
-unchanged are not its tasks (``task_vectors.changed``).
+scaled by ``alpha``. Every other tensor (1-D, embeddings, lm_head): the mean of the deltas, scaled by ``alpha``.
+Models that left a matrix unchanged are not its tasks (``task_vectors.changed``).
 
 float32 SVD (torch.linalg.svd), on the node's device; memory: the T deltas and their factors, bounded by the
 tensor. tests/merge/test_tsv_m.py checks it against the formula to 1e-5 relative.

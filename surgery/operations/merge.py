@@ -41,7 +41,8 @@ class Merge(Operation):
     op_name: ClassVar[str] = "merge"
 
     method: str = Field(description="mergekit merge method: linear, slerp, ties, dare_ties, ... "
-                                    "(`python -c 'import mergekit.merge_methods as m; print([x.spec.name for x in m.registered_methods()])'`).")
+                                    "(`python -c 'import mergekit.merge_methods as m; print([x.spec.name for x in "
+                                    "m.registered_methods()])'`).")
     models: Union[list[str], dict[str, Union[dict[str, Any], None]]] = Field(
         description="Inputs to merge, in order: a list of names, or name -> per-model parameters "
                     "({weight: 0.5, density: [0.3, 0.7]}).")

@@ -21,14 +21,16 @@ def ad(tmp_path_factory):
         return LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw)
 
     p["lora_full"] = make_adapter(base, root / "lora_full", lora(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"],
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
         rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3}), 1)
     p["lora_rs"] = make_adapter(base, root / "lora_rs", lora(r=8, lora_alpha=4, use_rslora=True,
                                                              target_modules=["k_proj", "o_proj", "up_proj"]), 2)
     for i, name in enumerate(["task", "tgt", "src"]):
         p[f"lora_{name}"] = make_adapter(base, root / f"lora_{name}", lora(
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]), 10 + i)
-    p["lora_lang2"] = make_adapter(base, root / "lora_lang2", lora(r=2, lora_alpha=2, target_modules=["q_proj", "up_proj"]), 20)
+    p["lora_lang2"] = make_adapter(base, root / "lora_lang2",
+                                   lora(r=2, lora_alpha=2, target_modules=["q_proj", "up_proj"]), 20)
     for i, name in enumerate(["task", "tgt", "src"]):
         p[f"ia3_{name}"] = make_adapter(base, root / f"ia3_{name}", IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],

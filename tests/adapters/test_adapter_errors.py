@@ -76,7 +76,8 @@ def test_recipe_errors_for_adapters(ad, tmp_path):
     with pytest.raises(SurgeryError, match="input 'base' is a checkpoint, not an adapter"):
         build_plan(load_recipe({"inputs": inputs, "operations": [{"apply_adapters": {"adapters": ["base"]}}]}))
     with pytest.raises(SurgeryError, match=r"an \(IA\)³ adapter cannot be weighted"):
-        build_plan(load_recipe({"inputs": inputs, "operations": [{"apply_adapters": {"adapters": ["i"], "weights": [2]}}]}))
+        build_plan(load_recipe({"inputs": inputs,
+                                "operations": [{"apply_adapters": {"adapters": ["i"], "weights": [2]}}]}))
     mixed = {**_adamergex_inputs(ad, "lora"), "tgt": {"adapter": str(ad["ia3_tgt"]), "base": "base"}}
     with pytest.raises(SurgeryError, match="AdaMergeX needs adapters of one type"):
         build_plan(load_recipe({"inputs": mixed, "operations": _ops(1.0)}))

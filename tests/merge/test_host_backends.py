@@ -15,7 +15,6 @@ from surgery.core import host_math
 from surgery.merge import native, topk
 from surgery.merge.numeric import exact_product, merge_dtype
 from surgery.merge.specs import LOCAL, REQUIRED, from_mergekit, get_method, method_names
-from surgery.merge.table import choose
 from surgery.operations.merge import _compute
 
 
@@ -267,8 +266,8 @@ def test_nan_is_refused_like_on_the_torch_path(family, tmp_path, monkeypatch, me
 def test_conversions_and_promotion_are_mergekit(method, stored, dtype, monkeypatch, impl):
     ids = ["a", "b", "base"]
     tensors = [hard_values(3001, seed=20 + i, dtype="F16").to(TORCH[s]) for i, s in enumerate(stored)]
-    p = params(method, ids, ([1.0, -1.0, 1.0] if method == "linear" else [0.6, 0.4]) + ([None] if method != "linear" else []),
-               base="base" if method != "linear" else None, dtype=dtype)
+    weights = [1.0, -1.0, 1.0] if method == "linear" else [0.6, 0.4, None]
+    p = params(method, ids, weights, base="base" if method != "linear" else None, dtype=dtype)
     if not supports(p, stored):
         assert method == "linear" and dtype is None  # linear over mixed dtypes: mergekit's own kernel
         return

@@ -28,8 +28,8 @@ def test_recipe_on_the_family_scales_task_arithmetic_by_depth(family, tmp_path):
     out, inputs = run_merge(tmp_path, family, "{method: lines, base: base, models: {lang: {weight: 1.0}, "
                                               "task: {weight: 0.6}}, parameters: {alpha: 0.25, beta: 1.5}}")
     for name, t in out.items():
-        l = block(name)
-        s = 0.25 if l is None else 0.25 + 1.25 * l / (LAYERS - 1)
+        layer = block(name)
+        s = 0.25 if layer is None else 0.25 + 1.25 * layer / (LAYERS - 1)
         merged = mergekit("task_arithmetic", inputs[name], ("lang", "task"), weight={0: 1.0, 1: 0.6})
         b = inputs[name]["base"].float()
         want = (b + s * (merged.float() - b)).to(torch.bfloat16)
