@@ -25,7 +25,7 @@ removed; surgery's and mergekit's hashes are compared. Every run is appended to 
 
 Jobs (L layers; a and b are the fine-tunes, base their base):
   swap_transition  layer swap, bottom 4 and top 2 layers from b, transition 1; mergekit: linear with
-                   per-layer weights (the nearest mergekit job: compared, but not the same job)
+                   per-layer weights (the nearest mergekit job: not the same job, not compared)
   swap             the same without transition, outer tensors from b; mergekit: passthrough of slices
   linear           a, b 0.5 / 0.5
   task_arithmetic  base + 0.6 (a - base) + 0.4 (b - base)
@@ -193,9 +193,9 @@ def pick_layers(args) -> int:
     if args.layers:
         layers = args.layers
     else:
-        layers = next((n for n in range(full, 0, -1)
-                       if 4 * models.model_bytes(models.config(args.shape, n)) <= args.disk_budget * 1e9), 1)
-    need = 4 * models.model_bytes(models.config(args.shape, layers)) / 1e9
+        layers = next((n for n in range(full, 0, -1) if 4 * models.model_bytes(
+            models.config(args.shape, n, args.smoke)) <= args.disk_budget * 1e9), 1)
+    need = 4 * models.model_bytes(models.config(args.shape, layers, args.smoke)) / 1e9
     if need > args.disk_budget:
         raise SystemExit(f"--layers {layers}: 3 inputs + 1 output need {need:.1f} GB, over --disk-budget "
                          f"{args.disk_budget:g} GB")
@@ -224,6 +224,8 @@ def main() -> None:
     ap.add_argument("--mergekit-args", action="append", default=[], metavar="JOB=ARGS")
     ap.add_argument("--disk-budget", type=float, default=60.0, help="GB for 3 inputs + 1 output (default 60)")
     ap.add_argument("--warm", action="store_true", help="keep the page cache (default: dropped before each run)")
+    ap.add_argument("--smoke", action="store_true", help="1/16 of the width (same names and layout): checks the "
+                    "script end to end in minutes")
     ap.add_argument("--no-check", action="store_true", help="do not hash the outputs")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args()
@@ -234,15 +236,16 @@ def main() -> None:
     args.extra = {"surgery": dict(a.split("=", 1) for a in args.surgery_args),
                   "mergekit": dict(a.split("=", 1) for a in args.mergekit_args)}
     layers = pick_layers(args)
-    work = args.work / f"{args.shape}-{layers}"
-    results = args.results or args.work / f"results-{args.shape}-{layers}.json"
+    tag = f"{args.shape}-{layers}" + ("-smoke" if args.smoke else "")
+    work = args.work / tag
+    results = args.results or args.work / f"results-{tag}.json"
     records = json.loads(results.read_text()) if results.exists() and (args.resume or args.table) else []
-    title = f"{args.shape}, {layers} layers"
+    title = f"{args.shape}, {layers} layers" + (" (smoke: 1/16 width)" if args.smoke else "")
     if args.table:
         print_table(records, NOT_COMPARED, NO_MERGEKIT_RUN, title)
         return
     work.mkdir(parents=True, exist_ok=True)
-    cfg = models.config(args.shape, layers)
+    cfg = models.config(args.shape, layers, args.smoke)
     print(f"# {title}: 3 x {models.model_bytes(cfg) / 1e9:.2f} GB in {work}; results in {results}", flush=True)
     t = time.perf_counter()
     if not all((work / "models" / m / "done").exists() for m in ("base", "a", "b")):
@@ -250,7 +253,7 @@ def main() -> None:
         if free < 4 * models.model_bytes(cfg) / 1e9:
             raise SystemExit(f"{work}: {free:.0f} GB free, 3 inputs + 1 output need "
                              f"{4 * models.model_bytes(cfg) / 1e9:.0f} GB")
-    paths = models.generate(work / "models", args.shape, layers, log=lambda m: print(m, flush=True))
+    paths = models.generate(work / "models", cfg, log=lambda m: print(m, flush=True))
     if not any(r.get("kind") == "generate" for r in records):
         records.append({"kind": "generate", "seconds": time.perf_counter() - t, "GB": 3 * models.model_bytes(cfg) / 1e9})
     if not any(r.get("kind") == "hash" for r in records):  # surgery's input-hash cache, warmed as in bench_perf
@@ -259,7 +262,7 @@ def main() -> None:
                      "for f in sys.argv[1:]: sha256_file(f)", *files], args.warm)
         records.append({"kind": "hash", "seconds": r["wall"], "cpu": r["cpu"], "GB": r["rchar"] / 1e9})
     if not any(r.get("kind") == "disk" for r in records):
-        records.append({"kind": "disk", **disk_speed(work, args.warm)})
+        records.append({"kind": "disk", **disk_speed(work, args.warm, 1 if args.smoke else 4)})
     save(results, records)
     print(records[-1], flush=True)
     done = {(r["job"], r["tool"], r["rep"]) for r in records if r.get("kind") == "run"}

@@ -30,7 +30,15 @@ CHUNK = 1 << 25  # entries per chunk (64 MB of bf16)
 POOL = 1 << 25
 
 
-def config(shape: str, layers: int | None) -> dict:
+SMOKE = {"8b": {"hidden_size": 256, "intermediate_size": 896, "num_attention_heads": 8, "num_key_value_heads": 2,
+                "head_dim": 32, "vocab_size": 8016},
+         "moe": {"hidden_size": 256, "intermediate_size": 768, "moe_intermediate_size": 96, "num_experts": 16,
+                 "num_experts_per_tok": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+                 "vocab_size": 9496}}
+
+
+def config(shape: str, layers: int | None, smoke: bool = False) -> dict:
+    """The shape's config.json; smoke: the same names and layout at 1/16 of the width (checks the script)."""
     if shape == "8b":
         cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
                "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
@@ -52,6 +60,8 @@ def config(shape: str, layers: int | None) -> dict:
                "use_cache": True, "use_sliding_window": False, "sliding_window": None, "max_window_layers": 48}
     else:
         raise SystemExit(f"--shape: unknown shape {shape!r} (8b, moe)")
+    if smoke:
+        cfg.update(SMOKE[shape])
     if layers is not None:
         cfg["num_hidden_layers"] = cfg["max_window_layers"] = layers
         if shape == "8b":
@@ -138,9 +148,8 @@ class Pools:
         return np.concatenate([pool[start:], pool[: n - (len(pool) - start)]])
 
 
-def generate(folder: Path, shape: str, layers: int | None, log=print) -> dict[str, Path]:
-    """base, a and b under folder (skipped when already complete); returns their paths."""
-    cfg = config(shape, layers)
+def generate(folder: Path, cfg: dict, log=print) -> dict[str, Path]:
+    """base, a and b of the config under folder (skipped when already complete); returns their paths."""
     paths = {n: folder / n for n in ("base", "a", "b")}
     if all((p / "done").exists() for p in paths.values()):
         return paths
