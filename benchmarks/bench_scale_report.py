@@ -11,6 +11,29 @@ from pathlib import Path
 TOOLS = ("surgery", "mergekit", "cat", "cp")
 
 
+def _hash(f, dtype: str, shape: list[int], start: int, end: int) -> str:
+    h = hashlib.sha1(f"{dtype}{shape}".encode())
+    f.seek(start)
+    while end > start:
+        block = f.read(min(end - start, 64 << 20))
+        h.update(block)
+        start += len(block)
+    return h.hexdigest()[:16]
+
+
+def _parts(name: str, shape: list[int]) -> list[tuple[str, list[int], int, int]]:
+    """Fused experts as transformers 5 (and mergekit 0.1.5) write them, cut into the per-expert tensors the
+    inputs hold (gate_up_proj [E, 2I, H] = gate_proj rows then up_proj rows; down_proj [E, H, I]), so that
+    outputs in either layout compare: (name, shape, first and last entry)."""
+    prefix, fused = name.rsplit(".", 1)[0], name.rsplit(".", 1)[-1]
+    if not prefix.endswith(".experts") or fused not in ("gate_up_proj", "down_proj") or len(shape) != 3:
+        return [(name, shape, 0, None)]
+    e, rows, cols = shape
+    cut = {"gate_up_proj": [("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)], "down_proj": [("down_proj", 0, rows)]}
+    return [(f"{prefix}.{k}.{proj}.weight", [hi - lo, cols], (k * rows + lo) * cols, (k * rows + hi) * cols)
+            for k in range(e) for proj, lo, hi in cut[fused]]
+
+
 def digest(folder: Path) -> dict[str, str]:
     """tensor name -> sha1 of its dtype, shape and stored bytes, over every .safetensors file in folder."""
     out = {}
@@ -20,15 +43,11 @@ def digest(folder: Path) -> dict[str, str]:
             meta = json.loads(f.read(n))
             meta.pop("__metadata__", None)
             for name, m in sorted(meta.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                h = hashlib.sha1(f"{m['dtype']}{m['shape']}".encode())
                 start, end = m["data_offsets"]
-                f.seek(8 + n + start)
-                left = end - start
-                while left:
-                    block = f.read(min(left, 64 << 20))
-                    h.update(block)
-                    left -= len(block)
-                out[name] = h.hexdigest()[:16]
+                size = 2 if m["dtype"] in ("BF16", "F16") else 4 if m["dtype"] == "F32" else None
+                for part, shape, lo, hi in _parts(name, m["shape"]) if size else [(name, m["shape"], 0, None)]:
+                    a = 8 + n + start + lo * (size or 1)
+                    out[part] = _hash(f, m["dtype"], shape, a, 8 + n + end if hi is None else 8 + n + start + hi * size)
     return out
 
 
