@@ -20,7 +20,8 @@ then runs each job round robin over the tools, each a child process with the pag
 Per run: wall and CPU time (user + sys of the child and its descendants, os.wait4), peak RSS, and the
 bytes read from and written to the disk (read_bytes / write_bytes of /proc/<pid>/io, read while the child is
 a zombie, so they include its reaped descendants). Outputs are hashed tensor by tensor (not timed) and
-removed; surgery's and mergekit's hashes are compared. Every run is appended to --results (JSON) at once;
+removed; surgery's and mergekit's hashes are compared (fused experts, as mergekit 0.1.5 writes MoE layers,
+per expert slice: bench_scale_report.digest). Every run is appended to --results (JSON) at once;
 --resume skips the runs already there, so a long benchmark can be done in parts.
 
 Jobs (L layers; a and b are the fine-tunes, base their base):
