@@ -256,7 +256,8 @@ def main() -> None:
                              f"{4 * models.model_bytes(cfg) / 1e9:.0f} GB")
     paths = models.generate(work / "models", cfg, log=lambda m: print(m, flush=True))
     if not any(r.get("kind") == "generate" for r in records):
-        records.append({"kind": "generate", "seconds": time.perf_counter() - t, "GB": 3 * models.model_bytes(cfg) / 1e9})
+        records.append({"kind": "generate", "seconds": time.perf_counter() - t,
+                        "GB": 3 * models.model_bytes(cfg) / 1e9})
     if not any(r.get("kind") == "hash" for r in records):  # surgery's input-hash cache, warmed as in bench_perf
         files = [str(f) for q in paths.values() for f in sorted(q.glob("*.safetensors"))]
         r = measure([sys.executable, "-c", "import sys; from surgery.io.checkpoint import sha256_file\n"

@@ -29,7 +29,8 @@ def _parts(name: str, shape: list[int]) -> list[tuple[str, list[int], int, int]]
     if not prefix.endswith(".experts") or fused not in ("gate_up_proj", "down_proj") or len(shape) != 3:
         return [(name, shape, 0, None)]
     e, rows, cols = shape
-    cut = {"gate_up_proj": [("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)], "down_proj": [("down_proj", 0, rows)]}
+    cut = {"gate_up_proj": [("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)],
+           "down_proj": [("down_proj", 0, rows)]}
     return [(f"{prefix}.{k}.{proj}.weight", [hi - lo, cols], (k * rows + lo) * cols, (k * rows + hi) * cols)
             for k in range(e) for proj, lo, hi in cut[fused]]
 
@@ -111,7 +112,8 @@ def print_table(records: list[dict], not_compared: dict, no_mergekit_run: dict, 
         cells += [f"{m['wall'] / s['wall']:.2f}x" if s and m else "", f"{m['cpu'] / s['cpu']:.2f}x" if s and m else ""]
         cells += [f"{c['wall']:.1f}" if c else "", f"{c['read_bytes'] / 1e9:.1f}" if c else "",
                   f"{p['wall']:.1f}" if p else ""]
-        cells += [f"{s['wall'] / c['wall']:.2f}x" if s and c else "", f"{s['wall'] / p['wall']:.2f}x" if s and p else ""]
+        cells += [f"{s['wall'] / c['wall']:.2f}x" if s and c else "",
+                  f"{s['wall'] / p['wall']:.2f}x" if s and p else ""]
         cells += [check(job, runs, not_compared, no_mergekit_run),
                   f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""]
         print("| " + " | ".join(cells) + " |")
