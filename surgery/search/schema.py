@@ -131,7 +131,8 @@ def check_fidelity(settings: SearchFile, where) -> list[float]:
     if settings.fidelity is None:
         return list(DEFAULT_FIDELITY) if settings.pruner != "none" else [1.0]
     steps = [float(f) for f in settings.fidelity]
-    if not steps or steps[-1] != 1 or any(not 0 < f <= 1 for f in steps) or any(a >= b for a, b in zip(steps, steps[1:])):
+    increasing = all(a < b for a, b in zip(steps, steps[1:]))
+    if not steps or steps[-1] != 1 or any(not 0 < f <= 1 for f in steps) or not increasing:
         raise RecipeError(f"fidelity {settings.fidelity}: expected increasing fractions in (0, 1] ending at 1, "
                           "e.g. [0.125, 0.25, 0.5, 1]", where(("fidelity",)))
     if settings.pruner != "none" and len(steps) < 2:
