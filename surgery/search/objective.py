@@ -1,12 +1,13 @@
-"""The objective of a trial: a weighted sum of metrics, measured on the recipe's in-memory model.
+"""The objective of a trial: a weighted sum of metrics, measured on the recipe's model, kept in memory.
 
     evaluate = TrialEvaluator([{"data": "texts/sw.txt", "metric": "bits_per_byte", "weight": -1}],
-                              options={"limit": 200}, base_dir=".")
-    evaluate(recipe_dict)    # {"value": -1.23, "metrics": {"texts/sw.txt": {...}}, "seconds": 0.8}
+                              options={"limit": 200}, base_dir=".", fidelity=[0.25, 1])
+    evaluate(recipe_dict)       # {"value": -1.31, "metrics": {...}, "step": 0, "fidelity": 0.25, "last": False, ...}
+    evaluate(None, step=1)      # the same trial on all the data: {"value": -1.23, ..., "last": True}
 
-Data sets are loaded once per evaluator (one per worker) and reused by every trial; each recipe is
-planned and streamed into a model by ``surgery.eval`` without writing anything. A user error in a
-trial (a configuration that cannot be planned) fails that trial, not the search.
+Data sets are loaded once per evaluator (one per worker) and reused by every trial; the worker's one model is
+patched to each recipe (``surgery.search.resident``) without writing anything. A user error in a trial (a
+configuration that cannot be planned) fails that trial, not the search.
 """
 
 from __future__ import annotations
