@@ -32,9 +32,12 @@ class Stages:
     source: str
 
 
-def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> Recipe:
-    """Parse and validate a recipe from a YAML file path, a YAML string, or a dict."""
-    recipe = read_recipe(source, base_dir=base_dir)
+def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None, mergekit_lenient: bool = False) -> Recipe:
+    """Parse and validate a recipe from a YAML file path, a YAML string, or a dict.
+
+    ``mergekit_lenient``: a mergekit config runs as mergekit runs it, its unknown keys and parameters
+    ignored with a warning (by default they are errors: a typo would silently change the merge)."""
+    recipe = read_recipe(source, base_dir=base_dir, mergekit_lenient=mergekit_lenient)
     if isinstance(recipe, Stages):
         raise RecipeError("a multi-stage mergekit config (several YAML documents): `surgery run` runs it "
                           "stage by stage; a later stage can be planned once the stages it uses are "
@@ -42,7 +45,8 @@ def load_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
     return recipe
 
 
-def read_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> Recipe | Stages:
+def read_recipe(source: str | Path | dict, *, base_dir: Path | None = None,
+                mergekit_lenient: bool = False) -> Recipe | Stages:
     """``load_recipe``, except that a multi-stage mergekit config is returned as ``Stages`` (its text, read once)
     instead of refused: what `surgery run` takes."""
     text, name, lines = None, None, {}
@@ -69,7 +73,7 @@ def read_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with 'inputs' and 'operations'", name)
     if is_mergekit_config(data):  # a mergekit config runs unchanged (see mergekit/config.py)
-        return load_mergekit(data, name, lines, text)
+        return load_mergekit(data, name, lines, text, lenient=mergekit_lenient)
     declared = data.get("inputs")
     for key, spec in (declared.items() if isinstance(declared, dict) else []):
         if isinstance(spec, dict):  # an adapter: report its own errors, not the union's
@@ -81,9 +85,10 @@ def read_recipe(source: str | Path | dict, *, base_dir: Path | None = None) -> R
     return recipe
 
 
-def load_mergekit(data: dict, source: str | None, lines: dict, text: str | None = None) -> Recipe:
+def load_mergekit(data: dict, source: str | None, lines: dict, text: str | None = None, *,
+                  lenient: bool = False) -> Recipe:
     """A mergekit config (one document) as a validated recipe; errors point at the config's own lines."""
-    data, path_map = translate(data, source, lines)
+    data, path_map = translate(data, source, lines, lenient=lenient)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:

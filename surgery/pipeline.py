@@ -3,6 +3,7 @@
     import surgery
     plan = surgery.build_plan("recipes/layer_swap.yaml")   # == surgery plan
     result = surgery.run("recipes/layer_swap.yaml", "out/")  # == surgery run
+    surgery.run("recipe.yaml", "out/", workers=2, shard_size="1GB")  # shards written by 2 local Ray workers
     result.output, result.seconds, result.total_bytes
 """
 
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery import __version__
+from surgery.core.cluster import start_ray, stop_ray
 from surgery.core.devices import resolve_device
+from surgery.core.distribute import execute_on_ray
 from surgery.core.execute import PlanReader, execute
 from surgery.core.layout import layout_data
 from surgery.core.plan import Plan, make_plan
@@ -27,6 +30,7 @@ from surgery.io.output import atomic_dir, check_target, copy_support_files, writ
 from surgery.io.reference import resolve_reference
 from surgery.operations.vocab import check_vocabulary, write_tokenizer
 from surgery.loader import Stages, load_recipe, read_recipe
+from surgery.recipe.parsing import parse_size
 from surgery.recipe.schema import Recipe
 
 MANIFEST_NAME = "surgery_manifest.json"
@@ -85,9 +89,10 @@ def extract_lora(base, tuned, out, **options):
     return extract_from_sources(base, tuned, out, inputs=input_paths([base, tuned]), **options)
 
 
-def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False) -> Plan:
+def build_plan(recipe: Recipe | str | Path | dict, *, inputs: dict | None = None, convert_bin: bool = False,
+               mergekit_lenient: bool = False) -> Plan:
     """Load the recipe if needed, open its inputs, and plan every output tensor (what `surgery plan` shows)."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, mergekit_lenient=mergekit_lenient)
     plan = make_plan(recipe, inputs or open_inputs(recipe, convert_bin=convert_bin))
     check_vocabulary(plan)
     return plan
@@ -107,7 +112,8 @@ class RunResult:
 
 def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = False, quiet: bool = True,
         convert_bin: bool = False, random_seed: int | None = None, allow_nonfinite: bool = False,
-        inputs: dict | None = None, device: str = "cpu", backend: str | None = None) -> RunResult:
+        inputs: dict | None = None, device: str = "cpu", backend: str | None = None, workers: int = 0,
+        ray_address: str | None = None, shard_size: int | str | None = None, mergekit_lenient: bool = False) -> RunResult:
     """Validate, plan and execute a recipe, writing a checkpoint to ``out`` atomically.
 
     ``random_seed`` overrides the recipe's ``seed`` (used by random merge methods). A computed tensor with
@@ -116,25 +122,41 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
     ``_run_stages``). ``device``: where merge operations compute, 'cpu' (default), 'cuda' or 'auto' (cuda
     when torch sees a GPU). ``backend``: which implementations may compute ('auto', 'numpy', 'torch' or 'mergekit';
     ``core.devices.BACKENDS``; default $SURGERY_BACKEND, else 'auto'); every level writes the same bytes.
+    ``shard_size`` overrides the recipe's ``output.shard_size``.
+    ``workers`` (a local Ray with that many CPUs) or ``ray_address`` (a running cluster: 'auto', host:port)
+    writes the output shards as Ray tasks (``core.distribute``): the same bytes as a serial run.
+    ``mergekit_lenient``: a mergekit config's unknown keys are ignored with a warning, as mergekit ignores
+    them (see ``load_recipe``).
     """
     if backend is not None:
         from surgery.core.devices import check_backend, use_backend
 
         with use_backend(check_backend(backend, "backend")):
             return run(recipe, out, force=force, quiet=quiet, convert_bin=convert_bin, random_seed=random_seed,
-                       allow_nonfinite=allow_nonfinite, inputs=inputs, device=device)
+                       allow_nonfinite=allow_nonfinite, inputs=inputs, device=device, workers=workers,
+                       ray_address=ray_address, shard_size=shard_size, mergekit_lenient=mergekit_lenient)
     start = time.perf_counter()
-    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)  # the file is read here, once
+    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe, mergekit_lenient=mergekit_lenient)
     if isinstance(recipe, Stages):  # several YAML documents: a multi-stage mergekit config
         return _run_stages(recipe.text, recipe.source, out, force=force, quiet=quiet, convert_bin=convert_bin,
-                           random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device)
+                           random_seed=random_seed, allow_nonfinite=allow_nonfinite, device=device,
+                           workers=workers, ray_address=ray_address, shard_size=shard_size,
+                           mergekit_lenient=mergekit_lenient)
     if random_seed is not None:
         recipe.seed = random_seed
+    if shard_size is not None:
+        recipe.output.shard_size = check_shard_size(shard_size)
+    if (workers or ray_address) and device != "cpu":
+        raise SurgeryError(f"--device {device}: --workers/--ray-address run on CPU only (Ray tasks get no GPU)")
     out = Path(out)
     device = resolve_device(device)
     recipe_paths = [recipe._source] if recipe._text is not None and Path(str(recipe._source)).exists() else []
     plan = build_plan(recipe, inputs=inputs, convert_bin=convert_bin)
     protected = recipe_paths + input_paths(plan.inputs.values())  # what the output must not overlap
+    cluster = None
+    if workers or ray_address:  # Ray starts before anything is written; a bad target fails before it starts
+        check_target(out, force, inputs=protected)
+        cluster = start_ray(workers, ray_address)
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1)
     try:
@@ -142,7 +164,11 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
             # hashing the inputs runs beside the tensor stream, on the other core; cancelled on an error
             hashes = {name: {f.name: pool.submit(ck.sha256, f, stop) for f in ck.files}
                       for name, ck in plan.inputs.items()}
-            shards = execute(plan, tmp, quiet=quiet, allow_nonfinite=allow_nonfinite, device=device)
+            if cluster:
+                shards = execute_on_ray(plan, tmp, cluster[0], workers=workers, quiet=quiet,
+                                        allow_nonfinite=allow_nonfinite)
+            else:
+                shards = execute(plan, tmp, quiet=quiet, allow_nonfinite=allow_nonfinite, device=device)
             write_support_files(plan, tmp)
             recipe_text = recipe.to_yaml()
             (tmp / RECIPE_NAME).write_text(recipe_text)
@@ -159,7 +185,17 @@ def run(recipe: Recipe | str | Path | dict, out: str | Path, *, force: bool = Fa
         pool.shutdown(wait=False, cancel_futures=True)
         for ck in plan.inputs.values():
             ck.close()
+        if cluster:
+            stop_ray(*cluster)
     return RunResult(out.resolve(), plan, time.perf_counter() - start, files)
+
+
+def check_shard_size(size: int | str) -> int | str:
+    try:
+        parse_size(size)
+    except ValueError as e:
+        raise SurgeryError(f"--shard-size: {e}") from None
+    return size
 
 
 def input_paths(sources) -> list[Path]:
@@ -213,6 +249,7 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
     from surgery.mergekit.multi import load_stages
 
     start = time.perf_counter()
+    lenient = options.pop("mergekit_lenient", False)
     stages = load_stages(text, source)
     on_disk = any(stage.applies_lora_to_stage() for stage in stages)
     out = Path(out)
@@ -222,7 +259,7 @@ def _run_stages(text: str, source: str, out, **options) -> RunResult:
         folders: dict[str, Path] = {}
         staged: dict[str, StageOutput] = {}  # folder -> the stage's output, in memory
         for i, stage in enumerate(stages):
-            recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text)
+            recipe = load_mergekit(stage.with_outputs(folders), source, stage.lines, text, lenient=lenient)
             opened = {n: staged[ref] for n, ref in recipe.inputs.items() if isinstance(ref, str) and ref in staged}
             inputs = open_inputs(recipe, convert_bin=options.get("convert_bin", False), opened=opened)
             if stage is stages[-1]:
@@ -285,7 +322,8 @@ def build_manifest(plan: Plan, hashes: dict, shards: list[str]) -> dict:
         "inputs": inputs,
         "config_from": plan.config_source,
         "output": {"shards": shards, "num_tensors": len(plan.entries), "total_bytes": plan.total_bytes,
-                   "dtype": plan.recipe.output.dtype or "as recipient"},
+                   "dtype": plan.recipe.output.dtype or "as recipient",
+                   "shard_size": plan.recipe.output.shard_size},  # the recipe's, or --shard-size
         "plan": plan.to_dict(),
     }
 

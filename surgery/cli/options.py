@@ -8,6 +8,11 @@ recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 convert_opt = click.option("--convert-bin", is_flag=True,
                            help="Accept pickle .bin checkpoints, converting them once with torch.load(weights_only=True).")
 
+mergekit_lenient_opt = click.option(
+    "--mergekit-lenient", is_flag=True,
+    help="Run a mergekit config as mergekit does: keys and parameters it ignores (misplaced, unknown to the "
+         "method, misspelt) are ignored with a warning instead of refused.")
+
 
 def _set_threads(ctx, param, value):
     from surgery.core.threads import set_threads

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from surgery.cli.options import (convert_opt, plan_threads_opt, push_options, recipe_arg, run_threads_opt, show_progress,
-                                 threads_opt)
+from surgery.cli.options import (convert_opt, mergekit_lenient_opt, plan_threads_opt, push_options, recipe_arg,
+                                 run_threads_opt, show_progress, threads_opt)
 from surgery.errors import SurgeryError
 
 
@@ -15,7 +15,9 @@ from surgery.errors import SurgeryError
                     "  surgery run recipe.yaml -o out/ --force --quiet --json\n"
                     "  surgery run recipe.yaml -o out/merged --push-to me/merged-model\n"
                     "  surgery run mergekit-config.yml -o out/ --random-seed 42\n"
-                    "  surgery run ties.yml -o out/ --device auto")
+                    "  surgery run published-mergekit.yml -o out/ --mergekit-lenient\n"
+                    "  surgery run ties.yml -o out/ --device auto\n"
+                    "  surgery run ties.yml -o out/ --workers 4 --shard-size 2GB")
 @recipe_arg
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -32,14 +34,21 @@ from surgery.errors import SurgeryError
                    "auto = compiled kernels, then numpy, torch, mergekit's own; numpy = no compiled kernels; torch = "
                    "no numpy math; mergekit = merge methods through mergekit's kernels only. Default: "
                    "$SURGERY_BACKEND, else auto. `surgery backends` lists them.")
+@click.option("--shard-size", metavar="SIZE", help="Maximum size of an output shard, e.g. 2GB (default: the "
+                                                    "recipe's output.shard_size, else 5GB, as huggingface_hub).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N", help="Write the output shards as Ray tasks, N at once, on "
+                                                            "a local Ray (same bytes as without).")
+@click.option("--ray-address", metavar="ADDR", help="Write the output shards as tasks of this Ray cluster ('auto' "
+                                                    "or host:port) instead; inputs and output on shared storage.")
 @convert_opt
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf values instead of refusing the output.")
+@mergekit_lenient_opt
 @run_threads_opt
 @click.option("--push-to", metavar="REPO_ID", help="After a successful run, push the output to this Hub repo "
                                                    "(see `surgery push --help`).")
 @push_options
-def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, backend, allow_nonfinite,
-        push_to, public, revision, create_pr, token):
+def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kernels, device, backend, shard_size, workers,
+        ray_address, allow_nonfinite, mergekit_lenient, push_to, public, revision, create_pr, token):
     """Execute RECIPE and write a checkpoint to OUTPUT (atomically).
 
     RECIPE may also be a mergekit config (merge_method, models/slices, ...), run unchanged.
@@ -55,10 +64,11 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
         from surgery.operations.merge import use_fast_kernels
         from surgery.loader import load_recipe
 
-        recipe = use_fast_kernels(load_recipe(recipe))
+        recipe = use_fast_kernels(load_recipe(recipe, mergekit_lenient=mergekit_lenient))
     result = run_recipe(recipe, out, force=force, quiet=not show_progress(quiet, as_json),
                         convert_bin=convert_bin, random_seed=random_seed, allow_nonfinite=allow_nonfinite,
-                        device=device, backend=backend)
+                        device=device, backend=backend, workers=workers or 0, ray_address=ray_address,
+                        shard_size=shard_size, mergekit_lenient=mergekit_lenient)
     if not quiet and not as_json:
         from surgery.io.output import format_size
 
@@ -89,26 +99,28 @@ def run(recipe, out, force, quiet, as_json, convert_bin, random_seed, fast_kerne
 @click.option("--tensors", is_flag=True, help="One line per tensor instead of per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @convert_opt
+@mergekit_lenient_opt
 @plan_threads_opt
-def plan(recipe, tensors, as_json, convert_bin):
+def plan(recipe, tensors, as_json, convert_bin, mergekit_lenient):
     """Dry run: show where every output tensor of RECIPE comes from, and with what weights."""
     from surgery.pipeline import build_plan
     from surgery.loader import load_recipe
 
-    p = build_plan(load_recipe(recipe), convert_bin=convert_bin)
+    p = build_plan(load_recipe(recipe, mergekit_lenient=mergekit_lenient), convert_bin=convert_bin)
     click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.format(tensors=tensors))
 
 
 @click.command(epilog="\b\nExample:\n  surgery validate recipes/adamergex.yaml")
 @recipe_arg
 @convert_opt
+@mergekit_lenient_opt
 @plan_threads_opt
-def validate(recipe, convert_bin):
+def validate(recipe, convert_bin, mergekit_lenient):
     """Check RECIPE: schema, inputs, layer indices, tensor names and shapes. Writes nothing."""
     from surgery.pipeline import build_plan
     from surgery.loader import load_recipe
 
-    p = build_plan(load_recipe(recipe), convert_bin=convert_bin)
+    p = build_plan(load_recipe(recipe, mergekit_lenient=mergekit_lenient), convert_bin=convert_bin)
     click.echo(f"ok: {recipe} ({len(p.recipe.operations)} operations, {len(p.entries)} output tensors)")
 
 

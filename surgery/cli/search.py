@@ -53,6 +53,7 @@ def search(search_file, out, trials, sampler, seed, workers, ray_address, storag
     Each trial fills in the search variables, plans the recipe and evaluates it in memory
     (nothing is written); identical configurations are evaluated once.
     """
+    from surgery.errors import SurgeryError
     from surgery.search.study import search as run_search
 
     result = run_search(search_file, out, trials=trials, sampler=sampler, seed=seed, workers=workers or 0,
@@ -60,8 +61,9 @@ def search(search_file, out, trials, sampler, seed, workers, ray_address, storag
                         quiet=quiet or as_json, progress=show_progress(quiet, as_json))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
-        return
-    if quiet:
+    if result.failure:  # no trial completed: exit 1 with the count and the most common error
+        raise SurgeryError(f"{result.failure} (every trial: {result.output / 'trials.csv'})")
+    if quiet or as_json:
         return
     done = sum(r["state"] == "complete" for r in result.trials)
     click.echo(f"{len(result.trials)} trials ({done} complete, {result.evaluated} evaluated now) in study "

@@ -66,53 +66,67 @@ def copy_source(e, inputs) -> tuple[Path, int, int] | None:
     return (ck.weight_map[node.name], *ck.offsets[node.name])
 
 
+def shard_specs(plan: Plan) -> tuple[list, int]:
+    """What the writer lays out in shards: ``(name, TensorMeta)`` of every output tensor in plan order, and
+    the maximum shard size. The layout (``io.writer.shard_layout``) is a function of these alone, so a
+    serial run and every Ray task of a distributed one cut the same shards."""
+    return [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries], plan.recipe.output.shard_bytes
+
+
 def execute(plan: Plan, folder: Path, *, quiet: bool = True, allow_nonfinite: bool = False,
-            device: str = "cpu") -> list[str]:
-    """Stream every planned tensor into shards in ``folder``; return the shard file names.
+            device: str = "cpu", shards: list[int] | None = None) -> list[str]:
+    """Stream every planned tensor into shards in ``folder``; return the shard file names written.
 
     ``device``: where merge operations compute ('cpu' or 'cuda', see ``core.devices.resolve_device``).
     Copied tensors are the inputs' bytes and are not checked for NaN/Inf; computed ones are.
+    ``shards``: write only these shards (indices into the layout) and no index: a part of a distributed run
+    (``core.distribute``); only the tensors of these shards are read and computed.
     """
     devices.threads_used = None  # set by compute_context when a tensor is computed
-    specs = [(e.name, TensorMeta(e.dtype, e.shape)) for e in plan.entries]
-    max_bytes = plan.recipe.output.shard_bytes
+    specs, max_bytes = shard_specs(plan)
+    with ShardedWriter(folder, specs, max_bytes, only=shards) as writer:
+        wanted = {name for _, name, _ in writer.order}
+        entries = [e for e in plan.entries if e.name in wanted]
+        _stream(entries, plan.inputs, writer, quiet, allow_nonfinite, device)
+    return writer.written
 
+
+def _stream(entries: list, inputs: dict, writer: ShardedWriter, quiet: bool, allow_nonfinite: bool,
+            device: str) -> None:
     # Writing (dtype cast + disk; copies by the kernel) runs on one I/O thread, in plan order, while this thread
     # computes the next tensors: copies queue without limit (they hold no memory), computed tensors up to
     # PENDING_BYTES (at least one). Reading the inputs of the next tensor computed with torch overlaps computing
     # this one.
-    sources = [copy_source(e, plan.inputs) for e in plan.entries]
-    kinds = ["copy" if src else _kind(e, plan.inputs, device, allow_nonfinite) for e, src in zip(plan.entries, sources)]
+    sources = [copy_source(e, inputs) for e in entries]
+    kinds = ["copy" if src else _kind(e, inputs, device, allow_nonfinite) for e, src in zip(entries, sources)]
     torch_at = [i for i, k in enumerate(kinds) if k == "torch"]
     if "host" in kinds or torch_at:
         devices.keep_freed_memory()  # computed tensors allocate and free buffers of a few sizes, over and over
     if "host" in kinds:  # import numpy while the copies before the first computed tensor run
         threading.Thread(target=importlib.import_module, args=("numpy",), daemon=True).start()
     following = dict(zip(torch_at, torch_at[1:]))  # torch entry -> the next one
-    with ShardedWriter(folder, specs, max_bytes) as writer, ThreadPoolExecutor(max_workers=1) as io, \
-            ThreadPoolExecutor(max_workers=1) as reader, ExitStack() as stack, \
-            _progress(plan.total_bytes, quiet) as bar:
+    with ThreadPoolExecutor(max_workers=1) as io, ThreadPoolExecutor(max_workers=1) as reader, ExitStack() as stack, \
+            _progress(sum(e.nbytes for e in entries), quiet) as bar:
         pending, prefetched = _Pending(), {}
-        for i, e in enumerate(plan.entries):
+        for i, e in enumerate(entries):
             kind = kinds[i]
             if kind == "copy":
                 job = (writer.copy, e.name, *sources[i])
             elif kind == "host":  # numpy and compiled kernels (core.host_math): the same bytes without torch
-                job = (writer.write, e.name, host_math.compute(e, plan.inputs))
+                job = (writer.write, e.name, host_math.compute(e, inputs))
             else:
                 if devices.threads_used is None:  # torch: for the first tensor that needs it
                     stack.enter_context(compute_context(device))
                 reads = prefetched.pop(i, None)
                 nxt = following.get(i)
-                if nxt is not None and _prefetchable(plan.entries[nxt], plan.inputs):
-                    prefetched[nxt] = reader.submit(_read_leaves, plan.entries[nxt], plan.inputs)
-                job = (_write, writer, e.name, compute(e, plan.inputs, allow_nonfinite=allow_nonfinite,
+                if nxt is not None and _prefetchable(entries[nxt], inputs):
+                    prefetched[nxt] = reader.submit(_read_leaves, entries[nxt], inputs)
+                job = (_write, writer, e.name, compute(e, inputs, allow_nonfinite=allow_nonfinite,
                                                        leaves=reads.result() if reads else None))
             pending.add(io.submit(*job), e.nbytes if kind != "copy" else 0)
             del job
             bar.update(e.nbytes)
         pending.drain(0)
-        return list(writer.files)
 
 
 PENDING_BYTES = 256 << 20  # computed bytes that may wait for the writer

@@ -115,6 +115,7 @@ class Context:
         self.layer_sources = layer_sources or [{} for _ in layer_map]
         self.annotations = plan_annotations
         self.selections: list[dict] = []  # full records of what operations selected (Plan.selections)
+        self.skipped: set[str] = set()    # operations whose selection matched nothing and says `missing: skip`
         self.path: tuple = ()
         self.expert_slices: dict[str, list[int]] = {}  # stacked-experts tensor -> the experts the last select chose
 
@@ -178,12 +179,13 @@ class Context:
                              + f" (kinds: {', '.join(MODULE_KINDS)}; groups: {', '.join(MODULE_GROUPS)})")
         names = [_name_matcher(p) for p in sel.names or []]
         exclude = [_name_matcher(p) for p in sel.exclude or []]
+        strict = not self.partial and sel.missing == "error"
         for i, (pattern, m) in enumerate(zip(sel.names or [], names) if not self.partial else ()):
             if not any(m(e.name) for e in self.entries):
-                raise self.nothing_selected(field_path + ("names", i), f"no tensor name matches {pattern!r}")
+                self.missing(strict, field_path + ("names", i), f"no tensor name matches {pattern!r}")
         for kind in sorted(modules) if not self.partial else ():
             if not any(e.info.kind == kind or e.info.group == kind for e in self.entries):
-                raise self.nothing_selected(field_path + ("modules",), f"the model has no {kind!r} tensor")
+                self.missing(strict, field_path + ("modules",), f"the model has no {kind!r} tensor")
         out = []
         for e in self.entries:
             i = e.info
@@ -202,8 +204,9 @@ class Context:
                     continue
             out.append(e)
         if not out and not self.partial:
-            given = ", ".join(f"{k}: {v}" for k, v in sel.model_dump(exclude_none=True).items())
-            raise self.nothing_selected(field_path, f"no tensor matches all of {{{given}}}")
+            given = ", ".join(f"{k}: {v}" for k, v in sel.model_dump(exclude_defaults=True, exclude={"missing"}).items())
+            self.missing(strict, field_path, f"no tensor matches all of {{{given}}}")
+            self.skipped.add(self.tag)
         return out
 
     @property
@@ -222,6 +225,14 @@ class Context:
             raise self.error(field_path + (bad,), f"expert {spec[bad]} is out of range: the model has {count} "
                                                   f"experts per layer (0-{count - 1})")
         return index
+
+    def missing(self, strict: bool, field_path: tuple, what: str) -> None:
+        """A selection criterion that matches nothing: an error, or (``missing: skip``) a line of the plan."""
+        if strict:
+            raise self.nothing_selected(field_path, what)
+        if "lm_head" in what and self.tied_lm_head():
+            what = "this model ties lm_head to the embeddings (tie_word_embeddings), so it has no lm_head tensor"
+        self.annotations.append(f"{self.tag}: skipped, {what} (missing: skip)")
 
     def assign(self, entry: Entry, node, note: str = "") -> None:
         part = self.expert_slices.get(entry.name)
@@ -260,7 +271,7 @@ def make_plan(recipe: Recipe, inputs: dict[str, TensorSource]) -> Plan:
     for i, op in enumerate(recipe.operations):
         ctx.path = ("operations", i, op.op_name)
         op.plan(ctx)
-        if not any(e.rule == ctx.tag for e in entries):
+        if not any(e.rule == ctx.tag for e in entries) and ctx.tag not in ctx.skipped:
             raise ctx.error((), f"{ctx.tag} changes no tensor: nothing it selects is affected by it")
     if any(isinstance(ck, VirtualInput) for ck in inputs.values()):
         for e in entries:

@@ -258,6 +258,10 @@ class Checkpoint:
             if now != stamp:
                 raise SurgeryError(f"{path}: the file changed during the run (replaced or modified)")
 
+    def __getstate__(self) -> dict:
+        """Pickled without its open files (a Ray task reopens them on first read; the stamps still guard them)."""
+        return {**self.__dict__, "_handles": {}}
+
     def close(self) -> None:
         for f in self._handles.values():
             f.close()

@@ -49,12 +49,16 @@ class ShardedWriter:
     """Writes tensors, in the announced order, into safetensors shards plus an index."""
 
     def __init__(self, folder: Path, specs: list[tuple[str, TensorMeta]], max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, only: list[int] | None = None):
+        """``only``: write just these shards of the layout (a Ray task's part), without the index; the
+        tensors given are then those of these shards, in order."""
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards = shard_layout(specs, max_shard_bytes)
         self.files = shard_names(len(self.shards))
-        self.order = [(fi, name, meta) for fi, shard in enumerate(self.shards) for name, meta in shard]
+        self.only = only
+        self.order = [(fi, name, meta) for fi, shard in enumerate(self.shards) for name, meta in shard
+                      if only is None or fi in only]
         self.pos = 0
         self.fh = None
         self.current = -1
@@ -77,8 +81,8 @@ class ShardedWriter:
         if exc_type is None:
             if self.pos != len(self.order):
                 raise SurgeryError(f"internal: wrote {self.pos} of {len(self.order)} planned tensors")
-            if len(self.files) > 1:
-                self._write_index()
+            if len(self.files) > 1 and self.only is None:
+                write_index(self.folder, self.shards)
 
     def _open(self, fi: int) -> None:
         self._flush_run()
@@ -157,8 +161,15 @@ class ShardedWriter:
         self.fh.write(memoryview(data))
         self.pos += 1
 
-    def _write_index(self) -> None:
-        total = sum(m.nbytes for _, _, m in self.order)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {name: self.files[fi] for fi, name, _ in self.order}}
-        write_json(self.folder / INDEX_NAME, index)
+    @property
+    def written(self) -> list[str]:
+        """The shard files this writer writes."""
+        return [f for fi, f in enumerate(self.files) if self.only is None or fi in self.only]
+
+
+def write_index(folder: Path, shards: list[list[tuple[str, TensorMeta]]]) -> None:
+    """``model.safetensors.index.json`` of a shard layout, as transformers writes and reads it."""
+    files = shard_names(len(shards))
+    index = {"metadata": {"total_size": sum(m.nbytes for shard in shards for _, m in shard)},
+             "weight_map": {name: files[fi] for fi, shard in enumerate(shards) for name, _ in shard}}
+    write_json(Path(folder) / INDEX_NAME, index)

@@ -20,8 +20,12 @@ The translation is one recipe with the same meaning as mergekit-yaml's plan:
 - ``model+lora`` references become adapter inputs (the LoRA applied to its base);
 - ``tokenizer``/``tokenizer_source``/``chat_template`` become the recipe's ``tokenizer`` and
   ``chat_template`` (surgery.operations.vocab builds the tokenizer and re-indexes rows).
-Unknown keys are errors with a "did you mean" (mergekit ignores them silently); keys mergekit
-ignores that published configs carry (a top-level ``int8_mask``) are warnings.
+Unknown keys and parameters are errors with a "did you mean", or the place the key belongs
+(mergekit ignores them silently, so a typo changes the merge unnoticed); keys mergekit ignores that
+published configs carry (a top-level ``int8_mask``) are warnings. ``lenient=True`` (``surgery run
+--mergekit-lenient``) runs a config as mergekit does: every unknown key is ignored with a warning.
+A tied lm_head is skipped, as mergekit skips an optional tensor (the last slice's merge selects
+with ``missing: skip``).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from surgery.errors import RecipeError, did_you_mean
-from surgery.mergekit.refs import DTYPES, IGNORED_TOP, MOE_MESSAGE, is_moe_config, model_ref, \
-    translate_tokenizer
+from surgery.mergekit.params import chain, parse_parameters
+from surgery.mergekit.refs import DTYPES, IGNORED_TOP, MOE_MESSAGE, TOKEN_KEYS, TOKENIZER_KEYS, \
+    is_moe_config, model_ref, translate_tokenizer
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "dtype", "out_dtype", "parameters",
             "tokenizer_source", "tokenizer", "chat_template", "modules")
@@ -41,6 +46,10 @@ MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODULE_KEYS = ("models", "slices", "parameters")
+# where each key is valid, to say where a misplaced one belongs (as a person writes the YAML path)
+SCOPES = {"": TOP_KEYS, "models[]": MODEL_KEYS, "slices[]": SLICE_KEYS, "slices[].sources[]": SOURCE_KEYS,
+          "modules.default": MODULE_KEYS, "tokenizer": TOKENIZER_KEYS, "tokenizer.tokens.<token>": TOKEN_KEYS}
+LENIENT = "--mergekit-lenient ignores it too, with a warning"
 
 
 def is_mergekit_config(data) -> bool:
@@ -50,8 +59,9 @@ def is_mergekit_config(data) -> bool:
 
 
 class _Translator:
-    def __init__(self, data: dict, source: str | None, lines: dict):
-        self.data, self.source, self.lines = data, source, lines
+    def __init__(self, data: dict, source: str | None, lines: dict, lenient: bool = False):
+        self.data, self.source, self.lines, self.lenient = data, source, lines, lenient
+        self.spec = None  # the merge method's (surgery.merge.specs.Spec), once known
         self.inputs: dict[str, str] = {}   # recipe name -> model reference
         self.names: dict[str, str] = {}    # model reference -> recipe name
         self.path_map: dict[tuple, tuple] = {}
@@ -63,13 +73,23 @@ class _Translator:
         return RecipeError(message, _where(self.source, self.lines, path))
 
     def check_keys(self, d, valid, path: tuple, what: str) -> dict:
+        """``d`` without unknown keys; each is an error, or (lenient) a warning, saying where it belongs."""
         if not isinstance(d, dict):
             raise self.error(path, f"{what} must be a mapping (got {d!r})")
         for key in d:
             if key not in valid:
-                raise self.error(path + (key,), f"unknown key {key!r} in {what}" + did_you_mean(key, valid)
-                                 + f" (valid keys: {', '.join(valid)}); mergekit would silently ignore it")
-        return d
+                homes = [f"{scope}.{key}" if scope else str(key) for scope, keys in SCOPES.items()
+                         if key in keys and keys is not valid]
+                hint = (f": it belongs in {' or '.join(homes)}" if homes else did_you_mean(key, valid)
+                        + f" (valid keys: {', '.join(valid)})")
+                self.unknown(path + (key,), f"unknown key {key!r} in {what}{hint}")
+        return {k: v for k, v in d.items() if k in valid}
+
+    def unknown(self, path: tuple, message: str) -> None:
+        """Something mergekit silently ignores where it stands: an error, or (lenient) a warning."""
+        if not self.lenient:
+            raise self.error(path, f"{message}; mergekit ignores it where it stands ({LENIENT})")
+        self.warn(path, f"{message}; ignored, as mergekit ignores it where it stands")
 
     def warn(self, path: tuple, message: str) -> None:
         from surgery.recipe.locations import where as _where
@@ -117,22 +137,7 @@ class _Translator:
         return DTYPES[value]
 
     def parameters(self, params, path: tuple) -> dict:
-        if params is None:
-            return {}
-        if not isinstance(params, dict):
-            raise self.error(path, f"parameters must be a mapping of name -> value (got {params!r})")
-        for name, value in params.items():
-            conditions = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
-            for i, cond in enumerate(conditions):
-                if isinstance(cond, dict):
-                    where = path + (name,) + ((i,) if isinstance(value, list) else ())
-                    if "pattern" in cond:
-                        raise self.error(where + ("pattern",), "unknown key 'pattern' in a {value, filter} "
-                                         "condition; did you mean 'filter'? (mergekit ignores 'pattern', so this "
-                                         "condition would match every tensor)")
-                    self.check_keys(cond, ("value", "filter"), where, "a {value, filter} condition")
-                    self.require(cond, "value", where)
-        return dict(params)
+        return parse_parameters(self, params, path)
 
     def require(self, d: dict, key: str, path: tuple) -> None:
         if key not in d:
@@ -146,26 +151,24 @@ class _Translator:
         for key in [k for k in d if k in IGNORED_TOP]:
             self.warn((key,), f"top-level {key!r} is ignored, as mergekit ignores it ({IGNORED_TOP[key]})")
             d = {k: v for k, v in d.items() if k != key}
-        self.data = d
-        self.check_keys(d, TOP_KEYS, (), "a mergekit config")
+        d = self.data = self.check_keys(d, TOP_KEYS, (), "a mergekit config")
         if "merge_method" not in d:
             raise self.error((), "missing required key 'merge_method'")
         method = d["merge_method"]
+        from surgery.errors import SurgeryError
+        from surgery.merge.specs import spec_of
+
+        try:
+            spec = self.spec = spec_of(str(method))
+        except SurgeryError as e:
+            raise self.error(("merge_method",), str(e)) from None
         body, body_path, module_params = d, (), {}
         if d.get("modules") is not None:
             body, body_path, module_params = self.module(d)
         if sum(bool(d.get(k)) for k in ("models", "slices", "modules")) != 1:
             raise self.error((), "exactly one of 'models', 'slices' or 'modules' must be present")
-
-        from surgery.errors import SurgeryError
-        from surgery.merge.specs import spec_of
-
-        try:
-            spec = spec_of(str(method))
-        except SurgeryError as e:
-            raise self.error(("merge_method",), str(e)) from None
         base = self.model(d["base_model"], ("base_model",)) if d.get("base_model") is not None else None
-        global_params = _chain(module_params, self.parameters(d.get("parameters"), ("parameters",)))
+        global_params = chain(module_params, self.parameters(d.get("parameters"), ("parameters",)))
         compute_dtype, out_dtype = self.dtype("dtype"), self.dtype("out_dtype")
         common = {"method": method, **({"dtype": compute_dtype} if compute_dtype else {})}
 
@@ -278,7 +281,7 @@ class _Translator:
                     raise self.error(path + ("sources",), f"the base model {self.inputs[slice_base]!r} is not "
                                      f"among this slice's sources (merge method {common['method']!r} uses a base)")
                 slice_base = None
-            shared = _chain(self.parameters(sl.get("parameters"), path + ("parameters",)), global_params)
+            shared = chain(self.parameters(sl.get("parameters"), path + ("parameters",)), global_params)
             per_slice.append((names, params, slice_base if base_policy != "ignored" or slice_base else None,
                               shared, out_start, n, i))
             out_start += n
@@ -299,36 +302,16 @@ class _Translator:
 
         first, last = per_slice[0], per_slice[-1]
         merge(first[0], first[1], first[2], first[3], {"modules": ["embed"]}, first[6])
-        merge(last[0], last[1], last[2], last[3], {"modules": ["final_norm", "lm_head"]}, last[6])
+        merge(last[0], last[1], last[2], last[3], {"modules": ["final_norm", "lm_head"], "missing": "skip"},
+              last[6])  # a tied lm_head is no tensor: mergekit skips it (an optional weight)
         for names, params, slice_base, shared, start, n, i in per_slice:
             merge(names, params, slice_base, shared, {"layers": f"{start}-{start + n - 1}"}, i)
         return operations, stack, base or per_slice[0][0][0]
 
 
-def _chain(first: dict, then: dict) -> dict:
-    """Two parameter scopes as one: where both set a key, first's conditions come before then's.
-
-    mergekit tries scopes in order and takes the first whose filters match; a list of
-    {value, filter} conditions is tried the same way, so concatenating them is equivalent.
-    """
-    out = dict(then)
-    for key, value in first.items():
-        if key in then:
-            out[key] = _conditions(value) + _conditions(then[key])
-        else:
-            out[key] = value
-    return out
-
-
-def _conditions(value) -> list:
-    if isinstance(value, dict):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return list(value)
-    return [{"value": value}]
-
-
-def translate(data: dict, source: str | None = None, lines: dict | None = None) -> tuple[dict, dict]:
-    """A mergekit config dict -> (recipe dict, recipe path prefix -> config path) for error messages."""
-    t = _Translator(data, source, lines or {})
+def translate(data: dict, source: str | None = None, lines: dict | None = None, *,
+              lenient: bool = False) -> tuple[dict, dict]:
+    """A mergekit config dict -> (recipe dict, recipe path prefix -> config path) for error messages.
+    ``lenient``: unknown keys and parameters are ignored with a warning, as mergekit ignores them."""
+    t = _Translator(data, source, lines or {}, lenient)
     return t.translate(), t.path_map

@@ -58,6 +58,7 @@ class Select(Strict):
     names: list[str] | None = Field(None, description="Tensor-name globs ('*.mlp.*') or regexes prefixed 're:'.")
     exclude: list[str] | None = Field(None, description="Tensor-name globs or 're:' regexes to leave out.")
     experts: list[int] | None = Field(None, description="Mixture-of-experts models: expert indices ([0, 3]; negative counts from the end). Selects those experts' tensors (per-expert tensors, or their slices of a fused tensor), nothing else: not attention, norms or the router.")
+    missing: Literal["error", "skip"] = Field("error", description="A module kind or name the model lacks (a tied lm_head): 'error' (a selection that changes nothing is a mistake), or 'skip' it, as mergekit skips an optional tensor; translated mergekit configs use 'skip'.")
 
     @field_validator("names", "exclude")
     @classmethod

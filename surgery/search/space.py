@@ -179,7 +179,8 @@ def expand_layer_groups(data: dict, variables: list[Variable], sampled: dict) ->
     As in a mergekit-evolve genome's slices: the first copy applies to every tensor with group 0's
     values (so the embeddings get them); each later copy restricts itself to its group with
     ``select: {layers: 'a-b'}`` and, coming later, wins there; a last copy gives the final norm and
-    lm_head the last group's values (unless the operation selects modules itself). Returns the
+    lm_head the last group's values (unless the operation selects modules itself; a tied lm_head is no
+    tensor and is skipped, as mergekit skips it in the slices config of a genome). Returns the
     recipe data and the values of the plain variables (path -> value).
     """
     plain = {v.path: v.value(sampled[v.name]) for v in variables if not v.groups}
@@ -199,7 +200,7 @@ def expand_layer_groups(data: dict, variables: list[Variable], sampled: dict) ->
         groups = per_op[i][0].groups
         selects = [None] + [{"layers": f"{a}-{b}"} for a, b in groups[1:]]
         if len(groups) > 1 and not (body.get("select") or {}).get("modules"):
-            selects.append({"modules": ["final_norm", "lm_head"]})
+            selects.append({"modules": ["final_norm", "lm_head"], "missing": "skip"})  # a tied lm_head: none
         for g, select in enumerate(selects):
             g = min(g, len(groups) - 1)
             values = {("operations", 0) + v.path[2:]: v.value(sampled[v.param_names()[g]]) for v in per_op[i]}

@@ -7,7 +7,9 @@ The study lives in ``DIR/study.db`` (SQLite) unless ``storage`` names another SQ
 search that was killed resumes: finished trials are kept and count towards the budget; a trial that
 was running when its process died is marked failed and its parameters are queued to run again.
 A configuration whose resolved recipe was already measured is not evaluated again: the trial
-takes the earlier value (``cached_from``).
+takes the earlier value (``cached_from``). A search whose first trials all fail with one error that
+does not depend on their values stops early (surgery.search.failures); when no trial completed,
+``result.failure`` says so in one line (`surgery search` exits 1 with it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 from surgery.io.output import pid_alive
 from surgery.search.config import Search, load_search
+from surgery.search.failures import FailureWatch, failure
 from surgery.search.trials import LiveTable, SearchResult, write_results
 from surgery.search.space import recipe_hash
 
@@ -57,13 +60,16 @@ def search(search_file, out, *, trials: int | None = None, sampler: str | None =
         study.enqueue_trial(spec.initial)
     target = min(spec.trials, spec.grid_size()) if spec.sampler == "grid" else spec.trials
     pool = make_pool(spec, workers=workers, ray_address=ray_address) if count_finished(study) < target else None
+    watch = FailureWatch(spec)
     try:
-        evaluated = run_trials(study, spec, pool, target, quiet=quiet, progress=progress) if pool is not None else 0
+        evaluated = run_trials(study, spec, pool, target, quiet=quiet, progress=progress, watch=watch) \
+            if pool is not None else 0
     finally:
         if pool is not None:
             pool.close()
     result = write_results(study, spec, out, storage)
-    result.evaluated = evaluated
+    result.evaluated, result.stopped_early = evaluated, watch.stop is not None
+    result.failure = failure(result.trials, watch.stop)
     if write_best and result.best_recipe is not None:
         from surgery.pipeline import run
         from surgery.loader import load_recipe
@@ -183,10 +189,13 @@ def count_finished(study) -> int:
                or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
 
 
-def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, progress: bool = False) -> int:
-    """Ask, evaluate (fidelity step by step, asking the pruner after each) and tell until ``target`` trials
-    are finished; return how many were evaluated."""
+def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, progress: bool = False,
+               watch: FailureWatch | None = None) -> int:
+    """Ask, evaluate (fidelity step by step, asking the pruner after each) and tell until ``target`` trials are
+    finished, or ``watch`` stops the search (no new trials; those running finish); return how many were evaluated."""
     from optuna.trial import TrialState
+
+    watch = watch or FailureWatch(spec)
 
     distributions = spec.distributions()
     done = {t.user_attrs["hash"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
@@ -197,8 +206,8 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, pr
     finished, evaluated = count_finished(study), 0
     table = LiveTable(spec, total=target, done=finished, quiet=quiet, progress=progress)
     try:
-        while finished < target:
-            while finished + sum(map(len, running.values())) < target and pool.has_room():
+        while finished < target and (watch.stop is None or running):
+            while finished + sum(map(len, running.values())) < target and pool.has_room() and watch.stop is None:
                 trial = study.ask(fixed_distributions=distributions)
                 recipe = spec.resolve(trial.params)
                 key = recipe_hash(recipe)
@@ -228,7 +237,12 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, pr
                     if not outcome["last"]:
                         pool.release(key)
                 evaluated += 1
-                for trial in running.pop(key):
+                trials = running.pop(key)
+                if "error" in outcome:
+                    watch.failed(outcome["error"], trials[0].params)
+                else:
+                    watch.completed()  # measured (to the end, or pruned): the recipe evaluates
+                for trial in trials:
                     trial.set_user_attr("seconds", round(total[0], 3))  # in the worker
                     trial.set_user_attr("wall", round(total[1], 3))     # submit to result, here
                     if "error" in outcome:

@@ -29,6 +29,8 @@ class SearchResult:
     best_recipe: dict | None           # a plain recipe (best.yaml)
     evaluated: int = 0                 # trials this call evaluated (not cached, not resumed)
     files: list[str] = field(default_factory=list)
+    failure: str | None = None         # one line when trials finished and none completed (surgery.search.failures)
+    stopped_early: bool = False        # the trials failed with one error independent of their values
 
     @property
     def best_value(self) -> float | None:
@@ -37,7 +39,9 @@ class SearchResult:
     def to_dict(self) -> dict:
         return {"format": "surgery.search/1", "output": str(self.output), "study": self.study_name,
                 "storage": self.storage, "best": self.best, "best_recipe": self.best_recipe,
-                "evaluated": self.evaluated, "trials": self.trials, "files": self.files}
+                "evaluated": self.evaluated, "complete": sum(r["state"] == "complete" for r in self.trials),
+                "failure": self.failure, "stopped_early": self.stopped_early, "trials": self.trials,
+                "files": self.files}
 
 
 def trial_rows(study, spec) -> list[dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from surgery.errors import SurgeryError
+from surgery.core.cluster import start_ray, stop_ray
 from surgery.search.config import Search
 from surgery.search.objective import TrialEvaluator
 
@@ -72,18 +72,8 @@ class RayPool:
     """
 
     def __init__(self, args: dict, *, workers: int = 0, address: str | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise SurgeryError("--workers/--ray-address need Ray: pip install 'surgery[search]'") from None
+        ray, self.started = start_ray(workers, address)  # the same start as `surgery run --workers`
         self.ray = ray
-        self.started = not ray.is_initialized()
-        if self.started:
-            kwargs = {"address": address} if address else {"num_cpus": max(workers, 1)}
-            try:
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
-            except (ConnectionError, ValueError) as e:
-                raise SurgeryError(f"cannot start or join Ray{f' at {address}' if address else ''}: {e}") from None
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         actor = ray.remote(num_cpus=1)(RayEvaluator)
         self.idle = [actor.remote(args) for _ in range(n)]
@@ -122,8 +112,7 @@ class RayPool:
     def close(self) -> None:
         for actor in self.idle + [a for _, a, _, _ in self.busy.values()] + [a for a, _ in self.held.values()]:
             self.ray.kill(actor)
-        if self.started:
-            self.ray.shutdown()
+        stop_ray(self.ray, self.started)
 
 
 class RayEvaluator:

@@ -219,7 +219,8 @@ def test_surgery_run_cli_accepts_mergekit_config(tmp_path, models):
     assert r.stderr.strip().splitlines() == [
         f"error: {path}:7: paramters: unknown key 'paramters' in a mergekit config; did you mean 'parameters'? "
         "(valid keys: merge_method, models, slices, base_model, dtype, out_dtype, parameters, tokenizer_source, "
-        "tokenizer, chat_template, modules); mergekit would silently ignore it"]
+        "tokenizer, chat_template, modules); mergekit ignores it where it stands (--mergekit-lenient ignores it too, "
+        "with a warning)"]
     assert not (tmp_path / "o").exists()
 
 

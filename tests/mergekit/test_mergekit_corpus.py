@@ -6,11 +6,14 @@ mergekit imports take seconds) and through `surgery run`; the outputs are compar
 (bitwise, or statistically for files marked ``# compare: statistical``), with config.json and the
 tokenizer files. Header lines ``# expect-warning: ...`` name a warning surgery must give. Files in
 errors/ must fail in surgery with the ``# expect-error: ...`` text (mergekit ignores or crashes on them).
+A file with ``# lenient-error: ...`` carries a key that mergekit ignores where it stands: surgery refuses
+it with that text, and runs it with ``mergekit_lenient=True`` (`--mergekit-lenient`) as mergekit does.
 
 The models: base, a, b, c (tiny llama, bf16, the same 128-token tokenizer), chat (a fine-tune with two
-added tokens: 130 rows, and a chat template), base32 (float32) with a PEFT LoRA, and qwen (another
-architecture). Models that mergekit may pick as the config or tokenizer donor without a base_model
-(it picks from a set, so any of them) have identical tokenizer and config files.
+added tokens: 130 rows, and a chat template), base32 (float32) with a PEFT LoRA, qwen (another
+architecture) and gpt2 (a GPT-2 whose lm_head is tied to the embeddings: no lm_head tensor). Models
+that mergekit may pick as the config or tokenizer donor without a base_model (it picks from a set, so
+any of them) have identical tokenizer and config files.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from string import Template
 import pytest
 import torch
 
-from helpers import load, perturb, random_state, save_checkpoint, tiny_config
+from helpers import load, perturb, random_state, save_checkpoint, tied_state, tiny_config
 from mergekit_kit import ENV
 
 CORPUS = Path(__file__).parents[1] / "mergekit_corpus"
@@ -72,6 +75,9 @@ def make_corpus_models(root: Path) -> dict[str, Path]:
     paths["lora"] = make_lora(paths["base32"], root / "lora")
     qcfg = tiny_config("qwen2", architectures=["Qwen2ForCausalLM"])
     paths["qwen"] = save_checkpoint(root / "qwen", random_state(qcfg, seed=0), qcfg, dtype=torch.bfloat16)
+    gcfg = tiny_config("gpt2", architectures=["GPT2LMHeadModel"])
+    paths["gpt2"] = save_checkpoint(root / "gpt2", tied_state(gcfg), gcfg)
+    save_tokenizer(paths["gpt2"])
     return paths
 
 
@@ -171,7 +177,7 @@ def test_corpus_config_matches_mergekit(name, corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(surgery.pipeline, "execute", lambda plan, *a, **k: executed.append(plan) or real(plan, *a, **k))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run(config, tmp_path / "out", random_seed=3)
+        result = run(config, tmp_path / "out", random_seed=3, mergekit_lenient=bool(header(text, "lenient-error")))
     # one stream for a multi-stage file: earlier stages are computed where the output reads them, unless a
     # LoRA is applied to a stage's output (then that stage is written first)
     assert len(executed) == (2 if "lora_on_stage" in name else 1)
@@ -221,6 +227,21 @@ def error_models(tmp_path_factory):
     qcfg = tiny_config("qwen2", architectures=["Qwen2ForCausalLM"])
     models["qwen"] = save_checkpoint(root / "qwen", random_state(qcfg, seed=0), qcfg, dtype=torch.bfloat16)
     return models
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if header((CORPUS / f"{n}.yml").read_text(), "lenient-error")])
+def test_corpus_keys_mergekit_ignores_are_refused_without_lenient(name, tmp_path):
+    from surgery import SurgeryError, load_recipe
+
+    path = CORPUS / f"{name}.yml"
+    names = re.findall(r"\$\{(\w+)\}", path.read_text())
+    text = Template(path.read_text()).substitute({k: f"models/{k}" for k in names})
+    (tmp_path / path.name).write_text(text)
+    with pytest.raises(SurgeryError) as e:  # the keys are checked before any model is opened
+        load_recipe(tmp_path / path.name)
+    (expected,) = header(text, "lenient-error")
+    assert str(e.value).startswith(f"{tmp_path / path.name}{expected}"), str(e.value)
+    assert str(e.value).endswith("(--mergekit-lenient ignores it too, with a warning)")
 
 
 @pytest.mark.parametrize("name", ERRORS)

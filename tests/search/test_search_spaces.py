@@ -53,7 +53,8 @@ objective:
     plain = resolve(spec.recipe, spec.variables, dict(zip(spec.param_names(), [0.25, 0.75])))
     merges = [op["merge"] for op in plain["operations"]]
     assert [m["models"]["math"]["weight"] for m in merges] == [0.25, 0.75, 0.75]
-    assert [m.get("select") for m in merges] == [None, {"layers": "4-7"}, {"modules": ["final_norm", "lm_head"]}]
+    assert [m.get("select") for m in merges] == [None, {"layers": "4-7"},
+                                                 {"modules": ["final_norm", "lm_head"], "missing": "skip"}]
     from safetensors.torch import load_file
 
     got = load_file(surgery.run(plain, tmp_path / "out").output / "model.safetensors")
@@ -85,3 +86,29 @@ sampler: grid
     with pytest.raises(RecipeError, match=r"ops-bad.yaml:5: recipe.operations.0: the choice variable's value .* is not valid here: .*"
                                           r"unknown key 'form'"):
         surgery.load_search(bad)
+
+
+def test_per_layer_groups_on_a_tied_model_skip_its_missing_lm_head(tmp_path):
+    """A tied model (SmolLM2's shape) has no lm_head tensor: the last group's copy gives the final norm its
+    values and skips lm_head, as mergekit skips it in a genome's slices config."""
+    from helpers import save_checkpoint, tied_config, tied_state
+
+    from surgery.search.space import resolve
+
+    cfg = tied_config("llama", architectures=["LlamaForCausalLM"])
+    a, b = (save_checkpoint(tmp_path / n, tied_state(cfg, seed=i), cfg) for i, n in enumerate("ab"))
+    (tmp_path / "doc.txt").write_text("hello world\n")
+    spec = surgery.load_search(write_search(tmp_path, "s.yaml", f"""\
+recipe:
+  inputs: {{a: {a}, b: {b}}}
+  operations:
+    - merge: {{method: linear, models: {{a: {{weight: {{float: [0, 1], layer_granularity: 4}}}}, b: {{weight: 1}}}}}}
+objective:
+  - {{data: doc.txt, metric: perplexity}}
+"""))
+    plan = surgery.build_plan(resolve(spec.recipe, spec.variables, dict(zip(spec.param_names(), [0.25, 0.75]))))
+    assert "#3 merge: skipped, this model ties lm_head to the embeddings (tie_word_embeddings), so it has no " \
+           "lm_head tensor (missing: skip)" in plan.annotations
+    rules = {e.name: e.rule for e in plan.entries}
+    assert (rules["model.norm.weight"], rules["model.layers.5.mlp.up_proj.weight"]) == ("#3 merge", "#2 merge")
+    assert "lm_head.weight" not in rules
