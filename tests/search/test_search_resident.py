@@ -114,3 +114,24 @@ def test_lm_eval_terms_refuse_fidelity_steps(swap_world):
     with pytest.raises(RecipeError) as e:
         surgery.load_search(path)
     assert str(e.value).startswith(f"{path}:11: fidelity") and "an lm_eval term is measured whole" in str(e.value)
+
+
+def test_fidelity_steps_add_up_to_the_whole_evaluation(swap_world):
+    from surgery.eval import metrics
+    from surgery.eval.data import load_dataset
+    from surgery.search.fidelity import Totals, fidelity_steps, measure_part
+
+    root, _ = swap_world
+    ds = load_dataset("gen", root / "gen.txt")
+    steps = fidelity_steps([ds], [0.25, 0.5, 1], seed=3)
+    parts = [part[0].items for part in steps]
+    assert [len(p) for p in parts] == [4, 4, 8]
+    assert sorted(d for p in parts for d in p) == sorted(ds.items)  # every item once
+    assert fidelity_steps([ds], [0.25, 0.5, 1], seed=3)[0][0].items == parts[0]  # the same items for every trial
+    model, tok = load_model(root / "generator", dtype="float32")
+    totals = Totals()
+    totals.add(measure_part(model, tok, steps[0], {}))
+    assert totals.metrics()["gen"] == pytest.approx(metrics.perplexity(model, tok, parts[0]), rel=1e-12)
+    for part in steps[1:]:
+        totals.add(measure_part(model, tok, part, {}))
+    assert totals.metrics()["gen"] == pytest.approx(metrics.perplexity(model, tok, ds.items), rel=1e-9)
