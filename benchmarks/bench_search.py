@@ -69,6 +69,35 @@ def on_disk(workdir: Path, dtype: str):
     return model_for
 
 
+def worker_trials(args, smol: Path, other: Path, docs: Path, in_memory) -> dict:
+    """Seconds per trial inside one worker, without the search loop: the same swaps (bottom = 1..N, top = 2), each
+    mode's evaluator warmed by one trial first, modes interleaved trial by trial; medians."""
+    from surgery.search.objective import TrialEvaluator
+
+    def recipe(bottom):
+        return {"inputs": {"a": str(smol), "b": str(other)}, "recipient": "a",
+                "operations": [{"layer_swap": {"donor": "b", "bottom": bottom, "top": 2, "transition": 1}}]}
+
+    objective = [{"data": str(docs), "metric": "perplexity", "weight": -1}]
+    evaluators = {}
+    for name, model_for in (("in memory", in_memory), ("write then load", on_disk(args.workdir, args.dtype))):
+        ev = TrialEvaluator(objective, {"device": "cpu", "dtype": args.dtype}, str(args.workdir))
+        ev.model_for = model_for.__get__(ev)
+        ev(recipe(args.worker + 1))  # warm-up: the resident model is built here
+        evaluators[name] = ev
+    times = {name: [] for name in evaluators}
+    for bottom in range(1, args.worker + 1):
+        for name, ev in evaluators.items():
+            start = time.perf_counter()
+            outcome = ev(recipe(bottom))
+            assert "error" not in outcome, outcome
+            times[name].append(time.perf_counter() - start)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    print(f"\none worker, {args.worker} trials: in memory (patched) {out['in memory']:.3f} s / trial, write then load "
+          f"{out['write then load']:.3f} s / trial: {out['write then load'] / out['in memory']:.2f}x")
+    return out
+
+
 def run_search(path: Path, out: Path, **options):
     import surgery
 
@@ -87,6 +116,8 @@ def main():
     ap.add_argument("--no-modes", action="store_true", help="skip the in-memory vs write-then-load rounds")
     ap.add_argument("--search", type=int, default=0, help="also time one N-trial in-memory search (wall)")
     ap.add_argument("--prune", type=int, default=0, help="also an N-point grid with and without pruning (median)")
+    ap.add_argument("--worker", type=int, default=0,
+                    help="also time N trials in one worker (TrialEvaluator, no Optuna): patched vs write-then-load")
     ap.add_argument("--tree", type=Path, help="the surgery tree to time (--search of an older version)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "surgery-bench-search")
     ap.add_argument("--json", type=Path)
@@ -154,6 +185,8 @@ def main():
               f"serial {s_wall:.1f} s; per trial, submit-to-result minus the worker's evaluation: "
               f"{over * 1000:.0f} ms (serial: {serial_over * 1000:.1f} ms); worker evaluation "
               f"{report['ray']['worker_seconds_per_trial']:.2f} s")
+    if args.worker:
+        report["worker"] = worker_trials(args, smol, other, docs, in_memory)
     if args.search:
         path = search_file(args.workdir, smol, other, args.search, "search", docs, args.dtype)
         result, wall, cpu = run_search(path, args.workdir / "runs" / "search")
