@@ -86,6 +86,21 @@ def perplexity(model, tokenizer, docs: list[str], *, batch_size: int = 8, max_le
     """Corpus perplexity (exp of the mean negative log-likelihood per token) and bits per byte
     (total negative log-likelihood in bits over the documents' UTF-8 bytes), with a sliding window
     of ``max_length`` tokens moving by ``stride`` (default half a window) over long documents."""
+    return perplexity_of(perplexity_sums(model, tokenizer, docs, batch_size=batch_size, max_length=max_length,
+                                         stride=stride, bar=bar))
+
+
+def perplexity_of(sums: dict) -> dict[str, float]:
+    """perplexity and bits_per_byte from the sums of ``perplexity_sums`` (of one or several parts of a corpus)."""
+    nll = sums["nll"]
+    return {"perplexity": math.exp(nll / max(sums["tokens"], 1)),
+            "bits_per_byte": nll / (math.log(2) * max(sums["bytes"], 1))}
+
+
+def perplexity_sums(model, tokenizer, docs: list[str], *, batch_size: int = 8, max_length: int | None = None,
+                    stride: int | None = None, bar=None) -> dict[str, float]:
+    """{nll, tokens, bytes}: the summed negative log-likelihood of the documents, the tokens it scores and the
+    documents' UTF-8 bytes (parts of a corpus add up: a search's growing subsets)."""
     window = max_length_of(model, max_length)
     stride = stride or max(1, window // 2)
     prefix = prefix_token(tokenizer)
@@ -100,7 +115,7 @@ def perplexity(model, tokenizer, docs: list[str], *, batch_size: int = 8, max_le
     if bar is not None:
         bar.reset(total=len(sequences))
     nll = -sum(score_tokens(model, sequences, batch_size=batch_size, bar=bar))
-    return {"perplexity": math.exp(nll / max(n_tokens, 1)), "bits_per_byte": nll / (math.log(2) * max(n_bytes, 1))}
+    return {"nll": nll, "tokens": n_tokens, "bytes": n_bytes}
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

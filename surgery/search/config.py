@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgery.errors import RecipeError
-from surgery.search.schema import Search, SearchFile, Term, check_term, validate_model
+from surgery.search.schema import Search, SearchFile, Term, check_fidelity, check_term, validate_model
 from surgery.search.space import Variable, find_variables, substitute, with_layer_groups
 
 
@@ -67,7 +67,8 @@ def load_search(source: str | Path | dict, *, base_dir: Path | None = None) -> S
     settings = validate_settings(data, where)
     return build_search(settings.recipe, settings.objective, where, base_dir, name,
                         trials=settings.trials, sampler=settings.sampler, seed=settings.seed,
-                        eval=settings.eval, description=settings.description)
+                        eval=settings.eval, description=settings.description, pruner=settings.pruner,
+                        fidelity=check_fidelity(settings, where))
 
 
 def validate_settings(data: dict, where) -> SearchFile:

@@ -1,12 +1,13 @@
-"""The objective of a trial: a weighted sum of metrics, measured on the recipe's in-memory model.
+"""The objective of a trial: a weighted sum of metrics, measured on the recipe's model, kept in memory.
 
     evaluate = TrialEvaluator([{"data": "texts/sw.txt", "metric": "bits_per_byte", "weight": -1}],
-                              options={"limit": 200}, base_dir=".")
-    evaluate(recipe_dict)    # {"value": -1.23, "metrics": {"texts/sw.txt": {...}}, "seconds": 0.8}
+                              options={"limit": 200}, base_dir=".", fidelity=[0.25, 1])
+    evaluate(recipe_dict)       # {"value": -1.31, "metrics": {...}, "step": 0, "fidelity": 0.25, "last": False, ...}
+    evaluate(None, step=1)      # the same trial on all the data: {"value": -1.23, ..., "last": True}
 
-Data sets are loaded once per evaluator (one per worker) and reused by every trial; each recipe is
-planned and streamed into a model by ``surgery.eval`` without writing anything. A user error in a
-trial (a configuration that cannot be planned) fails that trial, not the search.
+Data sets are loaded once per evaluator (one per worker) and reused by every trial; the worker's one model is
+patched to each recipe (``surgery.search.resident``) without writing anything. A user error in a trial (a
+configuration that cannot be planned) fails that trial, not the search.
 """
 
 from __future__ import annotations
@@ -50,22 +51,42 @@ def load_objective_data(objective, base_dir: Path, options: dict, where=None):
 
 
 class TrialEvaluator:
-    """Evaluates resolved recipes (dicts) in memory on data sets loaded once."""
+    """Evaluates resolved recipes (dicts) on data sets loaded once, in one model kept between trials.
 
-    def __init__(self, objective: list[dict], options: dict, base_dir: str, datasets: dict | None = None):
+    ``evaluate(recipe)`` patches the worker's model to the recipe (``ResidentModel``: only the tensors whose op
+    tree differs from what the model holds are computed) and measures the first fidelity step;
+    ``evaluate(recipe, step=k)`` goes on with the same model, adding the items of step k (``fidelity``)."""
+
+    def __init__(self, objective: list[dict], options: dict, base_dir: str, datasets: dict | None = None,
+                 fidelity: list[float] | tuple = (1.0,)):
+        from surgery.search.fidelity import fidelity_steps
+        from surgery.search.resident import ResidentModel
+
         self.terms = [Term(**t) for t in objective]
         self.options = dict(options)
         self.base_dir = Path(base_dir)
+        for key in ("tokenizer", "include_path"):
+            if key in self.options:
+                self.options[key] = str(self.base_dir / self.options[key])
         self.datasets = datasets if datasets is not None else \
             load_objective_data(self.terms, self.base_dir, self.options)
+        self.fidelity = list(fidelity)
+        self.steps = fidelity_steps(list(self.datasets.values()), self.fidelity, self.options.get("seed", 0))
+        self.resident = ResidentModel(device=self.options.get("device", "auto"), dtype=self.options.get("dtype"),
+                                      tokenizer=self.options.get("tokenizer"))
+        self.loaded = self.totals = None
 
-    def __call__(self, recipe: dict) -> dict:
-        from surgery.loader import load_recipe
+    def __call__(self, recipe: dict, step: int = 0) -> dict:
+        from surgery.search.fidelity import Totals
 
         start = time.perf_counter()
         try:
-            metrics = self.measure(load_recipe(recipe, base_dir=self.base_dir))
+            if step == 0:
+                self.loaded, self.totals = None, Totals()
+                self.loaded = self.model_for(recipe)
+            metrics = self.measure_step(step)
         except SurgeryError as e:
+            self.loaded = None
             return {"error": str(e), "seconds": time.perf_counter() - start}
         try:
             value = sum(t.weight * metrics[t.data or t.lm_eval][t.metric] for t in self.terms)
@@ -74,18 +95,39 @@ class TrialEvaluator:
                         or t.metric not in metrics[t.data or t.lm_eval])
             raise SurgeryError(f"objective: {name.data or name.lm_eval} has no metric {name.metric!r} "
                                f"(measured: {', '.join(metrics.get(name.data or name.lm_eval, {}))})") from e
-        return {"value": float(value), "metrics": metrics, "seconds": time.perf_counter() - start}
+        return {"value": float(value), "metrics": metrics, "seconds": time.perf_counter() - start, "step": step,
+                "fidelity": self.fidelity[step], "last": step == len(self.fidelity) - 1,
+                "patched": self.resident.patched if step == 0 else 0}
 
-    def measure(self, recipe) -> dict:
-        """{data or task: {metric: value}} for the recipe's model, built in memory."""
-        from surgery.eval import evaluate_recipe
+    def model_for(self, recipe: dict):
+        """(model, tokenizer) of the recipe's output: the resident model, patched."""
+        from surgery.loader import load_recipe
+        from surgery.pipeline import build_plan
 
+        if self.resident.device == "auto":
+            from surgery.core.devices import resolve_device
+
+            self.resident.device = resolve_device("auto")
+        return self.resident.load(build_plan(load_recipe(recipe, base_dir=self.base_dir)))
+
+    def measure_step(self, step: int) -> dict:
+        """{data or task: {metric: value}} on the items of steps 0..step (lm-eval tasks: in one step, whole)."""
+        from surgery.search.fidelity import measure_part
+
+        if self.loaded is None:
+            raise SurgeryError(f"fidelity step {step}: no trial is loaded in this worker")
+        model, tokenizer = self.loaded
+        self.totals.add(measure_part(model, tokenizer, self.steps[step], self.options))
+        metrics = self.totals.metrics()
         tasks = list(dict.fromkeys(t.lm_eval for t in self.terms if t.lm_eval))
-        options = dict(self.options)
-        for key in ("tokenizer", "include_path"):
-            if key in options:
-                options[key] = str(self.base_dir / options[key])
-        return evaluate_recipe(recipe, list(self.datasets.values()), lm_eval=tasks or None, quiet=True, **options)
+        if tasks:
+            from surgery.eval.harness import run_lm_eval
+
+            o = self.options
+            metrics.update(run_lm_eval(model, tokenizer, tasks, include_path=o.get("include_path"),
+                                       limit=o.get("limit"), batch_size=o.get("batch_size", 8), seed=o.get("seed", 0),
+                                       chat=o.get("chat", False), max_length=o.get("max_length")))
+        return metrics
 
 
 def check_eval_options(options: dict, where) -> None:

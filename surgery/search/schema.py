@@ -13,6 +13,8 @@ from surgery.errors import RecipeError
 from surgery.search.space import Variable, resolve
 
 SAMPLERS = ("tpe", "cmaes", "random", "grid")
+PRUNERS = ("none", "median", "halving", "hyperband")
+DEFAULT_FIDELITY = [0.125, 0.25, 0.5, 1.0]  # with a pruner and no fidelity: 1/8, 1/4, 1/2, all
 # what the built-in evaluators measure (surgery eval); lm-eval metrics are written task:metric
 METRICS = ("perplexity", "bits_per_byte", "exact_match", "numeric_match", "acc", "acc_norm")
 
@@ -38,6 +40,12 @@ class SearchFile(BaseModel):
     sampler: Literal["tpe", "cmaes", "random", "grid"] = "tpe"
     seed: int = Field(0, description="Sampler seed.")
     eval: dict[str, Any] = Field(default_factory=dict, description="Options for the evaluator (limit, batch_size, ...).")
+    pruner: Literal["none", "median", "halving", "hyperband"] = Field(
+        "none", description="Optuna pruner that stops bad trials at a fidelity step: median, halving "
+                            "(successive halving), hyperband.")
+    fidelity: list[float] | None = Field(
+        None, description="Growing fractions of each data set a trial is measured on, ending at 1 (default with "
+                          "a pruner: [0.125, 0.25, 0.5, 1]; without: [1]).")
 
 
 @dataclass
@@ -56,6 +64,8 @@ class Search:
     description: str | None = None
     n_layers: int = 0
     datasets: dict = field(default_factory=dict, repr=False)
+    pruner: str = "none"
+    fidelity: list = field(default_factory=lambda: [1.0])
     initial: dict | None = None  # parameter values to try first (a mergekit-evolve genome's starting point)  # loaded once here; the serial worker reuses them
 
     def resolve(self, sampled: dict) -> dict:
@@ -114,6 +124,24 @@ def fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         model = nested[0]
     return list(model.model_fields)
+
+
+def check_fidelity(settings: SearchFile, where) -> list[float]:
+    """The fidelity steps of a search file: increasing fractions in (0, 1] ending at 1; more than one with a pruner."""
+    if settings.fidelity is None:
+        return list(DEFAULT_FIDELITY) if settings.pruner != "none" else [1.0]
+    steps = [float(f) for f in settings.fidelity]
+    increasing = all(a < b for a, b in zip(steps, steps[1:]))
+    if not steps or steps[-1] != 1 or any(not 0 < f <= 1 for f in steps) or not increasing:
+        raise RecipeError(f"fidelity {settings.fidelity}: expected increasing fractions in (0, 1] ending at 1, "
+                          "e.g. [0.125, 0.25, 0.5, 1]", where(("fidelity",)))
+    if settings.pruner != "none" and len(steps) < 2:
+        raise RecipeError(f"pruner {settings.pruner} needs at least two fidelity steps to prune between "
+                          "(e.g. fidelity: [0.25, 1])", where(("pruner",)))
+    if len(steps) > 1 and any(t.lm_eval for t in settings.objective):
+        raise RecipeError("fidelity steps measure local data files; an lm_eval term is measured whole: "
+                          "use fidelity: [1] (or no pruner) with lm_eval terms", where(("fidelity",)))
+    return steps
 
 
 def check_term(term: Term, at: str) -> None:

@@ -86,7 +86,7 @@ def open_study(spec: Search, storage: str):
     name = f"{Path(spec.source).stem}-{space_id(spec)}"
     try:
         study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(spec),
-                                    direction="maximize", load_if_exists=True)
+                                    pruner=make_pruner(spec), direction="maximize", load_if_exists=True)
     except (ImportError, ValueError) as e:
         raise SurgeryError(f"cannot open the study store {storage!r}: {e}") from None
     except Exception as e:  # sqlalchemy errors: a bad URL, an unreachable server
@@ -104,6 +104,20 @@ def space_id(spec: Search) -> str:
     either starts a new study in the same store; the budget, sampler and workers do not."""
     return recipe_hash({"recipe": spec.recipe, "objective": [t.model_dump() for t in spec.objective],
                         "eval": spec.eval})[:10]
+
+
+def make_pruner(spec: Search):
+    """Optuna's pruner for ``pruner:``; steps are fidelity steps, reported as 1, 2, ... (the resource)."""
+    import optuna
+
+    steps = len(spec.fidelity)
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, spec.trials // 4)), n_warmup_steps=0)
+    if spec.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=steps, reduction_factor=2)
+    return optuna.pruners.NopPruner()
 
 
 def make_sampler(spec: Search, seed: int | None = None):
@@ -167,25 +181,28 @@ def grid_point(sampler, trial) -> dict:
 
 
 def count_finished(study) -> int:
-    """Trials that count towards the budget: complete, or failed on their own (not interrupted)."""
+    """Trials that count towards the budget: complete, pruned, or failed on their own (not interrupted)."""
     from optuna.trial import TrialState
 
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
 
 
 def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, progress: bool = False,
                watch: FailureWatch | None = None) -> int:
-    """Ask, evaluate and tell until ``target`` trials are finished, or ``watch`` stops the search (no new
-    trials; those running finish); return how many were evaluated."""
+    """Ask, evaluate (fidelity step by step, asking the pruner after each) and tell until ``target`` trials are
+    finished, or ``watch`` stops the search (no new trials; those running finish); return how many were evaluated."""
     from optuna.trial import TrialState
 
     watch = watch or FailureWatch(spec)
 
     distributions = spec.distributions()
-    done = {t.user_attrs["hash"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = {t.user_attrs["hash"]: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                      TrialState.PRUNED))
             if "hash" in t.user_attrs}
     running: dict[str, list] = {}      # hash -> trials waiting for that evaluation
+    spent: dict[str, list] = {}        # hash -> [seconds in the worker, wall] over its steps
     finished, evaluated = count_finished(study), 0
     table = LiveTable(spec, total=target, done=finished, quiet=quiet, progress=progress)
     try:
@@ -197,9 +214,7 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, pr
                 for k, v in (("owner", owner()), ("hash", key), ("recipe", json.dumps(recipe))):
                     trial.set_user_attr(k, v)
                 if key in done:
-                    trial.set_user_attr("cached_from", done[key].number)
-                    trial.set_user_attr("metrics", done[key].user_attrs.get("metrics", {}))
-                    study.tell(trial, done[key].value)
+                    tell_cached(study, trial, done[key])
                     finished += 1
                     table.row(study, trial.number)
                     continue
@@ -207,24 +222,55 @@ def run_trials(study, spec: Search, pool, target: int, *, quiet: bool = True, pr
                     pool.submit(key, recipe)
                 running.setdefault(key, []).append(trial)
             for key, outcome in pool.results():
+                total = spent.setdefault(key, [0.0, 0.0])
+                total[0] += outcome["seconds"]
+                total[1] += outcome["wall"]
+                trials = running[key]
+                if "error" not in outcome:
+                    for trial in trials:
+                        trial.report(outcome["value"], outcome["step"] + 1)
+                        trial.set_user_attr("metrics", outcome["metrics"])
+                        trial.set_user_attr("fidelity", outcome["fidelity"])
+                    if not outcome["last"] and not trials[0].should_prune():
+                        pool.advance(key)  # the same worker measures the next step on the model it holds
+                        continue
+                    if not outcome["last"]:
+                        pool.release(key)
                 evaluated += 1
                 trials = running.pop(key)
                 if "error" in outcome:
                     watch.failed(outcome["error"], trials[0].params)
                 else:
-                    watch.completed()
+                    watch.completed()  # measured (to the end, or pruned): the recipe evaluates
                 for trial in trials:
-                    trial.set_user_attr("seconds", round(outcome["seconds"], 3))  # in the worker
-                    trial.set_user_attr("wall", round(outcome["wall"], 3))        # submit to result, here
+                    trial.set_user_attr("seconds", round(total[0], 3))  # in the worker
+                    trial.set_user_attr("wall", round(total[1], 3))     # submit to result, here
                     if "error" in outcome:
                         trial.set_user_attr("error", outcome["error"])
                         study.tell(trial, state=TrialState.FAIL)
                     else:
-                        trial.set_user_attr("metrics", outcome["metrics"])
-                        study.tell(trial, outcome["value"])
+                        study.tell(trial, outcome["value"] if outcome["last"] else None,
+                                   state=TrialState.COMPLETE if outcome["last"] else TrialState.PRUNED)
                         done.setdefault(key, study._storage.get_trial(trial._trial_id))
                     finished += 1
                     table.row(study, trial.number)
+                spent.pop(key)
     finally:
         table.close()
     return evaluated
+
+
+def tell_cached(study, trial, earlier) -> None:
+    """Finish ``trial`` as the earlier trial of the same recipe finished: its value, or pruned at its fidelity."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("cached_from", earlier.number)
+    for k in ("metrics", "fidelity"):
+        if k in earlier.user_attrs:
+            trial.set_user_attr(k, earlier.user_attrs[k])
+    if earlier.state == TrialState.PRUNED:
+        for step, value in sorted(earlier.intermediate_values.items()):
+            trial.report(value, step)
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, earlier.value)

@@ -1,7 +1,8 @@
 """What a search leaves behind: trials.csv / trials.json, best.yaml, plots, and the live table.
 
 Rows are finished trials (complete, or failed with an error), in trial order; interrupted trials,
-which were run again, are left out. Columns: trial, value, each parameter, each data:metric,
+which were run again, are left out. Columns: trial, state (complete, pruned, fail), value (a pruned trial's:
+at the fidelity it reached), each parameter, each data:metric, fidelity (the fraction of the data measured),
 seconds, cached_from, hash, error.
 """
 
@@ -48,13 +49,13 @@ def trial_rows(study, spec) -> list[dict]:
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if t.state not in (TrialState.COMPLETE, TrialState.FAIL) or t.user_attrs.get("interrupted"):
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) or t.user_attrs.get("interrupted"):
             continue
         row = {"trial": t.number, "state": t.state.name.lower(), "value": t.value}
         row.update({n: t.params.get(n) for n in spec.param_names()})
         for data, metrics in (t.user_attrs.get("metrics") or {}).items():
             row.update({f"{data}:{m}": v for m, v in metrics.items()})
-        row.update({k: t.user_attrs.get(k) for k in ("seconds", "wall", "cached_from", "hash", "error")})
+        row.update({k: t.user_attrs.get(k) for k in ("fidelity", "seconds", "wall", "cached_from", "hash", "error")})
         rows.append(row)
     return rows
 
@@ -180,7 +181,7 @@ class LiveTable:
 
     def row(self, study, number: int) -> None:
         t = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
-        if t.value is not None:
+        if t.value is not None and t.state.name == "COMPLETE":
             self.best = t.value if self.best is None else max(self.best, t.value)
         self.bar.update(1)
         if self.quiet:
@@ -189,6 +190,8 @@ class LiveTable:
         params = "  ".join(f"{fmt(t.params.get(n)):>{PARAM_WIDTH}}" for n in self.names)
         note = f"cached (trial {t.user_attrs['cached_from']})" if "cached_from" in t.user_attrs else \
             f"{t.user_attrs.get('seconds', 0):.1f}"
+        if t.state.name == "PRUNED":
+            note += f"  pruned at fidelity {t.user_attrs.get('fidelity')}"
         line = f"{number:>5}  {value}  {self.best if self.best is not None else float('nan'):>10.5g}  {params}  {note}"
         self.bar.write(line + (f"  error: {t.user_attrs['error']}" if "error" in t.user_attrs else ""))
 

@@ -1,9 +1,10 @@
 """Where trials run: in this process (default), or as Ray actors on a local or remote Ray cluster.
 
-A pool takes resolved recipes (``submit(key, recipe)``) and hands back finished evaluations
+A pool takes resolved recipes (``submit(key, recipe)``) and hands back evaluated fidelity steps
 (``results()`` -> [(key, outcome)]). Each worker builds one ``TrialEvaluator``, which loads the
-data sets once and then evaluates every recipe it is given in memory. Ray is imported only when
-``workers`` or ``ray_address`` is given.
+data sets once and keeps one model, patched from trial to trial. A trial's worker stays its own until its last
+fidelity step: ``advance(key)`` has it measure the next step on the model it holds, ``release(key)`` (a pruned
+trial) frees it. Ray is imported only when ``workers`` or ``ray_address`` is given.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def make_pool(spec: Search, *, workers: int = 0, ray_address: str | None = None)
 def evaluator_args(spec: Search) -> dict:
     """What a worker needs to build its evaluator: plain data, picklable."""
     return {"objective": [t.model_dump() for t in spec.objective], "options": dict(spec.eval),
-            "base_dir": str(spec.base_dir)}
+            "base_dir": str(spec.base_dir), "fidelity": list(spec.fidelity)}
 
 
 class SerialPool:
@@ -33,19 +34,27 @@ class SerialPool:
 
     def __init__(self, args: dict):
         self.evaluate = TrialEvaluator(**args)
-        self.pending: list = []
+        self.pending: list = []      # (key, recipe, step)
+        self.current: tuple | None = None  # (key, step) of the trial whose steps are not all measured
 
     def has_room(self) -> bool:
-        return not self.pending
+        return not self.pending and self.current is None
 
     def submit(self, key: str, recipe: dict) -> None:
-        self.pending.append((key, recipe))
+        self.pending.append((key, recipe, 0))
+
+    def advance(self, key: str) -> None:
+        self.pending.append((key, None, self.current[1] + 1))
+
+    def release(self, key: str) -> None:
+        self.current = None
 
     def results(self) -> list:
         out = []
-        for key, recipe in self.pending:
+        for key, recipe, step in self.pending:
             start = time.perf_counter()
-            outcome = self.evaluate(recipe)
+            outcome = self.evaluate(recipe, step)
+            self.current = None if outcome.get("last", True) else (key, step)
             out.append((key, {**outcome, "wall": time.perf_counter() - start}))
         self.pending = []
         return out
@@ -68,14 +77,22 @@ class RayPool:
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         actor = ray.remote(num_cpus=1)(RayEvaluator)
         self.idle = [actor.remote(args) for _ in range(n)]
-        self.busy: dict = {}  # object ref -> (key, actor)
+        self.busy: dict = {}  # object ref -> (key, actor, start, step)
+        self.held: dict = {}  # key -> (actor, step): a trial between two of its fidelity steps
 
     def has_room(self) -> bool:
         return bool(self.idle)
 
     def submit(self, key: str, recipe: dict) -> None:
         actor = self.idle.pop()
-        self.busy[actor.evaluate.remote(recipe)] = (key, actor, time.perf_counter())
+        self.busy[actor.evaluate.remote(recipe)] = (key, actor, time.perf_counter(), 0)
+
+    def advance(self, key: str) -> None:
+        actor, step = self.held.pop(key)
+        self.busy[actor.evaluate.remote(None, step + 1)] = (key, actor, time.perf_counter(), step + 1)
+
+    def release(self, key: str) -> None:
+        self.idle.append(self.held.pop(key)[0])
 
     def results(self) -> list:
         if not self.busy:
@@ -83,22 +100,26 @@ class RayPool:
         ready, _ = self.ray.wait(list(self.busy), num_returns=1)
         out = []
         for ref in ready:
-            key, actor, start = self.busy.pop(ref)
-            self.idle.append(actor)
-            out.append((key, {**self.ray.get(ref), "wall": time.perf_counter() - start}))
+            key, actor, start, step = self.busy.pop(ref)
+            outcome = self.ray.get(ref)
+            if outcome.get("last", True):
+                self.idle.append(actor)
+            else:
+                self.held[key] = (actor, step)
+            out.append((key, {**outcome, "wall": time.perf_counter() - start}))
         return out
 
     def close(self) -> None:
-        for actor in self.idle + [a for _, a, _ in self.busy.values()]:
+        for actor in self.idle + [a for _, a, _, _ in self.busy.values()] + [a for a, _ in self.held.values()]:
             self.ray.kill(actor)
         stop_ray(self.ray, self.started)
 
 
 class RayEvaluator:
-    """The actor class: one evaluator per worker process (data sets loaded once)."""
+    """The actor class: one evaluator per worker process (data sets loaded once, one model kept and patched)."""
 
     def __init__(self, args: dict):
         self.evaluate_recipe = TrialEvaluator(**args)
 
-    def evaluate(self, recipe: dict) -> dict:
-        return self.evaluate_recipe(recipe)
+    def evaluate(self, recipe: dict | None, step: int = 0) -> dict:
+        return self.evaluate_recipe(recipe, step)
