@@ -80,7 +80,8 @@ def bench_perplexity(model, tok, docs, repeats, batch_size, max_length):
     rows = {"surgery": [], "lm-eval": []}
     nll = {}
     for r in range(repeats + 1):  # first round: warm-up, not counted
-        ours, w, c, _ = timed(lambda: metrics.perplexity(model, tok, docs, batch_size=batch_size, max_length=max_length))
+        ours, w, c, _ = timed(lambda: metrics.perplexity(model, tok, docs, batch_size=batch_size,
+                                                         max_length=max_length))
         theirs, w2, c2, _ = timed(lambda: hflm.loglikelihood_rolling(requests, disable_tqdm=True))
         if r:
             rows["surgery"].append((w, c))
@@ -186,7 +187,8 @@ def bench_and_print_recipe(smol, docs, args, result):
     args.workdir.mkdir(parents=True, exist_ok=True)
     other = perturbed_copy(smol, args.workdir / "smol-perturbed")
     recipe = surgery.load_recipe({"inputs": {"a": str(smol), "b": str(other)}, "recipient": "a",
-                                  "operations": [{"layer_swap": {"donor": "b", "bottom": 4, "top": 4, "transition": 2}}]})
+                                  "operations": [{"layer_swap": {"donor": "b", "bottom": 4, "top": 4,
+                                                                 "transition": 2}}]})
     rrows, totals, written = bench_recipe(recipe, docs, args.repeats, args.batch_size, args.workdir)
     print(f"\nrecipe (layer swap, 272 tensors, 270 MB bf16): model ready, then perplexity on {len(docs)} documents")
     print("| path | ready wall s | ready CPU s | with eval wall s | with eval CPU s | bytes written |")

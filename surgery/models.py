@@ -255,8 +255,9 @@ def _fill(config, tensors, config_path: Path, dtype, device, encoder, what: str 
         model.tie_weights()  # e.g. a tied lm_head the checkpoint stores once
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SurgeryError(f"{config_path}: {what} has no tensor {missing[0]!r}, which "
-                           f"{type(model).__name__} needs" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                           f"{type(model).__name__} needs" + more)
     return model
 
 

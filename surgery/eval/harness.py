@@ -24,7 +24,8 @@ def task_manager(tasks: list[str], include_path=None):
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        where = f" (looked in lm-eval's tasks and {include_path})" if include_path else " (give local task YAMLs with --include-path)"
+        where = (f" (looked in lm-eval's tasks and {include_path})" if include_path
+                 else " (give local task YAMLs with --include-path)")
         raise SurgeryError(f"--lm-eval: unknown task {unknown[0]!r}{where}")
     return manager
 
@@ -59,7 +60,8 @@ def run_lm_eval(model, tokenizer, tasks: str | list[str], *, include_path=None, 
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                               apply_chat_template=chat, log_samples=False, bootstrap_iters=0)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SurgeryError(f"--lm-eval {','.join(tasks)}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise SurgeryError(f"--lm-eval {','.join(tasks)}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     return flatten(out["results"])
 
 
@@ -70,7 +72,8 @@ def flatten(results: dict) -> dict[str, dict[str, float]]:
         row = {}
         for key, value in metrics.items():
             metric, comma, filt = key.partition(",")
-            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if (not comma or metric.endswith("_stderr") or not isinstance(value, (int, float))
+                    or isinstance(value, bool)):
                 continue
             row[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
         flat[task] = row

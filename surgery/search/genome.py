@@ -91,7 +91,8 @@ def genome_settings(data: dict, where, base_dir: Path):
     if g.tokenizer_source:
         if g.tokenizer_source not in names:
             raise RecipeError("tokenizer_source must be one of the genome's models (surgery copies one "
-                              "tokenizer; mergekit's 'union' tokenizers are not supported)", where(("genome", "tokenizer_source")))
+                              "tokenizer; mergekit's 'union' tokenizers are not supported)",
+                              where(("genome", "tokenizer_source")))
         recipe["output"] = {"tokenizer_from": names[g.tokenizer_source]}
     tasks = [Task(name=t) if isinstance(t, str) else t for t in cfg.tasks]
     objective = [Term(lm_eval=t.name, metric=lm_eval_metric(t.metric), weight=t.weight) for t in tasks]

@@ -23,7 +23,8 @@ class Term(BaseModel):
     """One part of the objective: weight × metric on a data set."""
 
     model_config = ConfigDict(extra="forbid")
-    data: str | None = Field(None, description="Local data file (as for `surgery eval --data`), relative to the search file.")
+    data: str | None = Field(None, description="Local data file (as for `surgery eval --data`), relative to the search "
+                                               "file.")
     lm_eval: str | None = Field(None, description="An lm-evaluation-harness task instead of a local file.")
     metric: str = Field(description="perplexity, bits_per_byte, exact_match, numeric_match, acc, acc_norm; "
                                     "for lm_eval tasks the task's metric ('acc,none').")
@@ -39,7 +40,8 @@ class SearchFile(BaseModel):
     trials: int = Field(20, ge=1, description="Trials in the study (a resumed study counts the finished ones).")
     sampler: Literal["tpe", "cmaes", "random", "grid"] = "tpe"
     seed: int = Field(0, description="Sampler seed.")
-    eval: dict[str, Any] = Field(default_factory=dict, description="Options for the evaluator (limit, batch_size, ...).")
+    eval: dict[str, Any] = Field(default_factory=dict,
+                                 description="Options for the evaluator (limit, batch_size, ...).")
     pruner: Literal["none", "median", "halving", "hyperband"] = Field(
         "none", description="Optuna pruner that stops bad trials at a fidelity step: median, halving "
                             "(successive halving), hyperband.")
@@ -66,7 +68,7 @@ class Search:
     datasets: dict = field(default_factory=dict, repr=False)
     pruner: str = "none"
     fidelity: list = field(default_factory=lambda: [1.0])
-    initial: dict | None = None  # parameter values to try first (a mergekit-evolve genome's starting point)  # loaded once here; the serial worker reuses them
+    initial: dict | None = None  # parameter values to try first (a mergekit-evolve genome's starting point)
 
     def resolve(self, sampled: dict) -> dict:
         """The plain recipe dict for sampled values (optuna param name -> value)."""
@@ -117,7 +119,8 @@ def fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         if isinstance(part, int):
             continue
         annotation = model.model_fields[part].annotation
-        nested = [a for a in typing.get_args(annotation) or (annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested = [a for a in typing.get_args(annotation) or (annotation,)
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
         nested += [b for a in typing.get_args(annotation) for b in typing.get_args(a)
                    if isinstance(b, type) and issubclass(b, BaseModel)]
         if not nested:

@@ -76,8 +76,8 @@ def write_results(study, spec, out: Path, storage: str):
         writer.writerows(rows)
     best_recipe = None
     if best is not None:
-        best_recipe = json.loads(study._storage.get_trial(
-            study._storage.get_trial_id_from_study_id_trial_number(study._study_id, best["trial"])).user_attrs["recipe"])
+        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, best["trial"])
+        best_recipe = json.loads(study._storage.get_trial(trial_id).user_attrs["recipe"])
         header = (f"# best of {len(rows)} trials of {spec.source} (study {study.study_name}): "
                   f"objective {best['value']:.6g} at trial {best['trial']}\n")
         text = yaml.safe_dump(portable_recipe(best_recipe, spec.base_dir, out), sort_keys=False, allow_unicode=True)
@@ -159,7 +159,8 @@ def param_importances(study) -> dict:
     if len({t.value for t in complete}) < 2 or len(complete) < 3:
         return {}
     try:
-        return dict(optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
     except (RuntimeError, ValueError):
         return {}  # e.g. every parameter constant
 

@@ -17,7 +17,8 @@ SWAP = {"layer_swap": {"donor": "b", "bottom": 1, "top": 1, "transition": 1}}
 @pytest.fixture(scope="module")
 def lms(tmp_path_factory):
     root = tmp_path_factory.mktemp("lms")
-    return {"a": tiny_lm(root / "a", seed=0, dtype=torch.bfloat16), "b": tiny_lm(root / "b", seed=1, dtype=torch.bfloat16),
+    return {"a": tiny_lm(root / "a", seed=0, dtype=torch.bfloat16),
+            "b": tiny_lm(root / "b", seed=1, dtype=torch.bfloat16),
             "ta": tiny_lm(root / "ta", seed=2, tie=True), "tb": tiny_lm(root / "tb", seed=3, tie=True)}
 
 
@@ -57,7 +58,8 @@ def test_limit_draws_a_seeded_subset_in_file_order(data):
 
 @pytest.mark.parametrize("lines, message", [
     (['{"text": "ok"}', '{"text": "a"'], r"bad.jsonl:2: invalid JSON \(Expecting ',' delimiter at column 13\)"),
-    (['{"prompt": "p", "answer": 1}', '', '{"text": "x"}'], r"bad.jsonl:3: a text record in a file of generation records"),
+    (['{"prompt": "p", "answer": 1}', '', '{"text": "x"}'], r"bad.jsonl:3: a text record in a file of generation "
+                                                            r"records"),
     (['{"prompt": "p", "choices": ["a"], "label": 0}'], r"bad.jsonl:1: 'choices' must be a list of at least two"),
     (['{"prompt": "p", "choices": ["a", "b"], "label": 2}'], r"bad.jsonl:1: 'label' must be an index"),
     (['{"question": "p"}'], r"bad.jsonl:1: cannot tell the record's kind"),

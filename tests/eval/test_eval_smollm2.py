@@ -86,7 +86,8 @@ def test_layer_swap_of_fine_tunes_in_memory_equals_written(finetunes, texts, tmp
     from surgery.models import load_model
 
     recipe = surgery.load_recipe({"inputs": {"a": str(finetunes["a"]), "b": str(finetunes["b"])}, "recipient": "a",
-                                  "operations": [{"layer_swap": {"donor": "b", "bottom": 2, "top": 3, "transition": 1}}]})
+                                  "operations": [{"layer_swap": {"donor": "b", "bottom": 2, "top": 3,
+                                                                 "transition": 1}}]})
     out = surgery.run(recipe, tmp_path / "swap").output
     model, _ = load_model(recipe)
     disk = load(out)

@@ -88,7 +88,8 @@ def test_sigkill_mid_search_then_rerun_equals_an_uninterrupted_run(swap_world, g
 
 BAD = {
     "float where the schema takes an int": ("bottom: {float: [0, 2]}, top: 1", "recipe.operations.0.layer_swap.bottom",
-                                            "the float variable's value 0.74 is not valid here: Input should be a valid integer"),
+                                            "the float variable's value 0.74 is not valid here: Input should be a "
+                                            "valid integer"),
     "choice outside a literal": ("layers: {choice: ['0-1', 3]}, embeddings: {choice: [donor, nowhere]}",
                                  "recipe.operations.0.layer_swap.embeddings",
                                  "the choice variable's value 'nowhere' is not valid here"),
@@ -114,8 +115,10 @@ def test_bad_variables_are_one_line_with_file_and_line(swap_world, case):
 
 
 @pytest.mark.parametrize("extra,where,message", [
-    ("objective:\n  - {data: gen.txt, metric: perplexty}", ":10: objective.0", "unknown metric 'perplexty'; did you mean 'perplexity'?"),
-    ("objective:\n  - {data: gen.txt, metric: acc}", ":10: objective.0", "metric acc needs choice data; gen.txt holds text data"),
+    ("objective:\n  - {data: gen.txt, metric: perplexty}", ":10: objective.0", "unknown metric 'perplexty'; did you "
+                                                                               "mean 'perplexity'?"),
+    ("objective:\n  - {data: gen.txt, metric: acc}", ":10: objective.0", "metric acc needs choice data; gen.txt holds "
+                                                                         "text data"),
     ("objective:\n  - {data: nothing.txt, metric: perplexity}", ":10: objective.0", "data file not found"),
     ("trials: {int: [1, 5]}", ":10: trials", "search variables go inside the recipe"),
     ("eval: {batch: 4}", ":10: eval.batch", "unknown eval option 'batch'; did you mean 'batch_size'?"),
@@ -142,7 +145,8 @@ def test_cli_json_and_storage_url(swap_world, tmp_path):
                 f"sqlite:///{db}", "--json", "--seed", "3")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert data["format"] == "surgery.search/1" and len(data["trials"]) == 1 and data["storage"].endswith("elsewhere.db")
+    assert data["format"] == "surgery.search/1" and len(data["trials"]) == 1
+    assert data["storage"].endswith("elsewhere.db")
     assert db.exists() and not (tmp_path / "out" / "study.db").exists()
     assert (tmp_path / "out" / "best.yaml").exists()
     # the live table: a header, then one line per finished trial (here the second, resumed with a new budget)

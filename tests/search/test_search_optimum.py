@@ -41,7 +41,8 @@ def test_outputs_table_json_plots(grid_run):
 
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert [int(r["trial"]) for r in rows] == list(range(16))
-    assert {"operations.0.layer_swap.bottom", "operations.0.layer_swap.top", "gen.txt:perplexity", "hash"} <= set(rows[0])
+    assert {"operations.0.layer_swap.bottom", "operations.0.layer_swap.top", "gen.txt:perplexity",
+            "hash"} <= set(rows[0])
     data = json.loads((out / "trials.json").read_text())
     assert data["format"] == "surgery.search/1" and data["best"]["trial"] == grid_run.best["trial"]
     assert [r["value"] for r in data["trials"]] == [float(r["value"]) for r in rows]

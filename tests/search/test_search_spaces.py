@@ -49,7 +49,8 @@ objective:
 """
     (ck.parent / "doc.txt").write_text("hello world\n")
     spec = surgery.load_search(write_search(tmp_path, "s.yaml", text))
-    assert spec.param_names() == ["operations.0.merge.models.math.weight[0-3]", "operations.0.merge.models.math.weight[4-7]"]
+    assert spec.param_names() == ["operations.0.merge.models.math.weight[0-3]",
+                                  "operations.0.merge.models.math.weight[4-7]"]
     plain = resolve(spec.recipe, spec.variables, dict(zip(spec.param_names(), [0.25, 0.75])))
     merges = [op["merge"] for op in plain["operations"]]
     assert [m["models"]["math"]["weight"] for m in merges] == [0.25, 0.75, 0.75]
@@ -83,7 +84,8 @@ sampler: grid
     assert spec.grid_space() == {"operations.0": [0, 1]}
     assert spec.resolve({"operations.0": 1})["operations"] == [{"take": {"from": "sw", "select": {"layers": "0-1"}}}]
     bad = write_search(root, "ops-bad.yaml", path.read_text().replace("take: {from: sw", "take: {form: sw"))
-    with pytest.raises(RecipeError, match=r"ops-bad.yaml:5: recipe.operations.0: the choice variable's value .* is not valid here: .*"
+    with pytest.raises(RecipeError, match=r"ops-bad.yaml:5: recipe.operations.0: the choice variable's value .* is not "
+                                          r"valid here: .*"
                                           r"unknown key 'form'"):
         surgery.load_search(bad)
 
