@@ -11,7 +11,7 @@ scaled to each weight's spread, so the rank-r error is neither 0 nor 1):
 
 Each tool runs as its own process (imports included), the two interleaved, `--repeats` times, with the same
 torch thread count (`surgery --threads`, `mergekit -j`). Wall seconds, CPU seconds (user + system) and peak RSS
-come from `os.wait4`; the best wall of the repeats is reported with its CPU and the largest RSS. Surgery writes
+come from `os.wait4` in a small launcher process (a child forked from this one would inherit its RSS); the best wall of the repeats is reported with its CPU and the largest RSS. Surgery writes
 its factors in the model's dtype, as mergekit does. The reconstruction error ‖ΔW − B·A‖/‖ΔW‖ (ΔW in fp32, from the
 checkpoints) is computed here from each adapter's files for every module both extracted; "worse" counts modules
 where surgery's error exceeds mergekit's by more than 1e-4 relative.
@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -95,16 +94,25 @@ def make_smollm2(root: Path) -> tuple[Path, Path]:
 MODELS = {"generated": make_generated, "minilm": make_minilm, "smollm2": make_smollm2}
 
 
-def _run(cmd: list[str], env: dict) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{err[-3000:]}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
+# Linux keeps ru_maxrss across exec, so a child forked from this (large) process would report at least this
+# process's RSS: a small launcher forks the tool and reports the tool's own wait4 usage.
+LAUNCH = """import json, os, sys, time
+t = time.perf_counter(); pid = os.fork()
+if pid == 0:
+    os.execvpe(sys.argv[2], sys.argv[2:], os.environ)
+_, status, u = os.wait4(pid, 0)
+json.dump({"rc": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t,
+           "cpu_s": u.ru_utime + u.ru_stime, "peak_rss_mb": u.ru_maxrss / 1024}, open(sys.argv[1], "w"))
+"""
+
+
+def _run(cmd: list[str], env: dict, report: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-S", "-c", LAUNCH, str(report), *cmd], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    usage = json.loads(report.read_text())
+    if proc.returncode or usage.pop("rc"):
+        raise SystemExit(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+    return usage
 
 
 def commands(tool: str, base: Path, tuned: Path, out: Path, rank: int, threads: int, dtype: str) -> list[str]:
@@ -161,7 +169,7 @@ def bench(model: str, rank: int, repeats: int, threads: int, scratch: Path) -> d
         for tool in order:
             out = root / f"out_{tool}"
             shutil.rmtree(out, ignore_errors=True)
-            runs[tool].append(_run(commands(tool, base, tuned, out, rank, threads, dtype), env))
+            runs[tool].append(_run(commands(tool, base, tuned, out, rank, threads, dtype), env, root / "usage.json"))
             print(f"  {model} {tool} run {i + 1}: {runs[tool][-1]}", flush=True)
     errs = {tool: errors(base, tuned, root / f"out_{tool}") for tool in runs}
     common = sorted(set(errs["surgery"]) & set(errs["mergekit"]))
