@@ -77,7 +77,8 @@ def test_extract_lora_cli(ad, tuned, tmp_path):
     from click.testing import CliRunner
 
     from surgery.cli import cli
-    res = CliRunner().invoke(cli, ["extract-lora", str(ad["base"]), str(tuned), "-o", str(tmp_path / "c"), "--rank", "3"])
+    res = CliRunner().invoke(cli, ["extract-lora", str(ad["base"]), str(tuned), "-o", str(tmp_path / "c"),
+                                   "--rank", "3"])
     assert res.exit_code == 0, res.output
     assert "mean rel err" in res.output and "not in the adapter" in res.output
     res = CliRunner().invoke(cli, ["extract-lora", str(ad["base"]), str(tuned), "-o", str(tmp_path / "d")])
@@ -99,7 +100,8 @@ def test_extract_lora_shrinks_an_adamergex_adapter(ad, tmp_path):
     exact = extract_lora(ad["base"], tmp_path / "big", tmp_path / "r12", rank=12, modules=("attn_q",))
     assert max(r.rel_error for r in exact.rows) < 1e-5
     small = extract_lora(ad["base"], tmp_path / "big", tmp_path / "r4", rank=4, modules=("attn_q",))
-    merged, w, big = peft_merged(ad["base"], tmp_path / "r4"), load(ad["base"]), peft_merged(ad["base"], tmp_path / "big")
+    merged, w = peft_merged(ad["base"], tmp_path / "r4"), load(ad["base"])
+    big = peft_merged(ad["base"], tmp_path / "big")
     r = small.rows[0]
     assert r.rel_error > 0.1
     assert abs(_rel(big[r.name] - w[r.name], merged[r.name] - w[r.name]) - r.rel_error) < 1e-4
