@@ -12,7 +12,8 @@ scaled to each weight's spread, so the rank-r error is neither 0 nor 1):
 Each tool runs as its own process (imports included), the two interleaved, `--repeats` times, with the same
 torch thread count (`surgery --threads`, `mergekit -j`). Wall seconds, CPU seconds (user + system) and peak RSS
 come from `os.wait4` in a small launcher process (a child forked from this one would inherit its RSS); the best
-wall of the repeats is reported with its CPU and the largest RSS. Surgery writes its factors in the model's dtype, as mergekit does. The reconstruction error ‖ΔW − B·A‖/‖ΔW‖ (ΔW in fp32, from the
+wall of the repeats is reported with its CPU and the largest RSS. Surgery writes its factors in the model's dtype,
+as mergekit does. The reconstruction error ‖ΔW − B·A‖/‖ΔW‖ (ΔW in fp32, from the
 checkpoints) is computed here from each adapter's files for every module both extracted; "worse" counts modules
 where surgery's error exceeds mergekit's by more than 1e-4 relative.
 """
