@@ -22,6 +22,7 @@ from surgery.errors import SurgeryError
 
 # ---------------------------------------------------------------------------- registration
 
+@pytest.mark.slow
 def test_register_all_is_idempotent_and_lazy():
     code = ("import sys, surgery.mergekit.methods as p; assert 'mergekit' not in sys.modules; "
             "print(p.register_all() == p.register_all())")
@@ -229,6 +230,7 @@ def test_existing_output_needs_force(models, tmp_path):
 
 # ---------------------------------------------------------------------------- CLI
 
+@pytest.mark.slow
 def test_cli_runs_mergekit_pipeline_with_passthrough_options(models, tmp_path):
     """One real process: `surgery mergekit CONFIG OUT` plus mergekit-yaml options."""
     cfg = tmp_path / "swap.yml"

@@ -63,6 +63,7 @@ def test_transplant_zero_and_reset(models, tmp_path):
         assert raw_bytes(reset[name]) == raw_bytes(want_reset), name
 
 
+@pytest.mark.slow
 def test_transplant_matches_surgery_run_of_transplant_neurons(models, tmp_path):
     """`surgery mergekit` (a real process) == surgery.run of transplant_neurons with the same indices."""
     cfg = tmp_path / "t.yml"

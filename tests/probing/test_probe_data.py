@@ -94,6 +94,7 @@ def test_mid_word_mnemonics_are_told_from_identifiers():
 REAL = [lang for lang in ("de", "fr", "es") if catalog_files(lang)][:2]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(REAL) < 2, reason="needs the system's gettext catalogs in two of de, fr, es")
 def test_the_machines_catalogs(tmp_path):
     out = invoke("data", "mo", "--langs", ",".join(REAL), "-o", tmp_path, "--json")

@@ -138,6 +138,7 @@ def test_bad_settings_are_one_line_with_file_and_line(swap_world, extra, where, 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_json_and_storage_url(swap_world, tmp_path):
     root, _ = swap_world
     db = tmp_path / "elsewhere.db"

@@ -27,6 +27,7 @@ sampler: {sampler}
     return path
 
 
+@pytest.mark.slow
 def test_a_missing_tokenizer_stops_the_search_after_three_trials(family, tmp_path):
     """The tiny models have no tokenizer: every trial would fail the same way, whatever its values."""
     path = write_search(tmp_path, family, "bottom: 2, top: 2, embeddings: {choice: [recipient, donor]}", trials=20)

@@ -59,6 +59,7 @@ def test_rerun_of_a_finished_search_evaluates_nothing(swap_world, grid_run):
     assert again.evaluated == 0 and by_config(again.trials) == by_config(grid_run.trials)
 
 
+@pytest.mark.slow
 def test_tpe_finds_the_optimum_within_budget(swap_world, grid_run, tmp_path):
     root, _ = swap_world
     result = surgery.search(swap_search(root, "tpe", trials=20), tmp_path)

@@ -48,6 +48,7 @@ def test_patched_model_equals_a_fresh_load_over_a_sequence_of_trials(swap_world)
     assert resident.patched == 0  # the same recipe twice: nothing to compute
 
 
+@pytest.mark.slow
 def test_pruned_grid_finds_the_same_optimum_and_records_fidelity(swap_world, grid_run, tmp_path):
     root, _ = swap_world
     path = swap_search(root, name="pruned.yaml", extra="pruner: median\nfidelity: [0.25, 0.5, 1]\n")
@@ -68,6 +69,7 @@ def test_pruned_grid_finds_the_same_optimum_and_records_fidelity(swap_world, gri
     assert all(r["value"] < result.best_value for r in result.trials if r["state"] == "pruned")
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_is_not_redone_on_resume(swap_world, tmp_path):
     root, _ = swap_world
     extra = "pruner: median\nfidelity: [0.25, 1]\n"
@@ -79,6 +81,7 @@ def test_a_pruned_trial_is_not_redone_on_resume(swap_world, tmp_path):
     assert [r for r in second.trials if r["hash"] in pruned] == [r for r in first.trials if r["hash"] in pruned]
 
 
+@pytest.mark.slow
 def test_ray_actors_keep_their_model_and_prune(swap_world, grid_run, tmp_path):
     pytest.importorskip("ray")
     root, _ = swap_world

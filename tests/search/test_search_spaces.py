@@ -11,6 +11,7 @@ from surgery.errors import RecipeError
 
 # ---------------------------------------------------------------------------- spaces
 
+@pytest.mark.slow
 def test_analysis_guided_space_ranked_swap_count(swap_world, tmp_path):
     root, _ = swap_world
     path = write_search(root, "ranked.yaml", """\
