@@ -118,11 +118,8 @@ def _shape(shapes: list[tuple], params: dict) -> tuple:
     return same_shapes(shapes, params)
 
 
-def _host(params: dict, stored: list[str]):
-    return None if params.get("vocab") is not None else merge.host_kernel(params, stored)
-
-
-register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, host=_host))
+# host_kernel is None for union-vocabulary nodes too: table.choose keeps their row permutation on torch
+register("mergekit", Op(shape=_shape, compute=_compute, describe=_describe, raw=True, host=merge.host_kernel))
 
 
 # ---------------------------------------------------------------------------- planner
